@@ -1,0 +1,11 @@
+"""Triton kernels for ResNeXt's aggregated residual transformation unit.
+
+Floors: ``conv`` and ``batchnorm`` hold the kernels (pure math on pointers),
+``ops`` the launchers and the ``torch.library`` operators, ``reference`` the
+pure-PyTorch oracle.
+"""
+
+from . import reference
+from .runtime import fused_available, interpreting
+
+__all__ = ["reference", "fused_available", "interpreting"]

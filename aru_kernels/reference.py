@@ -1,0 +1,205 @@
+"""Pure-PyTorch oracle for every fused operator, in the kernels' vocabulary.
+
+Every function here runs in the dtype it is given, float64 included, on any
+device, and is written for clarity, not speed: it is what the parity tests
+compare the Triton kernels against.
+
+Vocabulary (NCHW shapes; per-channel vectors have one entry per channel):
+
+* ``conv_bn_act``: optional prologue ``relu?(in_scale * x + in_shift)`` on the
+  input (the previous layer's batch norm applied lazily), convolution, then an
+  epilogue ``relu?(scale * y + shift + residual)``.
+* ``fold_bn``: eval-mode batch norm as the ``(scale, shift)`` pair the epilogue takes.
+* ``batch_norm``: ``nn.BatchNorm2d``'s forward, train or eval mode, running
+  statistics updated in place exactly as the module does.
+* ``bn_add_relu``: the end of a training block,
+  ``relu(scale * y + shift + (id_scale * identity + id_shift))``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "conv_bn_act",
+    "fold_bn",
+    "bn_scale_shift",
+    "batch_norm",
+    "conv_bn",
+    "bn_add_relu",
+    "update_running_stats",
+]
+
+
+def _channel(v: Tensor) -> Tensor:
+    return v.reshape(1, -1, 1, 1)
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    in_scale: Tensor | None = None,
+    in_shift: Tensor | None = None,
+    in_relu: bool = False,
+    scale: Tensor | None = None,
+    shift: Tensor | None = None,
+    residual: Tensor | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """Convolution with the fused prologue and epilogue (see module docstring).
+
+    Zero padding applies to the *prologued* input, as it does when a batch
+    norm and ReLU precede a padded convolution.
+    """
+    if in_scale is not None:
+        x = x * _channel(in_scale)
+    if in_shift is not None:
+        x = x + _channel(in_shift)
+    if in_relu:
+        x = torch.relu(x)
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    if scale is not None:
+        y = y * _channel(scale)
+    if shift is not None:
+        y = y + _channel(shift)
+    if residual is not None:
+        y = y + residual
+    if relu:
+        y = torch.relu(y)
+    return y
+
+
+def bn_scale_shift(
+    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor]:
+    """``(scale, shift)`` with ``scale*y + shift == weight*(y-mean)/sqrt(var+eps) + bias``."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight
+    shift = -mean * scale
+    if bias is not None:
+        shift = shift + bias
+    return scale, shift
+
+
+def fold_bn(
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode batch norm as an epilogue ``(scale, shift)``."""
+    return bn_scale_shift(running_mean, running_var, weight, bias, eps)
+
+
+def update_running_stats(
+    running_mean: Tensor,
+    running_var: Tensor,
+    num_batches_tracked: Tensor | None,
+    batch_mean: Tensor,
+    batch_var: Tensor,
+    count: int,
+    momentum: float | None,
+) -> None:
+    """``nn.BatchNorm2d``'s running-statistics update, in place.
+
+    ``batch_var`` is the biased variance of ``count`` values per channel; the
+    running estimate takes the unbiased one. ``momentum=None`` is the
+    cumulative moving average.
+    """
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if momentum is None:
+        factor = 1.0 / float(num_batches_tracked)
+    else:
+        factor = momentum
+    unbiased = batch_var * (count / max(count - 1, 1))
+    running_mean.mul_(1 - factor).add_(batch_mean.to(running_mean.dtype), alpha=factor)
+    running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
+
+
+def batch_norm(
+    y: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    *,
+    training: bool,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """``nn.BatchNorm2d.forward`` as a function (running statistics updated in place).
+
+    ``training=True`` normalizes with batch statistics (and updates the running
+    ones when given); ``training=False`` uses the running statistics.
+    """
+    if training or running_mean is None:
+        dims = (0, 2, 3)
+        mean = y.mean(dims)
+        var = y.var(dims, unbiased=False)
+        if training and running_mean is not None:
+            update_running_stats(
+                running_mean, running_var, num_batches_tracked, mean.detach(), var.detach(),
+                y.numel() // y.shape[1], momentum,
+            )
+    else:
+        mean, var = running_mean, running_var
+    scale, shift = bn_scale_shift(mean, var, weight, bias, eps)
+    return y * _channel(scale) + _channel(shift)
+
+
+def conv_bn(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None = None,
+    *,
+    training: bool,
+    momentum: float | None = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    residual: Tensor | None = None,
+    relu: bool = False,
+) -> Tensor:
+    """Convolution, batch norm (train or eval mode), optional residual add, optional ReLU."""
+    y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    y = batch_norm(
+        y, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+        training=training, momentum=momentum, eps=eps,
+    )
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+def bn_add_relu(
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    identity: Tensor,
+    id_scale: Tensor | None = None,
+    id_shift: Tensor | None = None,
+) -> Tensor:
+    """``relu(scale*y + shift + identity')`` with ``identity' = id_scale*identity + id_shift``
+    when the downsample branch's batch norm is applied in the same pass."""
+    if id_scale is not None:
+        identity = identity * _channel(id_scale)
+    if id_shift is not None:
+        identity = identity + _channel(id_shift)
+    return torch.relu(y * _channel(scale) + _channel(shift) + identity)

@@ -1,0 +1,53 @@
+"""Shared test helpers: the per-dtype tolerance table and a comparison that says what differs."""
+
+from __future__ import annotations
+
+import torch
+
+# Relative tolerance per dtype of the tensors under test, applied as
+# |actual - expected| <= tol * (|expected| + max|expected|): relative for large
+# elements, scaled-absolute for elements near zero. Inputs of a low-precision
+# case are rounded to that dtype first and the float64 reference sees the same
+# rounded values, so the budget covers accumulation order and output rounding.
+TOLERANCES = {
+    torch.float64: 1e-10,
+    torch.float32: 1e-4,
+    torch.float16: 4e-3,
+    torch.bfloat16: 3e-2,
+}
+
+POISON = float("nan")
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    return TOLERANCES[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype | None = None,
+                 *, tol: float | None = None, what: str = "output") -> None:
+    """Fail with a message naming how many elements differ, and the worst one."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
+    if tol is None:
+        tol = tolerance(dtype if dtype is not None else actual.dtype)
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    scale = e.abs().max().item() if e.numel() else 0.0
+    err = (a - e).abs()
+    bad = ~(err <= tol * (e.abs() + scale))  # NaN counts as bad
+    if bad.any():
+        n_bad = int(bad.sum())
+        nan = int(torch.isnan(a).sum())
+        worst = torch.nan_to_num(err, nan=float("inf")).argmax().item()
+        idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(worst), a.shape))
+        raise AssertionError(
+            f"{what}: {n_bad} of {a.numel()} elements differ beyond tol={tol:g} "
+            f"({nan} NaN, i.e. unwritten or invalid); worst at {idx}: got {a[idx].item():.6g}, "
+            f"expected {e[idx].item():.6g}; max |expected| = {scale:.4g}"
+        )
+
+
+def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """||actual - expected|| / ||expected|| in float64."""
+    a = actual.detach().to("cpu", torch.float64)
+    e = expected.detach().to("cpu", torch.float64)
+    return ((a - e).norm() / e.norm().clamp_min(1e-300)).item()
