@@ -6,6 +6,6 @@ pure-PyTorch oracle.
 """
 
 from . import reference
-from .runtime import fused_available, interpreting
+from .runtime import default_impl, fused_available, interpreting
 
-__all__ = ["reference", "fused_available", "interpreting"]
+__all__ = ["reference", "default_impl", "fused_available", "interpreting"]

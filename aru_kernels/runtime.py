@@ -11,7 +11,7 @@ import os
 
 import torch
 
-__all__ = ["interpreting", "fused_available", "kernel_device_error"]
+__all__ = ["interpreting", "fused_available", "default_impl", "kernel_device_error"]
 
 
 def interpreting() -> bool:
@@ -26,6 +26,16 @@ def fused_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available() or interpreting()
+
+
+def default_impl() -> str:
+    """The implementation models pick when none is named: ``"fused"`` on a CUDA
+    machine with Triton, ``"eager"`` elsewhere (the interpreter is for testing)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "eager"
+    return "fused" if torch.cuda.is_available() else "eager"
 
 
 def kernel_device_error(t: torch.Tensor, name: str) -> str | None:
