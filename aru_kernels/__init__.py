@@ -6,6 +6,7 @@ pure-PyTorch oracle.
 """
 
 from . import reference
+from .ops import conv_bn_act, fold_bn
 from .runtime import default_impl, fused_available, interpreting
 
-__all__ = ["reference", "default_impl", "fused_available", "interpreting"]
+__all__ = ["conv_bn_act", "fold_bn", "reference", "default_impl", "fused_available", "interpreting"]

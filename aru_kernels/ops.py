@@ -1,0 +1,522 @@
+"""Launchers and ``torch.library`` operators around the Triton kernels.
+
+Public entry point: :func:`conv_bn_act`. It validates its inputs, applies
+autocast, and calls the ``aru::conv_bn_act`` custom operator, which
+``torch.compile`` traces as one opaque node. The operator packs the weight
+once per weight version (see :class:`VersionedCache`), picks block sizes, and
+launches :func:`aru_kernels.conv.conv_bn_act_kernel`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from . import conv as _conv
+from .runtime import interpreting, kernel_device_error
+
+__all__ = [
+    "conv_bn_act",
+    "conv_bn_act_into",
+    "fold_bn",
+    "pack_factor",
+    "pack_weight",
+    "plan_conv",
+    "ConvPlan",
+    "VersionedCache",
+    "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# Tensor-core dots need K and N of at least 16 (16-bit operands).
+_MIN_DOT = 16
+
+
+# --------------------------------------------------------------------------
+# Caching derived tensors per source-tensor version
+# --------------------------------------------------------------------------
+
+
+def _version(t: Tensor) -> int | None:
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors carry no version counter
+        return None
+
+
+class VersionedCache:
+    """Values derived from a tensor, kept until the tensor changes or dies.
+
+    An entry is keyed on the source tensor's identity (held weakly, so a
+    freed tensor's entry goes with it) plus a caller key that should hold the
+    version counters of everything the value depends on. In-place updates
+    (``load_state_dict``, optimizer steps, running-statistics updates) bump
+    the version, so a stale value is never returned. Tensors without a
+    version counter (made under ``torch.inference_mode``) are not cached.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[weakref.ref, object, object]] = {}
+
+    def get(self, source: Tensor, key: tuple, make: Callable[[], object]):
+        if any(k is None or (isinstance(k, tuple) and None in k) for k in key):
+            return make()
+        entry = self._entries.get(id(source))
+        if entry is not None and entry[0]() is source and entry[1] == key:
+            return entry[2]
+        value = make()
+        ident = id(source)
+        ref = weakref.ref(source, lambda _r, i=ident: self._entries.pop(i, None))
+        self._entries[ident] = (ref, key, value)
+        return value
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_packed_weights = VersionedCache()
+_folded_bn = VersionedCache()
+
+
+def fold_bn(
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+    conv_bias: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """Eval-mode batch norm (after a conv with optional ``conv_bias``) as the
+    fp32 epilogue pair ``(scale, shift)``.
+
+    Cached until any of the tensors changes in place (``load_state_dict``, an
+    optimizer step, a training-mode forward updating the running statistics);
+    computed afresh while ``torch.compile`` traces, where it fuses into the graph.
+    """
+    def make():
+        scale = torch.rsqrt(running_var.float() + eps)
+        if weight is not None:
+            scale = scale * weight.float()
+        shift = -running_mean.float() * scale
+        if conv_bias is not None:
+            shift = shift + conv_bias.float() * scale
+        if bias is not None:
+            shift = shift + bias.float()
+        return scale.detach(), shift.detach()
+
+    if torch.compiler.is_compiling():
+        return make()
+    tensors = (weight, bias, running_mean, running_var, conv_bias)
+    key = tuple((id(t), _version(t)) for t in tensors if t is not None) + (eps,)
+    return _folded_bn.get(running_var, key, make)
+
+
+# --------------------------------------------------------------------------
+# Weight packing
+# --------------------------------------------------------------------------
+
+
+def pack_factor(groups: int, cin_per_group: int, cout_per_group: int) -> int:
+    """How many neighbouring groups share one block-diagonal pack.
+
+    The smallest divisor ``d`` of ``groups`` with ``d * width >= 16`` (width =
+    the narrower of the per-group input and output widths), so that one pack
+    fills a tensor-core dot with the least zero padding; all groups in one
+    pack when even that is too narrow.
+    """
+    width = min(cin_per_group, cout_per_group)
+    for d in range(1, groups + 1):
+        if groups % d == 0 and d * width >= _MIN_DOT:
+            return d
+    return groups
+
+
+def _pack(weight: Tensor, groups: int, gp: int, dtype: torch.dtype) -> Tensor:
+    cout, cin_g, kh, kw = weight.shape
+    cout_g = cout // groups
+    packs = groups // gp
+    w = weight.detach().to(dtype).reshape(packs, gp, cout_g, cin_g, kh, kw)
+    # [packs, KH, KW, gp (input side), cin_g, gp (output side), cout_g], block-diagonal in gp.
+    out = weight.new_zeros((packs, kh, kw, gp, cin_g, gp, cout_g), dtype=dtype)
+    for g in range(gp):
+        out[:, :, :, g, :, g, :] = w[:, g].permute(0, 3, 4, 2, 1)
+    return out.reshape(packs, kh * kw * gp * cin_g, gp * cout_g).contiguous()
+
+
+def pack_weight(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+    """``weight`` [C_out, C_in/groups, KH, KW] as the kernel's packed layout
+    ``[packs, KH*KW*CIN_P, COUT_P]`` in ``dtype``; cached per weight version."""
+    cout, cin_g, _, _ = weight.shape
+    gp = pack_factor(groups, cin_g, cout // groups)
+    key = (_version(weight), dtype, groups, tuple(weight.shape), weight.device)
+    return _packed_weights.get(weight, key, lambda: _pack(weight, groups, gp, dtype))
+
+
+# --------------------------------------------------------------------------
+# Launch plan: block sizes and the kernel's compile-time arguments
+# --------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _block_n(cout_p: int) -> int:
+    return min(128, max(_MIN_DOT, _next_pow2(cout_p)))
+
+
+def _block_k(cin_p: int, fold_taps: bool) -> int:
+    return 32 if fold_taps else min(64, max(_MIN_DOT, _next_pow2(cin_p)))
+
+
+def _block_m(block_n: int) -> int:
+    return 128 if block_n <= 64 else 64
+
+
+def _out_size(size: int, k: int, stride: int, padding: int, dilation: int):
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Everything that fixes one compiled specialization of the conv kernel."""
+
+    n: int
+    h: int
+    w: int
+    c_in: int
+    p: int
+    q: int
+    c_out: int
+    kh: int
+    kw: int
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    gp: int  # groups per pack
+    dtype: torch.dtype
+    has_prologue: bool = False
+    pro_relu: bool = False
+    has_scale: bool = False
+    has_shift: bool = False
+    has_residual: bool = False
+    relu: bool = False
+
+    @property
+    def cin_p(self) -> int:
+        return self.gp * self.c_in // self.groups
+
+    @property
+    def cout_p(self) -> int:
+        return self.gp * self.c_out // self.groups
+
+    @property
+    def packs(self) -> int:
+        return self.groups // self.gp
+
+    @property
+    def m(self) -> int:
+        return self.n * self.p * self.q
+
+    @property
+    def fold_taps(self) -> bool:
+        return self.cin_p < _MIN_DOT and self.kh * self.kw > 1
+
+    @property
+    def block_n(self) -> int:
+        return _block_n(self.cout_p)
+
+    @property
+    def block_m(self) -> int:
+        return _block_m(self.block_n)
+
+    @property
+    def block_k(self) -> int:
+        return _block_k(self.cin_p, self.fold_taps)
+
+    @property
+    def grid(self) -> tuple[int]:
+        n_blocks = -(-self.cout_p // self.block_n)
+        return (self.packs * n_blocks * -(-self.m // self.block_m),)
+
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def constexprs(self) -> dict:
+        fp32 = self.dtype == torch.float32
+        tf32 = fp32 and torch.get_float32_matmul_precision() != "highest"
+        return dict(
+            KH=self.kh, KW=self.kw, STRIDE=self.stride, PAD=self.padding, DIL=self.dilation,
+            CIN_P=self.cin_p, COUT_P=self.cout_p, FOLD_TAPS=self.fold_taps,
+            HAS_PROLOGUE=self.has_prologue, PRO_RELU=self.pro_relu,
+            HAS_SCALE=self.has_scale, HAS_SHIFT=self.has_shift,
+            HAS_RESIDUAL=self.has_residual, RELU=self.relu,
+            DOT_F32=interpreting(),
+            INPUT_PRECISION="tf32" if tf32 else "ieee",
+            BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+        )
+
+    def runtime_args(self) -> dict:
+        return dict(M=self.m, H=self.h, W=self.w, P=self.p, Q=self.q, C_IN=self.c_in, C_OUT=self.c_out)
+
+
+def plan_conv(
+    x_shape, w_shape, dtype: torch.dtype, *, stride: int = 1, padding: int = 0, dilation: int = 1,
+    groups: int = 1, has_prologue: bool = False, pro_relu: bool = False, has_scale: bool = False,
+    has_shift: bool = False, has_residual: bool = False, relu: bool = False,
+) -> ConvPlan:
+    """The launch plan for input ``x_shape`` [N, C, H, W] and weight ``w_shape``."""
+    n, c_in, h, w = (int(s) for s in x_shape)
+    c_out, cin_g, kh, kw = (int(s) for s in w_shape)
+    return ConvPlan(
+        n=n, h=h, w=w, c_in=c_in, c_out=c_out, kh=kh, kw=kw,
+        p=_out_size(h, kh, stride, padding, dilation), q=_out_size(w, kw, stride, padding, dilation),
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+        gp=pack_factor(groups, cin_g, c_out // groups), dtype=dtype,
+        has_prologue=has_prologue, pro_relu=pro_relu, has_scale=has_scale, has_shift=has_shift,
+        has_residual=has_residual, relu=relu,
+    )
+
+
+# --------------------------------------------------------------------------
+# Input checks (shared by the real and the fake implementation)
+# --------------------------------------------------------------------------
+
+
+def _check_vector(v: Optional[Tensor], name: str, length: int, what: str) -> None:
+    if v is None:
+        return
+    if v.dim() != 1 or v.shape[0] != length:
+        raise ValueError(f"conv_bn_act: {name} must be a 1-D tensor of {length} ({what}); "
+                         f"got shape {tuple(v.shape)}")
+    if not v.is_floating_point():
+        raise TypeError(f"conv_bn_act: {name} must be floating point; got {v.dtype}")
+
+
+def _check_inputs(x, weight, scale, shift, residual, in_scale, in_shift, stride, padding, dilation,
+                  groups) -> tuple[int, int]:
+    """Raise a clear error for anything the kernel cannot take; return the output size (P, Q)."""
+    if x.dim() != 4:
+        raise ValueError(f"conv_bn_act: input must be 4-D [N, C, H, W]; got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"conv_bn_act: weight must be 4-D [C_out, C_in/groups, KH, KW]; "
+                         f"got shape {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"conv_bn_act: input dtype must be one of float32, float16, bfloat16; got {x.dtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"conv_bn_act: weight must be floating point; got {weight.dtype}")
+    if stride < 1 or padding < 0 or dilation < 1:
+        raise ValueError(f"conv_bn_act: need stride >= 1, padding >= 0, dilation >= 1; "
+                         f"got stride={stride}, padding={padding}, dilation={dilation}")
+    n, c_in, h, w = x.shape
+    c_out, cin_g, kh, kw = weight.shape
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"conv_bn_act: groups={groups} must divide both in_channels={c_in} "
+                         f"and out_channels={c_out}")
+    if cin_g * groups != c_in:
+        raise ValueError(f"conv_bn_act: weight of shape {tuple(weight.shape)} with groups={groups} "
+                         f"expects {cin_g * groups} input channels; input has {c_in}")
+    p = _out_size(h, kh, stride, padding, dilation)
+    q = _out_size(w, kw, stride, padding, dilation)
+    if p < 1 or q < 1:
+        raise ValueError(f"conv_bn_act: input of spatial size {h}x{w} is too small for a {kh}x{kw} "
+                         f"kernel (padding={padding}, dilation={dilation})")
+    _check_vector(scale, "scale", c_out, "one per output channel")
+    _check_vector(shift, "shift", c_out, "one per output channel")
+    _check_vector(in_scale, "in_scale", c_in, "one per input channel")
+    _check_vector(in_shift, "in_shift", c_in, "one per input channel")
+    if (in_scale is None) != (in_shift is None):
+        raise ValueError("conv_bn_act: in_scale and in_shift come together (the prologue applies both)")
+    if residual is not None:
+        if tuple(residual.shape) != (n, c_out, p, q):
+            raise ValueError(f"conv_bn_act: residual must have the output's shape {(n, c_out, p, q)}; "
+                             f"got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"conv_bn_act: residual dtype {residual.dtype} differs from input dtype {x.dtype}")
+    named = [("input", x), ("weight", weight), ("scale", scale), ("shift", shift),
+             ("residual", residual), ("in_scale", in_scale), ("in_shift", in_shift)]
+    for name, t in named:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"conv_bn_act: {name} is on {t.device} but input is on {x.device}")
+    for name, t in (("input", x), ("residual", residual)):
+        if t is not None and not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(
+                f"conv_bn_act: {name} must be channels_last (NHWC) contiguous; got strides "
+                f"{tuple(t.stride())} for shape {tuple(t.shape)}. Convert with "
+                f"t.contiguous(memory_format=torch.channels_last)")
+    return p, q
+
+
+# --------------------------------------------------------------------------
+# Launcher
+# --------------------------------------------------------------------------
+
+
+def conv_bn_act_into(
+    out: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    relu: bool = False,
+    in_relu: bool = False,
+) -> Tensor:
+    """Launch the kernel, writing into ``out`` (allocated when None); returns ``out``.
+
+    No autocast and no autograd: this is the plain launcher under the
+    operator. Arguments as in :func:`conv_bn_act`.
+    """
+    p, q = _check_inputs(x, weight, scale, shift, residual, in_scale, in_shift, stride, padding,
+                         dilation, groups)
+    for name, t in (("input", x), ("weight", weight)):
+        err = kernel_device_error(t, name)
+        if err:
+            raise RuntimeError("conv_bn_act: " + err)
+    n, c_out = x.shape[0], weight.shape[0]
+    if out is None:
+        out = torch.empty((n, c_out, p, q), dtype=x.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+    elif (tuple(out.shape) != (n, c_out, p, q) or out.dtype != x.dtype or out.device != x.device
+          or not out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"conv_bn_act: out must be a channels_last {x.dtype} tensor of shape "
+                         f"{(n, c_out, p, q)} on {x.device}")
+    plan = plan_conv(
+        x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
+        groups=groups, has_prologue=in_scale is not None, pro_relu=in_relu,
+        has_scale=scale is not None, has_shift=shift is not None,
+        has_residual=residual is not None, relu=relu,
+    )
+    if out.numel() == 0:
+        return out
+    packed = pack_weight(weight, groups, x.dtype)
+
+    def f32(v):
+        return out if v is None else v.float()  # unused pointers point at `out`
+
+    _conv.conv_bn_act_kernel[plan.grid](
+        x, packed, out, f32(scale), f32(shift), out if residual is None else residual,
+        f32(in_scale), f32(in_shift),
+        **plan.runtime_args(), **plan.constexprs(),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------
+# torch.library operator
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("aru::conv_bn_act", mutates_args=())
+def _conv_bn_act_op(
+    x: Tensor,
+    weight: Tensor,
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    relu: bool,
+    in_relu: bool,
+) -> Tensor:
+    return conv_bn_act_into(None, x, weight, scale, shift, residual, in_scale, in_shift, stride,
+                            padding, dilation, groups, relu, in_relu)
+
+
+@_conv_bn_act_op.register_fake
+def _conv_bn_act_fake(x, weight, scale, shift, residual, in_scale, in_shift, stride, padding,
+                      dilation, groups, relu, in_relu):
+    p, q = _check_inputs(x, weight, scale, shift, residual, in_scale, in_shift, stride, padding,
+                         dilation, groups)
+    return torch.empty((x.shape[0], weight.shape[0], p, q), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+def _single(v, name: str) -> int:
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ValueError(f"conv_bn_act: {name} must be an int or a pair of equal ints; got {v}")
+        v = v[0]
+    return int(v)
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    in_relu: bool = False,
+) -> Tensor:
+    """Fused convolution: ``relu?(scale * conv(relu?(in_scale*x + in_shift), weight) + shift + residual)``.
+
+    Args:
+        x: input ``[N, C_in, H, W]``, channels_last (NHWC) contiguous,
+            float32 / float16 / bfloat16, on a CUDA device (or on the CPU when
+            Triton runs in its interpreter).
+        weight: ``[C_out, C_in / groups, KH, KW]``, any floating dtype; it is
+            packed once per weight version into ``x``'s dtype and cached.
+        stride, padding, dilation: ints (or pairs of equal ints).
+        groups: number of channel groups; must divide ``C_in`` and ``C_out``.
+        scale, shift: optional fp32 ``[C_out]`` epilogue vectors (a bias, or an
+            eval-mode batch norm folded by :func:`aru_kernels.fold_bn`).
+        residual: optional ``[N, C_out, P, Q]`` tensor added before the ReLU,
+            channels_last contiguous, ``x``'s dtype.
+        relu: apply ReLU last.
+        in_scale, in_shift, in_relu: optional prologue on the input, per input
+            channel (a batch norm + ReLU applied lazily on load; zero padding
+            applies after it).
+
+    Returns:
+        ``[N, C_out, P, Q]`` in channels_last memory format and ``x``'s dtype;
+        accumulation is fp32. Under autocast, ``x`` and ``residual`` are cast
+        to the autocast dtype first, as autocast does for ``F.conv2d``.
+
+    Raises:
+        ValueError / TypeError / RuntimeError with what was expected and what
+        came: wrong rank, channel counts, groups that do not divide, dtypes
+        that do not match (outside autocast), tensors on different or
+        unsupported devices, non-channels_last input.
+    """
+    stride, padding, dilation = (_single(v, n) for v, n in
+                                 ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError("conv_bn_act: x and weight must be tensors")
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        dtype = torch.get_autocast_dtype(dev)
+        x = x.to(dtype)
+        residual = residual.to(dtype) if residual is not None else None
+    elif weight.dtype != x.dtype:
+        raise TypeError(f"conv_bn_act: input dtype {x.dtype} and weight dtype {weight.dtype} differ "
+                        f"(outside autocast they must match, as for F.conv2d)")
+    return torch.ops.aru.conv_bn_act(x, weight, scale, shift, residual, in_scale, in_shift, stride,
+                                     padding, dilation, groups, relu, in_relu)

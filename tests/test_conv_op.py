@@ -1,0 +1,250 @@
+"""Parity and input checking of the fused ``conv_bn_act`` operator.
+
+On a machine without CUDA these run through Triton's interpreter on tiny
+shapes; the reference is :mod:`aru_kernels.reference` in float64 on the same
+(rounded) inputs.
+"""
+
+import pytest
+import torch
+
+import aru_kernels
+from aru_kernels import ops
+from aru_kernels import reference as ref
+from helpers import POISON, assert_close
+
+# (groups, in channels per group, out channels per group): dense, two groups,
+# and the ResNeXt group widths 4 and 8. Channel counts are deliberately not
+# multiples of any block size.
+GROUPINGS = {
+    "dense": (1, 5, 10),
+    "g2": (2, 3, 5),
+    "gw4": (8, 4, 4),
+    "gw8": (6, 8, 8),
+    "wide": (1, 40, 72),
+}
+KERNELS = {1: 0, 3: 1, 7: 3}  # kernel size -> padding
+EPILOGUES = {"plain": (False, False), "relu": (False, True), "res": (True, False), "res_relu": (True, True)}
+
+
+def channels_last(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def make_case(device, dtype, *, n, h, w, groups, cin_g, cout_g, k, stride, padding, dilation=1,
+              residual=False, prologue=False):
+    cin, cout = groups * cin_g, groups * cout_g
+    x = channels_last(torch.randn(n, cin, h, w, device=device).to(dtype))
+    weight = (torch.randn(cout, cin_g, k, k, device=device) / (cin_g * k * k) ** 0.5).to(dtype)
+    scale = torch.rand(cout, device=device) + 0.5
+    shift = torch.randn(cout, device=device)
+    p = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    q = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    res = channels_last(torch.randn(n, cout, p, q, device=device).to(dtype)) if residual else None
+    pro = (torch.rand(cin, device=device) + 0.5, torch.randn(cin, device=device)) if prologue else (None, None)
+    return x, weight, scale, shift, res, pro
+
+
+def run_both(x, weight, scale, shift, res, pro, *, stride, padding, groups, relu, dilation=1, in_relu=False):
+    """Kernel output (into a poisoned buffer) and the float64 reference."""
+    n, cout = x.shape[0], weight.shape[0]
+    p = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
+    q = (x.shape[3] + 2 * padding - dilation * (weight.shape[3] - 1) - 1) // stride + 1
+    out = channels_last(torch.full((n, cout, p, q), POISON, dtype=x.dtype, device=x.device))
+    ops.conv_bn_act_into(out, x, weight, scale, shift, res, pro[0], pro[1], stride, padding, dilation,
+                         groups, relu, in_relu)
+
+    def d(t):
+        return None if t is None else t.double()
+
+    expected = ref.conv_bn_act(
+        d(x), d(weight), stride=stride, padding=padding, dilation=dilation, groups=groups,
+        scale=d(scale), shift=d(shift), residual=d(res), relu=relu,
+        in_scale=d(pro[0]), in_shift=d(pro[1]), in_relu=in_relu,
+    )
+    return out, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("epilogue", EPILOGUES.values(), ids=EPILOGUES.keys())
+@pytest.mark.parametrize("grouping", GROUPINGS.values(), ids=GROUPINGS.keys())
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
+@pytest.mark.parametrize("k", KERNELS, ids=[f"k{k}" for k in KERNELS])
+def test_matches_reference(device, k, stride, grouping, epilogue, dtype):
+    groups, cin_g, cout_g = grouping
+    residual, relu = epilogue
+    case = make_case(device, dtype, n=1, h=7, w=9, groups=groups, cin_g=cin_g, cout_g=cout_g, k=k,
+                     stride=stride, padding=KERNELS[k], residual=residual)
+    out, expected = run_both(*case, stride=stride, padding=KERNELS[k], groups=groups, relu=relu)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("grouping", ["dense", "gw4", "gw8"])
+def test_prologue_matches_reference(device, grouping, dtype):
+    """Batch norm + ReLU of the previous layer applied on load; padding stays zero after it."""
+    groups, cin_g, cout_g = GROUPINGS[grouping]
+    case = make_case(device, dtype, n=2, h=6, w=5, groups=groups, cin_g=cin_g, cout_g=cout_g, k=3,
+                     stride=1, padding=1, residual=True, prologue=True)
+    out, expected = run_both(*case, stride=1, padding=1, groups=groups, relu=True, in_relu=True)
+    assert_close(out, expected, dtype)
+
+
+@pytest.mark.parametrize("dilation,stride", [(2, 1), (2, 2), (3, 1)])
+def test_dilation(device, dilation, stride):
+    case = make_case(device, torch.float32, n=1, h=11, w=9, groups=8, cin_g=4, cout_g=4, k=3,
+                     stride=stride, padding=dilation, dilation=dilation)
+    out, expected = run_both(*case, stride=stride, padding=dilation, groups=8, relu=True, dilation=dilation)
+    assert_close(out, expected, torch.float32)
+
+
+def test_batch_and_blocks_larger_than_one_tile(device):
+    """Several M tiles and several N blocks per pack, a partial last tile in each."""
+    case = make_case(device, torch.float32, n=3, h=9, w=11, groups=1, cin_g=70, cout_g=150, k=1,
+                     stride=1, padding=0)
+    out, expected = run_both(*case, stride=1, padding=0, groups=1, relu=True)
+    assert_close(out, expected, torch.float32)
+
+
+def test_public_op_matches_launcher_and_is_deterministic(device):
+    x, weight, scale, shift, res, _ = make_case(device, torch.float32, n=2, h=5, w=7, groups=8, cin_g=4,
+                                                cout_g=4, k=3, stride=1, padding=1, residual=True)
+    a = aru_kernels.conv_bn_act(x, weight, padding=1, groups=8, scale=scale, shift=shift, residual=res,
+                                relu=True)
+    b = aru_kernels.conv_bn_act(x, weight, padding=(1, 1), groups=8, scale=scale, shift=shift,
+                                residual=res, relu=True)
+    assert torch.equal(a, b), "two identical calls gave different results"
+    expected = ref.conv_bn_act(x.double(), weight.double(), padding=1, groups=8, scale=scale.double(),
+                               shift=shift.double(), residual=res.double(), relu=True)
+    assert_close(a, expected, torch.float32)
+
+
+def test_weight_pack_is_cached_per_version(device):
+    x, weight, *_ = make_case(device, torch.float32, n=1, h=5, w=5, groups=8, cin_g=4, cout_g=4, k=3,
+                              stride=1, padding=1)
+    p1 = ops.pack_weight(weight, 8, torch.float32)
+    assert ops.pack_weight(weight, 8, torch.float32) is p1, "packing ran twice for an unchanged weight"
+    y1 = aru_kernels.conv_bn_act(x, weight, padding=1, groups=8)
+    with torch.no_grad():
+        weight.mul_(2.0)  # an optimizer step or load_state_dict does the same: an in-place update
+    assert ops.pack_weight(weight, 8, torch.float32) is not p1, "stale pack after an in-place update"
+    y2 = aru_kernels.conv_bn_act(x, weight, padding=1, groups=8)
+    assert_close(y2, 2.0 * y1, torch.float32, what="output after the weight changed")
+
+
+def test_pack_factor():
+    assert ops.pack_factor(32, 4, 4) == 4  # ResNeXt-50 stage 1: 4 groups of 4 fill a 16-wide dot
+    assert ops.pack_factor(32, 8, 8) == 2
+    assert ops.pack_factor(32, 16, 16) == 1
+    assert ops.pack_factor(1, 3, 64) == 1
+    assert ops.pack_factor(3, 4, 4) == 3  # too narrow even all together: one pack
+
+
+def test_block_diagonal_packing_layout():
+    groups, cin_g, cout_g = 8, 4, 4
+    w = torch.randn(groups * cout_g, cin_g, 3, 3)
+    packed = ops.pack_weight(w, groups, torch.float32)
+    gp = ops.pack_factor(groups, cin_g, cout_g)
+    assert packed.shape == (groups // gp, 9 * gp * cin_g, gp * cout_g)
+    view = packed.reshape(groups // gp, 3, 3, gp, cin_g, gp, cout_g)
+    for g in range(groups):
+        pk, gi = divmod(g, gp)
+        block = view[pk, :, :, gi, :, gi, :]  # [kh, kw, cin_g, cout_g]
+        assert torch.equal(block, w[g * cout_g:(g + 1) * cout_g].permute(2, 3, 1, 0))
+        off = view[pk, :, :, gi, :, (gi + 1) % gp, :]
+        assert not off.any(), "off-diagonal blocks of a pack must be zero"
+
+
+# -- bad input ---------------------------------------------------------------------------------
+
+
+def _ok_inputs(device):
+    x = channels_last(torch.randn(1, 8, 5, 5, device=device))
+    w = torch.randn(8, 4, 3, 3, device=device)
+    return x, w
+
+
+def test_error_on_3d_input(device):
+    x, w = _ok_inputs(device)
+    with pytest.raises(ValueError, match=r"4-D \[N, C, H, W\]; got shape \(8, 5, 5\)"):
+        aru_kernels.conv_bn_act(x[0], w, groups=2)
+
+
+def test_error_groups_not_dividing(device):
+    x, w = _ok_inputs(device)
+    with pytest.raises(ValueError, match="groups=3 must divide both in_channels=8 and out_channels=8"):
+        aru_kernels.conv_bn_act(x, w, groups=3)
+
+
+def test_error_channel_count_mismatch(device):
+    x, _ = _ok_inputs(device)
+    w = torch.randn(8, 3, 3, 3, device=device)
+    with pytest.raises(ValueError, match="expects 6 input channels; input has 8"):
+        aru_kernels.conv_bn_act(x, w, groups=2)
+
+
+def test_error_dtype_mix(device):
+    x, w = _ok_inputs(device)
+    with pytest.raises(TypeError, match="input dtype torch.float32 and weight dtype torch.float16 differ"):
+        aru_kernels.conv_bn_act(x, w.half(), groups=2)
+    res = channels_last(torch.randn(1, 8, 5, 5, device=device).half())
+    with pytest.raises(TypeError, match="residual dtype torch.float16 differs"):
+        aru_kernels.conv_bn_act(x, w, groups=2, padding=1, residual=res)
+
+
+def test_error_unsupported_dtype(device):
+    x, w = _ok_inputs(device)
+    with pytest.raises(TypeError, match="float32, float16, bfloat16; got torch.float64"):
+        aru_kernels.conv_bn_act(x.double(), w.double(), groups=2)
+
+
+def test_error_channels_first_input(device):
+    x, w = _ok_inputs(device)
+    with pytest.raises(ValueError, match="channels_last"):
+        aru_kernels.conv_bn_act(x.contiguous(), w, groups=2)
+
+
+def test_error_scale_length(device):
+    x, w = _ok_inputs(device)
+    with pytest.raises(ValueError, match="scale must be a 1-D tensor of 8"):
+        aru_kernels.conv_bn_act(x, w, groups=2, scale=torch.ones(7, device=device))
+
+
+def test_error_wrong_device():
+    x = channels_last(torch.randn(1, 8, 5, 5, device="meta"))
+    w = torch.randn(8, 4, 3, 3)
+    with pytest.raises(ValueError, match="weight is on cpu but input is on meta"):
+        aru_kernels.conv_bn_act(x, w, groups=2)
+
+
+def test_error_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x = channels_last(torch.randn(1, 8, 5, 5))
+    w = torch.randn(8, 4, 3, 3)
+    with pytest.raises(RuntimeError, match="must be on a CUDA device"):
+        ops.conv_bn_act_into(None, x, w, groups=2)
+
+
+# -- torch.library integration -----------------------------------------------------------------
+
+
+def test_opcheck(device):
+    x, weight, scale, shift, res, pro = make_case(device, torch.float32, n=1, h=5, w=6, groups=8,
+                                                  cin_g=4, cout_g=4, k=3, stride=1, padding=1,
+                                                  residual=True, prologue=True)
+    args = (x, weight, scale, shift, res, pro[0], pro[1], 1, 1, 1, 8, True, True)
+    torch.library.opcheck(torch.ops.aru.conv_bn_act.default, args)
+
+
+def test_torch_compile_fullgraph(device):
+    x, weight, scale, shift, res, _ = make_case(device, torch.float32, n=1, h=5, w=6, groups=8, cin_g=4,
+                                                cout_g=4, k=3, stride=2, padding=1)
+
+    def f(x):
+        y = aru_kernels.conv_bn_act(x, weight, stride=2, padding=1, groups=8, scale=scale, shift=shift,
+                                    relu=True)
+        return y * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    assert_close(compiled(x), f(x), torch.float32, what="compiled output")
