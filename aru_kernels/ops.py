@@ -405,17 +405,24 @@ def conv_bn_act_into(
     if out.numel() == 0:
         return out
     packed = pack_weight(weight, groups, x.dtype)
-
-    def f32(v):
-        return out if v is None else v.float()  # unused pointers point at `out`
-
     _conv.conv_bn_act_kernel[plan.grid](
-        x, packed, out, f32(scale), f32(shift), out if residual is None else residual,
-        f32(in_scale), f32(in_shift),
-        **plan.runtime_args(), **plan.constexprs(),
+        **_kernel_arguments(plan, x, packed, out, scale, shift, residual, in_scale, in_shift),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     return out
+
+
+def _kernel_arguments(plan: ConvPlan, x, packed, out, scale, shift, residual, in_scale, in_shift) -> dict:
+    """The kernel's arguments by name; absent optional tensors point at ``out`` (never read)."""
+
+    def f32(v):
+        return out if v is None else v.float()
+
+    return dict(
+        x_ptr=x, w_ptr=packed, out_ptr=out, scale_ptr=f32(scale), shift_ptr=f32(shift),
+        res_ptr=out if residual is None else residual, in_scale_ptr=f32(in_scale), in_shift_ptr=f32(in_shift),
+        **plan.runtime_args(), **plan.constexprs(),
+    )
 
 
 # --------------------------------------------------------------------------
