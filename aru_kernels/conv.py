@@ -19,8 +19,8 @@ grouped conv is far below the ridge point, so they are nearly free. To the
 kernel, every convolution is a dense convolution within one pack: ``groups=1``
 is one pack holding everything.
 
-**K order.** With ``CIN_P >= 16`` the kernel walks the taps (unrolled) and, in
-each tap, blocks of contiguous input channels. With fewer channels per pack
+**K order.** With ``CIN_P >= 16`` the kernel walks the taps and, in each tap,
+blocks of contiguous input channels, as one pipelined loop. With fewer channels per pack
 (the stem: 3) it folds the taps into K (``FOLD_TAPS``): k runs over
 ``(tap, channel)`` pairs, so no dot is mostly padding.
 
@@ -118,24 +118,26 @@ def conv_bn_act_kernel(
             else:
                 acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
     else:
-        for tap in tl.static_range(KH * KW):
+        # One pipelined loop over (tap, channel block) pairs.
+        C_BLOCKS: tl.constexpr = (CIN_P + BLOCK_K - 1) // BLOCK_K
+        for it in range(0, KH * KW * C_BLOCKS):
+            tap = it // C_BLOCKS
+            rk = (it % C_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = rk < CIN_P
             ih = ih0 + (tap // KW) * DIL
             iw = iw0 + (tap % KW) * DIL
             row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ok = row_ok[:, None] & k_ok[None, :]
             row = img_base + (ih * W + iw) * C_IN
-            for c0 in range(0, CIN_P, BLOCK_K):
-                rk = c0 + tl.arange(0, BLOCK_K)
-                k_ok = rk < CIN_P
-                ok = row_ok[:, None] & k_ok[None, :]
-                a = tl.load(x_ptr + row[:, None] + rk[None, :], mask=ok, other=0.0)
-                if HAS_PROLOGUE:
-                    a = _prologue(a, ok, pack * CIN_P + rk, k_ok, in_scale_ptr, in_shift_ptr, PRO_RELU)
-                b = tl.load(w_pack + (tap * CIN_P + rk)[:, None] * COUT_P + rn[None, :],
-                            mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-                if DOT_F32:
-                    acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-                else:
-                    acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+            a = tl.load(x_ptr + row[:, None] + rk[None, :], mask=ok, other=0.0)
+            if HAS_PROLOGUE:
+                a = _prologue(a, ok, pack * CIN_P + rk, k_ok, in_scale_ptr, in_shift_ptr, PRO_RELU)
+            b = tl.load(w_pack + (tap * CIN_P + rk)[:, None] * COUT_P + rn[None, :],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if DOT_F32:
+                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+            else:
+                acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
 
     # Epilogue on the fp32 accumulator.
     co = pack * COUT_P + rn

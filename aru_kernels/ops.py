@@ -178,6 +178,7 @@ def _block_k(cin_p: int, fold_taps: bool) -> int:
 
 
 def _block_m(block_n: int) -> int:
+    # Bounds the fp32 accumulator at 8192 elements per program.
     return 128 if block_n <= 64 else 64
 
 
@@ -248,8 +249,13 @@ class ConvPlan:
         n_blocks = -(-self.cout_p // self.block_n)
         return (self.packs * n_blocks * -(-self.m // self.block_m),)
 
-    num_warps: int = 4
     num_stages: int = 3
+
+    @property
+    def num_warps(self) -> int:
+        # 8 warps from 128x32 tiles up: at 4 the pointer tensors of the tiles
+        # alone push past 255 registers and spill (cubin resource counts).
+        return 8 if self.block_m * self.block_n >= 4096 else 4
 
     def constexprs(self) -> dict:
         fp32 = self.dtype == torch.float32
