@@ -1,0 +1,113 @@
+"""benchmarks/run.py as users and other tools meet it: its JSON schema and its argument errors.
+
+The benchmark runs as a subprocess in its tiny CPU configuration (CUDA hidden,
+so the test means the same on any machine); argument errors are checked
+in-process through its ``main``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
+
+TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "copy_TBps",
+             "models", "layers"}
+MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB"}
+LAYER_ROW = {"layer", "impl", "pass", "us", "frac_of_copy_bw"}
+LAYERS = {"s1_g32w4", "s2_g32w8", "s3_g32w16", "s4_g32w32"}
+
+
+@pytest.fixture(scope="module")
+def run_py():
+    spec = importlib.util.spec_from_file_location("aru_benchmark_run", RUN_PY)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        del sys.modules[spec.name]
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    """One tiny CPU run of resnet18, eager only, infer and train, with the layer table."""
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(
+        [sys.executable, str(RUN_PY), "--impl", "eager", "--model", "resnet18", "--mode", "both",
+         "--warmup", "0", "--iters", "1", "--json", str(out)],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, f"run.py exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc.stdout, json.loads(out.read_text()), out
+
+
+def test_cpu_run_says_timings_are_not_representative(cpu_run):
+    stdout, _, _ = cpu_run
+    assert "not representative" in stdout
+
+
+def test_json_top_level_fields(cpu_run):
+    _, data, _ = cpu_run
+    assert set(data) == TOP_LEVEL
+    assert data["gpu"] == "cpu"
+    assert isinstance(data["torch"], str) and data["torch"]
+    assert data["triton"] is None or isinstance(data["triton"], str)
+    datetime.datetime.fromisoformat(data["date"])
+    assert data["dtype"] == "float32"
+    assert data["batch_size"] == 2
+    assert data["channels_last"] is True
+    assert data["copy_TBps"] > 0
+
+
+def test_json_model_rows(cpu_run):
+    _, data, _ = cpu_run
+    for row in data["models"]:
+        assert set(row) == MODEL_ROW, f"model row fields: {sorted(row)}"
+    assert [(r["model"], r["mode"], r["impl"]) for r in data["models"]] == [
+        ("resnet18", "infer", "eager"), ("resnet18", "train", "eager")]
+    for row in data["models"]:
+        assert row["img_per_s"] > 0, row
+        assert row["peak_mem_GiB"] is None, "peak memory is reported only on CUDA"
+
+
+def test_json_layer_rows(cpu_run):
+    _, data, _ = cpu_run
+    for row in data["layers"]:
+        assert set(row) == LAYER_ROW, f"layer row fields: {sorted(row)}"
+    assert {(r["layer"], r["impl"]) for r in data["layers"]} == {
+        (layer, impl) for layer in LAYERS for impl in ("cudnn", "cudnn_conv")}
+    for row in data["layers"]:
+        assert row["pass"] == "fwd"
+        assert row["us"] > 0, row
+        assert 0 < row["frac_of_copy_bw"], row
+
+
+def test_from_json_reprints_without_measuring(cpu_run, run_py, capsys):
+    _, _, path = cpu_run
+    assert run_py.main(["--from-json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18" in out and "s4_g32w32" in out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "resnet9000"], "unknown model 'resnet9000'"),
+    (["--impl", "eager,cudnn"], "unknown impl 'cudnn'"),
+    (["--mode", "eval"], "invalid choice: 'eval'"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+], ids=["unknown-model", "unknown-impl", "unknown-mode", "zero-batch"])
+def test_bad_arguments_exit_nonzero_with_a_message(run_py, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        run_py.main(argv)
+    assert exc.value.code != 0
+    assert message in capsys.readouterr().err
