@@ -44,11 +44,12 @@ def _signature(plan: ConvPlan) -> tuple[dict, dict]:
 
     f32 = meta(torch.float32)
     act = meta(plan.dtype)
+    part = f32 if plan.stats or plan.pro_bwd else None
     args = _kernel_arguments(
         plan, act, act, act,
-        f32 if plan.has_scale else None, f32 if plan.has_shift else None,
-        act if plan.has_residual else None,
-        f32 if plan.has_prologue else None, f32 if plan.has_prologue else None,
+        f32 if plan.has_scale or plan.pro_bwd else None, f32 if plan.has_shift or plan.pro_bwd else None,
+        act if plan.has_residual or plan.pro_bwd else None,
+        f32 if plan.has_prologue else None, f32 if plan.has_prologue else None, part, part,
     )
     constexprs = plan.constexprs()
     signature = {}

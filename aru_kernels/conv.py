@@ -29,7 +29,17 @@ each loaded input element, i.e. the previous layer's batch norm applied
 lazily; padded positions stay zero, as in a conv that follows BN + ReLU.
 
 **Epilogue**, on the fp32 accumulator: ``relu?(scale[n] * acc + shift[n] +
-residual)``, cast to the output dtype.
+residual)``, cast to the output dtype. With ``STATS`` each program also writes,
+per output channel, the mean and the sum of squared deviations of its tile of
+stored outputs: training-mode batch norm's statistics, combined later without
+atomics, so runs are bitwise repeatable.
+
+**Input gradient** (``TRANSPOSED``): the same loop computes dL/dx of a forward
+convolution from dL/dy, with the weight packed transposed and the tap map
+inverted (strided convs included). If the forward had a prologue
+``a = relu?(s*x + b)``, ``PRO_BWD`` turns dL/da into dL/dx in the epilogue
+(``res_ptr`` then holds the forward input x, ``scale_ptr``/``shift_ptr`` the
+prologue's s and b) and writes per-tile partial sums of dL/db and dL/ds.
 """
 
 import triton
@@ -48,6 +58,22 @@ def _prologue(a, ok, ch, ch_ok, in_scale_ptr, in_shift_ptr, PRO_RELU: tl.constex
 
 
 @triton.jit
+def _tap_coord(o, k, size, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
+               TRANSPOSED: tl.constexpr):
+    """The input coordinate that output coordinate ``o`` reads at kernel offset
+    ``k``, and whether it exists. Transposed (input-gradient) launches invert
+    the forward map ``o_fwd = (i_fwd + PAD - k * DIL) / STRIDE``."""
+    if TRANSPOSED:
+        num = o + PAD - k * DIL
+        i = num // STRIDE
+        ok = (num >= 0) & (num % STRIDE == 0) & (i < size)
+    else:
+        i = o * STRIDE - PAD + k * DIL
+        ok = (i >= 0) & (i < size)
+    return i, ok
+
+
+@triton.jit
 def conv_bn_act_kernel(
     x_ptr,  # [N, H, W, C_IN] input, NHWC contiguous
     w_ptr,  # [packs, KH*KW*CIN_P, COUT_P] packed weight, in the compute dtype
@@ -57,6 +83,7 @@ def conv_bn_act_kernel(
     res_ptr,  # [N, P, Q, C_OUT] residual, NHWC contiguous (HAS_RESIDUAL)
     in_scale_ptr,  # [C_IN] fp32 prologue scale (HAS_PROLOGUE)
     in_shift_ptr,  # [C_IN] fp32 prologue shift (HAS_PROLOGUE)
+    part_a_ptr, part_b_ptr,  # [M tiles, C_OUT] fp32 per-tile partial statistics (STATS or PRO_BWD)
     M,  # N * P * Q: output pixels
     H, W,  # input spatial size
     P, Q,  # output spatial size
@@ -69,6 +96,9 @@ def conv_bn_act_kernel(
     HAS_PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
+    TRANSPOSED: tl.constexpr,  # input-gradient launch: x is dL/d(conv output), w the transposed pack
+    STATS: tl.constexpr,  # write per-tile (mean, M2) of the stored output, for batch norm
+    PRO_BWD: tl.constexpr,  # input-gradient of a conv with a prologue (see module docstring)
     DOT_F32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 operands ("ieee" or "tf32")
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -89,8 +119,6 @@ def conv_bn_act_kernel(
     t = rm // Q
     p = t % P
     img = t // P
-    ih0 = p * STRIDE - PAD
-    iw0 = q * STRIDE - PAD
     img_base = img.to(tl.int64) * H * W * C_IN + pack * CIN_P
 
     rn = n0 + tl.arange(0, BLOCK_N)  # output channel within the pack
@@ -105,9 +133,9 @@ def conv_bn_act_kernel(
             k_ok = rk < K_TOTAL
             c = rk % CIN_P
             tap = rk // CIN_P
-            ih = ih0[:, None] + (tap // KW)[None, :] * DIL
-            iw = iw0[:, None] + (tap % KW)[None, :] * DIL
-            ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ih, h_ok = _tap_coord(p[:, None], (tap // KW)[None, :], H, STRIDE, PAD, DIL, TRANSPOSED)
+            iw, w_ok = _tap_coord(q[:, None], (tap % KW)[None, :], W, STRIDE, PAD, DIL, TRANSPOSED)
+            ok = m_ok[:, None] & k_ok[None, :] & h_ok & w_ok
             a = tl.load(x_ptr + img_base[:, None] + (ih * W + iw) * C_IN + c[None, :], mask=ok, other=0.0)
             if HAS_PROLOGUE:
                 a = _prologue(a, ok, pack * CIN_P + c, k_ok, in_scale_ptr, in_shift_ptr, PRO_RELU)
@@ -124,9 +152,9 @@ def conv_bn_act_kernel(
             tap = it // C_BLOCKS
             rk = (it % C_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = rk < CIN_P
-            ih = ih0 + (tap // KW) * DIL
-            iw = iw0 + (tap % KW) * DIL
-            row_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            ih, h_ok = _tap_coord(p, tap // KW, H, STRIDE, PAD, DIL, TRANSPOSED)
+            iw, w_ok = _tap_coord(q, tap % KW, W, STRIDE, PAD, DIL, TRANSPOSED)
+            row_ok = m_ok & h_ok & w_ok
             ok = row_ok[:, None] & k_ok[None, :]
             row = img_base + (ih * W + iw) * C_IN
             a = tl.load(x_ptr + row[:, None] + rk[None, :], mask=ok, other=0.0)
@@ -141,15 +169,104 @@ def conv_bn_act_kernel(
 
     # Epilogue on the fp32 accumulator.
     co = pack * COUT_P + rn
-    y = acc
-    if HAS_SCALE:
-        y = y * tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
-    if HAS_SHIFT:
-        y = y + tl.load(shift_ptr + co, mask=n_ok, other=0.0)[None, :]
     out_off = rm.to(tl.int64)[:, None] * C_OUT + co[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
-    if HAS_RESIDUAL:
-        y = y + tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
-    if RELU:
-        y = tl.maximum(y, 0.0)
-    tl.store(out_ptr + out_off, y.to(out_ptr.dtype.element_ty), mask=ok)
+    part_off = pid_m * C_OUT + co
+    if PRO_BWD:
+        # acc = dL/da with a = relu?(s * x + b) the forward prologue; res_ptr holds x.
+        x_in = tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
+        s = tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
+        g = acc
+        if PRO_RELU:
+            g = tl.where(s * x_in + tl.load(shift_ptr + co, mask=n_ok, other=0.0)[None, :] > 0, g, 0.0)
+        g = tl.where(ok, g, 0.0)
+        tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=n_ok)  # -> dL/db
+        tl.store(part_b_ptr + part_off, tl.sum(g * x_in, axis=0), mask=n_ok)  # -> dL/ds
+        tl.store(out_ptr + out_off, (g * s).to(out_ptr.dtype.element_ty), mask=ok)
+    else:
+        y = acc
+        if HAS_SCALE:
+            y = y * tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
+        if HAS_SHIFT:
+            y = y + tl.load(shift_ptr + co, mask=n_ok, other=0.0)[None, :]
+        if HAS_RESIDUAL:
+            y = y + tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        y = y.to(out_ptr.dtype.element_ty)
+        tl.store(out_ptr + out_off, y, mask=ok)
+        if STATS:
+            # Per-tile mean and sum of squared deviations of the stored values;
+            # tiles combine exactly (Chan et al.), safe for large means.
+            count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+            v = tl.where(ok, y.to(tl.float32), 0.0)
+            mean = tl.sum(v, axis=0) / count
+            d = tl.where(ok, v - mean[None, :], 0.0)
+            tl.store(part_a_ptr + part_off, mean, mask=n_ok)
+            tl.store(part_b_ptr + part_off, tl.sum(d * d, axis=0), mask=n_ok)
+
+
+@triton.jit
+def conv_wgrad_kernel(
+    x_ptr,  # [N, H, W, C_IN] forward input, NHWC contiguous
+    dy_ptr,  # [N, P, Q, C_OUT] dL/dy, NHWC contiguous
+    part_ptr,  # [SPLITS, packs, KH*KW, CIN_P, COUT_P] fp32 partial dL/dW, one slab per split of M
+    in_scale_ptr,  # [C_IN] fp32 forward prologue scale (HAS_PROLOGUE)
+    in_shift_ptr,  # [C_IN] fp32 forward prologue shift (HAS_PROLOGUE)
+    M,  # N * P * Q
+    H, W, P, Q, C_IN, C_OUT,
+    M_PER_SPLIT,  # output pixels per split, a multiple of BLOCK_M
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
+    CIN_P: tl.constexpr, COUT_P: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr,
+    DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+):
+    """Weight gradient: for each pack and tap, ``dW[ci, co] = sum_m a[m @ tap, ci] * dy[m, co]``.
+
+    ``a`` is the forward's input after its prologue, recomputed on load. The
+    sum over the output pixels m is split across ``program_id(1)``; each split
+    writes its own slab and the launcher adds the slabs in a fixed order, so
+    the result is deterministic. Whole pack blocks are computed; the launcher
+    keeps their diagonal (the real groups).
+    """
+    CI_BLOCKS: tl.constexpr = (CIN_P + BLOCK_CI - 1) // BLOCK_CI
+    CO_BLOCKS: tl.constexpr = (COUT_P + BLOCK_CO - 1) // BLOCK_CO
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    co_b = pid % CO_BLOCKS
+    t = pid // CO_BLOCKS
+    ci_b = t % CI_BLOCKS
+    t = t // CI_BLOCKS
+    tap = t % (KH * KW)
+    pack = t // (KH * KW)
+
+    rci = ci_b * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = rci < CIN_P
+    rco = co_b * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = rco < COUT_P
+    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    m_start = split * M_PER_SPLIT
+    for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
+        q = rm % Q
+        t2 = rm // Q
+        p = t2 % P
+        img = t2 // P
+        ih, h_ok = _tap_coord(p, tap // KW, H, STRIDE, PAD, DIL, False)
+        iw, w_ok = _tap_coord(q, tap % KW, W, STRIDE, PAD, DIL, False)
+        ok = (m_ok & h_ok & w_ok)[:, None] & ci_ok[None, :]
+        row = (img.to(tl.int64) * H * W + ih * W + iw) * C_IN + pack * CIN_P
+        a = tl.load(x_ptr + row[:, None] + rci[None, :], mask=ok, other=0.0)
+        if HAS_PROLOGUE:
+            a = _prologue(a, ok, pack * CIN_P + rci, ci_ok, in_scale_ptr, in_shift_ptr, PRO_RELU)
+        g = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * C_OUT + (pack * COUT_P + rco)[None, :],
+                    mask=m_ok[:, None] & co_ok[None, :], other=0.0)
+        if DOT_F32:
+            acc += tl.dot(tl.trans(a.to(tl.float32)), g.to(tl.float32), input_precision="ieee")
+        else:
+            acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
+    slab = part_ptr + ((split * (C_OUT // COUT_P) + pack) * (KH * KW) + tap) * (CIN_P * COUT_P)
+    tl.store(slab + rci[:, None] * COUT_P + rco[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])

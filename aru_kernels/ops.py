@@ -83,6 +83,7 @@ class VersionedCache:
 
 
 _packed_weights = VersionedCache()
+_packed_weights_t = VersionedCache()
 _folded_bn = VersionedCache()
 
 
@@ -151,13 +152,28 @@ def _pack(weight: Tensor, groups: int, gp: int, dtype: torch.dtype) -> Tensor:
     return out.reshape(packs, kh * kw * gp * cin_g, gp * cout_g).contiguous()
 
 
-def pack_weight(weight: Tensor, groups: int, dtype: torch.dtype) -> Tensor:
+def _transpose_groups(weight: Tensor, groups: int) -> Tensor:
+    """[C_out, C_in/g, KH, KW] -> [C_in, C_out/g, KH, KW], group by group: the
+    weight of the input-gradient convolution (taps are not flipped: the
+    kernel's transposed tap map accounts for them)."""
+    cout, cin_g, kh, kw = weight.shape
+    w = weight.reshape(groups, cout // groups, cin_g, kh, kw).transpose(1, 2)
+    return w.reshape(groups * cin_g, cout // groups, kh, kw)
+
+
+def pack_weight(weight: Tensor, groups: int, dtype: torch.dtype, transposed: bool = False) -> Tensor:
     """``weight`` [C_out, C_in/groups, KH, KW] as the kernel's packed layout
-    ``[packs, KH*KW*CIN_P, COUT_P]`` in ``dtype``; cached per weight version."""
-    cout, cin_g, _, _ = weight.shape
-    gp = pack_factor(groups, cin_g, cout // groups)
-    key = (_version(weight), dtype, groups, tuple(weight.shape), weight.device)
-    return _packed_weights.get(weight, key, lambda: _pack(weight, groups, gp, dtype))
+    ``[packs, KH*KW*CIN_P, COUT_P]`` in ``dtype`` (of the transposed
+    convolution when ``transposed``); cached per weight version."""
+    key = (_version(weight), dtype, groups, tuple(weight.shape), weight.device, transposed)
+
+    def make():
+        w = _transpose_groups(weight.detach(), groups) if transposed else weight
+        cout, cin_g, _, _ = w.shape
+        return _pack(w, groups, pack_factor(groups, cin_g, cout // groups), dtype)
+
+    cache = _packed_weights_t if transposed else _packed_weights
+    return cache.get(weight, key, make)
 
 
 # --------------------------------------------------------------------------
@@ -180,6 +196,12 @@ def _block_k(cin_p: int, fold_taps: bool) -> int:
 def _block_m(block_n: int) -> int:
     # Bounds the fp32 accumulator at 8192 elements per program.
     return 128 if block_n <= 64 else 64
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch.get_float32_matmul_precision(): TF32 unless "highest"."""
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
 
 
 def _out_size(size: int, k: int, stride: int, padding: int, dilation: int):
@@ -211,6 +233,9 @@ class ConvPlan:
     has_shift: bool = False
     has_residual: bool = False
     relu: bool = False
+    transposed: bool = False  # input-gradient launch (see the kernel's docstring)
+    stats: bool = False
+    pro_bwd: bool = False
 
     @property
     def cin_p(self) -> int:
@@ -245,9 +270,13 @@ class ConvPlan:
         return _block_k(self.cin_p, self.fold_taps)
 
     @property
+    def m_tiles(self) -> int:
+        return -(-self.m // self.block_m)
+
+    @property
     def grid(self) -> tuple[int]:
         n_blocks = -(-self.cout_p // self.block_n)
-        return (self.packs * n_blocks * -(-self.m // self.block_m),)
+        return (self.packs * n_blocks * self.m_tiles,)
 
     num_stages: int = 3
 
@@ -258,16 +287,15 @@ class ConvPlan:
         return 8 if self.block_m * self.block_n >= 4096 else 4
 
     def constexprs(self) -> dict:
-        fp32 = self.dtype == torch.float32
-        tf32 = fp32 and torch.get_float32_matmul_precision() != "highest"
         return dict(
             KH=self.kh, KW=self.kw, STRIDE=self.stride, PAD=self.padding, DIL=self.dilation,
             CIN_P=self.cin_p, COUT_P=self.cout_p, FOLD_TAPS=self.fold_taps,
             HAS_PROLOGUE=self.has_prologue, PRO_RELU=self.pro_relu,
             HAS_SCALE=self.has_scale, HAS_SHIFT=self.has_shift,
             HAS_RESIDUAL=self.has_residual, RELU=self.relu,
+            TRANSPOSED=self.transposed, STATS=self.stats, PRO_BWD=self.pro_bwd,
             DOT_F32=interpreting(),
-            INPUT_PRECISION="tf32" if tf32 else "ieee",
+            INPUT_PRECISION=_input_precision(self.dtype),
             BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
         )
 
@@ -278,18 +306,28 @@ class ConvPlan:
 def plan_conv(
     x_shape, w_shape, dtype: torch.dtype, *, stride: int = 1, padding: int = 0, dilation: int = 1,
     groups: int = 1, has_prologue: bool = False, pro_relu: bool = False, has_scale: bool = False,
-    has_shift: bool = False, has_residual: bool = False, relu: bool = False,
+    has_shift: bool = False, has_residual: bool = False, relu: bool = False, stats: bool = False,
+    transposed_out_hw: tuple[int, int] | None = None, pro_bwd: bool = False,
 ) -> ConvPlan:
-    """The launch plan for input ``x_shape`` [N, C, H, W] and weight ``w_shape``."""
+    """The launch plan for input ``x_shape`` [N, C, H, W] and (packed-side)
+    weight ``w_shape`` [C_out, C_in/groups, KH, KW].
+
+    ``transposed_out_hw`` makes it an input-gradient launch producing that
+    spatial size; ``x_shape`` is then dL/dy's and ``w_shape`` the transposed weight's.
+    """
     n, c_in, h, w = (int(s) for s in x_shape)
     c_out, cin_g, kh, kw = (int(s) for s in w_shape)
+    if transposed_out_hw is None:
+        p, q = _out_size(h, kh, stride, padding, dilation), _out_size(w, kw, stride, padding, dilation)
+    else:
+        p, q = (int(s) for s in transposed_out_hw)
     return ConvPlan(
-        n=n, h=h, w=w, c_in=c_in, c_out=c_out, kh=kh, kw=kw,
-        p=_out_size(h, kh, stride, padding, dilation), q=_out_size(w, kw, stride, padding, dilation),
+        n=n, h=h, w=w, c_in=c_in, c_out=c_out, kh=kh, kw=kw, p=p, q=q,
         stride=stride, padding=padding, dilation=dilation, groups=groups,
         gp=pack_factor(groups, cin_g, c_out // groups), dtype=dtype,
         has_prologue=has_prologue, pro_relu=pro_relu, has_scale=has_scale, has_shift=has_shift,
-        has_residual=has_residual, relu=relu,
+        has_residual=has_residual, relu=relu, transposed=transposed_out_hw is not None,
+        stats=stats, pro_bwd=pro_bwd,
     )
 
 
@@ -382,9 +420,12 @@ def conv_bn_act_into(
     groups: int = 1,
     relu: bool = False,
     in_relu: bool = False,
-) -> Tensor:
-    """Launch the kernel, writing into ``out`` (allocated when None); returns ``out``.
+    stats: bool = False,
+):
+    """Launch the forward kernel, writing into ``out`` (allocated when None).
 
+    Returns ``out``, or with ``stats`` the triple ``(out, tile_mean, tile_m2)``:
+    per-tile batch statistics ``[M tiles, C_out]`` for :func:`bn_finalize`.
     No autocast and no autograd: this is the plain launcher under the
     operator. Arguments as in :func:`conv_bn_act`.
     """
@@ -396,8 +437,7 @@ def conv_bn_act_into(
             raise RuntimeError("conv_bn_act: " + err)
     n, c_out = x.shape[0], weight.shape[0]
     if out is None:
-        out = torch.empty((n, c_out, p, q), dtype=x.dtype, device=x.device,
-                          memory_format=torch.channels_last)
+        out = _nhwc_empty((n, c_out, p, q), x)
     elif (tuple(out.shape) != (n, c_out, p, q) or out.dtype != x.dtype or out.device != x.device
           or not out.is_contiguous(memory_format=torch.channels_last)):
         raise ValueError(f"conv_bn_act: out must be a channels_last {x.dtype} tensor of shape "
@@ -406,27 +446,126 @@ def conv_bn_act_into(
         x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
         groups=groups, has_prologue=in_scale is not None, pro_relu=in_relu,
         has_scale=scale is not None, has_shift=shift is not None,
-        has_residual=residual is not None, relu=relu,
+        has_residual=residual is not None, relu=relu, stats=stats,
     )
-    if out.numel() == 0:
-        return out
-    packed = pack_weight(weight, groups, x.dtype)
+    parts = _tile_partials(plan, x) if stats else (None, None)
+    if out.numel():
+        _launch(plan, x, pack_weight(weight, groups, x.dtype), out, scale, shift, residual,
+                in_scale, in_shift, *parts)
+    return (out, *parts) if stats else out
+
+
+def conv_input_grad(
+    dy: Tensor,
+    weight: Tensor,
+    x: Tensor,
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    in_relu: bool = False,
+):
+    """dL/dx of ``y = conv(relu?(in_scale*x + in_shift), weight)`` from ``dy`` = dL/dy.
+
+    Returns ``dx`` (channels_last, ``dy``'s dtype) and, when the forward had
+    a prologue, per-tile partial sums ``[M tiles, C_in]`` of dL/d(in_shift)
+    and dL/d(in_scale) (sum them over tiles), else ``None, None``.
+    """
+    n, c_in, h, w = x.shape
+    wt_shape = (c_in, weight.shape[0] // groups, weight.shape[2], weight.shape[3])
+    pro = in_scale is not None
+    plan = plan_conv(dy.shape, wt_shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, transposed_out_hw=(h, w), pro_bwd=pro, pro_relu=in_relu)
+    dx = _nhwc_empty((n, c_in, h, w), dy)
+    parts = _tile_partials(plan, dy) if pro else (None, None)
+    if dx.numel():
+        _launch(plan, dy, pack_weight(weight, groups, dy.dtype, transposed=True), dx, in_scale, in_shift,
+                x if pro else None, None, None, *parts)
+    return dx, parts[0], parts[1]
+
+
+def conv_weight_grad(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    in_relu: bool = False,
+) -> Tensor:
+    """dL/dW (fp32, ``weight``'s shape) of ``y = conv(relu?(in_scale*x + in_shift), weight)``."""
+    cout, cin_g, kh, kw = weight.shape
+    plan = plan_conv(x.shape, weight.shape, dy.dtype, stride=stride, padding=padding,
+                     dilation=dilation, groups=groups)
+    gp, packs, taps = plan.gp, plan.packs, kh * kw
+    block_ci, block_co = _block_wgrad(plan.cin_p), _block_wgrad(plan.cout_p)
+    block_m = 64
+    tiles = packs * taps * -(-plan.cin_p // block_ci) * -(-plan.cout_p // block_co)
+    splits = _wgrad_splits(tiles, -(-plan.m // block_m), x.device)
+    m_per_split = -(-plan.m // (splits * block_m)) * block_m
+    part = torch.zeros((splits, packs, taps, plan.cin_p, plan.cout_p), dtype=torch.float32, device=x.device)
+    if plan.m:
+        _conv.conv_wgrad_kernel[(tiles, splits)](
+            x, dy, part, _f32_or(in_scale, part), _f32_or(in_shift, part),
+            plan.m, plan.h, plan.w, plan.p, plan.q, plan.c_in, plan.c_out, m_per_split,
+            KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=plan.cin_p, COUT_P=plan.cout_p,
+            HAS_PROLOGUE=in_scale is not None, PRO_RELU=in_relu, DOT_F32=interpreting(),
+            INPUT_PRECISION=_input_precision(dy.dtype),
+            BLOCK_M=block_m, BLOCK_CI=block_ci, BLOCK_CO=block_co, num_warps=4,
+        )
+    full = part.sum(0).reshape(packs, taps, gp, cin_g, gp, cout // groups)
+    diag = torch.diagonal(full, dim1=2, dim2=4)  # [packs, taps, cin_g, cout_g, gp]
+    return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw)
+
+
+def _block_wgrad(width: int) -> int:
+    return min(64, max(_MIN_DOT, _next_pow2(width)))
+
+
+def _wgrad_splits(tiles: int, m_blocks: int, device: torch.device) -> int:
+    """Splits of the pixel sum so that about four programs per multiprocessor run."""
+    if device.type == "cuda":
+        sms = torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        sms = 2
+    return max(1, min(m_blocks, -(-4 * sms // tiles)))
+
+
+def _nhwc_empty(shape, like: Tensor) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def _tile_partials(plan: ConvPlan, like: Tensor) -> tuple[Tensor, Tensor]:
+    shape = (plan.m_tiles, plan.c_out)
+    return (torch.empty(shape, dtype=torch.float32, device=like.device),
+            torch.empty(shape, dtype=torch.float32, device=like.device))
+
+
+def _f32_or(v: Optional[Tensor], fallback: Tensor) -> Tensor:
+    return fallback if v is None else v.float()
+
+
+def _launch(plan: ConvPlan, x, packed, out, scale, shift, residual, in_scale, in_shift,
+            part_a=None, part_b=None) -> None:
     _conv.conv_bn_act_kernel[plan.grid](
-        **_kernel_arguments(plan, x, packed, out, scale, shift, residual, in_scale, in_shift),
+        **_kernel_arguments(plan, x, packed, out, scale, shift, residual, in_scale, in_shift, part_a, part_b),
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    return out
 
 
-def _kernel_arguments(plan: ConvPlan, x, packed, out, scale, shift, residual, in_scale, in_shift) -> dict:
+def _kernel_arguments(plan: ConvPlan, x, packed, out, scale, shift, residual, in_scale, in_shift,
+                      part_a=None, part_b=None) -> dict:
     """The kernel's arguments by name; absent optional tensors point at ``out`` (never read)."""
-
-    def f32(v):
-        return out if v is None else v.float()
-
     return dict(
-        x_ptr=x, w_ptr=packed, out_ptr=out, scale_ptr=f32(scale), shift_ptr=f32(shift),
-        res_ptr=out if residual is None else residual, in_scale_ptr=f32(in_scale), in_shift_ptr=f32(in_shift),
+        x_ptr=x, w_ptr=packed, out_ptr=out, scale_ptr=_f32_or(scale, out), shift_ptr=_f32_or(shift, out),
+        res_ptr=out if residual is None else residual, in_scale_ptr=_f32_or(in_scale, out),
+        in_shift_ptr=_f32_or(in_shift, out), part_a_ptr=out if part_a is None else part_a,
+        part_b_ptr=out if part_b is None else part_b,
         **plan.runtime_args(), **plan.constexprs(),
     )
 
