@@ -16,11 +16,14 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from . import batchnorm as _bn
 from . import conv as _conv
 from .runtime import interpreting, kernel_device_error
 
 __all__ = [
     "conv_bn_act",
+    "conv_bn_train",
+    "bn_add_relu",
     "conv_bn_act_into",
     "fold_bn",
     "pack_factor",
@@ -604,6 +607,240 @@ def _conv_bn_act_fake(x, weight, scale, shift, residual, in_scale, in_shift, str
                        memory_format=torch.channels_last)
 
 
+def _nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def _conv_input_and_weight_grads(ctx, g: Tensor, x, weight, in_scale, in_shift):
+    """(dx, dW, d_in_scale, d_in_shift) of conv(relu?(in_scale*x + in_shift), W) from g = dL/dy."""
+    stride, padding, dilation, groups, in_relu = ctx.conv_cfg
+    need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_pro = in_scale is not None and any(ctx.needs_input_grad[i] for i in ctx.pro_slots)
+    dx = dw = d_in_scale = d_in_shift = None
+    if need_x or need_pro:
+        dx, part_shift, part_scale = conv_input_grad(g, weight, x, stride, padding, dilation, groups,
+                                                     in_scale, in_shift, in_relu)
+        if in_scale is not None:
+            d_in_shift, d_in_scale = part_shift.sum(0), part_scale.sum(0)
+    if need_w:
+        dw = conv_weight_grad(x, g, weight, stride, padding, dilation, groups, in_scale, in_shift,
+                              in_relu).to(weight.dtype)
+    return dx, dw, d_in_scale, d_in_shift
+
+
+def _conv_bn_act_setup(ctx, inputs, output):
+    x, weight, scale, shift, residual, in_scale, in_shift, stride, padding, dilation, groups, relu, in_relu = inputs
+    ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
+    ctx.epilogue = (relu, residual is not None)
+    ctx.pro_slots = (5, 6)
+    ctx.save_for_backward(x, weight, scale, shift, in_scale, in_shift, output if relu else None)
+
+
+def _conv_bn_act_backward(ctx, dout):
+    x, weight, scale, shift, in_scale, in_shift, out = ctx.saved_tensors
+    relu, has_residual = ctx.epilogue
+    g = torch.where(out > 0, dout, 0) if relu else dout
+    d_residual = _nhwc(g) if has_residual else None
+    d_shift = g.float().sum((0, 2, 3)) if shift is not None and ctx.needs_input_grad[3] else None
+    d_scale = None
+    if scale is not None:
+        if ctx.needs_input_grad[2]:
+            stride, padding, dilation, groups, in_relu = ctx.conv_cfg
+            acc = conv_bn_act_into(None, x, weight, None, None, None, in_scale, in_shift, stride, padding,
+                                   dilation, groups, False, in_relu)
+            d_scale = (g.float() * acc.float()).sum((0, 2, 3))
+        g = g.float() * scale.view(1, -1, 1, 1)
+    g = _nhwc(g.to(x.dtype))
+    dx, dw, d_in_scale, d_in_shift = _conv_input_and_weight_grads(ctx, g, x, weight, in_scale, in_shift)
+    return (dx, dw, d_scale, d_shift, d_residual, d_in_scale, d_in_shift,
+            None, None, None, None, None, None)
+
+
+_conv_bn_act_op.register_autograd(_conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+
+
+@torch.library.custom_op("aru::conv_stats", mutates_args=())
+def _conv_stats_op(
+    x: Tensor,
+    weight: Tensor,
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    in_relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return conv_bn_act_into(None, x, weight, None, None, None, in_scale, in_shift, stride, padding,
+                            dilation, groups, False, in_relu, stats=True)
+
+
+@_conv_stats_op.register_fake
+def _conv_stats_fake(x, weight, in_scale, in_shift, stride, padding, dilation, groups, in_relu):
+    p, q = _check_inputs(x, weight, None, None, None, in_scale, in_shift, stride, padding, dilation, groups)
+    plan = plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, stats=True)
+    y = torch.empty((x.shape[0], weight.shape[0], p, q), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    return (y, *_tile_partials(plan, x))
+
+
+def _conv_stats_setup(ctx, inputs, output):
+    x, weight, in_scale, in_shift, stride, padding, dilation, groups, in_relu = inputs
+    ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
+    ctx.pro_slots = (2, 3)
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, weight, in_scale, in_shift)
+
+
+def _conv_stats_backward(ctx, dy, _d_tile_mean, _d_tile_m2):
+    x, weight, in_scale, in_shift = ctx.saved_tensors
+    dx, dw, d_in_scale, d_in_shift = _conv_input_and_weight_grads(ctx, _nhwc(dy.to(x.dtype)), x, weight,
+                                                                  in_scale, in_shift)
+    return dx, dw, d_in_scale, d_in_shift, None, None, None, None, None
+
+
+_conv_stats_op.register_autograd(_conv_stats_backward, setup_context=_conv_stats_setup)
+
+
+def _rows(t: Tensor) -> int:
+    return t.numel() // t.shape[1]
+
+
+@torch.library.custom_op("aru::bn_stats", mutates_args=())
+def _bn_stats_op(
+    y: Tensor,
+    tile_mean: Tensor,
+    tile_m2: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    tile_rows: int,
+    momentum: Optional[float],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, new running mean, new running var); the last two are
+    empty without running statistics. ``y`` is only differentiated through."""
+    c = y.shape[1]
+    mean, invstd, new_rm, new_rv = _bn_stats_fake(y, tile_mean, tile_m2, running_mean, running_var,
+                                                   num_batches_tracked, tile_rows, momentum, eps)
+    has_running = running_mean is not None
+    block_c = 32
+    _bn.bn_finalize_kernel[(-(-c // block_c),)](
+        tile_mean, tile_m2, mean, invstd,
+        running_mean if has_running else mean, running_var if has_running else mean,
+        new_rm if has_running else mean, new_rv if has_running else mean,
+        num_batches_tracked if num_batches_tracked is not None else mean,
+        _rows(y), tile_mean.shape[0], c, tile_rows, 0.0 if momentum is None else momentum, eps,
+        HAS_RUNNING=has_running, CUMULATIVE=momentum is None, BLOCK_T=64, BLOCK_C=block_c,
+    )
+    return mean, invstd, new_rm, new_rv
+
+
+@_bn_stats_op.register_fake
+def _bn_stats_fake(y, tile_mean, tile_m2, running_mean, running_var, num_batches_tracked, tile_rows,
+                   momentum, eps):
+    c = y.shape[1]
+    vec = torch.empty(c, dtype=torch.float32, device=y.device)
+    if running_mean is None:
+        return vec, torch.empty_like(vec), vec.new_empty(0), vec.new_empty(0)
+    return vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var)
+
+
+def _bn_stats_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.save_for_backward(inputs[0], output[0], output[1])
+
+
+def _bn_stats_backward(ctx, dmean, dinvstd, _d_running_mean, _d_running_var):
+    y, mean, invstd = ctx.saved_tensors
+    m, c = _rows(y), y.shape[1]
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    z = torch.zeros_like(mean)
+    block_m, block_c = 64, min(128, max(16, _next_pow2(c)))
+    _bn.bn_stats_backward_kernel[(-(-m // block_m), -(-c // block_c))](
+        y, z if dmean is None else dmean.float().contiguous(),
+        z if dinvstd is None else dinvstd.float().contiguous(), mean, invstd, dy, m, c,
+        BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return dy, None, None, None, None, None, None, None, None
+
+
+_bn_stats_op.register_autograd(_bn_stats_backward, setup_context=_bn_stats_setup)
+
+
+def _elementwise_blocks(c: int) -> tuple[int, int]:
+    block_c = min(128, max(16, _next_pow2(c)))
+    return 8192 // block_c, block_c
+
+
+@torch.library.custom_op("aru::bn_add_relu", mutates_args=())
+def _bn_add_relu_op(
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    identity: Optional[Tensor],
+    id_scale: Optional[Tensor],
+    id_shift: Optional[Tensor],
+) -> Tensor:
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    m, c = _rows(y), y.shape[1]
+    block_m, block_c = _elementwise_blocks(c)
+    affine = id_scale is not None
+    _bn.bn_add_relu_kernel[(-(-m // block_m), -(-c // block_c))](
+        y, scale, shift, y if identity is None else identity,
+        id_scale if affine else scale, id_shift if affine else shift, out, m, c,
+        HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    return out
+
+
+@_bn_add_relu_op.register_fake
+def _bn_add_relu_fake(y, scale, shift, identity, id_scale, id_shift):
+    return torch.empty_like(y, memory_format=torch.channels_last)
+
+
+def _bn_add_relu_setup(ctx, inputs, output):
+    y, scale, shift, identity, id_scale, id_shift = inputs
+    ctx.has_identity = identity is not None
+    ctx.save_for_backward(y, scale, identity, id_scale, output)
+
+
+def _bn_add_relu_backward(ctx, dout):
+    y, scale, identity, id_scale, out = ctx.saved_tensors
+    m, c = _rows(y), y.shape[1]
+    block_m, block_c = _elementwise_blocks(c)
+    tiles = -(-m // block_m)
+    dout = _nhwc(dout)
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    did = torch.empty_like(identity, memory_format=torch.channels_last) if ctx.has_identity else None
+    part = torch.zeros((3, tiles, c), dtype=torch.float32, device=y.device)
+    affine = id_scale is not None
+    _bn.bn_add_relu_backward_kernel[(tiles, -(-c // block_c))](
+        dout, out, y, scale, y if identity is None else identity, id_scale if affine else scale,
+        dy, dy if did is None else did, part, m, c, tiles,
+        HAS_IDENTITY=ctx.has_identity, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
+    )
+    sums = part.sum(1)  # [dz, dz*y, dz*identity], fixed-order reduction
+    d_shift = sums[0]
+    return (dy, sums[1], d_shift, did, sums[2] if affine else None, d_shift if affine else None)
+
+
+_bn_add_relu_op.register_autograd(_bn_add_relu_backward, setup_context=_bn_add_relu_setup)
+
+
+def _autocast_on(x: Tensor) -> bool:
+    return x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+
+
+def _autocast(x: Tensor, *others: Optional[Tensor]):
+    """Cast activations to the autocast dtype when autocast is on for their device."""
+    if _autocast_on(x):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return (x.to(dtype), *(o.to(dtype) if o is not None else None for o in others))
+    return (x, *others)
+
+
 def _single(v, name: str) -> int:
     if isinstance(v, (tuple, list)):
         if len(v) != 2 or v[0] != v[1]:
@@ -662,13 +899,110 @@ def conv_bn_act(
                                  ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
         raise TypeError("conv_bn_act: x and weight must be tensors")
-    dev = x.device.type
-    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        dtype = torch.get_autocast_dtype(dev)
-        x = x.to(dtype)
-        residual = residual.to(dtype) if residual is not None else None
+    if _autocast_on(x):
+        x, residual = _autocast(x, residual)
     elif weight.dtype != x.dtype:
         raise TypeError(f"conv_bn_act: input dtype {x.dtype} and weight dtype {weight.dtype} differ "
                         f"(outside autocast they must match, as for F.conv2d)")
     return torch.ops.aru.conv_bn_act(x, weight, scale, shift, residual, in_scale, in_shift, stride,
                                      padding, dilation, groups, relu, in_relu)
+
+
+def conv_bn_train(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    *,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    in_relu: bool = False,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode convolution + batch norm, the normalization left to the consumer.
+
+    Runs ``y = conv(relu?(in_scale*x + in_shift), weight)`` with the batch
+    statistics of ``y`` computed in the conv's epilogue, then updates the
+    running statistics exactly as ``nn.BatchNorm2d`` does (momentum, or the
+    cumulative average for ``momentum=None``; unbiased running variance;
+    ``num_batches_tracked``; nothing when ``running_mean`` is None).
+
+    Returns ``(y, scale, shift)``: the raw conv output (channels_last) and
+    fp32 per-channel vectors with ``bn(y) == scale*y + shift``. Pass them as
+    the next conv's ``in_scale``/``in_shift`` (with ``in_relu``) or to
+    :func:`bn_add_relu`; the normalized activation is never written. All of it
+    is differentiable; backward recomputes what it needs from ``x`` and ``y``.
+    Inputs and errors as :func:`conv_bn_act`.
+    """
+    stride, padding, dilation = (_single(v, n) for v, n in
+                                 ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
+    if _autocast_on(x):
+        (x,) = _autocast(x)
+    elif weight.dtype != x.dtype:
+        raise TypeError(f"conv_bn_train: input dtype {x.dtype} and weight dtype {weight.dtype} differ "
+                        f"(outside autocast they must match, as for F.conv2d)")
+    y, tile_mean, tile_m2 = torch.ops.aru.conv_stats(x, weight, in_scale, in_shift, stride, padding,
+                                                     dilation, groups, in_relu)
+    plan = plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, stats=True)
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    mean, invstd, new_running_mean, new_running_var = torch.ops.aru.bn_stats(
+        y, tile_mean, tile_m2, running_mean, running_var, num_batches_tracked, plan.block_m,
+        None if momentum is None else float(momentum), float(eps))
+    if running_mean is not None:
+        with torch.no_grad():
+            running_mean.copy_(new_running_mean)
+            running_var.copy_(new_running_var)
+    scale = invstd if bn_weight is None else bn_weight.float() * invstd
+    shift = -mean * scale
+    if bn_bias is not None:
+        shift = shift + bn_bias.float()
+    return y, scale, shift
+
+
+def bn_add_relu(
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    identity: Optional[Tensor] = None,
+    id_scale: Optional[Tensor] = None,
+    id_shift: Optional[Tensor] = None,
+) -> Tensor:
+    """``relu(scale*y + shift + identity')`` in one pass, the end of a residual block.
+
+    ``identity' = id_scale*identity + id_shift`` when the downsample branch's
+    batch norm is applied here too, ``identity`` itself otherwise, nothing when
+    None. ``y`` and ``identity`` are ``[N, C, H, W]`` channels_last tensors of
+    one dtype; the vectors are fp32 ``[C]``. Differentiable in every tensor.
+    """
+    y, identity = _autocast(y, identity)
+    c = y.shape[1] if y.dim() == 4 else -1
+    if y.dim() != 4:
+        raise ValueError(f"bn_add_relu: y must be 4-D [N, C, H, W]; got shape {tuple(y.shape)}")
+    for name, v in (("scale", scale), ("shift", shift), ("id_scale", id_scale), ("id_shift", id_shift)):
+        _check_vector(v, name, c, "one per channel")
+    if (id_scale is None) != (id_shift is None) or (id_scale is not None and identity is None):
+        raise ValueError("bn_add_relu: id_scale and id_shift come together, with an identity")
+    for name, t in (("y", y), ("identity", identity)):
+        if t is None:
+            continue
+        if t is identity and (t.shape != y.shape or t.dtype != y.dtype):
+            raise ValueError(f"bn_add_relu: identity must match y ({tuple(y.shape)}, {y.dtype}); "
+                             f"got {tuple(t.shape)}, {t.dtype}")
+        if not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(f"bn_add_relu: {name} must be channels_last (NHWC) contiguous")
+        err = kernel_device_error(t, name)
+        if err:
+            raise RuntimeError("bn_add_relu: " + err)
+    return torch.ops.aru.bn_add_relu(y, scale.float(), shift.float(), identity,
+                                     None if id_scale is None else id_scale.float(),
+                                     None if id_shift is None else id_shift.float())
