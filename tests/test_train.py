@@ -1,0 +1,413 @@
+"""The training entry point, its data and the CIFAR ResNeXt-29 networks, on CPU.
+
+Runs use ``resnext29_tiny`` and, except for the learning test on digits, a
+CIFAR-10-format folder of a few dozen random images written by the test, so
+that a whole epoch is a handful of small steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aru_models
+from aru_models import cifar, data, train
+from helpers import assert_close
+
+EPOCH_LINE = re.compile(r"Epoch (\d+), Loss: (\d+\.\d{4}), Accuracy: ([01]\.\d{4})")
+VAL_LINE = re.compile(r"Validation Accuracy: ([01]\.\d{4})")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small convolutions on shared cores run faster, and more steadily, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_cifar(root: Path, per_batch: int = 8, test: int = 8, seed: int = 1) -> dict[str, tuple]:
+    """A CIFAR-10 python-pickle folder of random images: ``data_batch_1..5`` of
+    ``per_batch`` images each and ``test_batch`` of ``test``; returns what each file holds."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        n = test if name == "test_batch" else per_batch
+        images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=n).tolist()
+        with open(root / name, "wb") as f:
+            pickle.dump({b"batch_label": name.encode(), b"data": images, b"labels": labels}, f)
+        written[name] = (images, labels)
+    return written
+
+
+@pytest.fixture
+def cifar_dir(tmp_path):
+    root = tmp_path / "cifar"
+    write_cifar(root)
+    return root
+
+
+def tiny_args(cifar_dir: Path, *extra: str) -> list[str]:
+    """A run of resnext29_tiny on the test's CIFAR folder: 40 training images, 5 steps per epoch."""
+    return ["--model", "resnext29_tiny", "--impl", "eager", "--dataset", "cifar10", "--data-dir", str(cifar_dir),
+            "--batch-size", "8", "--optimizer", "sgd", "--lr", "0.05", "--seed", "0", *extra]
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def expect_usage_error(argv: list[str], capsys, *expected: str) -> str:
+    """Run the CLI, which must exit with status 2 and an ``error:`` line containing every ``expected``."""
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, f"exit status {exit_info.value.code}, stderr:\n{err}"
+    message = err[err.find("error:"):]
+    assert message.startswith("error:"), f"no 'error:' line in stderr:\n{err}"
+    for text in expected:
+        assert text in message, f"{text!r} not in the error message: {message}"
+    return message
+
+
+# ---------------------------------------------------------------------------
+# Training runs
+
+
+def test_default_run_learns_digits_and_prints_epoch_lines(capsys):
+    # one epoch of the default dataset (89 steps of 16 images); chance is 0.1
+    result = train.main(["--model", "resnext29_tiny", "--impl", "eager", "--epochs", "1", "--batch-size", "16",
+                         "--lr", "3e-3"])
+    out = capsys.readouterr().out.splitlines()
+
+    assert result.val_accuracy > 0.5, f"validation accuracy {result.val_accuracy:.4f} after one epoch of digits"
+    assert result.steps == 1437 // 16
+    assert len(out) == 3, out
+    epoch = EPOCH_LINE.fullmatch(out[0])
+    assert epoch, f"epoch line {out[0]!r} does not match {EPOCH_LINE.pattern!r}"
+    assert epoch.group(1) == "1"
+    assert float(epoch.group(2)) == round(result.losses[0], 4)
+    assert float(epoch.group(3)) == round(result.accuracies[0], 4)
+    val = VAL_LINE.fullmatch(out[1])
+    assert val and float(val.group(1)) == round(result.val_accuracy, 4), out[1]
+    assert "images/s" in out[2] and result.images_per_second > 0
+
+
+def test_max_steps_cuts_the_last_epoch_short(cifar_dir, capsys):
+    result = train.main(tiny_args(cifar_dir, "--epochs", "3", "--max-steps", "7"))
+    assert result.steps == 7
+    assert len(result.losses) == 2  # 5 steps, then 2
+    assert len(EPOCH_LINE.findall(capsys.readouterr().out)) == 2
+
+
+def test_resume_continues_the_same_trajectory(cifar_dir, tmp_path, monkeypatch, capsys):
+    straight = train.main(tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(tmp_path / "straight.pt")))
+
+    # the same run, stopped right after the checkpoint of its first epoch
+    interrupted = tmp_path / "interrupted.pt"
+    save = train.save_checkpoint
+
+    def save_then_stop(state, path):
+        save(state, path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "save_checkpoint", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(interrupted)))
+    monkeypatch.setattr(train, "save_checkpoint", save)
+    assert load_state(interrupted)["epoch"] == 1
+
+    resumed = train.main(tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(interrupted), "--resume"))
+    out = capsys.readouterr().out
+    # straight: epochs 1 and 2; stopped after 1; resumed: 2
+    assert re.findall(r"^Epoch (\d+),", out, re.M) == ["1", "2", "1", "2"], out
+
+    assert resumed.losses == straight.losses
+    assert resumed.accuracies == straight.accuracies
+    assert resumed.val_accuracies == straight.val_accuracies
+    assert resumed.steps == straight.steps == 10
+    a, b = load_state(tmp_path / "straight.pt"), load_state(interrupted)
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), f"{name} differs between the straight and the resumed run"
+    momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
+    momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
+    assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
+    assert a["scheduler"] == b["scheduler"]
+
+
+@pytest.mark.parametrize("options", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"]],
+                         ids=["bf16-channels-last", "fp16"])
+def test_mixed_precision_runs(cifar_dir, options):
+    result = train.main(tiny_args(cifar_dir, "--epochs", "1", "--max-steps", "2", *options))
+    assert result.steps == 2 and np.isfinite(result.losses[0])
+
+
+def test_resume_without_a_checkpoint_is_an_error(cifar_dir, tmp_path, capsys):
+    missing = tmp_path / "nothing.pt"
+    expect_usage_error(tiny_args(cifar_dir, "--checkpoint", str(missing), "--resume"), capsys, str(missing))
+    assert not missing.exists()
+    expect_usage_error(tiny_args(cifar_dir, "--resume"), capsys, "--checkpoint")
+
+
+def test_checkpoint_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    path = tmp_path / "run" / "ckpt.pt"
+    train.save_checkpoint({"epoch": 1, "w": torch.ones(3)}, path)
+    assert os.listdir(path.parent) == ["ckpt.pt"]
+
+    def fail_midway(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail_midway)
+    with pytest.raises(OSError, match="disk full"):
+        train.save_checkpoint({"epoch": 2, "w": torch.zeros(3)}, path)
+    assert os.listdir(path.parent) == ["ckpt.pt"], "a temporary file was left behind"
+    kept = load_state(path)
+    assert kept["epoch"] == 1 and torch.equal(kept["w"], torch.ones(3)), "the previous checkpoint was damaged"
+
+
+def test_fused_first_step_matches_eager(cifar_dir):
+    args = train.build_parser().parse_args(tiny_args(cifar_dir))
+    trainer = train.Trainer(args)
+    x, labels = next(trainer.batches(0))
+    fused = copy.deepcopy(trainer.model).set_impl("fused")
+    try:
+        fused(x[:2])
+    except NotImplementedError as e:
+        pytest.skip(f"the fused path is not available yet: {e}")
+    eager_opt, _ = train.make_optimizer(trainer.model, "sgd", 0.05, None, 1)
+    fused_opt, _ = train.make_optimizer(fused, "sgd", 0.05, None, 1)
+    eager_loss, _ = train.train_step(trainer.model, x, labels, eager_opt)
+    fused_loss, _ = train.train_step(fused, x, labels, fused_opt)
+    assert_close(fused_loss, eager_loss, torch.float32, what="first-step loss")
+    for (name, p), q in zip(trainer.model.named_parameters(), fused.parameters(), strict=True):
+        assert_close(q, p, tol=1e-3, what=f"{name} after one step")
+
+
+# ---------------------------------------------------------------------------
+# Several processes
+
+
+def torchrun(argv: list[str], nproc: int = 2) -> str:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["OMP_NUM_THREADS"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+         "-m", "aru_models.train", *argv],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    return proc.stdout
+
+
+@pytest.mark.parametrize("sync_bn", [True, False], ids=["sync-bn", "per-process-bn"])
+def test_two_processes_take_the_step_of_one(cifar_dir, tmp_path, sync_bn, capsys):
+    """One SGD step on a global batch of 8, split over two gloo processes.
+
+    With --sync-bn the batch-norm statistics are those of all 8 images, so the
+    parameters and the running statistics equal those of one process. Without
+    it each process normalizes its own 4 images: the parameters then equal a
+    single-process step on the mean of the two half-batch losses, each computed
+    with its own batch statistics -- which is not the one-process step.
+    """
+    common = tiny_args(cifar_dir, "--epochs", "1", "--max-steps", "1")
+    train.main([*common, "--checkpoint", str(tmp_path / "one.pt")])
+    (one_line,) = EPOCH_LINE.findall(capsys.readouterr().out)
+    out = torchrun([*common, *(["--sync-bn"] if sync_bn else []), "--checkpoint", str(tmp_path / "two.pt")])
+    lines = EPOCH_LINE.findall(out)
+    assert len(lines) == 1, f"rank 0 alone should print, once:\n{out}"
+
+    one, two = load_state(tmp_path / "one.pt")["model"], load_state(tmp_path / "two.pt")["model"]
+    params = [name for name, _ in train.create_model("resnext29_tiny", 10, "eager", 0).named_parameters()]
+    if sync_bn:
+        # the printed loss is over both processes' images: the one-process loss
+        assert abs(float(lines[0][1]) - float(one_line[1])) <= 2e-4, (lines[0], one_line)
+        for name, value in one.items():
+            assert_close(two[name].double(), value.double(), tol=1e-5, what=name)
+        return
+
+    trainer = train.Trainer(train.build_parser().parse_args(common))
+    x, labels = next(trainer.batches(0))
+    model, optimizer = trainer.model, trainer.optimizer
+    halves = [F.cross_entropy(model(x[r::2]), labels[r::2]) for r in range(2)]
+    optimizer.zero_grad()
+    ((halves[0] + halves[1]) / 2).backward()
+    optimizer.step()
+    expected = model.state_dict()
+    for name in params:
+        assert_close(two[name], expected[name], tol=1e-5, what=name)
+    assert any(not torch.allclose(two[name], one[name], rtol=1e-4, atol=1e-6) for name in params), \
+        "per-process batch norm gave the single-process step: the test cannot tell the two apart"
+
+
+def test_sync_bn_with_the_fused_path_is_not_implemented(cifar_dir):
+    args = train.build_parser().parse_args(tiny_args(cifar_dir, "--sync-bn", "--impl", "fused"))
+    with pytest.raises(NotImplementedError, match="--sync-bn"):
+        train.train(args)
+
+
+def test_augmentation_does_not_depend_on_the_number_of_processes():
+    x = torch.randn(8, 3, 8, 8)
+    whole = data.random_crop_flip(x, 2, torch.Generator().manual_seed(5))
+    for rank in range(2):
+        shard = data.random_crop_flip(x[rank::2], 2, torch.Generator().manual_seed(5), rank=rank, world_size=2)
+        assert torch.equal(shard, whole[rank::2])
+
+
+def test_random_crop_flip_moves_and_mirrors_pixels():
+    x = torch.arange(16.0).view(1, 1, 4, 4).expand(64, 1, 4, 4)
+    out = data.random_crop_flip(x, 1, torch.Generator().manual_seed(0))
+    padded = F.pad(x[0], (1, 1, 1, 1))[0]
+    crops = {(r, c, f): padded[r:r + 4, c:c + 4].flip(-1) if f else padded[r:r + 4, c:c + 4]
+             for r in range(3) for c in range(3) for f in (False, True)}
+    seen = set()
+    for image in out[:, 0]:
+        match = [key for key, crop in crops.items() if torch.equal(image, crop)]
+        assert match, f"not a padded crop of the input, flipped or not:\n{image}"
+        seen.update(match)
+    assert len({key[2] for key in seen}) == 2 and len({key[:2] for key in seen}) > 3
+
+
+# ---------------------------------------------------------------------------
+# Data
+
+
+def test_cifar10_folder_is_read(tmp_path):
+    written = write_cifar(tmp_path / "cifar-10-batches-py", per_batch=3, test=2)
+    for root in (tmp_path, tmp_path / "cifar-10-batches-py"):
+        d = data.load_data("cifar10", root)
+        assert (len(d.train), len(d.val), d.num_classes, d.augment) == (15, 2, 10, True)
+        image, label = d.train[4]  # data_batch_2, second image
+        images, labels = written["data_batch_2"]
+        assert image.dtype == torch.uint8 and image.shape == (3, 32, 32)
+        assert torch.equal(image, torch.from_numpy(images[1]).view(3, 32, 32))  # rows of R, then G, then B planes
+        assert label.item() == labels[1]
+        assert torch.equal(d.val.labels, torch.tensor(written["test_batch"][1]))
+
+
+def test_digits_split_is_fixed_and_stratified():
+    a, b = data.load_digits(), data.load_digits()
+    assert (len(a.train), len(a.val), a.num_classes) == (1437, 360, 10)
+    assert torch.equal(a.val.labels, b.val.labels) and torch.equal(a.val.images, b.val.images)
+    assert a.train.images.shape == (1437, 3, 32, 32) and a.train.images.dtype == torch.float32
+    assert 0.0 <= a.train.images.min() and a.train.images.max() <= 1.0
+    assert torch.bincount(a.val.labels).min() >= 35  # about 36 of each digit
+
+
+def test_image_folder_is_read(tmp_path):
+    Image = pytest.importorskip("PIL.Image")
+    colors = {"cat": (255, 0, 0), "dog": (0, 0, 255)}
+    for split, n in (("train", 3), ("val", 1)):
+        for name, color in colors.items():
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (20, 12), color).save(tmp_path / split / name / f"{i}.png")
+    (tmp_path / "train" / "cat" / "notes.txt").write_text("not an image")
+    d = data.load_data("folder", tmp_path, image_size=8)
+    assert (len(d.train), len(d.val), d.num_classes) == (6, 2, 2)
+    image, label = d.val[1]
+    assert image.shape == (3, 8, 8) and image.dtype == torch.uint8 and label.item() == 1
+    assert image[2].min() == 255 and image[0].max() == 0  # dog is blue
+
+    result = train.main(["--model", "resnext29_tiny", "--impl", "eager", "--dataset", "folder",
+                         "--data-dir", str(tmp_path), "--image-size", "8", "--batch-size", "2", "--epochs", "1"])
+    assert result.steps == 3 and len(result.val_accuracies) == 1
+
+
+@pytest.mark.parametrize("case", ["cifar-missing", "cifar-no-dir", "cifar-malformed", "folder-missing-val"])
+def test_bad_data_paths_fail_clearly(case, tmp_path, capsys):
+    if case == "cifar-missing":
+        argv, expected = ["--data-dir", str(tmp_path / "nowhere")], [str(tmp_path / "nowhere"), "data_batch_1"]
+    elif case == "cifar-no-dir":
+        argv, expected = [], ["--data-dir", "data_batch_1"]
+    elif case == "cifar-malformed":
+        write_cifar(tmp_path)
+        (tmp_path / "data_batch_3").write_bytes(b"not a pickle")
+        argv, expected = ["--data-dir", str(tmp_path)], [str(tmp_path / "data_batch_3"), "b'data'"]
+    else:
+        pytest.importorskip("PIL")
+        (tmp_path / "train" / "a").mkdir(parents=True)
+        argv, expected = ["--data-dir", str(tmp_path)], [str(tmp_path), "val/", "train/<class>"]
+    dataset = "folder" if case.startswith("folder") else "cifar10"
+    expect_usage_error(["--model", "resnext29_tiny", "--impl", "eager", "--dataset", dataset, *argv],
+                       capsys, *expected)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--model", "resnet9000"], ["--model", "resnet9000"]),
+    (["--amp", "fp8"], ["--amp", "fp8"]),
+    (["--batch-size", "0"], ["--batch-size", "at least 1"]),
+    (["--epochs", "0"], ["--epochs"]),
+    (["--device", "tpu"], ["--device", "tpu"]),
+    (["--impl", "fused", "--sync-bn"], ["--sync-bn", "--impl eager"]),
+], ids=["model", "amp", "batch-size", "epochs", "device", "fused-sync-bn"])
+def test_bad_arguments_fail_clearly(argv, expected, capsys):
+    expect_usage_error(["--impl", "eager", *argv], capsys, *expected)
+
+
+def test_batch_size_must_split_over_processes(cifar_dir, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # checked before any process group is joined
+    expect_usage_error(tiny_args(cifar_dir), capsys, "--batch-size 8", "3")
+
+
+# ---------------------------------------------------------------------------
+# Models and output
+
+
+def test_resnext29_widths_follow_the_paper():
+    with torch.device("meta"):
+        for builder, groups, params in ((cifar.resnext29_8x64d, 8, 34.43e6), (cifar.resnext29_16x64d, 16, 68.16e6)):
+            model = builder(impl="eager")
+            assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=1e-3), builder.__name__
+            for stage, width, out in ((model.layer1, 64, 256), (model.layer2, 128, 512), (model.layer3, 256, 1024)):
+                assert len(stage) == 3
+                conv = stage[0].conv2
+                assert (conv.groups, conv.out_channels // conv.groups, stage[0].conv3.out_channels) == \
+                       (groups, width, out), builder.__name__
+            assert model.conv1.kernel_size == (3, 3) and model.conv1.stride == (1, 1)
+            assert (model.layer2[0].conv2.stride, model.layer3[0].conv2.stride) == ((2, 2), (2, 2))
+
+
+def test_resnext29_tiny_runs_and_switches_impl():
+    assert aru_models.resnext29_tiny is cifar.resnext29_tiny
+    assert "resnext29_tiny" in train.model_builders() and "resnext50_32x4d" in train.model_builders()
+    model = cifar.resnext29_tiny(num_classes=7, impl="eager")
+    assert isinstance(model.layer1[0], aru_models.Bottleneck)
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
+    assert model.set_impl("fused") is model
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"fused"}
+    with pytest.raises(ValueError):
+        model.set_impl("cudnn")
+    assert model.layer3[2].impl == "fused"
+    bn = model.layer1[0].bn1
+    assert torch.equal(bn.weight, torch.ones_like(bn.weight)) and torch.equal(bn.bias, torch.zeros_like(bn.bias))
+
+
+def test_progress_bar_draws_only_on_a_terminal():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, pipe = Terminal(), io.StringIO()
+    for stream in (tty, pipe):
+        bar = train.ProgressBar(4, stream=stream)
+        for i in range(1, 5):
+            bar.update(i, lambda: 0.5)
+        bar.close()
+    assert pipe.getvalue() == ""
+    assert "\r4/4 [" in tty.getvalue() and "loss 0.5000" in tty.getvalue() and tty.getvalue().endswith("\r")
