@@ -42,6 +42,7 @@ from .resnet import (
     wide_resnet50_2,
     wide_resnet101_2,
 )
+from .cifar import CifarResNeXt, resnext29_8x64d, resnext29_16x64d, resnext29_tiny
 
 __all__ = [
     "ResNet",
