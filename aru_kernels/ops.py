@@ -97,13 +97,17 @@ def fold_bn(
     running_var: Tensor,
     eps: float,
     conv_bias: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """Eval-mode batch norm (after a conv with optional ``conv_bias``) as the
     fp32 epilogue pair ``(scale, shift)``.
 
     Cached until any of the tensors changes in place (``load_state_dict``, an
-    optimizer step, a training-mode forward updating the running statistics);
-    computed afresh while ``torch.compile`` traces, where it fuses into the graph.
+    optimizer step); computed afresh while ``torch.compile`` traces, where it
+    fuses into the graph. ``nn.BatchNorm2d``'s training-mode forward updates
+    the running statistics without bumping their version counters, but it
+    increments ``num_batches_tracked`` in place: pass that too, and such
+    updates invalidate the cache as well.
     """
     def make():
         scale = torch.rsqrt(running_var.float() + eps)
@@ -118,7 +122,7 @@ def fold_bn(
 
     if torch.compiler.is_compiling():
         return make()
-    tensors = (weight, bias, running_mean, running_var, conv_bias)
+    tensors = (weight, bias, running_mean, running_var, conv_bias, num_batches_tracked)
     key = tuple((id(t), _version(t)) for t in tensors if t is not None) + (eps,)
     return _folded_bn.get(running_var, key, make)
 
@@ -193,7 +197,9 @@ def _block_n(cout_p: int) -> int:
 
 
 def _block_k(cin_p: int, fold_taps: bool) -> int:
-    return 32 if fold_taps else min(64, max(_MIN_DOT, _next_pow2(cin_p)))
+    if fold_taps:
+        return 32
+    return min(128 if interpreting() else 64, max(_MIN_DOT, _next_pow2(cin_p)))
 
 
 def _block_m(block_n: int) -> int:
@@ -458,48 +464,64 @@ def conv_bn_act_into(
     return (out, *parts) if stats else out
 
 
+def _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, in_relu):
+    n, c_in, h, w = x.shape
+    wt_shape = (c_in, weight.shape[0] // groups, weight.shape[2], weight.shape[3])
+    plan = plan_conv(dy.shape, wt_shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, transposed_out_hw=(h, w), pro_bwd=pro, pro_relu=in_relu)
+    dx = _nhwc_empty((n, c_in, h, w), dy)
+    if pro:
+        return plan, dx, _tile_partials(plan, dy)
+    empty = torch.empty(0, dtype=torch.float32, device=dy.device)
+    return plan, dx, (empty, empty.clone())
+
+
+@torch.library.custom_op("aru::conv_input_grad", mutates_args=())
 def conv_input_grad(
     dy: Tensor,
     weight: Tensor,
     x: Tensor,
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
     stride: int,
     padding: int,
     dilation: int,
     groups: int,
-    in_scale: Optional[Tensor] = None,
-    in_shift: Optional[Tensor] = None,
-    in_relu: bool = False,
-):
+    in_relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """dL/dx of ``y = conv(relu?(in_scale*x + in_shift), weight)`` from ``dy`` = dL/dy.
 
     Returns ``dx`` (channels_last, ``dy``'s dtype) and, when the forward had
     a prologue, per-tile partial sums ``[M tiles, C_in]`` of dL/d(in_shift)
-    and dL/d(in_scale) (sum them over tiles), else ``None, None``.
+    and dL/d(in_scale) (sum them over tiles); empty tensors otherwise.
     """
-    n, c_in, h, w = x.shape
-    wt_shape = (c_in, weight.shape[0] // groups, weight.shape[2], weight.shape[3])
     pro = in_scale is not None
-    plan = plan_conv(dy.shape, wt_shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, transposed_out_hw=(h, w), pro_bwd=pro, pro_relu=in_relu)
-    dx = _nhwc_empty((n, c_in, h, w), dy)
-    parts = _tile_partials(plan, dy) if pro else (None, None)
+    plan, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, in_relu)
     if dx.numel():
         _launch(plan, dy, pack_weight(weight, groups, dy.dtype, transposed=True), dx, in_scale, in_shift,
-                x if pro else None, None, None, *parts)
+                x if pro else None, None, None, *(parts if pro else (None, None)))
     return dx, parts[0], parts[1]
 
 
+@conv_input_grad.register_fake
+def _conv_input_grad_fake(dy, weight, x, in_scale, in_shift, stride, padding, dilation, groups, in_relu):
+    _, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, in_scale is not None,
+                                       in_relu)
+    return dx, parts[0], parts[1]
+
+
+@torch.library.custom_op("aru::conv_weight_grad", mutates_args=())
 def conv_weight_grad(
     x: Tensor,
     dy: Tensor,
     weight: Tensor,
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
     stride: int,
     padding: int,
     dilation: int,
     groups: int,
-    in_scale: Optional[Tensor] = None,
-    in_shift: Optional[Tensor] = None,
-    in_relu: bool = False,
+    in_relu: bool,
 ) -> Tensor:
     """dL/dW (fp32, ``weight``'s shape) of ``y = conv(relu?(in_scale*x + in_shift), weight)``."""
     cout, cin_g, kh, kw = weight.shape
@@ -507,7 +529,7 @@ def conv_weight_grad(
                      dilation=dilation, groups=groups)
     gp, packs, taps = plan.gp, plan.packs, kh * kw
     block_ci, block_co = _block_wgrad(plan.cin_p), _block_wgrad(plan.cout_p)
-    block_m = 64
+    block_m = 256 if interpreting() else 64
     tiles = packs * taps * -(-plan.cin_p // block_ci) * -(-plan.cout_p // block_co)
     splits = _wgrad_splits(tiles, -(-plan.m // block_m), x.device)
     m_per_split = -(-plan.m // (splits * block_m)) * block_m
@@ -523,11 +545,17 @@ def conv_weight_grad(
         )
     full = part.sum(0).reshape(packs, taps, gp, cin_g, gp, cout // groups)
     diag = torch.diagonal(full, dim1=2, dim2=4)  # [packs, taps, cin_g, cout_g, gp]
-    return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw)
+    return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous()
+
+
+@conv_weight_grad.register_fake
+def _conv_weight_grad_fake(x, dy, weight, in_scale, in_shift, stride, padding, dilation, groups, in_relu):
+    return torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
 
 
 def _block_wgrad(width: int) -> int:
-    return min(64, max(_MIN_DOT, _next_pow2(width)))
+    # The interpreter pays per program, not per element: fewer, larger tiles there.
+    return min(256 if interpreting() else 64, max(_MIN_DOT, _next_pow2(width)))
 
 
 def _wgrad_splits(tiles: int, m_blocks: int, device: torch.device) -> int:
@@ -618,13 +646,13 @@ def _conv_input_and_weight_grads(ctx, g: Tensor, x, weight, in_scale, in_shift):
     need_pro = in_scale is not None and any(ctx.needs_input_grad[i] for i in ctx.pro_slots)
     dx = dw = d_in_scale = d_in_shift = None
     if need_x or need_pro:
-        dx, part_shift, part_scale = conv_input_grad(g, weight, x, stride, padding, dilation, groups,
-                                                     in_scale, in_shift, in_relu)
+        dx, part_shift, part_scale = torch.ops.aru.conv_input_grad(g, weight, x, in_scale, in_shift, stride,
+                                                                   padding, dilation, groups, in_relu)
         if in_scale is not None:
             d_in_shift, d_in_scale = part_shift.sum(0), part_scale.sum(0)
     if need_w:
-        dw = conv_weight_grad(x, g, weight, stride, padding, dilation, groups, in_scale, in_shift,
-                              in_relu).to(weight.dtype)
+        dw = torch.ops.aru.conv_weight_grad(x, g, weight, in_scale, in_shift, stride, padding, dilation,
+                                            groups, in_relu).to(weight.dtype)
     return dx, dw, d_in_scale, d_in_shift
 
 
@@ -646,8 +674,8 @@ def _conv_bn_act_backward(ctx, dout):
     if scale is not None:
         if ctx.needs_input_grad[2]:
             stride, padding, dilation, groups, in_relu = ctx.conv_cfg
-            acc = conv_bn_act_into(None, x, weight, None, None, None, in_scale, in_shift, stride, padding,
-                                   dilation, groups, False, in_relu)
+            acc = torch.ops.aru.conv_bn_act(x, weight, None, None, None, in_scale, in_shift, stride, padding,
+                                            dilation, groups, False, in_relu)
             d_scale = (g.float() * acc.float()).sum((0, 2, 3))
         g = g.float() * scale.view(1, -1, 1, 1)
     g = _nhwc(g.to(x.dtype))
@@ -725,7 +753,7 @@ def _bn_stats_op(
     mean, invstd, new_rm, new_rv = _bn_stats_fake(y, tile_mean, tile_m2, running_mean, running_var,
                                                    num_batches_tracked, tile_rows, momentum, eps)
     has_running = running_mean is not None
-    block_c = 32
+    block_c = 256 if interpreting() else 32
     _bn.bn_finalize_kernel[(-(-c // block_c),)](
         tile_mean, tile_m2, mean, invstd,
         running_mean if has_running else mean, running_var if has_running else mean,
@@ -752,17 +780,27 @@ def _bn_stats_setup(ctx, inputs, output):
     ctx.save_for_backward(inputs[0], output[0], output[1])
 
 
-def _bn_stats_backward(ctx, dmean, dinvstd, _d_running_mean, _d_running_var):
-    y, mean, invstd = ctx.saved_tensors
+@torch.library.custom_op("aru::bn_stats_backward", mutates_args=())
+def _bn_stats_backward_op(y: Tensor, dmean: Tensor, dinvstd: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
     m, c = _rows(y), y.shape[1]
     dy = torch.empty_like(y, memory_format=torch.channels_last)
-    z = torch.zeros_like(mean)
-    block_m, block_c = 64, min(128, max(16, _next_pow2(c)))
+    block_m, block_c = _elementwise_blocks(c)
     _bn.bn_stats_backward_kernel[(-(-m // block_m), -(-c // block_c))](
-        y, z if dmean is None else dmean.float().contiguous(),
-        z if dinvstd is None else dinvstd.float().contiguous(), mean, invstd, dy, m, c,
-        BLOCK_M=block_m, BLOCK_C=block_c,
+        y, dmean, dinvstd, mean, invstd, dy, m, c, BLOCK_M=block_m, BLOCK_C=block_c,
     )
+    return dy
+
+
+@_bn_stats_backward_op.register_fake
+def _bn_stats_backward_fake(y, dmean, dinvstd, mean, invstd):
+    return torch.empty_like(y, memory_format=torch.channels_last)
+
+
+def _bn_stats_backward(ctx, dmean, dinvstd, _d_running_mean, _d_running_var):
+    y, mean, invstd = ctx.saved_tensors
+    dmean = torch.zeros_like(mean) if dmean is None else dmean.float().contiguous()
+    dinvstd = torch.zeros_like(mean) if dinvstd is None else dinvstd.float().contiguous()
+    dy = torch.ops.aru.bn_stats_backward(_nhwc(y), dmean, dinvstd, mean, invstd)
     return dy, None, None, None, None, None, None, None, None
 
 
@@ -771,7 +809,7 @@ _bn_stats_op.register_autograd(_bn_stats_backward, setup_context=_bn_stats_setup
 
 def _elementwise_blocks(c: int) -> tuple[int, int]:
     block_c = min(128, max(16, _next_pow2(c)))
-    return 8192 // block_c, block_c
+    return (65536 if interpreting() else 8192) // block_c, block_c
 
 
 @torch.library.custom_op("aru::bn_add_relu", mutates_args=())
@@ -806,24 +844,45 @@ def _bn_add_relu_setup(ctx, inputs, output):
     ctx.save_for_backward(y, scale, identity, id_scale, output)
 
 
-def _bn_add_relu_backward(ctx, dout):
-    y, scale, identity, id_scale, out = ctx.saved_tensors
+@torch.library.custom_op("aru::bn_add_relu_backward", mutates_args=())
+def _bn_add_relu_backward_op(
+    dout: Tensor,
+    out: Tensor,
+    y: Tensor,
+    scale: Tensor,
+    identity: Optional[Tensor],
+    id_scale: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dy, dL/didentity (empty without identity), per-channel sums [3, C] of dz, dz*y, dz*identity)."""
     m, c = _rows(y), y.shape[1]
     block_m, block_c = _elementwise_blocks(c)
     tiles = -(-m // block_m)
-    dout = _nhwc(dout)
-    dy = torch.empty_like(y, memory_format=torch.channels_last)
-    did = torch.empty_like(identity, memory_format=torch.channels_last) if ctx.has_identity else None
+    dy, did, _ = _bn_add_relu_backward_fake(dout, out, y, scale, identity, id_scale)
     part = torch.zeros((3, tiles, c), dtype=torch.float32, device=y.device)
     affine = id_scale is not None
     _bn.bn_add_relu_backward_kernel[(tiles, -(-c // block_c))](
         dout, out, y, scale, y if identity is None else identity, id_scale if affine else scale,
-        dy, dy if did is None else did, part, m, c, tiles,
-        HAS_IDENTITY=ctx.has_identity, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
+        dy, dy if identity is None else did, part, m, c, tiles,
+        HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
     )
-    sums = part.sum(1)  # [dz, dz*y, dz*identity], fixed-order reduction
+    return dy, did, part.sum(1)  # fixed-order reduction over tiles
+
+
+@_bn_add_relu_backward_op.register_fake
+def _bn_add_relu_backward_fake(dout, out, y, scale, identity, id_scale):
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    did = (torch.empty_like(identity, memory_format=torch.channels_last) if identity is not None
+           else y.new_empty(0))
+    return dy, did, torch.empty((3, y.shape[1]), dtype=torch.float32, device=y.device)
+
+
+def _bn_add_relu_backward(ctx, dout):
+    y, scale, identity, id_scale, out = ctx.saved_tensors
+    dy, did, sums = torch.ops.aru.bn_add_relu_backward(_nhwc(dout), out, y, scale, identity, id_scale)
+    affine = id_scale is not None
     d_shift = sums[0]
-    return (dy, sums[1], d_shift, did, sums[2] if affine else None, d_shift if affine else None)
+    return (dy, sums[1], d_shift, did if ctx.has_identity else None, sums[2] if affine else None,
+            d_shift if affine else None)
 
 
 _bn_add_relu_op.register_autograd(_bn_add_relu_backward, setup_context=_bn_add_relu_setup)

@@ -112,6 +112,10 @@ class CifarResNeXt(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.impl == "fused":
+            from . import fused
+
+            return fused.resnet_forward(self, x)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(torch.flatten(self.avgpool(x), 1))

@@ -2,20 +2,177 @@
 
 :class:`aru_models.resnet.ResNet` and its blocks call into this module when
 their ``impl`` is ``"fused"``; the eager path never imports it.
+
+Eval mode: every convolution runs as one :func:`aru_kernels.conv_bn_act`
+launch with its batch norm folded into the epilogue (scale and shift cached
+until the parameters or running statistics change), the ReLU fused, and in
+the last convolution of each block the residual add fused too.
+
+Training mode (batch norms in training mode): each convolution runs through
+:func:`aru_kernels.conv_bn_train`, which computes the batch statistics in the
+conv's epilogue and updates the running statistics; the normalization and
+ReLU of conv k are applied in the prologue of conv k+1, so the normalized
+activation is never written, and each block ends in one
+:func:`aru_kernels.bn_add_relu` pass (the downsample branch's batch norm
+included). Backward runs through the kernels' autograd formulas.
+
+Activations stay channels_last (NHWC) between kernels. The stem max-pool,
+the global average pool and the classifier stay PyTorch.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["resnet_forward", "block_forward"]
+from aru_kernels import bn_add_relu, conv_bn_act, conv_bn_train, fold_bn
+from aru_kernels.ops import ConvPlan, plan_conv
+
+__all__ = ["resnet_forward", "block_forward", "conv_bn", "conv_bn_batch_stats", "conv_plans"]
 
 
-def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
-    """Logits of ``model`` (an :class:`aru_models.resnet.ResNet`) for images ``x``."""
-    raise NotImplementedError("the fused path of ResNet is not implemented yet; use impl='eager'")
+def _uses_batch_stats(bn: nn.Module) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _check_bn(bn: nn.Module) -> None:
+    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
+        raise NotImplementedError(f"impl='fused' fuses BatchNorm2d norm layers; got {type(bn).__name__}")
+
+
+def _check_conv(conv: nn.Conv2d) -> None:
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+        raise NotImplementedError(f"impl='fused' supports numeric zero padding; got {conv.padding!r}, "
+                                  f"padding_mode={conv.padding_mode!r}")
+
+
+def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None) -> tuple[Tensor, Tensor, Tensor]:
+    """Training-mode ``bn(conv(prologue(x)))`` left unapplied: ``(y, scale, shift)``.
+
+    ``prologue`` is the ``(scale, shift)`` of the batch norm producing ``x``,
+    applied with a ReLU on load. Running statistics update as the module's would.
+    """
+    _check_bn(bn)
+    _check_conv(conv)
+    if conv.bias is not None:
+        raise NotImplementedError("impl='fused' in training mode takes convolutions without bias")
+    track = bn.training and bn.track_running_stats
+    in_scale, in_shift = prologue if prologue is not None else (None, None)
+    return conv_bn_train(
+        x, conv.weight, bn.weight, bn.bias,
+        bn.running_mean if track else None, bn.running_var if track else None,
+        bn.num_batches_tracked if track else None,
+        momentum=bn.momentum, eps=bn.eps, stride=conv.stride, padding=conv.padding,
+        dilation=conv.dilation, groups=conv.groups, in_scale=in_scale, in_shift=in_shift,
+        in_relu=prologue is not None,
+    )
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, *, residual: Tensor | None = None,
+            relu: bool = False) -> Tensor:
+    """``relu?(bn(conv(x)) + residual)`` as one kernel launch, ``bn`` in eval mode
+    with running statistics (folded into the epilogue)."""
+    _check_bn(bn)
+    _check_conv(conv)
+    scale, shift = fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv.bias,
+                           bn.num_batches_tracked)
+    return conv_bn_act(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                       groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
+
+
+def _block_eval(block: nn.Module, x: Tensor) -> Tensor:
+    identity = x  # under autocast, conv_bn_act casts the residual as it casts its input
+    if block.downsample is not None:
+        identity = conv_bn(block.downsample[0], block.downsample[1], x)
+    out = conv_bn(block.conv1, block.bn1, x, relu=True)
+    if hasattr(block, "conv3"):  # Bottleneck: 1x1 -> 3x3 (grouped: the ARU) -> 1x1
+        out = conv_bn(block.conv2, block.bn2, out, relu=True)
+        return conv_bn(block.conv3, block.bn3, out, residual=identity, relu=True)
+    return conv_bn(block.conv2, block.bn2, out, residual=identity, relu=True)
+
+
+def _block_train(block: nn.Module, x: Tensor) -> Tensor:
+    convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if hasattr(block, "conv3"):
+        convs.append((block.conv3, block.bn3))
+    y, prologue = x, None
+    for conv, bn in convs:
+        y, scale, shift = conv_bn_batch_stats(conv, bn, y, prologue)
+        prologue = (scale, shift)
+    if block.downsample is None:
+        return bn_add_relu(y, scale, shift, x)
+    yd, sd, bd = conv_bn_batch_stats(block.downsample[0], block.downsample[1], x)
+    return bn_add_relu(y, scale, shift, yd, sd, bd)
+
+
+def _training(block: nn.Module) -> bool:
+    """Whether the block's batch norms normalize with batch statistics (all or none)."""
+    bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = {_uses_batch_stats(bn) for bn in bns}
+    if len(modes) > 1:
+        raise NotImplementedError("impl='fused' needs a block's batch norms all in training or all "
+                                  "in eval mode")
+    return modes == {True}
 
 
 def block_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """Output of a residual ``block`` (BasicBlock or Bottleneck) for activations ``x``."""
-    raise NotImplementedError("the fused path of the residual blocks is not implemented yet; use impl='eager'")
+    """Output of a residual ``block`` (BasicBlock or Bottleneck) for activations ``x``.
+
+    Returns a channels_last tensor whatever the input's memory format.
+    """
+    x = x.contiguous(memory_format=torch.channels_last)
+    return _block_train(block, x) if _training(block) else _block_eval(block, x)
+
+
+def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
+    """Logits of ``model`` (an :class:`aru_models.resnet.ResNet`, or a network
+    with its ``conv1``/``bn1``/[``maxpool``]/``layer*``/``avgpool``/``fc`` layout
+    such as :class:`aru_models.cifar.CifarResNeXt`)
+    for images ``x``, in any memory format (made channels_last once, here)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    if _uses_batch_stats(model.bn1):
+        y, scale, shift = conv_bn_batch_stats(model.conv1, model.bn1, x)
+        x = bn_add_relu(y, scale, shift)
+    else:
+        x = conv_bn(model.conv1, model.bn1, x, relu=True)
+    if hasattr(model, "maxpool"):  # the CIFAR networks have none
+        x = model.maxpool(x)
+    for layer in _stages(model):
+        for block in layer:
+            x = block_forward(block, x)
+    x = model.avgpool(x)
+    return model.fc(torch.flatten(x, 1))
+
+
+def _stages(model: nn.Module) -> list[nn.Module]:
+    return [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+
+
+class _RecordConvs(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.plans: list[ConvPlan] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aru.conv_bn_act.default:
+            x, w, scale, shift, res, in_scale, _, stride, padding, dilation, groups, relu, in_relu = args
+            self.plans.append(plan_conv(
+                x.shape, w.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
+                groups=groups, has_prologue=in_scale is not None, pro_relu=in_relu,
+                has_scale=scale is not None, has_shift=shift is not None,
+                has_residual=res is not None, relu=relu))
+        return func(*args, **(kwargs or {}))
+
+
+def conv_plans(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> list[ConvPlan]:
+    """The distinct kernel launch plans of ``model``'s fused eval forward on
+    ``input_shape`` images in ``dtype``, found on the meta device (nothing runs)."""
+    import copy
+
+    meta = copy.deepcopy(model).to(device="meta", dtype=dtype).eval()
+    meta.set_impl("fused")
+    rec = _RecordConvs()
+    with rec, torch.no_grad():
+        meta(torch.empty(input_shape, device="meta", dtype=dtype))
+    return list(dict.fromkeys(rec.plans))

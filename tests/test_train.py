@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 import aru_models
 from aru_models import cifar, data, train
-from helpers import assert_close
+from helpers import assert_as_accurate, assert_close
 
 EPOCH_LINE = re.compile(r"Epoch (\d+), Loss: (\d+\.\d{4}), Accuracy: ([01]\.\d{4})")
 VAL_LINE = re.compile(r"Validation Accuracy: ([01]\.\d{4})")
@@ -190,13 +190,19 @@ def test_fused_first_step_matches_eager(cifar_dir):
         fused(x[:2])
     except NotImplementedError as e:
         pytest.skip(f"the fused path is not available yet: {e}")
+    exact = copy.deepcopy(trainer.model).double()  # the float64 referee
     eager_opt, _ = train.make_optimizer(trainer.model, "sgd", 0.05, None, 1)
     fused_opt, _ = train.make_optimizer(fused, "sgd", 0.05, None, 1)
+    exact_opt, _ = train.make_optimizer(exact, "sgd", 0.05, None, 1)
     eager_loss, _ = train.train_step(trainer.model, x, labels, eager_opt)
     fused_loss, _ = train.train_step(fused, x, labels, fused_opt)
+    exact_loss, _ = train.train_step(exact, x.double(), labels, exact_opt)
     assert_close(fused_loss, eager_loss, torch.float32, what="first-step loss")
-    for (name, p), q in zip(trainer.model.named_parameters(), fused.parameters(), strict=True):
-        assert_close(q, p, tol=1e-3, what=f"{name} after one step")
+    # This batch's gradients are ill-conditioned (eager float32 is ~1e-2 off float64
+    # in places), so each parameter is held to eager's own distance from float64.
+    for (name, p), q, r in zip(trainer.model.named_parameters(), fused.parameters(), exact.parameters(),
+                               strict=True):
+        assert_as_accurate(q, p, r, what=f"{name} after one step")
 
 
 # ---------------------------------------------------------------------------

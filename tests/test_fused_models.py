@@ -1,0 +1,276 @@
+"""The models' fused path against torchvision, in eval and in training mode.
+
+Without CUDA the kernels run in Triton's interpreter, so whole-model parity
+uses small images; op-dispatch checks run on the meta device, where nothing
+executes, so they cover every builder.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import aru_models
+from aru_kernels import ops
+from helpers import assert_as_accurate, assert_close, rel_error
+
+tv_models = pytest.importorskip("torchvision.models")
+
+BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+            "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def randomize_bn(model: torch.nn.Module) -> None:
+    """Non-trivial batch-norm statistics and affine parameters, so folding is really tested."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+
+
+def pair(name: str, **kwargs):
+    """A torchvision model with non-trivial BN and our fused model holding its weights, both eval."""
+    tv = getattr(tv_models, name)(**kwargs)
+    randomize_bn(tv)
+    ours = getattr(aru_models, name)(impl="fused", **kwargs)
+    ours.load_state_dict(tv.state_dict())
+    return tv.eval(), ours.eval()
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
+def test_eval_parity_with_torchvision(name, device):
+    tv, ours = pair(name)
+    tv, ours = tv.to(device), ours.to(device)
+    x = torch.randn(1, 3, 37, 29, device=device)  # NCHW input: the model takes any memory format
+    with torch.no_grad():
+        expected = tv.double()(x.double())
+        got = ours(x)
+    err = rel_error(got, expected)
+    assert err < 1e-4, f"{name}: fused eval output differs from torchvision's (rel. error {err:.2e})"
+    assert_close(got, expected, torch.float32, tol=1e-3, what=f"{name} logits")
+
+
+@pytest.mark.parametrize("name", BUILDERS)
+def test_fused_path_dispatches_no_aten_conv_or_batch_norm(name):
+    with torch.device("meta"):
+        model = getattr(aru_models, name)(impl="fused").eval()
+        x = torch.empty(2, 3, 64, 64)
+    log = OpLog()
+    with log, torch.no_grad():
+        model(x)
+    banned = [op for op in log.ops if "conv" in op and "aru" not in op or "batch_norm" in op]
+    assert not banned, f"{name}: the fused path still dispatched {sorted(set(banned))}"
+    n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
+    assert log.ops.count("aru.conv_bn_act") == n_convs, "every conv (with its BN) must be one fused launch"
+
+
+def test_folded_constants_follow_state_changes(device):
+    """load_state_dict and a training-mode forward (running statistics) invalidate the fold cache."""
+    tv, ours = pair("resnet18")
+    tv, ours = tv.to(device), ours.to(device)
+    x = torch.randn(1, 3, 32, 32, device=device)
+    with torch.no_grad():
+        ours(x)  # fills the caches
+        randomize_bn(tv)
+        torch.nn.init.normal_(tv.layer1[0].conv1.weight)
+        tv.layer1[0].bn1.running_var.mul_(3.0)
+        ours.load_state_dict(tv.state_dict())
+        assert rel_error(ours(x), tv(x)) < 1e-4, "stale folded constants after load_state_dict"
+        ours.set_impl("eager").train()
+        tv.train()
+        batch = torch.randn(4, 3, 32, 32, device=device)
+        ours(batch)
+        tv(batch)  # same running-statistics update on both
+        ours.set_impl("fused").eval()
+        tv.eval()
+        assert rel_error(ours(x), tv(x)) < 1e-4, "stale folded constants after running statistics changed"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
+def test_train_parity_with_torchvision(name, device):
+    """Train mode: loss, every parameter gradient and the running statistics after one
+    forward/backward, against torchvision in float64 (and its float32 run as the yardstick)."""
+    tv = getattr(tv_models, name)(num_classes=10).train()
+    randomize_bn(tv)
+    ours = getattr(aru_models, name)(impl="fused", num_classes=10).train()
+    ours.load_state_dict(tv.state_dict())
+    exact = copy.deepcopy(tv).double()
+    tv, ours, exact = tv.to(device), ours.to(device), exact.to(device)
+    x = torch.randn(2, 3, 37, 29, device=device)
+    labels = torch.randint(0, 10, (2,), device=device)
+    losses = []
+    for model, inp in ((ours, x), (tv, x), (exact, x.double())):
+        loss = F.cross_entropy(model(inp), labels)
+        loss.backward()
+        losses.append(loss)
+    assert_close(losses[0], losses[2], torch.float32, what=f"{name} training loss")
+    for (pname, p), q, r in zip(ours.named_parameters(), tv.parameters(), exact.parameters(), strict=True):
+        assert_as_accurate(p.grad, q.grad, r.grad, what=f"{name} gradient of {pname}")
+    for (bname, b), c, r in zip(ours.named_buffers(), tv.buffers(), exact.buffers(), strict=True):
+        if bname.endswith("num_batches_tracked"):
+            assert torch.equal(b, c), f"{bname}: {b.item()} != {c.item()}"
+        else:
+            assert_as_accurate(b, c, r, what=f"{name} {bname}")
+
+
+def _tiny_pair(device):
+    eager = aru_models.resnext29_tiny(impl="eager").to(device).train()
+    fused = copy.deepcopy(eager).set_impl("fused")
+    return eager, fused
+
+
+def test_three_sgd_steps_follow_eager_trajectory(device):
+    eager, fused = _tiny_pair(device)
+    exact = copy.deepcopy(eager).double()
+    g = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(8, 3, 16, 16, generator=g).to(device), torch.randint(0, 10, (8,), generator=g).to(device))
+               for _ in range(3)]
+    trajectories = []
+    for model in (eager, fused, exact):
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        losses = []
+        for x, y in batches:
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x.to(next(model.parameters()).dtype)), y)
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        trajectories.append(torch.stack(losses))
+    assert_close(trajectories[1], trajectories[2], torch.float32, what="fused loss trajectory over three SGD steps")
+    assert_close(trajectories[1], trajectories[0], torch.float32, what="fused vs eager loss trajectory")
+    for (name, a), b, r in zip(eager.state_dict().items(), fused.state_dict().values(), exact.state_dict().values()):
+        if name.endswith("num_batches_tracked"):
+            assert torch.equal(a, b)
+        else:
+            assert_as_accurate(b, a, r, what=f"{name} after three steps")
+
+
+def test_two_identical_runs_give_bitwise_identical_gradients(device):
+    _, fused = _tiny_pair(device)
+    twin = copy.deepcopy(fused)
+    x = torch.randn(4, 3, 16, 16, device=device)
+    y = torch.randint(0, 10, (4,), device=device)
+    for model in (fused, twin):
+        F.cross_entropy(model(x), y).backward()
+    for (name, a), b in zip(fused.named_parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad), f"{name}: gradients differ between two identical runs"
+    for (name, a), b in zip(fused.named_buffers(), twin.buffers()):
+        assert torch.equal(a, b), f"{name}: running statistics differ between two identical runs"
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnext29_tiny"])
+def test_fused_training_dispatches_no_aten_conv_or_batch_norm(name, device):
+    model = getattr(aru_models, name)(impl="fused").to(device).train()
+    x = torch.randn(2, 3, 16, 16, device=device)
+    log = OpLog()
+    with log:
+        model(x).sum().backward()
+    banned = [op for op in log.ops if ("conv" in op and "aru" not in op) or "batch_norm" in op]
+    assert not banned, f"{name}: training on the fused path dispatched {sorted(set(banned))}"
+    assert "aru.conv_stats" in log.ops and "aru.bn_add_relu" in log.ops
+
+
+def test_torch_compile_fullgraph_fused_block_forward_and_backward(device):
+    block = aru_models.resnext50_32x4d(impl="fused").layer2[0].to(device).train()
+    twin = copy.deepcopy(block)
+    x = torch.randn(2, 256, 6, 5, device=device).contiguous(memory_format=torch.channels_last)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out_c = compiled(x)
+    out_c.float().square().sum().backward()
+    out = twin(x)
+    out.float().square().sum().backward()
+    assert_close(out_c, out, torch.float32, what="compiled block output")
+    for (name, a), b in zip(block.named_parameters(), twin.parameters()):
+        assert_close(a.grad, b.grad, torch.float32, what=f"compiled block gradient of {name}")
+
+
+def test_from_torchvision_fused(device):
+    tv = tv_models.resnext50_32x4d(num_classes=7)
+    randomize_bn(tv)
+    tv = tv.eval().to(device)
+    ours = aru_models.from_torchvision(tv, impl="fused")
+    x = torch.randn(1, 3, 32, 32, device=device)
+    with torch.no_grad():
+        assert rel_error(ours(x), tv(x)) < 1e-4
+
+
+def test_torch_compile_fullgraph_traces_fused_model(device):
+    _, ours = pair("resnet18")
+    ours = ours.to(device)
+    x = torch.randn(1, 3, 32, 32, device=device)
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close(compiled(x), ours(x), torch.float32, what="compiled fused resnet18")
+
+
+@pytest.mark.slow
+def test_every_resnet50_and_resnext50_kernel_compiles_for_sm90_and_sm80(tmp_path):
+    """Ahead-of-time compilation (no GPU needed) of each conv specialization at 224x224, bf16."""
+    out = tmp_path / "aot.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "aot_check.py"), "--model", "resnet50",
+         "--model", "resnext50_32x4d", "--arch", "90", "--arch", "80", "--json", str(out)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=900,
+    )
+    print(proc.stdout[-6000:])  # the per-specialization table (pytest -s shows it)
+    assert proc.returncode == 0, f"some specializations failed to compile:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    import json
+
+    rows = json.loads(out.read_text())
+    assert rows and all(r["error"] is None for r in rows)
+    no_tc = [r["spec"] for r in rows if r["mma"] == "none"]
+    print(f"tensor-core instructions in {len(rows) - len(no_tc)} of {len(rows)} compiled kernels; "
+          f"without: {no_tc}")
+    assert all(r["mma"] == "wgmma" for r in rows if r["arch"] == 90 and r["spec"].find(" g32 ") >= 0), \
+        "grouped convs should use Hopper's wgmma on sm_90"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
+def test_bf16_parity_at_real_size(name):
+    tv, ours = pair(name)
+    tv, ours = tv.cuda().to(memory_format=torch.channels_last), ours.cuda()
+    x = torch.randn(8, 3, 224, 224, device="cuda")
+    with torch.no_grad():
+        expected = tv.double()(x.double())
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got = ours(x)
+            eager_bf16 = tv.float()(x)
+    err, err_eager = rel_error(got, expected), rel_error(eager_bf16, expected)
+    assert got.dtype == torch.bfloat16
+    assert err < max(2e-2, 2 * err_eager), f"bf16 rel. error {err:.2e} (cuDNN bf16: {err_eager:.2e})"
+
+
+def test_fold_bn_matches_reference():
+    from aru_kernels import reference
+
+    w, b, m, v = torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.rand(6) + 0.1
+    scale, shift = ops.fold_bn(w, b, m, v, 1e-5)
+    rs, rsh = reference.fold_bn(w.double(), b.double(), m.double(), v.double(), 1e-5)
+    assert_close(scale, rs, torch.float32)
+    assert_close(shift, rsh, torch.float32)
+    assert ops.fold_bn(w, b, m, v, 1e-5)[0] is scale, "unchanged batch norm folded twice"

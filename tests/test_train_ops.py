@@ -1,0 +1,212 @@
+"""Training-mode operators: gradients, batch statistics, running statistics.
+
+References are float64 PyTorch autograd through :mod:`aru_kernels.reference`.
+"""
+
+import pytest
+import torch
+
+import aru_kernels
+from aru_kernels import ops
+from aru_kernels import reference as ref
+from helpers import assert_close, rel_error
+from test_conv_op import GROUPINGS, KERNELS, channels_last
+
+
+def _leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def _d(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "scale_shift_res_relu"])
+@pytest.mark.parametrize("grouping", ["dense", "g2", "gw4", "gw8"])
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
+@pytest.mark.parametrize("k", KERNELS, ids=[f"k{k}" for k in KERNELS])
+def test_conv_bn_act_gradients(device, k, stride, grouping, epilogue):
+    """dx, dW and the prologue/epilogue vector gradients against float64 autograd."""
+    groups, cin_g, cout_g = GROUPINGS[grouping]
+    cin, cout, pad = groups * cin_g, groups * cout_g, KERNELS[k]
+    full = epilogue != "plain"
+    x = channels_last(torch.randn(2, cin, 7, 9, device=device))
+    w = torch.randn(cout, cin_g, k, k, device=device) / (cin_g * k * k) ** 0.5
+    in_scale, in_shift = torch.rand(cin, device=device) + 0.5, torch.randn(cin, device=device)
+    p = (7 + 2 * pad - k) // stride + 1
+    q = (9 + 2 * pad - k) // stride + 1
+    scale = torch.rand(cout, device=device) + 0.5 if full else None
+    shift = torch.randn(cout, device=device) if full else None
+    res = channels_last(torch.randn(2, cout, p, q, device=device)) if full else None
+    inputs = [x, w, scale, shift, res, in_scale, in_shift]
+    ours = [None if t is None else _leaf(t) for t in inputs]
+    exact = [_d(t) for t in inputs]
+    y = aru_kernels.conv_bn_act(ours[0], ours[1], stride=stride, padding=pad, groups=groups, scale=ours[2],
+                                shift=ours[3], residual=ours[4], relu=full, in_scale=ours[5],
+                                in_shift=ours[6], in_relu=True)
+    y_ref = ref.conv_bn_act(exact[0], exact[1], stride=stride, padding=pad, groups=groups, scale=exact[2],
+                            shift=exact[3], residual=exact[4], relu=full, in_scale=exact[5],
+                            in_shift=exact[6], in_relu=True)
+    g = torch.randn_like(y_ref)
+    y.backward(g.float())
+    y_ref.backward(g)
+    names = ["x", "weight", "scale", "shift", "residual", "in_scale", "in_shift"]
+    for name, a, e in zip(names, ours, exact):
+        if a is not None:
+            assert_close(a.grad, e.grad, torch.float32, what=f"gradient of {name}")
+
+
+def _bn_state(c, device, momentum_none=False):
+    return dict(running_mean=torch.randn(c, device=device) * 0.1, running_var=torch.rand(c, device=device) + 0.5,
+                num_batches_tracked=torch.tensor(3 if momentum_none else 0, device=device))
+
+
+@pytest.mark.parametrize("downsample", [False, True], ids=["identity", "downsample"])
+def test_bottleneck_train_gradients_and_running_stats(device, downsample):
+    """conv_bn_train x3 (+ downsample) + bn_add_relu: a training-mode ARU, end to end."""
+    n, cin, width, groups = 2, 32 if downsample else 24, 32, 8
+    cout = 24
+    stride = 2 if downsample else 1
+    x = _leaf(channels_last(torch.randn(n, cin, 7, 9, device=device)))
+    ws = [_leaf(torch.randn(width, cin, 1, 1, device=device) / cin ** 0.5),
+          _leaf(torch.randn(width, width // groups, 3, 3, device=device) / (9 * width / groups) ** 0.5),
+          _leaf(torch.randn(cout, width, 1, 1, device=device) / width ** 0.5),
+          _leaf(torch.randn(cout, cin, 1, 1, device=device) / cin ** 0.5)]
+    affine = [(_leaf(torch.rand(c, device=device) + 0.5), _leaf(torch.randn(c, device=device)))
+              for c in (width, width, cout, cout)]
+    states = [_bn_state(c, device) for c in (width, width, cout, cout)]
+    convs = [dict(), dict(stride=stride, padding=1, groups=groups), dict(), dict(stride=stride)]
+
+    ours_states = [{k: v.clone() for k, v in s.items()} for s in states]
+    y, pro = x, None
+    for i in range(3):
+        y, s, b = aru_kernels.conv_bn_train(
+            y, ws[i], *affine[i], **ours_states[i], **convs[i],
+            **({} if pro is None else dict(in_scale=pro[0], in_shift=pro[1], in_relu=True)))
+        pro = (s, b)
+    if downsample:
+        yd, sd, bd = aru_kernels.conv_bn_train(x, ws[3], *affine[3], **ours_states[3], **convs[3])
+        out = aru_kernels.bn_add_relu(y, s, b, yd, sd, bd)
+    else:
+        out = aru_kernels.bn_add_relu(y, s, b, x)
+
+    exact_states = [{k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in s.items()}
+                    for s in states]
+    xd = x.detach().double().requires_grad_()
+    wd = [_d(w) for w in ws]
+    ad = [(_d(a), _d(b)) for a, b in affine]
+    o = xd
+    for i in range(3):
+        o = ref.conv_bn(o, wd[i], *ad[i], exact_states[i]["running_mean"], exact_states[i]["running_var"],
+                        exact_states[i]["num_batches_tracked"], training=True, relu=i < 2, **convs[i])
+    if downsample:
+        idn = ref.conv_bn(xd, wd[3], *ad[3], exact_states[3]["running_mean"], exact_states[3]["running_var"],
+                          exact_states[3]["num_batches_tracked"], training=True, **convs[3])
+    else:
+        idn = xd
+    out_ref = torch.relu(o + idn)
+    assert_close(out, out_ref, torch.float32, what="block output")
+
+    g = torch.randn_like(out_ref)
+    leaves = [x, *ws, *[t for pair in affine for t in pair]]
+    leaves_ref = [xd, *wd, *[t for pair in ad for t in pair]]
+    used = 4 if downsample else 3
+    keep = [0, *range(1, 1 + used), *range(5, 5 + 2 * used)]
+    grads = torch.autograd.grad(out, [leaves[i] for i in keep], g.float())
+    grads_ref = torch.autograd.grad(out_ref, [leaves_ref[i] for i in keep], g)
+    for i, a, e in zip(keep, grads, grads_ref):
+        assert_close(a, e, torch.float32, what=f"gradient of leaf {i}")
+    for i in range(used):
+        for key in ("running_mean", "running_var"):
+            assert_close(ours_states[i][key], exact_states[i][key], torch.float32, what=f"bn{i} {key}")
+        assert ours_states[i]["num_batches_tracked"].item() == 1
+
+
+@pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=["m0.1", "m0.5", "cumulative"])
+def test_running_statistics_over_several_steps(device, momentum):
+    c = 12
+    w = torch.randn(c, 8, 3, 3, device=device)
+    ours = _bn_state(c, device, momentum_none=momentum is None)
+    exact = {k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in ours.items()}
+    for step in range(4):
+        x = channels_last(torch.randn(3, 8, 6, 7, device=device) * (step + 1) + step)
+        aru_kernels.conv_bn_train(x, w, None, None, **ours, momentum=momentum, padding=1)
+        ref.conv_bn(x.double(), w.double(), None, None, exact["running_mean"], exact["running_var"],
+                    exact["num_batches_tracked"], training=True, momentum=momentum, padding=1)
+    for key in ("running_mean", "running_var"):
+        assert_close(ours[key], exact[key], torch.float32, what=key)
+    assert torch.equal(ours["num_batches_tracked"], exact["num_batches_tracked"])
+
+
+def test_no_running_statistics_leaves_nothing_to_update(device):
+    x = channels_last(torch.randn(2, 8, 5, 5, device=device))
+    w = torch.randn(6, 8, 1, 1, device=device)
+    y, scale, shift = aru_kernels.conv_bn_train(x, w, None, None)
+    expected = ref.conv_bn(x.double(), w.double(), None, None, None, None, training=True)
+    assert_close(scale.view(1, -1, 1, 1) * y + shift.view(1, -1, 1, 1), expected, torch.float32)
+
+
+def test_variance_is_right_for_large_mean_channels(device):
+    """Channels with mean 1e3 and std 1: a naive E[y^2] - E[y]^2 in fp32 loses it all."""
+    n, c, h, w = 4, 16, 30, 30  # several statistics tiles per channel
+    x = channels_last(1e3 + torch.randn(n, c, h, w, device=device))
+    weight = torch.eye(c, device=device).view(c, c, 1, 1)  # y = x
+    y, scale, shift = aru_kernels.conv_bn_train(x, weight, None, None)
+    yd = x.double()
+    var = yd.var((0, 2, 3), unbiased=False)
+    expected_invstd = torch.rsqrt(var + 1e-5)
+    assert rel_error(scale, expected_invstd) < 1e-4, "batch variance lost to cancellation"
+    assert rel_error(shift, -yd.mean((0, 2, 3)) * expected_invstd) < 1e-4
+
+
+def test_bn_add_relu_gradients(device):
+    y = _leaf(channels_last(torch.randn(2, 20, 5, 3, device=device)))
+    idn = _leaf(channels_last(torch.randn(2, 20, 5, 3, device=device)))
+    vecs = [_leaf(torch.randn(20, device=device)) for _ in range(4)]
+    out = aru_kernels.bn_add_relu(y, *vecs[:2], idn, *vecs[2:])
+    ex = [_d(t) for t in (y, *vecs[:2], idn, *vecs[2:])]
+    out_ref = ref.bn_add_relu(*ex)
+    assert_close(out, out_ref, torch.float32)
+    g = torch.randn_like(out_ref)
+    out.backward(g.float())
+    out_ref.backward(g)
+    for name, a, e in zip(["y", "scale", "shift", "identity", "id_scale", "id_shift"],
+                          (y, *vecs[:2], idn, *vecs[2:]), ex):
+        assert_close(a.grad, e.grad, torch.float32, what=f"gradient of {name}")
+
+
+def test_weight_gradient_is_deterministic_across_runs(device):
+    x = channels_last(torch.randn(4, 32, 9, 9, device=device))
+    w = _leaf(torch.randn(32, 4, 3, 3, device=device))
+    grads = []
+    for _ in range(2):
+        w.grad = None
+        aru_kernels.conv_bn_act(x, w, padding=1, groups=8).square().sum().backward()
+        grads.append(w.grad.clone())
+    assert torch.equal(grads[0], grads[1]), "two identical backward passes differ"
+
+
+def test_train_op_errors(device):
+    x = channels_last(torch.randn(1, 8, 5, 5, device=device))
+    with pytest.raises(ValueError, match="groups=3 must divide"):
+        aru_kernels.conv_bn_train(x, torch.randn(8, 4, 3, 3, device=device), None, None, groups=3)
+    y = channels_last(torch.randn(1, 8, 5, 5, device=device))
+    with pytest.raises(ValueError, match="scale must be a 1-D tensor of 8"):
+        aru_kernels.bn_add_relu(y, torch.ones(7, device=device), torch.zeros(8, device=device))
+    with pytest.raises(ValueError, match="identity must match y"):
+        aru_kernels.bn_add_relu(y, torch.ones(8, device=device), torch.zeros(8, device=device), y[:, :4])
+    with pytest.raises(ValueError, match="channels_last"):
+        aru_kernels.bn_add_relu(y.contiguous(), torch.ones(8, device=device), torch.zeros(8, device=device))
+
+
+def test_opcheck_training_ops(device):
+    x = channels_last(torch.randn(2, 16, 5, 6, device=device))
+    w = torch.randn(16, 4, 3, 3, device=device)
+    s, b = torch.rand(16, device=device) + 0.5, torch.randn(16, device=device)
+    torch.library.opcheck(torch.ops.aru.conv_stats.default, (x, w, s, b, 1, 1, 1, 4, True))
+    y, tm, tm2 = torch.ops.aru.conv_stats(x, w, None, None, 1, 1, 1, 4, False)
+    state = _bn_state(16, device)
+    torch.library.opcheck(torch.ops.aru.bn_stats.default,
+                          (y, tm, tm2, state["running_mean"], state["running_var"], state["num_batches_tracked"],
+                           ops.plan_conv(x.shape, w.shape, x.dtype, padding=1, groups=4).block_m, 0.1, 1e-5))
+    torch.library.opcheck(torch.ops.aru.bn_add_relu.default, (y, s, b, x, s, b))
