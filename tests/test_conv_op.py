@@ -248,3 +248,14 @@ def test_torch_compile_fullgraph(device):
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     assert_close(compiled(x), f(x), torch.float32, what="compiled output")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels,size", [(128, 56), (256, 28), (512, 14), (1024, 7)],
+                         ids=["stage1", "stage2", "stage3", "stage4"])
+def test_bf16_resnext50_grouped_layers_at_real_size(channels, size):
+    """The four grouped 3x3 layers of resnext50_32x4d, bf16, batch 8, every element written."""
+    case = make_case("cuda", torch.bfloat16, n=8, h=size, w=size, groups=32, cin_g=channels // 32,
+                     cout_g=channels // 32, k=3, stride=1, padding=1, residual=True)
+    out, expected = run_both(*case, stride=1, padding=1, groups=32, relu=True)
+    assert_close(out, expected, torch.bfloat16)
