@@ -88,15 +88,16 @@ def bn_stats_backward_kernel(
     dy_ptr,  # [M, C] out: dL/dy through the batch statistics
     M,
     C,
+    inv_count,  # 1 / number of values the statistics were taken over (M, or more across processes)
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``dy = dmean / M - dinvstd * invstd^3 * (y - mean) / M``."""
+    """``dy = (dmean - dinvstd * invstd^3 * (y - mean)) / count``."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     ok = (rm < M)[:, None] & c_ok[None, :]
-    inv_m = 1.0 / (M * 1.0)
+    inv_m = inv_count
     mean = tl.load(mean_ptr + rc, mask=c_ok, other=0.0)
     invstd = tl.load(invstd_ptr + rc, mask=c_ok, other=0.0)
     b = -tl.load(dinvstd_ptr + rc, mask=c_ok, other=0.0) * invstd * invstd * invstd * inv_m

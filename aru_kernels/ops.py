@@ -781,26 +781,33 @@ def _bn_stats_setup(ctx, inputs, output):
 
 
 @torch.library.custom_op("aru::bn_stats_backward", mutates_args=())
-def _bn_stats_backward_op(y: Tensor, dmean: Tensor, dinvstd: Tensor, mean: Tensor, invstd: Tensor) -> Tensor:
+def _bn_stats_backward_op(y: Tensor, dmean: Tensor, dinvstd: Tensor, mean: Tensor, invstd: Tensor,
+                          count: int) -> Tensor:
+    """dL/dy through batch statistics taken over ``count`` values per channel."""
     m, c = _rows(y), y.shape[1]
     dy = torch.empty_like(y, memory_format=torch.channels_last)
     block_m, block_c = _elementwise_blocks(c)
     _bn.bn_stats_backward_kernel[(-(-m // block_m), -(-c // block_c))](
-        y, dmean, dinvstd, mean, invstd, dy, m, c, BLOCK_M=block_m, BLOCK_C=block_c,
+        y, dmean, dinvstd, mean, invstd, dy, m, c, 1.0 / count, BLOCK_M=block_m, BLOCK_C=block_c,
     )
     return dy
 
 
 @_bn_stats_backward_op.register_fake
-def _bn_stats_backward_fake(y, dmean, dinvstd, mean, invstd):
+def _bn_stats_backward_fake(y, dmean, dinvstd, mean, invstd, count):
     return torch.empty_like(y, memory_format=torch.channels_last)
+
+
+def _stats_grads(dmean, dinvstd, mean) -> tuple[Tensor, Tensor]:
+    zero = torch.zeros_like(mean)
+    return (zero if dmean is None else dmean.float().contiguous(),
+            zero if dinvstd is None else dinvstd.float().contiguous())
 
 
 def _bn_stats_backward(ctx, dmean, dinvstd, _d_running_mean, _d_running_var):
     y, mean, invstd = ctx.saved_tensors
-    dmean = torch.zeros_like(mean) if dmean is None else dmean.float().contiguous()
-    dinvstd = torch.zeros_like(mean) if dinvstd is None else dinvstd.float().contiguous()
-    dy = torch.ops.aru.bn_stats_backward(_nhwc(y), dmean, dinvstd, mean, invstd)
+    dmean, dinvstd = _stats_grads(dmean, dinvstd, mean)
+    dy = torch.ops.aru.bn_stats_backward(_nhwc(y), dmean, dinvstd, mean, invstd, _rows(y))
     return dy, None, None, None, None, None, None, None, None
 
 
@@ -967,6 +974,59 @@ def conv_bn_act(
                                      padding, dilation, groups, relu, in_relu)
 
 
+class _SyncBatchStats(torch.autograd.Function):
+    """Batch mean and 1/std over the images of every process in ``group``.
+
+    Each process reduces its tiles to (mean, M2) per channel, the processes
+    exchange those 2*C numbers (plus their counts) with one all-gather, and
+    each combines them in the same order (Chan et al.): no cancellation, the
+    same result everywhere. Backward sums dL/dmean and dL/dinvstd over the
+    processes (one all-reduce of 2*C numbers) and applies them to the local y.
+    """
+
+    @staticmethod
+    def forward(ctx, y, tile_mean, tile_m2, tile_rows: int, eps: float, group):
+        import torch.distributed as dist
+
+        rows = _rows(y)
+        starts = torch.arange(tile_mean.shape[0], device=y.device) * tile_rows
+        counts = (rows - starts).clamp(max=tile_rows).to(torch.float32).unsqueeze(1)
+        mean_r = (counts * tile_mean).sum(0) / rows
+        m2_r = (tile_m2 + counts * (tile_mean - mean_r).square()).sum(0)
+        local = torch.stack([mean_r, m2_r, torch.full_like(mean_r, rows)])
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local, group=group)
+        g = torch.stack(gathered)  # [world, 3, C]
+        n = g[:, 2]
+        total = n.sum(0)
+        mean = (n * g[:, 0]).sum(0) / total
+        m2 = (g[:, 1] + n * (g[:, 0] - mean).square()).sum(0)
+        invstd = torch.rsqrt(m2 / total + eps)
+        ctx.count = int(total[0].item()) if total.numel() else 0
+        ctx.group = group
+        ctx.save_for_backward(y, mean, invstd)
+        unbiased = m2 / (total - 1).clamp(min=1)
+        ctx.mark_non_differentiable(unbiased)
+        return mean, invstd, unbiased
+
+    @staticmethod
+    def backward(ctx, dmean, dinvstd, _d_unbiased):
+        import torch.distributed as dist
+
+        y, mean, invstd = ctx.saved_tensors
+        d = torch.stack(_stats_grads(dmean, dinvstd, mean))
+        dist.all_reduce(d, group=ctx.group)
+        dy = torch.ops.aru.bn_stats_backward(_nhwc(y), d[0].contiguous(), d[1].contiguous(), mean, invstd,
+                                             ctx.count)
+        return dy, None, None, None, None, None
+
+
+def _synchronized(process_group) -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
+
+
 def conv_bn_train(
     x: Tensor,
     weight: Tensor,
@@ -985,6 +1045,8 @@ def conv_bn_train(
     in_scale: Optional[Tensor] = None,
     in_shift: Optional[Tensor] = None,
     in_relu: bool = False,
+    sync_stats: bool = False,
+    process_group=None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Training-mode convolution + batch norm, the normalization left to the consumer.
 
@@ -999,7 +1061,10 @@ def conv_bn_train(
     the next conv's ``in_scale``/``in_shift`` (with ``in_relu``) or to
     :func:`bn_add_relu`; the normalized activation is never written. All of it
     is differentiable; backward recomputes what it needs from ``x`` and ``y``.
-    Inputs and errors as :func:`conv_bn_act`.
+    With ``sync_stats`` (and a ``torch.distributed`` group of more than one
+    process) the statistics are those of all processes' images, as
+    ``nn.SyncBatchNorm`` computes them: 2*C numbers per process travel
+    forward, 2*C back. Inputs and errors as :func:`conv_bn_act`.
     """
     stride, padding, dilation = (_single(v, n) for v, n in
                                  ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
@@ -1014,6 +1079,15 @@ def conv_bn_train(
                      groups=groups, stats=True)
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
+    if sync_stats and _synchronized(process_group):
+        mean, invstd, unbiased = _SyncBatchStats.apply(y, tile_mean, tile_m2, plan.block_m, float(eps),
+                                                       process_group)
+        if running_mean is not None:
+            with torch.no_grad():
+                factor = (1.0 / float(num_batches_tracked)) if momentum is None else momentum
+                running_mean.lerp_(mean.to(running_mean.dtype), factor)
+                running_var.lerp_(unbiased.to(running_var.dtype), factor)
+        return y, *_scale_shift(mean, invstd, bn_weight, bn_bias)
     mean, invstd, new_running_mean, new_running_var = torch.ops.aru.bn_stats(
         y, tile_mean, tile_m2, running_mean, running_var, num_batches_tracked, plan.block_m,
         None if momentum is None else float(momentum), float(eps))
@@ -1021,11 +1095,15 @@ def conv_bn_train(
         with torch.no_grad():
             running_mean.copy_(new_running_mean)
             running_var.copy_(new_running_var)
+    return y, *_scale_shift(mean, invstd, bn_weight, bn_bias)
+
+
+def _scale_shift(mean, invstd, bn_weight, bn_bias) -> tuple[Tensor, Tensor]:
     scale = invstd if bn_weight is None else bn_weight.float() * invstd
     shift = -mean * scale
     if bn_bias is not None:
         shift = shift + bn_bias.float()
-    return y, scale, shift
+    return scale, shift
 
 
 def bn_add_relu(

@@ -51,7 +51,9 @@ def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None
     """Training-mode ``bn(conv(prologue(x)))`` left unapplied: ``(y, scale, shift)``.
 
     ``prologue`` is the ``(scale, shift)`` of the batch norm producing ``x``,
-    applied with a ReLU on load. Running statistics update as the module's would.
+    applied with a ReLU on load. Running statistics update as the module's would;
+    a batch norm with a ``process_group`` attribute (``nn.SyncBatchNorm``) takes
+    its statistics over all processes of that group.
     """
     _check_bn(bn)
     _check_conv(conv)
@@ -66,6 +68,7 @@ def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None
         momentum=bn.momentum, eps=bn.eps, stride=conv.stride, padding=conv.padding,
         dilation=conv.dilation, groups=conv.groups, in_scale=in_scale, in_shift=in_shift,
         in_relu=prologue is not None,
+        sync_stats=bn.training and hasattr(bn, "process_group"), process_group=getattr(bn, "process_group", None),
     )
 
 

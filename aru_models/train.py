@@ -248,6 +248,8 @@ class _CPUSyncBatchNorm2d(nn.BatchNorm2d):
     ``nn.BatchNorm2d``, so state dicts are interchangeable.
     """
 
+    process_group = None  # the default group; also what tells the fused path to synchronize
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
@@ -274,7 +276,9 @@ class _CPUSyncBatchNorm2d(nn.BatchNorm2d):
 
 def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     """``model`` with every ``BatchNorm2d`` synchronized across processes: torch's
-    ``SyncBatchNorm`` on GPUs, :class:`_CPUSyncBatchNorm2d` on CPUs."""
+    ``SyncBatchNorm`` on GPUs, :class:`_CPUSyncBatchNorm2d` on CPUs. The fused
+    path synchronizes both (any batch norm with a ``process_group`` attribute)
+    in its own kernels."""
     if device.type != "cpu":
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
@@ -402,9 +406,6 @@ class Trainer:
         if self.impl == "fused" and self.device.type == "cpu" and not interpreting():
             raise ValueError("--impl fused on a CPU runs the Triton kernels in the interpreter, which must be "
                              "chosen before import: set TRITON_INTERPRET=1 in the environment (slow; for testing)")
-        if args.sync_bn and self.impl == "fused":
-            raise NotImplementedError("--sync-bn with --impl fused: the fused batch-norm kernels do not "
-                                      "synchronize statistics across processes yet; use --impl eager")
         amp = args.amp or ("bf16" if self.device.type == "cuda" else "off")
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
         self.memory_format = torch.channels_last if args.channels_last else torch.contiguous_format

@@ -90,7 +90,7 @@ def test_folded_constants_follow_state_changes(device):
     """load_state_dict and a training-mode forward (running statistics) invalidate the fold cache."""
     tv, ours = pair("resnet18")
     tv, ours = tv.to(device), ours.to(device)
-    x = torch.randn(1, 3, 32, 32, device=device)
+    x = torch.randn(1, 3, 16, 16, device=device)
     with torch.no_grad():
         ours(x)  # fills the caches
         randomize_bn(tv)
@@ -100,7 +100,7 @@ def test_folded_constants_follow_state_changes(device):
         assert rel_error(ours(x), tv(x)) < 1e-4, "stale folded constants after load_state_dict"
         ours.set_impl("eager").train()
         tv.train()
-        batch = torch.randn(4, 3, 32, 32, device=device)
+        batch = torch.randn(4, 3, 16, 16, device=device)
         ours(batch)
         tv(batch)  # same running-statistics update on both
         ours.set_impl("fused").eval()
@@ -208,11 +208,11 @@ def test_torch_compile_fullgraph_fused_block_forward_and_backward(device):
 
 
 def test_from_torchvision_fused(device):
-    tv = tv_models.resnext50_32x4d(num_classes=7)
+    tv = tv_models.resnet18(num_classes=7)
     randomize_bn(tv)
     tv = tv.eval().to(device)
     ours = aru_models.from_torchvision(tv, impl="fused")
-    x = torch.randn(1, 3, 32, 32, device=device)
+    x = torch.randn(1, 3, 24, 24, device=device)
     with torch.no_grad():
         assert rel_error(ours(x), tv(x)) < 1e-4
 
@@ -220,7 +220,7 @@ def test_from_torchvision_fused(device):
 def test_torch_compile_fullgraph_traces_fused_model(device):
     _, ours = pair("resnet18")
     ours = ours.to(device)
-    x = torch.randn(1, 3, 32, 32, device=device)
+    x = torch.randn(1, 3, 16, 16, device=device)
     compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
     with torch.no_grad():
         assert_close(compiled(x), ours(x), torch.float32, what="compiled fused resnet18")

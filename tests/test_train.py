@@ -261,11 +261,6 @@ def test_two_processes_take_the_step_of_one(cifar_dir, tmp_path, sync_bn, capsys
         "per-process batch norm gave the single-process step: the test cannot tell the two apart"
 
 
-def test_sync_bn_with_the_fused_path_is_not_implemented(cifar_dir):
-    args = train.build_parser().parse_args(tiny_args(cifar_dir, "--sync-bn", "--impl", "fused"))
-    with pytest.raises(NotImplementedError, match="--sync-bn"):
-        train.train(args)
-
 
 def test_augmentation_does_not_depend_on_the_number_of_processes():
     x = torch.randn(8, 3, 8, 8)

@@ -210,3 +210,57 @@ def test_opcheck_training_ops(device):
                           (y, tm, tm2, state["running_mean"], state["running_var"], state["num_batches_tracked"],
                            ops.plan_conv(x.shape, w.shape, x.dtype, padding=1, groups=4).block_m, 0.1, 1e-5))
     torch.library.opcheck(torch.ops.aru.bn_add_relu.default, (y, s, b, x, s, b))
+
+
+def _sync_worker(rank, world, init_file, x, ws, affine, result_file):
+    """One process of test_sync_stats_two_processes_match_one: its half of the batch."""
+    import os as _os
+
+    _os.environ["TRITON_INTERPRET"] = "1"
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out = _sync_block(x[rank::world].clone(), ws, affine, sync=True)
+        (out.float().square().sum() / x.shape[0]).backward()
+        grads = [t.grad for t in (*ws, *affine)]
+        for g in grads:
+            dist.all_reduce(g)  # DDP's reduction (a sum here: each process holds 1/world of the loss)
+        if rank == 0:
+            torch.save({"grads": grads, "running": affine[0].running}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def _sync_block(x, ws, affine, sync):
+    """conv_bn_train -> conv_bn_train (prologue) -> bn_add_relu, statistics synchronized if asked."""
+    states = [dict(running_mean=torch.zeros(16), running_var=torch.ones(16), num_batches_tracked=torch.tensor(0))
+              for _ in range(2)]
+    y1, s1, b1 = aru_kernels.conv_bn_train(x, ws[0], affine[0], affine[1], **states[0], sync_stats=sync)
+    y2, s2, b2 = aru_kernels.conv_bn_train(y1, ws[1], affine[2], affine[3], **states[1], padding=1, groups=4,
+                                           in_scale=s1, in_shift=b1, in_relu=True, sync_stats=sync)
+    affine[0].running = torch.stack([torch.stack([s["running_mean"], s["running_var"]]) for s in states])
+    return aru_kernels.bn_add_relu(y2, s2, b2, x)
+
+
+def test_sync_stats_two_processes_match_one(tmp_path):
+    """Batch statistics all-gathered over two gloo processes, gradients all-reduced:
+    the same gradients and running statistics as one process on the whole batch."""
+    import torch.multiprocessing as mp
+
+    x = channels_last(torch.randn(4, 16, 6, 5) * 2 + 1)
+    ws = [_leaf(torch.randn(16, 16, 1, 1) / 4), _leaf(torch.randn(16, 4, 3, 3) / 6)]
+    affine = [_leaf(torch.rand(16) + 0.5), _leaf(torch.randn(16)), _leaf(torch.rand(16) + 0.5),
+              _leaf(torch.randn(16))]
+    out = _sync_block(x, ws, affine, sync=False)
+    (out.float().square().sum() / x.shape[0]).backward()
+    expected = [t.grad for t in (*ws, *affine)]
+    expected_running = affine[0].running
+
+    fresh = [_leaf(t.detach()) for t in (*ws, *affine)]
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), x, fresh[:2], fresh[2:], str(result)), nprocs=2)
+    got = torch.load(result, weights_only=False)
+    for i, (g, e) in enumerate(zip(got["grads"], expected)):
+        assert_close(g, e, torch.float32, what=f"gradient {i} with synchronized statistics")
+    assert_close(got["running"], expected_running, torch.float32, what="running statistics")
