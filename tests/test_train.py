@@ -355,8 +355,7 @@ def test_bad_data_paths_fail_clearly(case, tmp_path, capsys):
     (["--batch-size", "0"], ["--batch-size", "at least 1"]),
     (["--epochs", "0"], ["--epochs"]),
     (["--device", "tpu"], ["--device", "tpu"]),
-    (["--impl", "fused", "--sync-bn"], ["--sync-bn", "--impl eager"]),
-], ids=["model", "amp", "batch-size", "epochs", "device", "fused-sync-bn"])
+], ids=["model", "amp", "batch-size", "epochs", "device"])
 def test_bad_arguments_fail_clearly(argv, expected, capsys):
     expect_usage_error(["--impl", "eager", *argv], capsys, *expected)
 
