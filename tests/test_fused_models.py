@@ -192,7 +192,9 @@ def test_three_sgd_steps_follow_eager_trajectory(device):
             losses.append(loss.detach())
         trajectories.append(torch.stack(losses))
     assert_close(trajectories[1], trajectories[2], torch.float32, what="fused loss trajectory over three SGD steps")
-    assert_close(trajectories[1], trajectories[0], torch.float32, what="fused vs eager loss trajectory")
+    # eager float32 drifts from float64 too (a few pixels per channel in the last stage):
+    # the fused trajectory must stay at least as close to float64 as eager's does.
+    assert_as_accurate(trajectories[1], trajectories[0], trajectories[2], what="fused loss trajectory")
     for (name, a), b, r in zip(eager.state_dict().items(), fused.state_dict().values(), exact.state_dict().values()):
         if name.endswith("num_batches_tracked"):
             assert torch.equal(a, b)
