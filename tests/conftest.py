@@ -10,7 +10,8 @@ import random
 
 import torch
 
-if not torch.cuda.is_available():
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:  # run every kernel on CPU tensors through Triton's interpreter
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import numpy as np  # noqa: E402
@@ -26,7 +27,7 @@ def _seed_everything():
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
+    if HAS_CUDA:
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device; none is present on this machine")
     for item in items:
@@ -36,5 +37,5 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture
 def device():
-    """Where kernels run in this session: CUDA if present, else CPU under the interpreter."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """Where kernels run in this test run: CUDA if present, else CPU under the interpreter."""
+    return torch.device("cuda" if HAS_CUDA else "cpu")
