@@ -9,4 +9,13 @@ from . import reference
 from .ops import bn_add_relu, conv_bn_act, conv_bn_train, fold_bn
 from .runtime import default_impl, fused_available, interpreting
 
-__all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "fold_bn", "reference", "default_impl", "fused_available", "interpreting"]
+__all__ = [
+    "conv_bn_act",
+    "conv_bn_train",
+    "bn_add_relu",
+    "fold_bn",
+    "reference",
+    "default_impl",
+    "fused_available",
+    "interpreting",
+]

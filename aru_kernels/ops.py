@@ -25,6 +25,8 @@ __all__ = [
     "conv_bn_train",
     "bn_add_relu",
     "conv_bn_act_into",
+    "conv_input_grad",
+    "conv_weight_grad",
     "fold_bn",
     "pack_factor",
     "pack_weight",
