@@ -22,7 +22,10 @@ builder                block        stages          groups x group width
 ``wide_resnet101_2``   Bottleneck   3, 4, 23, 3     1 x 128
 =====================  ===========  ==============  =====================
 
-Group widths are those of the first stage and double at every stage.
+Group widths are those of the first stage and double at every stage. The
+CIFAR networks of the ResNeXt paper (``resnext29_8x64d``, ``resnext29_16x64d``
+and the CPU-sized ``resnext29_tiny``; 3x3 stem, three stages) live in
+:mod:`aru_models.cifar`; ``python -m aru_models.train`` trains any of them.
 :func:`from_torchvision` converts a torchvision model that already exists.
 """
 
@@ -59,4 +62,8 @@ __all__ = [
     "resnext101_64x4d",
     "wide_resnet50_2",
     "wide_resnet101_2",
+    "CifarResNeXt",
+    "resnext29_8x64d",
+    "resnext29_16x64d",
+    "resnext29_tiny",
 ]
