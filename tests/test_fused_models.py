@@ -18,11 +18,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import aru_models
 from aru_kernels import ops
 from helpers import assert_as_accurate, assert_close, rel_error
+from test_models import BUILDERS
 
 tv_models = pytest.importorskip("torchvision.models")
 
-BUILDERS = ["resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-            "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2"]
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
