@@ -1,19 +1,26 @@
 """Triton kernels for ResNeXt's aggregated residual transformation unit.
 
-Floors: ``conv`` and ``batchnorm`` hold the kernels (pure math on pointers),
-``ops`` the launchers and the ``torch.library`` operators, ``reference`` the
-pure-PyTorch oracle.
+Floors, each importing only the ones below it:
+
+* kernels, pure math on pointers: ``conv`` (implicit-GEMM convolution, its
+  input and weight gradients), ``batchnorm`` (finalize, ``bn_add_relu``, the
+  statistics' backward);
+* launch plans: ``plans`` (block sizes and grids as rules of the shape);
+* operators: ``conv_ops`` and ``bn_ops`` (launchers, ``torch.library``
+  custom ops and their autograd), ``sync_bn`` (statistics across processes),
+  with ``checks`` for their inputs;
+* the public functions: ``functional``, re-exported here;
+* ``reference``: the pure-PyTorch oracle the tests compare against.
 """
 
 from . import reference
-from .ops import bn_add_relu, conv_bn_act, conv_bn_train, fold_bn
+from .functional import bn_add_relu, conv_bn_act, conv_bn_train
 from .runtime import default_impl, fused_available, interpreting
 
 __all__ = [
     "conv_bn_act",
     "conv_bn_train",
     "bn_add_relu",
-    "fold_bn",
     "reference",
     "default_impl",
     "fused_available",

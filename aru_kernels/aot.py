@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import torch
 
 from . import conv as _conv
-from .ops import ConvPlan, _kernel_arguments
+from .conv_ops import kernel_arguments
+from .plans import ConvPlan
 
 __all__ = ["AotResult", "compile_plan"]
 
@@ -44,12 +45,17 @@ def _signature(plan: ConvPlan) -> tuple[dict, dict]:
 
     f32 = meta(torch.float32)
     act = meta(plan.dtype)
-    part = f32 if plan.stats or plan.pro_bwd else None
-    args = _kernel_arguments(
-        plan, act, act, act,
-        f32 if plan.has_scale or plan.pro_bwd else None, f32 if plan.has_shift or plan.pro_bwd else None,
-        act if plan.has_residual or plan.pro_bwd else None,
-        f32 if plan.has_prologue else None, f32 if plan.has_prologue else None, part, part,
+    weight = torch.empty((plan.c_out, plan.cin_g, plan.kh, plan.kw), dtype=plan.dtype, device="meta")
+
+    def vec(present):
+        return f32 if present else None
+
+    part = vec(plan.stats or plan.pro_bwd)
+    args = kernel_arguments(
+        plan, act, weight, act, mean=vec(plan.has_mean or plan.pro_mean), var=vec(plan.has_var),
+        scale=vec(plan.has_scale or plan.pro_bwd), shift=vec(plan.has_shift or plan.pro_bwd),
+        residual=act if plan.has_residual or plan.pro_bwd else None, in_mean=vec(plan.pro_mean),
+        in_scale=vec(plan.has_prologue), in_shift=vec(plan.has_prologue), part_a=part, part_b=part,
     )
     constexprs = plan.constexprs()
     signature = {}
@@ -59,6 +65,8 @@ def _signature(plan: ConvPlan) -> tuple[dict, dict]:
             signature[name] = "constexpr"
         elif isinstance(value, torch.Tensor):
             signature[name] = "*" + _TRITON_DTYPES[value.dtype]
+        elif isinstance(value, float):
+            signature[name] = "fp32"
         else:
             signature[name] = "i32"
     return signature, constexprs

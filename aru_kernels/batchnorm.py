@@ -6,14 +6,23 @@
 * ``bn_stats_backward_kernel``: the gradient that flows into the conv output
   ``y`` through the batch mean and variance.
 * ``bn_add_relu_kernel`` / ``bn_add_relu_backward_kernel``: the end of a
-  residual block, ``relu(scale*y + shift + identity')`` with
-  ``identity' = id_scale*identity + id_shift`` (downsample branch's batch norm)
-  or the identity itself, and its gradient with the per-channel sums that the
-  scale and shift gradients need, written per tile (no atomics).
+  residual block, ``relu(scale*(y - mean) + shift + identity')`` with
+  ``identity' = id_scale*(identity - id_mean) + id_shift`` (downsample
+  branch's batch norm) or the identity itself, and its gradient with the
+  per-channel sums that the scale, shift and mean gradients need, written per
+  tile (no atomics).
+
+Batch norm is applied as ``scale*(v - mean) + shift``, centred first as
+``nn.BatchNorm2d`` does: a value equal to the mean lands exactly on
+``shift``, so a ReLU after it closes where eager's does, and the gradient sums
+are of centred values (no cancellation for channels with a large mean).
+ReLUs keep NaN, as ``torch.relu`` does.
 """
 
 import triton
 import triton.language as tl
+
+from .conv import _relu
 
 
 @triton.jit
@@ -79,6 +88,18 @@ def bn_finalize_kernel(
 
 
 @triton.jit
+def _vec(ptr, rc, c_ok):
+    """A per-channel fp32 vector as a row that broadcasts over pixels."""
+    return tl.load(ptr + rc, mask=c_ok, other=0.0)[None, :]
+
+
+@triton.jit
+def _centred(ptr, off, ok, mean_ptr, rc, c_ok):
+    """``v - mean`` per channel, in fp32."""
+    return tl.load(ptr + off, mask=ok, other=0.0).to(tl.float32) - _vec(mean_ptr, rc, c_ok)
+
+
+@triton.jit
 def bn_stats_backward_kernel(
     y_ptr,  # [M, C] conv output, NHWC rows
     dmean_ptr,  # [C] fp32 dL/dmean
@@ -92,27 +113,25 @@ def bn_stats_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
-    """``dy = (dmean - dinvstd * invstd^3 * (y - mean)) / count``."""
+    """``dy = (dmean - dinvstd * invstd^3 * (y - mean)) / count``, centred first."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     ok = (rm < M)[:, None] & c_ok[None, :]
-    inv_m = inv_count
-    mean = tl.load(mean_ptr + rc, mask=c_ok, other=0.0)
-    invstd = tl.load(invstd_ptr + rc, mask=c_ok, other=0.0)
-    b = -tl.load(dinvstd_ptr + rc, mask=c_ok, other=0.0) * invstd * invstd * invstd * inv_m
-    a = tl.load(dmean_ptr + rc, mask=c_ok, other=0.0) * inv_m - b * mean
+    invstd = _vec(invstd_ptr, rc, c_ok)
+    b = -_vec(dinvstd_ptr, rc, c_ok) * invstd * invstd * invstd * inv_count
+    a = _vec(dmean_ptr, rc, c_ok) * inv_count
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    y = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    tl.store(dy_ptr + off, (a[None, :] + b[None, :] * y).to(dy_ptr.dtype.element_ty), mask=ok)
+    yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
+    tl.store(dy_ptr + off, (a + b * yc).to(dy_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
 def bn_add_relu_kernel(
     y_ptr,  # [M, C] NHWC rows
-    scale_ptr, shift_ptr,  # [C] fp32
+    mean_ptr, scale_ptr, shift_ptr,  # [C] fp32
     id_ptr,  # [M, C] identity (HAS_IDENTITY)
-    id_scale_ptr, id_shift_ptr,  # [C] fp32 (ID_AFFINE)
+    id_mean_ptr, id_scale_ptr, id_shift_ptr,  # [C] fp32 (ID_AFFINE)
     out_ptr,  # [M, C]
     M,
     C,
@@ -126,14 +145,16 @@ def bn_add_relu_kernel(
     c_ok = rc < C
     ok = (rm < M)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    y = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    z = y * tl.load(scale_ptr + rc, mask=c_ok, other=0.0)[None, :] + tl.load(shift_ptr + rc, mask=c_ok, other=0.0)[None, :]
+    z = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok) * _vec(scale_ptr, rc, c_ok) + _vec(shift_ptr, rc, c_ok)
     if HAS_IDENTITY:
-        r = tl.load(id_ptr + off, mask=ok, other=0.0).to(tl.float32)
         if ID_AFFINE:
-            r = r * tl.load(id_scale_ptr + rc, mask=c_ok, other=0.0)[None, :] + tl.load(id_shift_ptr + rc, mask=c_ok, other=0.0)[None, :]
+            r = (_centred(id_ptr, off, ok, id_mean_ptr, rc, c_ok) * _vec(id_scale_ptr, rc, c_ok)
+                 + _vec(id_shift_ptr, rc, c_ok))
+        else:
+            r = tl.load(id_ptr + off, mask=ok, other=0.0).to(tl.float32)
         z = z + r
-    tl.store(out_ptr + off, tl.maximum(z, 0.0).to(out_ptr.dtype.element_ty), mask=ok)
+    z = _relu(z)
+    tl.store(out_ptr + off, z.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -141,12 +162,12 @@ def bn_add_relu_backward_kernel(
     dout_ptr,  # [M, C] dL/dout
     out_ptr,  # [M, C] the forward output (its sign is the ReLU mask)
     y_ptr,  # [M, C]
-    scale_ptr,  # [C] fp32
+    mean_ptr, scale_ptr,  # [C] fp32
     id_ptr,  # [M, C] identity (HAS_IDENTITY)
-    id_scale_ptr,  # [C] fp32 (ID_AFFINE)
+    id_mean_ptr, id_scale_ptr,  # [C] fp32 (ID_AFFINE)
     dy_ptr,  # [M, C] out: dL/dy
     did_ptr,  # [M, C] out: dL/didentity (HAS_IDENTITY)
-    part_ptr,  # [3, T, C] fp32 out: per-tile sums of dz, dz*y, dz*identity
+    part_ptr,  # [3, T, C] fp32 out: per-tile sums of dz, dz*(y - mean), dz*(identity - id_mean)
     M,
     C,
     T,
@@ -162,16 +183,16 @@ def bn_add_relu_backward_kernel(
     ok = (rm < M)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
     out = tl.load(out_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    dz = tl.where(out > 0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
-    y = tl.load(y_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    s = tl.load(scale_ptr + rc, mask=c_ok, other=0.0)
-    tl.store(dy_ptr + off, (dz * s[None, :]).to(dy_ptr.dtype.element_ty), mask=ok)
+    # torch.relu's gradient: zero where the output is <= 0 (NaN outputs pass it on).
+    dz = tl.where(out <= 0, 0.0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32))
+    yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
+    tl.store(dy_ptr + off, (dz * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
     tl.store(part_ptr + pid_m * C + rc, tl.sum(dz, axis=0), mask=c_ok)
-    tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(dz * y, axis=0), mask=c_ok)
+    tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(dz * yc, axis=0), mask=c_ok)
     if HAS_IDENTITY:
         did = dz
         if ID_AFFINE:
-            r = tl.load(id_ptr + off, mask=ok, other=0.0).to(tl.float32)
-            tl.store(part_ptr + (2 * T + pid_m) * C + rc, tl.sum(dz * r, axis=0), mask=c_ok)
-            did = dz * tl.load(id_scale_ptr + rc, mask=c_ok, other=0.0)[None, :]
+            ic = _centred(id_ptr, off, ok, id_mean_ptr, rc, c_ok)
+            tl.store(part_ptr + (2 * T + pid_m) * C + rc, tl.sum(dz * ic, axis=0), mask=c_ok)
+            did = dz * _vec(id_scale_ptr, rc, c_ok)
         tl.store(did_ptr + off, did.to(did_ptr.dtype.element_ty), mask=ok)

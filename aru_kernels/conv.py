@@ -11,35 +11,52 @@ The GEMM view, per group of channels::
     n = output channel
 
 **Packing.** Small groups (ResNeXt-50's widths are 4 and 8 channels) are too
-narrow for tensor cores, whose dots need K, N >= 16. The launcher packs ``GP``
-neighbouring groups into one *pack* whose weight is block-diagonal and dense:
-``[packs, KH*KW*CIN_P, COUT_P]`` with ``CIN_P = GP * cin_per_group`` and
-``COUT_P = GP * cout_per_group``. The zero blocks cost FLOPs, not bytes, and a
-grouped conv is far below the ridge point, so they are nearly free. To the
-kernel, every convolution is a dense convolution within one pack: ``groups=1``
-is one pack holding everything.
+narrow for tensor cores, whose dots need K, N >= 16. ``GP`` neighbouring
+groups form one *pack* of ``CIN_P = GP * CIN_G`` input and ``COUT_P = GP *
+COUT_G`` output channels, whose weight is block-diagonal. The kernel reads the
+weight in the caller's own ``[C_out, C_in/groups, KH, KW]`` tensor (any
+strides; ``channels_last`` weights load contiguously) and builds each
+block-diagonal tile on load: the zero blocks come from the load mask, so no
+packed copy exists that could go stale. The zero blocks cost FLOPs, not bytes,
+and a grouped conv is far below the ridge point, so they are nearly free.
+To the kernel, every convolution is a dense convolution within one pack:
+``groups=1`` is one pack holding everything.
+
+Non-finite values: a pack's dot multiplies every input channel of the pack by
+the zero blocks of the other groups, so an inf or NaN input in one group makes
+NaN in the other groups of its pack (``0 * inf``). A non-finite input never
+yields a finite output where ``F.conv2d``'s is non-finite.
 
 **K order.** With ``CIN_P >= 16`` the kernel walks the taps and, in each tap,
 blocks of contiguous input channels, as one pipelined loop. With fewer channels per pack
 (the stem: 3) it folds the taps into K (``FOLD_TAPS``): k runs over
 ``(tap, channel)`` pairs, so no dot is mostly padding.
 
-**Prologue** (``HAS_PROLOGUE``): ``relu?(in_scale[c] * x + in_shift[c])`` on
-each loaded input element, i.e. the previous layer's batch norm applied
-lazily; padded positions stay zero, as in a conv that follows BN + ReLU.
+**Prologue** (``HAS_PROLOGUE``): ``relu?(in_scale[c] * (x - in_mean[c]) +
+in_shift[c])`` on each loaded input element (``in_mean`` with ``PRO_MEAN``),
+i.e. the previous layer's batch norm applied lazily; padded positions stay
+zero, as in a conv that follows BN + ReLU. Centring first, as batch norm
+does, keeps values equal to the mean exactly at ``in_shift``.
 
-**Epilogue**, on the fp32 accumulator: ``relu?(scale[n] * acc + shift[n] +
-residual)``, cast to the output dtype. With ``STATS`` each program also writes,
-per output channel, the mean and the sum of squared deviations of its tile of
-stored outputs: training-mode batch norm's statistics, combined later without
+**Epilogue**, on the fp32 accumulator::
+
+    y = relu?(scale[n] * (acc - mean[n]) / sqrt(var[n] + eps) + shift[n] + residual)
+
+each term optional (``HAS_MEAN``, ``HAS_VAR``, ``HAS_SCALE``, ``HAS_SHIFT``,
+``HAS_RESIDUAL``, ``RELU``): a bias, or an eval-mode batch norm computed from
+its raw vectors, cast to the output dtype. ReLU propagates NaN, as
+``torch.relu`` does. With ``STATS`` each program also writes, per output
+channel, the mean and the sum of squared deviations of its tile of stored
+outputs: training-mode batch norm's statistics, combined later without
 atomics, so runs are bitwise repeatable.
 
 **Input gradient** (``TRANSPOSED``): the same loop computes dL/dx of a forward
-convolution from dL/dy, with the weight packed transposed and the tap map
-inverted (strided convs included). If the forward had a prologue
-``a = relu?(s*x + b)``, ``PRO_BWD`` turns dL/da into dL/dx in the epilogue
-(``res_ptr`` then holds the forward input x, ``scale_ptr``/``shift_ptr`` the
-prologue's s and b) and writes per-tile partial sums of dL/db and dL/ds.
+convolution from dL/dy, reading the forward weight transposed and inverting
+the tap map (strided convs included). If the forward had a prologue
+``a = relu?(s*(x - mu) + b)``, ``PRO_BWD`` turns dL/da into dL/dx in the
+epilogue (``res_ptr`` then holds the forward input x, ``scale_ptr``,
+``shift_ptr`` and ``mean_ptr`` the prologue's s, b and mu) and writes per-tile
+partial sums of dL/db and of dL/db * (x - mu), from which dL/ds follows.
 """
 
 import triton
@@ -47,13 +64,23 @@ import triton.language as tl
 
 
 @triton.jit
-def _prologue(a, ok, ch, ch_ok, in_scale_ptr, in_shift_ptr, PRO_RELU: tl.constexpr):
-    """relu?(in_scale * a + in_shift) per input channel ``ch``; zero where not ``ok``."""
+def _relu(v):
+    """max(v, 0) that keeps NaN, as ``torch.relu`` does (``tl.maximum`` drops it)."""
+    return tl.where(v < 0, 0.0, v)
+
+
+@triton.jit
+def _prologue(a, ok, ch, ch_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr, PRO_MEAN: tl.constexpr,
+              PRO_RELU: tl.constexpr):
+    """relu?(in_scale * (a - in_mean) + in_shift) per input channel ``ch``; zero where not ``ok``."""
+    a = a.to(tl.float32)
+    if PRO_MEAN:
+        a = a - tl.load(in_mean_ptr + ch, mask=ch_ok, other=0.0)[None, :]
     s = tl.load(in_scale_ptr + ch, mask=ch_ok, other=0.0)
     b = tl.load(in_shift_ptr + ch, mask=ch_ok, other=0.0)
-    a = a.to(tl.float32) * s[None, :] + b[None, :]
+    a = a * s[None, :] + b[None, :]
     if PRO_RELU:
-        a = tl.maximum(a, 0.0)
+        a = _relu(a)
     return tl.where(ok, a, 0.0)
 
 
@@ -74,13 +101,39 @@ def _tap_coord(o, k, size, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.cons
 
 
 @triton.jit
+def _weight_tile(w_ptr, pack, ck, tap_off, k_ok, rn, n_ok, sw_o, sw_i,
+                 CIN_G: tl.constexpr, COUT_G: tl.constexpr, CIN_P: tl.constexpr, COUT_P: tl.constexpr,
+                 TRANSPOSED: tl.constexpr):
+    """The block-diagonal tile ``B[k, n]`` of one pack, read from the weight in
+    its own layout ``w[C_out, C_in/groups, KH, KW]`` (strides ``sw_*``).
+
+    ``ck`` gives each row's input channel within the pack and ``tap_off`` the
+    offset of its tap (a scalar, or a column for folded taps); ``rn`` each
+    column's output channel within the pack. Entries
+    whose channels belong to different groups are the zero blocks: masked,
+    never read. A transposed launch reads the forward weight transposed, its
+    input channels being the forward's output channels.
+    """
+    same_group = (ck // CIN_G)[:, None] == (rn // COUT_G)[None, :]
+    if TRANSPOSED:
+        off = (pack * CIN_P + ck)[:, None] * sw_o + (rn % COUT_G)[None, :] * sw_i
+    else:
+        off = (ck % CIN_G)[:, None] * sw_i + (pack * COUT_P + rn)[None, :] * sw_o
+    off += tap_off
+    return tl.load(w_ptr + off, mask=same_group & k_ok[:, None] & n_ok[None, :], other=0.0)
+
+
+@triton.jit
 def conv_bn_act_kernel(
     x_ptr,  # [N, H, W, C_IN] input, NHWC contiguous
-    w_ptr,  # [packs, KH*KW*CIN_P, COUT_P] packed weight, in the compute dtype
+    w_ptr,  # the forward weight [C_out, C_in/groups, KH, KW], strides sw_*, any floating dtype
     out_ptr,  # [N, P, Q, C_OUT] output, NHWC contiguous
+    mean_ptr,  # [C_OUT] fp32 epilogue mean (HAS_MEAN); the prologue's mean with PRO_BWD
+    var_ptr,  # [C_OUT] fp32 epilogue variance (HAS_VAR)
     scale_ptr,  # [C_OUT] fp32 epilogue scale (HAS_SCALE)
     shift_ptr,  # [C_OUT] fp32 epilogue shift (HAS_SHIFT)
     res_ptr,  # [N, P, Q, C_OUT] residual, NHWC contiguous (HAS_RESIDUAL)
+    in_mean_ptr,  # [C_IN] fp32 prologue mean (PRO_MEAN)
     in_scale_ptr,  # [C_IN] fp32 prologue scale (HAS_PROLOGUE)
     in_shift_ptr,  # [C_IN] fp32 prologue shift (HAS_PROLOGUE)
     part_a_ptr, part_b_ptr,  # [M tiles, C_OUT] fp32 per-tile partial statistics (STATS or PRO_BWD)
@@ -88,15 +141,19 @@ def conv_bn_act_kernel(
     H, W,  # input spatial size
     P, Q,  # output spatial size
     C_IN, C_OUT,  # channels of input and output (their NHWC row strides)
+    sw_o, sw_i, sw_h, sw_w,  # strides of the forward weight
+    eps,  # added to the epilogue variance (HAS_VAR)
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
+    CIN_G: tl.constexpr, COUT_G: tl.constexpr,  # input and output channels of one group
     CIN_P: tl.constexpr,  # input channels of one pack
     COUT_P: tl.constexpr,  # output channels of one pack
     FOLD_TAPS: tl.constexpr,  # k runs over (tap, channel) pairs instead of taps x channel blocks
-    HAS_PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, PRO_MEAN: tl.constexpr, PRO_RELU: tl.constexpr,
+    HAS_MEAN: tl.constexpr, HAS_VAR: tl.constexpr,
     HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr,
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
-    TRANSPOSED: tl.constexpr,  # input-gradient launch: x is dL/d(conv output), w the transposed pack
+    TRANSPOSED: tl.constexpr,  # input-gradient launch: x is dL/d(conv output), w read transposed
     STATS: tl.constexpr,  # write per-tile (mean, M2) of the stored output, for batch norm
     PRO_BWD: tl.constexpr,  # input-gradient of a conv with a prologue (see module docstring)
     DOT_F32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
@@ -123,7 +180,7 @@ def conv_bn_act_kernel(
 
     rn = n0 + tl.arange(0, BLOCK_N)  # output channel within the pack
     n_ok = rn < COUT_P
-    w_pack = w_ptr + pack * (KH * KW * CIN_P * COUT_P)
+    dot_dtype = x_ptr.dtype.element_ty
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     if FOLD_TAPS:
@@ -138,13 +195,15 @@ def conv_bn_act_kernel(
             ok = m_ok[:, None] & k_ok[None, :] & h_ok & w_ok
             a = tl.load(x_ptr + img_base[:, None] + (ih * W + iw) * C_IN + c[None, :], mask=ok, other=0.0)
             if HAS_PROLOGUE:
-                a = _prologue(a, ok, pack * CIN_P + c, k_ok, in_scale_ptr, in_shift_ptr, PRO_RELU)
-            b = tl.load(w_pack + rk[:, None] * COUT_P + rn[None, :],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                a = _prologue(a, ok, pack * CIN_P + c, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
+                              PRO_MEAN, PRO_RELU)
+            tap_off = ((tap // KW) * sw_h + (tap % KW) * sw_w)[:, None]
+            b = _weight_tile(w_ptr, pack, c, tap_off, k_ok, rn, n_ok, sw_o, sw_i,
+                             CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
             if DOT_F32:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
-                acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(a.to(dot_dtype), b.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
     else:
         # One pipelined loop over (tap, channel block) pairs.
         C_BLOCKS: tl.constexpr = (CIN_P + BLOCK_K - 1) // BLOCK_K
@@ -159,13 +218,14 @@ def conv_bn_act_kernel(
             row = img_base + (ih * W + iw) * C_IN
             a = tl.load(x_ptr + row[:, None] + rk[None, :], mask=ok, other=0.0)
             if HAS_PROLOGUE:
-                a = _prologue(a, ok, pack * CIN_P + rk, k_ok, in_scale_ptr, in_shift_ptr, PRO_RELU)
-            b = tl.load(w_pack + (tap * CIN_P + rk)[:, None] * COUT_P + rn[None, :],
-                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                a = _prologue(a, ok, pack * CIN_P + rk, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
+                              PRO_MEAN, PRO_RELU)
+            b = _weight_tile(w_ptr, pack, rk, (tap // KW) * sw_h + (tap % KW) * sw_w, k_ok, rn, n_ok,
+                             sw_o, sw_i, CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
             if DOT_F32:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
-                acc = tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+                acc = tl.dot(a.to(dot_dtype), b.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
 
     # Epilogue on the fp32 accumulator.
     co = pack * COUT_P + rn
@@ -173,18 +233,25 @@ def conv_bn_act_kernel(
     ok = m_ok[:, None] & n_ok[None, :]
     part_off = pid_m * C_OUT + co
     if PRO_BWD:
-        # acc = dL/da with a = relu?(s * x + b) the forward prologue; res_ptr holds x.
-        x_in = tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
+        # acc = dL/da with a = relu?(s * (x - mu) + b) the forward prologue; res_ptr holds x.
+        xc = tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
+        if PRO_MEAN:
+            xc = xc - tl.load(mean_ptr + co, mask=n_ok, other=0.0)[None, :]
         s = tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
         g = acc
         if PRO_RELU:
-            g = tl.where(s * x_in + tl.load(shift_ptr + co, mask=n_ok, other=0.0)[None, :] > 0, g, 0.0)
+            pre = s * xc + tl.load(shift_ptr + co, mask=n_ok, other=0.0)[None, :]
+            g = tl.where(pre <= 0, 0.0, g)  # a NaN pre-activation passes the gradient, as torch.relu's does
         g = tl.where(ok, g, 0.0)
         tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=n_ok)  # -> dL/db
-        tl.store(part_b_ptr + part_off, tl.sum(g * x_in, axis=0), mask=n_ok)  # -> dL/ds
+        tl.store(part_b_ptr + part_off, tl.sum(g * xc, axis=0), mask=n_ok)  # -> dL/ds
         tl.store(out_ptr + out_off, (g * s).to(out_ptr.dtype.element_ty), mask=ok)
     else:
         y = acc
+        if HAS_MEAN:
+            y = y - tl.load(mean_ptr + co, mask=n_ok, other=0.0)[None, :]
+        if HAS_VAR:
+            y = y / tl.sqrt_rn(tl.load(var_ptr + co, mask=n_ok, other=1.0) + eps)[None, :]
         if HAS_SCALE:
             y = y * tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
         if HAS_SHIFT:
@@ -192,7 +259,7 @@ def conv_bn_act_kernel(
         if HAS_RESIDUAL:
             y = y + tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = _relu(y)
         y = y.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_off, y, mask=ok)
         if STATS:
@@ -211,6 +278,7 @@ def conv_wgrad_kernel(
     x_ptr,  # [N, H, W, C_IN] forward input, NHWC contiguous
     dy_ptr,  # [N, P, Q, C_OUT] dL/dy, NHWC contiguous
     part_ptr,  # [SPLITS, packs, KH*KW, CIN_P, COUT_P] fp32 partial dL/dW, one slab per split of M
+    in_mean_ptr,  # [C_IN] fp32 forward prologue mean (PRO_MEAN)
     in_scale_ptr,  # [C_IN] fp32 forward prologue scale (HAS_PROLOGUE)
     in_shift_ptr,  # [C_IN] fp32 forward prologue shift (HAS_PROLOGUE)
     M,  # N * P * Q
@@ -219,7 +287,7 @@ def conv_wgrad_kernel(
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
     CIN_P: tl.constexpr, COUT_P: tl.constexpr,
-    HAS_PROLOGUE: tl.constexpr, PRO_RELU: tl.constexpr,
+    HAS_PROLOGUE: tl.constexpr, PRO_MEAN: tl.constexpr, PRO_RELU: tl.constexpr,
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
 ):
@@ -261,7 +329,8 @@ def conv_wgrad_kernel(
         row = (img.to(tl.int64) * H * W + ih * W + iw) * C_IN + pack * CIN_P
         a = tl.load(x_ptr + row[:, None] + rci[None, :], mask=ok, other=0.0)
         if HAS_PROLOGUE:
-            a = _prologue(a, ok, pack * CIN_P + rci, ci_ok, in_scale_ptr, in_shift_ptr, PRO_RELU)
+            a = _prologue(a, ok, pack * CIN_P + rci, ci_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
+                          PRO_MEAN, PRO_RELU)
         g = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * C_OUT + (pack * COUT_P + rco)[None, :],
                     mask=m_ok[:, None] & co_ok[None, :], other=0.0)
         if DOT_F32:

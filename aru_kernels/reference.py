@@ -6,14 +6,14 @@ compare the Triton kernels against.
 
 Vocabulary (NCHW shapes; per-channel vectors have one entry per channel):
 
-* ``conv_bn_act``: optional prologue ``relu?(in_scale * x + in_shift)`` on the
-  input (the previous layer's batch norm applied lazily), convolution, then an
-  epilogue ``relu?(scale * y + shift + residual)``.
-* ``fold_bn``: eval-mode batch norm as the ``(scale, shift)`` pair the epilogue takes.
+* ``conv_bn_act``: optional prologue ``relu?(in_scale * (x - in_mean) +
+  in_shift)`` on the input (the previous layer's batch norm applied lazily),
+  convolution, then an epilogue
+  ``relu?(scale * (y - mean) / sqrt(var + eps) + shift + residual)``.
 * ``batch_norm``: ``nn.BatchNorm2d``'s forward, train or eval mode, running
   statistics updated in place exactly as the module does.
 * ``bn_add_relu``: the end of a training block,
-  ``relu(scale * y + shift + (id_scale * identity + id_shift))``.
+  ``relu(scale * (y - mean) + shift + (id_scale * (identity - id_mean) + id_shift))``.
 """
 
 from __future__ import annotations
@@ -24,8 +24,6 @@ from torch import Tensor
 
 __all__ = [
     "conv_bn_act",
-    "fold_bn",
-    "bn_scale_shift",
     "batch_norm",
     "conv_bn",
     "bn_add_relu",
@@ -45,9 +43,13 @@ def conv_bn_act(
     padding: int = 0,
     dilation: int = 1,
     groups: int = 1,
+    in_mean: Tensor | None = None,
     in_scale: Tensor | None = None,
     in_shift: Tensor | None = None,
     in_relu: bool = False,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+    eps: float = 1e-5,
     scale: Tensor | None = None,
     shift: Tensor | None = None,
     residual: Tensor | None = None,
@@ -58,6 +60,8 @@ def conv_bn_act(
     Zero padding applies to the *prologued* input, as it does when a batch
     norm and ReLU precede a padded convolution.
     """
+    if in_mean is not None:
+        x = x - _channel(in_mean)
     if in_scale is not None:
         x = x * _channel(in_scale)
     if in_shift is not None:
@@ -65,6 +69,10 @@ def conv_bn_act(
     if in_relu:
         x = torch.relu(x)
     y = F.conv2d(x, weight, None, stride, padding, dilation, groups)
+    if mean is not None:
+        y = y - _channel(mean)
+    if var is not None:
+        y = y / torch.sqrt(_channel(var) + eps)
     if scale is not None:
         y = y * _channel(scale)
     if shift is not None:
@@ -74,30 +82,6 @@ def conv_bn_act(
     if relu:
         y = torch.relu(y)
     return y
-
-
-def bn_scale_shift(
-    mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor]:
-    """``(scale, shift)`` with ``scale*y + shift == weight*(y-mean)/sqrt(var+eps) + bias``."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight
-    shift = -mean * scale
-    if bias is not None:
-        shift = shift + bias
-    return scale, shift
-
-
-def fold_bn(
-    weight: Tensor | None,
-    bias: Tensor | None,
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-) -> tuple[Tensor, Tensor]:
-    """Eval-mode batch norm as an epilogue ``(scale, shift)``."""
-    return bn_scale_shift(running_mean, running_var, weight, bias, eps)
 
 
 def update_running_stats(
@@ -154,8 +138,10 @@ def batch_norm(
             )
     else:
         mean, var = running_mean, running_var
-    scale, shift = bn_scale_shift(mean, var, weight, bias, eps)
-    return y * _channel(scale) + _channel(shift)
+    y = (y - _channel(mean)) / torch.sqrt(_channel(var) + eps)
+    if weight is not None:
+        y = y * _channel(weight)
+    return y if bias is None else y + _channel(bias)
 
 
 def conv_bn(
@@ -192,12 +178,22 @@ def bn_add_relu(
     y: Tensor,
     scale: Tensor,
     shift: Tensor,
-    identity: Tensor,
+    identity: Tensor | None = None,
     id_scale: Tensor | None = None,
     id_shift: Tensor | None = None,
+    *,
+    mean: Tensor | None = None,
+    id_mean: Tensor | None = None,
 ) -> Tensor:
-    """``relu(scale*y + shift + identity')`` with ``identity' = id_scale*identity + id_shift``
-    when the downsample branch's batch norm is applied in the same pass."""
+    """``relu(scale*(y - mean) + shift + identity')`` with ``identity' =
+    id_scale*(identity - id_mean) + id_shift`` when the downsample branch's
+    batch norm is applied in the same pass."""
+    if mean is not None:
+        y = y - _channel(mean)
+    if identity is None:
+        return torch.relu(y * _channel(scale) + _channel(shift))
+    if id_mean is not None:
+        identity = identity - _channel(id_mean)
     if id_scale is not None:
         identity = identity * _channel(id_scale)
     if id_shift is not None:

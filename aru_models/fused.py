@@ -4,9 +4,10 @@
 their ``impl`` is ``"fused"``; the eager path never imports it.
 
 Eval mode: every convolution runs as one :func:`aru_kernels.conv_bn_act`
-launch with its batch norm folded into the epilogue (scale and shift cached
-until the parameters or running statistics change), the ReLU fused, and in
-the last convolution of each block the residual add fused too.
+launch with its batch norm applied in the epilogue from the module's own
+running statistics, weight and bias (read at each call: nothing is cached),
+the ReLU fused, and in the last convolution of each block the residual add
+fused too.
 
 Training mode (batch norms in training mode): each convolution runs through
 :func:`aru_kernels.conv_bn_train`, which computes the batch statistics in the
@@ -26,8 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from aru_kernels import bn_add_relu, conv_bn_act, conv_bn_train, fold_bn
-from aru_kernels.ops import ConvPlan, plan_conv
+from aru_kernels import bn_add_relu, conv_bn_act, conv_bn_train
+from aru_kernels.plans import ConvPlan, plan_conv
 
 __all__ = ["resnet_forward", "block_forward", "conv_bn", "conv_bn_batch_stats", "conv_plans"]
 
@@ -47,10 +48,11 @@ def _check_conv(conv: nn.Conv2d) -> None:
                                   f"padding_mode={conv.padding_mode!r}")
 
 
-def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None) -> tuple[Tensor, Tensor, Tensor]:
-    """Training-mode ``bn(conv(prologue(x)))`` left unapplied: ``(y, scale, shift)``.
+def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None) -> tuple[Tensor, ...]:
+    """Training-mode ``bn(conv(prologue(x)))`` left unapplied: ``(y, mean, scale, shift)``
+    with ``bn(y) == scale*(y - mean) + shift``.
 
-    ``prologue`` is the ``(scale, shift)`` of the batch norm producing ``x``,
+    ``prologue`` is the ``(mean, scale, shift)`` of the batch norm producing ``x``,
     applied with a ReLU on load. Running statistics update as the module's would;
     a batch norm with a ``process_group`` attribute (``nn.SyncBatchNorm``) takes
     its statistics over all processes of that group.
@@ -60,13 +62,13 @@ def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None
     if conv.bias is not None:
         raise NotImplementedError("impl='fused' in training mode takes convolutions without bias")
     track = bn.training and bn.track_running_stats
-    in_scale, in_shift = prologue if prologue is not None else (None, None)
+    in_mean, in_scale, in_shift = prologue if prologue is not None else (None, None, None)
     return conv_bn_train(
         x, conv.weight, bn.weight, bn.bias,
         bn.running_mean if track else None, bn.running_var if track else None,
         bn.num_batches_tracked if track else None,
         momentum=bn.momentum, eps=bn.eps, stride=conv.stride, padding=conv.padding,
-        dilation=conv.dilation, groups=conv.groups, in_scale=in_scale, in_shift=in_shift,
+        dilation=conv.dilation, groups=conv.groups, in_mean=in_mean, in_scale=in_scale, in_shift=in_shift,
         in_relu=prologue is not None,
         sync_stats=bn.training and hasattr(bn, "process_group"), process_group=getattr(bn, "process_group", None),
     )
@@ -78,10 +80,10 @@ def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, *, residual: Tensor | Non
     with running statistics (folded into the epilogue)."""
     _check_bn(bn)
     _check_conv(conv)
-    scale, shift = fold_bn(bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.eps, conv.bias,
-                           bn.num_batches_tracked)
+    mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
     return conv_bn_act(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
-                       groups=conv.groups, scale=scale, shift=shift, residual=residual, relu=relu)
+                       groups=conv.groups, mean=mean, var=bn.running_var, eps=bn.eps, scale=bn.weight,
+                       shift=bn.bias, residual=residual, relu=relu)
 
 
 def _block_eval(block: nn.Module, x: Tensor) -> Tensor:
@@ -101,12 +103,12 @@ def _block_train(block: nn.Module, x: Tensor) -> Tensor:
         convs.append((block.conv3, block.bn3))
     y, prologue = x, None
     for conv, bn in convs:
-        y, scale, shift = conv_bn_batch_stats(conv, bn, y, prologue)
-        prologue = (scale, shift)
+        y, *prologue = conv_bn_batch_stats(conv, bn, y, prologue)
+    mean, scale, shift = prologue
     if block.downsample is None:
-        return bn_add_relu(y, scale, shift, x)
-    yd, sd, bd = conv_bn_batch_stats(block.downsample[0], block.downsample[1], x)
-    return bn_add_relu(y, scale, shift, yd, sd, bd)
+        return bn_add_relu(y, scale, shift, x, mean=mean)
+    yd, md, sd, bd = conv_bn_batch_stats(block.downsample[0], block.downsample[1], x)
+    return bn_add_relu(y, scale, shift, yd, sd, bd, mean=mean, id_mean=md)
 
 
 def _training(block: nn.Module) -> bool:
@@ -135,8 +137,8 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     for images ``x``, in any memory format (made channels_last once, here)."""
     x = x.contiguous(memory_format=torch.channels_last)
     if _uses_batch_stats(model.bn1):
-        y, scale, shift = conv_bn_batch_stats(model.conv1, model.bn1, x)
-        x = bn_add_relu(y, scale, shift)
+        y, mean, scale, shift = conv_bn_batch_stats(model.conv1, model.bn1, x)
+        x = bn_add_relu(y, scale, shift, mean=mean)
     else:
         x = conv_bn(model.conv1, model.bn1, x, relu=True)
     if hasattr(model, "maxpool"):  # the CIFAR networks have none
@@ -159,10 +161,12 @@ class _RecordConvs(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aru.conv_bn_act.default:
-            x, w, scale, shift, res, in_scale, _, stride, padding, dilation, groups, relu, in_relu = args
+            (x, w, mean, var, scale, shift, res, in_mean, in_scale, _, stride, padding, dilation, groups, _eps,
+             relu, in_relu) = args
             self.plans.append(plan_conv(
                 x.shape, w.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
-                groups=groups, has_prologue=in_scale is not None, pro_relu=in_relu,
+                groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None,
+                pro_relu=in_relu, has_mean=mean is not None, has_var=var is not None,
                 has_scale=scale is not None, has_shift=shift is not None,
                 has_residual=res is not None, relu=relu))
         return func(*args, **(kwargs or {}))

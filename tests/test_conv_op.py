@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import aru_kernels
-from aru_kernels import ops
+from aru_kernels import conv_ops, plans
 from aru_kernels import reference as ref
 from helpers import POISON, assert_close
 
@@ -51,8 +51,9 @@ def run_both(x, weight, scale, shift, res, pro, *, stride, padding, groups, relu
     p = (x.shape[2] + 2 * padding - dilation * (weight.shape[2] - 1) - 1) // stride + 1
     q = (x.shape[3] + 2 * padding - dilation * (weight.shape[3] - 1) - 1) // stride + 1
     out = channels_last(torch.full((n, cout, p, q), POISON, dtype=x.dtype, device=x.device))
-    ops.conv_bn_act_into(out, x, weight, scale, shift, res, pro[0], pro[1], stride, padding, dilation,
-                         groups, relu, in_relu)
+    conv_ops.conv_bn_act_into(out, x, weight, scale=scale, shift=shift, residual=res, in_scale=pro[0],
+                              in_shift=pro[1], stride=stride, padding=padding, dilation=dilation, groups=groups,
+                              relu=relu, in_relu=in_relu)
 
     def d(t):
         return None if t is None else t.double()
@@ -120,40 +121,12 @@ def test_public_op_matches_launcher_and_is_deterministic(device):
     assert_close(a, expected, torch.float32)
 
 
-def test_weight_pack_is_cached_per_version(device):
-    x, weight, *_ = make_case(device, torch.float32, n=1, h=5, w=5, groups=8, cin_g=4, cout_g=4, k=3,
-                              stride=1, padding=1)
-    p1 = ops.pack_weight(weight, 8, torch.float32)
-    assert ops.pack_weight(weight, 8, torch.float32) is p1, "packing ran twice for an unchanged weight"
-    y1 = aru_kernels.conv_bn_act(x, weight, padding=1, groups=8)
-    with torch.no_grad():
-        weight.mul_(2.0)  # an optimizer step or load_state_dict does the same: an in-place update
-    assert ops.pack_weight(weight, 8, torch.float32) is not p1, "stale pack after an in-place update"
-    y2 = aru_kernels.conv_bn_act(x, weight, padding=1, groups=8)
-    assert_close(y2, 2.0 * y1, torch.float32, what="output after the weight changed")
-
-
 def test_pack_factor():
-    assert ops.pack_factor(32, 4, 4) == 4  # ResNeXt-50 stage 1: 4 groups of 4 fill a 16-wide dot
-    assert ops.pack_factor(32, 8, 8) == 2
-    assert ops.pack_factor(32, 16, 16) == 1
-    assert ops.pack_factor(1, 3, 64) == 1
-    assert ops.pack_factor(3, 4, 4) == 3  # too narrow even all together: one pack
-
-
-def test_block_diagonal_packing_layout():
-    groups, cin_g, cout_g = 8, 4, 4
-    w = torch.randn(groups * cout_g, cin_g, 3, 3)
-    packed = ops.pack_weight(w, groups, torch.float32)
-    gp = ops.pack_factor(groups, cin_g, cout_g)
-    assert packed.shape == (groups // gp, 9 * gp * cin_g, gp * cout_g)
-    view = packed.reshape(groups // gp, 3, 3, gp, cin_g, gp, cout_g)
-    for g in range(groups):
-        pk, gi = divmod(g, gp)
-        block = view[pk, :, :, gi, :, gi, :]  # [kh, kw, cin_g, cout_g]
-        assert torch.equal(block, w[g * cout_g:(g + 1) * cout_g].permute(2, 3, 1, 0))
-        off = view[pk, :, :, gi, :, (gi + 1) % gp, :]
-        assert not off.any(), "off-diagonal blocks of a pack must be zero"
+    assert plans.pack_factor(32, 4, 4) == 4  # ResNeXt-50 stage 1: 4 groups of 4 fill a 16-wide dot
+    assert plans.pack_factor(32, 8, 8) == 2
+    assert plans.pack_factor(32, 16, 16) == 1
+    assert plans.pack_factor(1, 3, 64) == 1
+    assert plans.pack_factor(3, 4, 4) == 3  # too narrow even all together: one pack
 
 
 # -- bad input ---------------------------------------------------------------------------------
@@ -223,7 +196,7 @@ def test_error_cpu_without_interpreter(monkeypatch):
     x = channels_last(torch.randn(1, 8, 5, 5))
     w = torch.randn(8, 4, 3, 3)
     with pytest.raises(RuntimeError, match="must be on a CUDA device"):
-        ops.conv_bn_act_into(None, x, w, groups=2)
+        conv_ops.conv_bn_act_into(None, x, w, groups=2)
 
 
 # -- torch.library integration -----------------------------------------------------------------
@@ -233,7 +206,9 @@ def test_opcheck(device):
     x, weight, scale, shift, res, pro = make_case(device, torch.float32, n=1, h=5, w=6, groups=8,
                                                   cin_g=4, cout_g=4, k=3, stride=1, padding=1,
                                                   residual=True, prologue=True)
-    args = (x, weight, scale, shift, res, pro[0], pro[1], 1, 1, 1, 8, True, True)
+    mean, var = torch.randn_like(scale), torch.rand_like(scale) + 0.5
+    args = (x, weight, mean, var, scale, shift, res, torch.randn_like(pro[0]), pro[0], pro[1], 1, 1, 1, 8, 1e-5,
+            True, True)
     torch.library.opcheck(torch.ops.aru.conv_bn_act.default, args)
 
 

@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import aru_models
-from aru_kernels import ops
 from helpers import assert_as_accurate, assert_close, rel_error
 from test_models import BUILDERS
 
@@ -26,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def randomize_bn(model: torch.nn.Module) -> None:
-    """Non-trivial batch-norm statistics and affine parameters, so folding is really tested."""
+    """Non-trivial batch-norm statistics and affine parameters, so the batch-norm epilogue is really tested."""
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for m in model.modules():
@@ -85,18 +84,19 @@ def test_fused_path_dispatches_no_aten_conv_or_batch_norm(name):
     assert log.ops.count("aru.conv_bn_act") == n_convs, "every conv (with its BN) must be one fused launch"
 
 
-def test_folded_constants_follow_state_changes(device):
-    """load_state_dict and a training-mode forward (running statistics) invalidate the fold cache."""
+def test_eval_forward_follows_state_changes(device):
+    """The eval path reads weights and batch-norm buffers at each call: load_state_dict and a
+    training-mode forward (running statistics) are seen by the next forward."""
     tv, ours = pair("resnet18")
     tv, ours = tv.to(device), ours.to(device)
     x = torch.randn(1, 3, 16, 16, device=device)
     with torch.no_grad():
-        ours(x)  # fills the caches
+        ours(x)
         randomize_bn(tv)
         torch.nn.init.normal_(tv.layer1[0].conv1.weight)
         tv.layer1[0].bn1.running_var.mul_(3.0)
         ours.load_state_dict(tv.state_dict())
-        assert rel_error(ours(x), tv(x)) < 1e-4, "stale folded constants after load_state_dict"
+        assert rel_error(ours(x), tv(x)) < 1e-4, "stale weights after load_state_dict"
         ours.set_impl("eager").train()
         tv.train()
         batch = torch.randn(4, 3, 16, 16, device=device)
@@ -104,14 +104,32 @@ def test_folded_constants_follow_state_changes(device):
         tv(batch)  # same running-statistics update on both
         ours.set_impl("fused").eval()
         tv.eval()
-        assert rel_error(ours(x), tv(x)) < 1e-4, "stale folded constants after running statistics changed"
+        assert rel_error(ours(x), tv(x)) < 1e-4, "stale batch norm after running statistics changed"
+
+
+def test_flat_image_regions_train_like_eager(device):
+    """Constant patches (the zero-padded border of a random crop) make batch-norm inputs
+    equal to their batch mean exactly; normalized as ``scale*(y - mean) + shift`` they land
+    exactly on the bias, so every ReLU closes where eager's does. Every gradient of a batch
+    of 4 through resnext29_tiny within 2x eager float32's distance to float64."""
+    eager, fused = _tiny_pair(device)
+    exact = copy.deepcopy(eager).double()
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(4, 3, 32, 32, generator=g)
+    x[:, :, :4, :] = torch.tensor([-1.9895, -1.9803, -1.7068]).view(1, 3, 1, 1)  # black, CIFAR-normalized
+    x, labels = x.to(device), torch.randint(0, 10, (4,), generator=g).to(device)
+    for model, inp in ((eager, x), (fused, x), (exact, x.double())):
+        F.cross_entropy(model(inp), labels).backward()
+    for (name, p), q, r in zip(eager.named_parameters(), fused.parameters(), exact.parameters(), strict=True):
+        assert_as_accurate(q.grad, p.grad, r.grad, factor=2.0, what=f"gradient of {name}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["resnet50"])
+@pytest.mark.parametrize("name", ["resnet50", "resnext50_32x4d"])
 def test_train_parity_with_torchvision(name, device):
     """Train mode: loss, every parameter gradient and the running statistics after one
-    forward/backward, against torchvision in float64 (and its float32 run as the yardstick)."""
+    forward/backward, against torchvision in float64 (and its float32 run as the yardstick).
+    At 37x29 the last stage normalizes over 4 values per channel."""
     tv = getattr(tv_models, name)(num_classes=10).train()
     randomize_bn(tv)
     ours = getattr(aru_models, name)(impl="fused", num_classes=10).train()
@@ -190,9 +208,10 @@ def test_three_sgd_steps_follow_eager_trajectory(device):
             opt.step()
             losses.append(loss.detach())
         trajectories.append(torch.stack(losses))
-    assert_close(trajectories[1], trajectories[2], torch.float32, what="fused loss trajectory over three SGD steps")
-    # eager float32 drifts from float64 too (a few pixels per channel in the last stage):
-    # the fused trajectory must stay at least as close to float64 as eager's does.
+    # Batch norm centred as eager's, the fused path takes eager's ReLU decisions at
+    # ties (values equal to their batch mean) and so follows eager float32 where
+    # both drift from float64 (a few pixels per channel in the last stage).
+    assert_close(trajectories[1], trajectories[0], torch.float32, what="fused loss trajectory over three SGD steps")
     assert_as_accurate(trajectories[1], trajectories[0], trajectories[2], what="fused loss trajectory")
     for (name, a), b, r in zip(eager.state_dict().items(), fused.state_dict().values(), exact.state_dict().values()):
         if name.endswith("num_batches_tracked"):
@@ -296,17 +315,6 @@ def test_bf16_parity_at_real_size(name):
     err, err_eager = rel_error(got, expected), rel_error(eager_bf16, expected)
     assert got.dtype == torch.bfloat16
     assert err < max(2e-2, 2 * err_eager), f"bf16 rel. error {err:.2e} (cuDNN bf16: {err_eager:.2e})"
-
-
-def test_fold_bn_matches_reference():
-    from aru_kernels import reference
-
-    w, b, m, v = torch.rand(6) + 0.5, torch.randn(6), torch.randn(6), torch.rand(6) + 0.1
-    scale, shift = ops.fold_bn(w, b, m, v, 1e-5)
-    rs, rsh = reference.fold_bn(w.double(), b.double(), m.double(), v.double(), 1e-5)
-    assert_close(scale, rs, torch.float32)
-    assert_close(shift, rsh, torch.float32)
-    assert ops.fold_bn(w, b, m, v, 1e-5)[0] is scale, "unchanged batch norm folded twice"
 
 
 @pytest.mark.gpu

@@ -1,0 +1,218 @@
+"""The batch-norm operators: launchers, ``torch.library`` custom ops and their autograd.
+
+* ``aru::bn_stats``: per-tile statistics -> batch mean and 1/std, and the
+  running-statistics update of ``nn.BatchNorm2d``.
+* ``aru::bn_stats_backward``: the gradient into the conv output through the
+  batch mean and variance.
+* ``aru::bn_add_relu`` and ``aru::bn_add_relu_backward``: the end of a
+  residual block in one pass, and its gradient.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import batchnorm as _bn
+from .plans import elementwise_blocks, finalize_blocks
+
+__all__ = ["rows", "stats_grads"]
+
+
+def rows(t: Tensor) -> int:
+    """Pixels of an [N, C, H, W] activation: N * H * W."""
+    return t.shape[0] * t.shape[2] * t.shape[3]
+
+
+def _grid(m: int, c: int, block_m: int, block_c: int) -> tuple[int, int]:
+    return (-(-m // block_m), -(-c // block_c))
+
+
+# --------------------------------------------------------------------------
+# Batch statistics
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("aru::bn_stats", mutates_args=())
+def _bn_stats_op(
+    y: Tensor,
+    tile_mean: Tensor,
+    tile_m2: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    tile_rows: int,
+    momentum: Optional[float],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, new running mean, new running var); the last two are
+    empty without running statistics. ``y`` is only differentiated through.
+
+    An empty batch leaves the running statistics as they are, as
+    ``nn.BatchNorm2d`` does; its mean is 0 and its invstd 1/sqrt(eps).
+    """
+    c = y.shape[1]
+    mean, invstd, new_rm, new_rv = _bn_stats_fake(y, tile_mean, tile_m2, running_mean, running_var,
+                                                   num_batches_tracked, tile_rows, momentum, eps)
+    has_running = running_mean is not None
+    if rows(y) == 0 or c == 0:
+        mean.zero_()
+        invstd.fill_(eps ** -0.5)
+        if has_running:
+            new_rm.copy_(running_mean)
+            new_rv.copy_(running_var)
+        return mean, invstd, new_rm, new_rv
+    block_t, block_c = finalize_blocks(c)
+    _bn.bn_finalize_kernel[(-(-c // block_c),)](
+        tile_mean, tile_m2, mean, invstd,
+        running_mean if has_running else mean, running_var if has_running else mean,
+        new_rm if has_running else mean, new_rv if has_running else mean,
+        num_batches_tracked if num_batches_tracked is not None else mean,
+        rows(y), tile_mean.shape[0], c, tile_rows, 0.0 if momentum is None else momentum, eps,
+        HAS_RUNNING=has_running, CUMULATIVE=momentum is None, BLOCK_T=block_t, BLOCK_C=block_c,
+    )
+    return mean, invstd, new_rm, new_rv
+
+
+@_bn_stats_op.register_fake
+def _bn_stats_fake(y, tile_mean, tile_m2, running_mean, running_var, num_batches_tracked, tile_rows,
+                   momentum, eps):
+    c = y.shape[1]
+    vec = torch.empty(c, dtype=torch.float32, device=y.device)
+    if running_mean is None:
+        return vec, torch.empty_like(vec), vec.new_empty(0), vec.new_empty(0)
+    return vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var)
+
+
+def _bn_stats_setup(ctx, inputs, output):
+    ctx.mark_non_differentiable(output[2], output[3])
+    ctx.save_for_backward(inputs[0], output[0], output[1])
+
+
+@torch.library.custom_op("aru::bn_stats_backward", mutates_args=())
+def _bn_stats_backward_op(y: Tensor, dmean: Tensor, dinvstd: Tensor, mean: Tensor, invstd: Tensor,
+                          count: int) -> Tensor:
+    """dL/dy through batch statistics taken over ``count`` values per channel."""
+    m, c = rows(y), y.shape[1]
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    if dy.numel():
+        block_m, block_c = elementwise_blocks(c)
+        _bn.bn_stats_backward_kernel[_grid(m, c, block_m, block_c)](
+            y, dmean, dinvstd, mean, invstd, dy, m, c, 1.0 / count, BLOCK_M=block_m, BLOCK_C=block_c,
+        )
+    return dy
+
+
+@_bn_stats_backward_op.register_fake
+def _bn_stats_backward_fake(y, dmean, dinvstd, mean, invstd, count):
+    return torch.empty_like(y, memory_format=torch.channels_last)
+
+
+def stats_grads(dmean, dinvstd, mean) -> tuple[Tensor, Tensor]:
+    """The incoming gradients of (mean, invstd) as fp32 vectors, zeros where autograd sent None."""
+    zero = torch.zeros_like(mean)
+    return (zero if dmean is None else dmean.float().contiguous(),
+            zero if dinvstd is None else dinvstd.float().contiguous())
+
+
+def _bn_stats_backward(ctx, dmean, dinvstd, _d_running_mean, _d_running_var):
+    y, mean, invstd = ctx.saved_tensors
+    dmean, dinvstd = stats_grads(dmean, dinvstd, mean)
+    dy = torch.ops.aru.bn_stats_backward(y.contiguous(memory_format=torch.channels_last), dmean, dinvstd,
+                                         mean, invstd, max(1, rows(y)))
+    return dy, None, None, None, None, None, None, None, None
+
+
+_bn_stats_op.register_autograd(_bn_stats_backward, setup_context=_bn_stats_setup)
+
+
+# --------------------------------------------------------------------------
+# Batch norm + residual + ReLU
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("aru::bn_add_relu", mutates_args=())
+def _bn_add_relu_op(
+    y: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    identity: Optional[Tensor],
+    id_mean: Optional[Tensor],
+    id_scale: Optional[Tensor],
+    id_shift: Optional[Tensor],
+) -> Tensor:
+    """``relu(scale*(y - mean) + shift + identity')``, identity' as in :func:`aru_kernels.bn_add_relu`."""
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    m, c = rows(y), y.shape[1]
+    if out.numel():
+        block_m, block_c = elementwise_blocks(c)
+        affine = id_scale is not None
+        _bn.bn_add_relu_kernel[_grid(m, c, block_m, block_c)](
+            y, mean, scale, shift, y if identity is None else identity,
+            id_mean if affine else mean, id_scale if affine else scale, id_shift if affine else shift, out, m, c,
+            HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
+        )
+    return out
+
+
+@_bn_add_relu_op.register_fake
+def _bn_add_relu_fake(y, mean, scale, shift, identity, id_mean, id_scale, id_shift):
+    return torch.empty_like(y, memory_format=torch.channels_last)
+
+
+def _bn_add_relu_setup(ctx, inputs, output):
+    y, mean, scale, shift, identity, id_mean, id_scale, id_shift = inputs
+    ctx.has_identity = identity is not None
+    ctx.save_for_backward(y, mean, scale, identity, id_mean, id_scale, output)
+
+
+@torch.library.custom_op("aru::bn_add_relu_backward", mutates_args=())
+def _bn_add_relu_backward_op(
+    dout: Tensor,
+    out: Tensor,
+    y: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    identity: Optional[Tensor],
+    id_mean: Optional[Tensor],
+    id_scale: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dL/dy, dL/didentity (empty without identity), per-channel sums [3, C] of
+    dz, dz*(y - mean), dz*(identity - id_mean)), dz the gradient behind the ReLU."""
+    m, c = rows(y), y.shape[1]
+    block_m, block_c = elementwise_blocks(c)
+    tiles = -(-m // block_m)
+    dy, did, _ = _bn_add_relu_backward_fake(dout, out, y, mean, scale, identity, id_mean, id_scale)
+    part = torch.zeros((3, tiles, c), dtype=torch.float32, device=y.device)
+    affine = id_scale is not None
+    if dy.numel():
+        _bn.bn_add_relu_backward_kernel[(tiles, -(-c // block_c))](
+            dout, out, y, mean, scale, y if identity is None else identity, id_mean if affine else mean,
+            id_scale if affine else scale, dy, dy if identity is None else did, part, m, c, tiles,
+            HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
+        )
+    return dy, did, part.sum(1)  # fixed-order reduction over tiles
+
+
+@_bn_add_relu_backward_op.register_fake
+def _bn_add_relu_backward_fake(dout, out, y, mean, scale, identity, id_mean, id_scale):
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    did = (torch.empty_like(identity, memory_format=torch.channels_last) if identity is not None
+           else y.new_empty(0))
+    return dy, did, torch.empty((3, y.shape[1]), dtype=torch.float32, device=y.device)
+
+
+def _bn_add_relu_backward(ctx, dout):
+    y, mean, scale, identity, id_mean, id_scale, out = ctx.saved_tensors
+    dy, did, sums = torch.ops.aru.bn_add_relu_backward(dout.contiguous(memory_format=torch.channels_last), out,
+                                                       y, mean, scale, identity, id_mean, id_scale)
+    affine = id_scale is not None
+    d_shift = sums[0]
+    return (dy, -scale * d_shift, sums[1], d_shift, did if ctx.has_identity else None,
+            -id_scale * d_shift if affine else None, sums[2] if affine else None, d_shift if affine else None)
+
+
+_bn_add_relu_op.register_autograd(_bn_add_relu_backward, setup_context=_bn_add_relu_setup)

@@ -1,0 +1,115 @@
+"""Input checks shared by the operators' real and fake (meta) implementations.
+
+Each raises ``ValueError`` / ``TypeError`` / ``RuntimeError`` saying what was
+expected and what came, before any kernel runs.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .plans import out_size
+from .runtime import kernel_device_error
+
+__all__ = ["SUPPORTED_DTYPES", "check_vector", "check_conv_inputs", "check_activation", "check_runnable",
+           "single"]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def single(v, name: str, op: str = "conv_bn_act") -> int:
+    """An int from an int or a pair of equal ints (the kernels take square strides and paddings)."""
+    if isinstance(v, (tuple, list)):
+        if len(v) != 2 or v[0] != v[1]:
+            raise ValueError(f"{op}: {name} must be an int or a pair of equal ints; got {v}")
+        v = v[0]
+    return int(v)
+
+
+def check_vector(v: Optional[Tensor], name: str, length: int, what: str, op: str = "conv_bn_act") -> None:
+    if v is None:
+        return
+    if not isinstance(v, Tensor) or v.dim() != 1 or v.shape[0] != length:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"{op}: {name} must be a 1-D tensor of {length} ({what}); got {shape}")
+    if not v.is_floating_point():
+        raise TypeError(f"{op}: {name} must be floating point; got {v.dtype}")
+
+
+def check_activation(t: Tensor, name: str, op: str) -> None:
+    """A 4-D channels_last activation of a supported dtype."""
+    if t.dim() != 4:
+        raise ValueError(f"{op}: {name} must be 4-D [N, C, H, W]; got shape {tuple(t.shape)}")
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{op}: {name} dtype must be one of float32, float16, bfloat16; got {t.dtype}")
+    if not t.is_contiguous(memory_format=torch.channels_last):
+        raise ValueError(
+            f"{op}: {name} must be channels_last (NHWC) contiguous; got strides {tuple(t.stride())} "
+            f"for shape {tuple(t.shape)}. Convert with t.contiguous(memory_format=torch.channels_last)")
+
+
+def check_runnable(op: str, *named: tuple[str, Optional[Tensor]]) -> None:
+    """Every tensor on a device where the kernels run (meta tensors pass: they only trace)."""
+    for name, t in named:
+        if t is None or t.device.type == "meta":
+            continue
+        err = kernel_device_error(t, name)
+        if err:
+            raise RuntimeError(f"{op}: {err}")
+
+
+def check_conv_inputs(x, weight, *, vectors_out=(), vectors_in=(), residual=None, stride=1, padding=0,
+                      dilation=1, groups=1) -> tuple[int, int]:
+    """Raise a clear error for anything the conv kernel cannot take; return the output size (P, Q).
+
+    ``vectors_out`` / ``vectors_in`` are ``(name, tensor)`` pairs of
+    per-output-channel and per-input-channel vectors.
+    """
+    if x.dim() != 4:
+        raise ValueError(f"conv_bn_act: input must be 4-D [N, C, H, W]; got shape {tuple(x.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(f"conv_bn_act: weight must be 4-D [C_out, C_in/groups, KH, KW]; "
+                         f"got shape {tuple(weight.shape)}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"conv_bn_act: input dtype must be one of float32, float16, bfloat16; got {x.dtype}")
+    if not weight.is_floating_point():
+        raise TypeError(f"conv_bn_act: weight must be floating point; got {weight.dtype}")
+    if stride < 1 or padding < 0 or dilation < 1:
+        raise ValueError(f"conv_bn_act: need stride >= 1, padding >= 0, dilation >= 1; "
+                         f"got stride={stride}, padding={padding}, dilation={dilation}")
+    n, c_in, h, w = x.shape
+    c_out, cin_g, kh, kw = weight.shape
+    if groups < 1 or c_in % groups or c_out % groups:
+        raise ValueError(f"conv_bn_act: groups={groups} must divide both in_channels={c_in} "
+                         f"and out_channels={c_out}")
+    if cin_g * groups != c_in:
+        raise ValueError(f"conv_bn_act: weight of shape {tuple(weight.shape)} with groups={groups} "
+                         f"expects {cin_g * groups} input channels; input has {c_in}")
+    p = out_size(h, kh, stride, padding, dilation)
+    q = out_size(w, kw, stride, padding, dilation)
+    if p < 1 or q < 1:
+        raise ValueError(f"conv_bn_act: input of spatial size {h}x{w} is too small for a {kh}x{kw} "
+                         f"kernel (padding={padding}, dilation={dilation})")
+    for name, v in vectors_out:
+        check_vector(v, name, c_out, "one per output channel")
+    for name, v in vectors_in:
+        check_vector(v, name, c_in, "one per input channel")
+    if residual is not None:
+        if tuple(residual.shape) != (n, c_out, p, q):
+            raise ValueError(f"conv_bn_act: residual must have the output's shape {(n, c_out, p, q)}; "
+                             f"got {tuple(residual.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"conv_bn_act: residual dtype {residual.dtype} differs from input dtype {x.dtype}")
+    for name, t in [("weight", weight), ("residual", residual), *vectors_out, *vectors_in]:
+        if t is not None and t.device != x.device:
+            raise ValueError(f"conv_bn_act: {name} is on {t.device} but input is on {x.device}")
+    for name, t in (("input", x), ("residual", residual)):
+        if t is not None and not t.is_contiguous(memory_format=torch.channels_last):
+            raise ValueError(
+                f"conv_bn_act: {name} must be channels_last (NHWC) contiguous; got strides "
+                f"{tuple(t.stride())} for shape {tuple(t.shape)}. Convert with "
+                f"t.contiguous(memory_format=torch.channels_last)")
+    return p, q

@@ -1,0 +1,403 @@
+"""The convolution operators: launchers, ``torch.library`` custom ops and their autograd.
+
+* ``aru::conv_bn_act``: the fused forward (prologue, conv, epilogue).
+* ``aru::conv_stats``: the training forward, the conv output plus its
+  per-tile batch statistics.
+* ``aru::conv_input_grad`` and ``aru::conv_weight_grad``: the backward
+  kernels, as operators of their own so that ``torch.compile`` traces the
+  backward graph too.
+
+Every operator reads the weight in the caller's own tensor, whatever its
+strides and dtype (the cast to the compute dtype happens on load): nothing is
+derived from the weight ahead of the launch, so nothing can go stale when the
+weight changes, however it changes (``.data`` included).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import conv as _conv
+from .checks import check_conv_inputs, check_runnable
+from .plans import ConvPlan, plan_conv, plan_wgrad
+from .runtime import interpreting
+
+__all__ = ["conv_bn_act_into", "kernel_arguments", "conv_input_grad", "conv_weight_grad", "nhwc", "nhwc_empty",
+           "tile_partials"]
+
+
+def nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def nhwc_empty(shape, like: Tensor) -> Tensor:
+    return torch.empty(shape, dtype=like.dtype, device=like.device, memory_format=torch.channels_last)
+
+
+def tile_partials(plan: ConvPlan, like: Tensor) -> tuple[Tensor, Tensor]:
+    """Two ``[M tiles, C_out]`` fp32 buffers for per-tile statistics or partial sums."""
+    shape = (plan.m_tiles, plan.c_out)
+    return (torch.empty(shape, dtype=torch.float32, device=like.device),
+            torch.empty(shape, dtype=torch.float32, device=like.device))
+
+
+def _f32(v: Optional[Tensor], fallback: Tensor) -> Tensor:
+    return fallback if v is None else v.float().contiguous()
+
+
+def kernel_arguments(plan: ConvPlan, x, weight, out, *, mean=None, var=None, scale=None, shift=None,
+                     residual=None, in_mean=None, in_scale=None, in_shift=None, part_a=None, part_b=None,
+                     eps: float = 0.0) -> dict:
+    """The conv kernel's arguments by name; absent optional tensors point at ``out`` (never read)."""
+    sw = weight.stride()
+    return dict(
+        x_ptr=x, w_ptr=weight, out_ptr=out,
+        mean_ptr=_f32(mean, out), var_ptr=_f32(var, out), scale_ptr=_f32(scale, out),
+        shift_ptr=_f32(shift, out), res_ptr=out if residual is None else residual,
+        in_mean_ptr=_f32(in_mean, out), in_scale_ptr=_f32(in_scale, out), in_shift_ptr=_f32(in_shift, out),
+        part_a_ptr=out if part_a is None else part_a, part_b_ptr=out if part_b is None else part_b,
+        sw_o=sw[0], sw_i=sw[1], sw_h=sw[2], sw_w=sw[3], eps=float(eps),
+        **plan.runtime_args(), **plan.constexprs(),
+    )
+
+
+def _launch(plan: ConvPlan, x, weight, out, **tensors) -> None:
+    if out.numel() == 0:
+        return
+    _conv.conv_bn_act_kernel[plan.grid](
+        **kernel_arguments(plan, x, weight, out, **tensors),
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
+    )
+
+
+def conv_bn_act_into(
+    out: Optional[Tensor],
+    x: Tensor,
+    weight: Tensor,
+    *,
+    mean: Optional[Tensor] = None,
+    var: Optional[Tensor] = None,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    in_mean: Optional[Tensor] = None,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    eps: float = 1e-5,
+    relu: bool = False,
+    in_relu: bool = False,
+    stats: bool = False,
+):
+    """Launch the forward kernel, writing into ``out`` (allocated when None).
+
+    Returns ``out``, or with ``stats`` the triple ``(out, tile_mean, tile_m2)``:
+    per-tile batch statistics ``[M tiles, C_out]`` for the batch-norm finalize.
+    No autocast and no autograd: this is the plain launcher under the
+    operators. Arguments as in :func:`aru_kernels.conv_bn_act`.
+    """
+    p, q = check_conv_inputs(
+        x, weight, vectors_out=(("mean", mean), ("var", var), ("scale", scale), ("shift", shift)),
+        vectors_in=(("in_mean", in_mean), ("in_scale", in_scale), ("in_shift", in_shift)),
+        residual=residual, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if (in_scale is None) != (in_shift is None) or (in_mean is not None and in_scale is None):
+        raise ValueError("conv_bn_act: in_scale and in_shift come together (the prologue applies both), "
+                         "in_mean only with them")
+    check_runnable("conv_bn_act", ("input", x), ("weight", weight))
+    n, c_out = x.shape[0], weight.shape[0]
+    if out is None:
+        out = nhwc_empty((n, c_out, p, q), x)
+    elif (tuple(out.shape) != (n, c_out, p, q) or out.dtype != x.dtype or out.device != x.device
+          or not out.is_contiguous(memory_format=torch.channels_last)):
+        raise ValueError(f"conv_bn_act: out must be a channels_last {x.dtype} tensor of shape "
+                         f"{(n, c_out, p, q)} on {x.device}")
+    plan = plan_conv(
+        x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
+        groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
+        has_mean=mean is not None, has_var=var is not None, has_scale=scale is not None,
+        has_shift=shift is not None, has_residual=residual is not None, relu=relu, stats=stats,
+    )
+    parts = tile_partials(plan, x) if stats else (None, None)
+    if x.device.type != "meta":
+        _launch(plan, x, weight, out, mean=mean, var=var, scale=scale, shift=shift, residual=residual,
+                in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, part_a=parts[0], part_b=parts[1],
+                eps=eps)
+    return (out, *parts) if stats else out
+
+
+# --------------------------------------------------------------------------
+# Forward operators
+# --------------------------------------------------------------------------
+
+
+@torch.library.custom_op("aru::conv_bn_act", mutates_args=())
+def _conv_bn_act_op(
+    x: Tensor,
+    weight: Tensor,
+    mean: Optional[Tensor],
+    var: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    in_mean: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    eps: float,
+    relu: bool,
+    in_relu: bool,
+) -> Tensor:
+    return conv_bn_act_into(None, x, weight, mean=mean, var=var, scale=scale, shift=shift, residual=residual,
+                            in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, stride=stride,
+                            padding=padding, dilation=dilation, groups=groups, eps=eps, relu=relu,
+                            in_relu=in_relu)
+
+
+@_conv_bn_act_op.register_fake
+def _conv_bn_act_fake(x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift, stride,
+                      padding, dilation, groups, eps, relu, in_relu):
+    p, q = check_conv_inputs(
+        x, weight, vectors_out=(("mean", mean), ("var", var), ("scale", scale), ("shift", shift)),
+        vectors_in=(("in_mean", in_mean), ("in_scale", in_scale), ("in_shift", in_shift)),
+        residual=residual, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return torch.empty((x.shape[0], weight.shape[0], p, q), dtype=x.dtype, device=x.device,
+                       memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("aru::conv_stats", mutates_args=())
+def _conv_stats_op(
+    x: Tensor,
+    weight: Tensor,
+    in_mean: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    in_relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(y, tile_mean, tile_m2)``: the conv output and its per-tile batch statistics."""
+    return conv_bn_act_into(None, x, weight, in_mean=in_mean, in_scale=in_scale, in_shift=in_shift,
+                            stride=stride, padding=padding, dilation=dilation, groups=groups, in_relu=in_relu,
+                            stats=True)
+
+
+@_conv_stats_op.register_fake
+def _conv_stats_fake(x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu):
+    p, q = check_conv_inputs(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    plan = plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, stats=True)
+    y = torch.empty((x.shape[0], weight.shape[0], p, q), dtype=x.dtype, device=x.device,
+                    memory_format=torch.channels_last)
+    return (y, *tile_partials(plan, x))
+
+
+# --------------------------------------------------------------------------
+# Backward operators
+# --------------------------------------------------------------------------
+
+
+def _transposed_shape(weight: Tensor, groups: int) -> tuple[int, int, int, int]:
+    """Shape of the input-gradient convolution's weight: ``[C_in, C_out/groups, KH, KW]``."""
+    c_out, cin_g, kh, kw = weight.shape
+    return (cin_g * groups, c_out // groups, kh, kw)
+
+
+def _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, pro_mean, in_relu):
+    n, c_in, h, w = x.shape
+    plan = plan_conv(dy.shape, _transposed_shape(weight, groups), dy.dtype, stride=stride, padding=padding,
+                     dilation=dilation, groups=groups, transposed_out_hw=(h, w), pro_bwd=pro, pro_mean=pro_mean,
+                     pro_relu=in_relu)
+    dx = nhwc_empty((n, c_in, h, w), dy)
+    if pro:
+        return plan, dx, tile_partials(plan, dy)
+    empty = torch.empty(0, dtype=torch.float32, device=dy.device)
+    return plan, dx, (empty, empty.clone())
+
+
+@torch.library.custom_op("aru::conv_input_grad", mutates_args=())
+def conv_input_grad(
+    dy: Tensor,
+    weight: Tensor,
+    x: Tensor,
+    in_mean: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    in_relu: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """dL/dx of ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)`` from ``dy`` = dL/dy.
+
+    Returns ``dx`` (channels_last, ``dy``'s dtype) and, when the forward had
+    a prologue, per-tile partial sums ``[M tiles, C_in]`` of dL/d(in_shift)
+    and of dL/d(in_shift) * (x - in_mean), i.e. dL/d(in_scale) (sum them over
+    tiles); empty tensors otherwise.
+    """
+    pro = in_scale is not None
+    plan, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro,
+                                          in_mean is not None, in_relu)
+    _launch(plan, dy, weight, dx, mean=in_mean, scale=in_scale, shift=in_shift, residual=x if pro else None,
+            part_a=parts[0] if pro else None, part_b=parts[1] if pro else None)
+    return dx, parts[0], parts[1]
+
+
+@conv_input_grad.register_fake
+def _conv_input_grad_fake(dy, weight, x, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
+                          in_relu):
+    _, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, in_scale is not None,
+                                       in_mean is not None, in_relu)
+    return dx, parts[0], parts[1]
+
+
+@torch.library.custom_op("aru::conv_weight_grad", mutates_args=())
+def conv_weight_grad(
+    x: Tensor,
+    dy: Tensor,
+    weight: Tensor,
+    in_mean: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    in_relu: bool,
+) -> Tensor:
+    """dL/dW (fp32, ``weight``'s shape) of ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
+
+    Each split of the pixel sum writes its own slab of whole pack blocks; the
+    slabs are added in a fixed order (deterministic) and the diagonal blocks,
+    the real groups, kept.
+    """
+    cout, cin_g, kh, kw = weight.shape
+    conv = plan_conv(x.shape, weight.shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups)
+    if conv.m == 0 or weight.numel() == 0:
+        return torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+    plan = plan_wgrad(conv, x.device)
+    gp, packs, taps = conv.gp, conv.packs, kh * kw
+    part = torch.empty((plan.splits, packs, taps, conv.cin_p, conv.cout_p), dtype=torch.float32, device=x.device)
+    _conv.conv_wgrad_kernel[plan.grid](
+        x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
+        conv.m, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out, plan.m_per_split,
+        KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
+        HAS_PROLOGUE=in_scale is not None, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
+        DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
+        BLOCK_M=plan.block_m, BLOCK_CI=plan.block_ci, BLOCK_CO=plan.block_co, num_warps=4,
+    )
+    full = part.sum(0).reshape(packs, taps, gp, cin_g, gp, cout // groups)
+    diag = torch.diagonal(full, dim1=2, dim2=4)  # [packs, taps, cin_g, cout_g, gp]
+    return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous()
+
+
+@conv_weight_grad.register_fake
+def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
+                           in_relu):
+    return torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+
+
+# --------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------
+
+
+def _conv_grads(ctx, g: Tensor, x, weight, in_mean, in_scale, in_shift):
+    """(dx, dW, d_in_mean, d_in_scale, d_in_shift) of conv(relu?(in_scale*(x - in_mean) + in_shift), W)
+    from g = dL/dy; ``ctx.slots`` names the positions of x, W and the prologue vectors among the inputs."""
+    stride, padding, dilation, groups, in_relu = ctx.conv_cfg
+    i_x, i_w, i_pro = ctx.slots
+    need_x, need_w = ctx.needs_input_grad[i_x], ctx.needs_input_grad[i_w]
+    need_pro = in_scale is not None and any(ctx.needs_input_grad[i] for i in i_pro)
+    dx = dw = d_in_mean = d_in_scale = d_in_shift = None
+    if need_x or need_pro:
+        dx, part_shift, part_scale = torch.ops.aru.conv_input_grad(g, weight, x, in_mean, in_scale, in_shift,
+                                                                   stride, padding, dilation, groups, in_relu)
+        if in_scale is not None:
+            d_in_shift, d_in_scale = part_shift.sum(0), part_scale.sum(0)
+            if in_mean is not None:
+                d_in_mean = -in_scale.float() * d_in_shift
+    if need_w:
+        dw = torch.ops.aru.conv_weight_grad(x, g, weight, in_mean, in_scale, in_shift, stride, padding, dilation,
+                                            groups, in_relu).to(weight.dtype)
+    return dx, dw, d_in_mean, d_in_scale, d_in_shift
+
+
+def _conv_bn_act_setup(ctx, inputs, output):
+    (x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift, stride, padding, dilation,
+     groups, eps, relu, in_relu) = inputs
+    ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
+    ctx.slots = (0, 1, (7, 8, 9))
+    ctx.epilogue = (relu, residual is not None, eps)
+    ctx.save_for_backward(x, weight, mean, var, scale, shift, in_mean, in_scale, in_shift,
+                          output if relu else None)
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    return t.float().sum((0, 2, 3))
+
+
+def _conv_bn_act_backward(ctx, dout):
+    x, weight, mean, var, scale, shift, in_mean, in_scale, in_shift, out = ctx.saved_tensors
+    relu, has_residual, eps = ctx.epilogue
+    needs = ctx.needs_input_grad
+    # torch.relu's gradient: zero where the output is <= 0; NaN outputs pass it on.
+    g = torch.where(out <= 0, 0, dout) if relu else dout
+    d_residual = nhwc(g) if has_residual else None
+    d_shift = _channel_sum(g) if shift is not None and needs[5] else None
+    # y = (acc - mean) * r * scale + shift + residual, r = 1 / sqrt(var + eps)
+    r = None if var is None else torch.rsqrt(var.float() + eps)
+    factor = None
+    for v in (r, None if scale is None else scale.float()):
+        if v is not None:
+            factor = v if factor is None else factor * v
+    d_mean = d_var = d_scale = None
+    if (scale is not None and needs[4]) or (var is not None and needs[3]):
+        stride, padding, dilation, groups, in_relu = ctx.conv_cfg
+        centred = torch.ops.aru.conv_bn_act(x, weight, mean, None, None, None, None, in_mean, in_scale, in_shift,
+                                            stride, padding, dilation, groups, eps, False, in_relu)
+        gu = _channel_sum(g.float() * centred.float())  # sum g * (acc - mean)
+        if scale is not None and needs[4]:
+            d_scale = gu if r is None else gu * r
+        if var is not None and needs[3]:
+            d_var = gu * (1.0 if scale is None else scale.float()) * (-0.5) * r ** 3
+    if factor is not None:
+        g = g.float() * factor.view(1, -1, 1, 1)
+    if mean is not None and needs[2]:
+        d_mean = -_channel_sum(g)
+    g = nhwc(g.to(x.dtype))
+    dx, dw, d_in_mean, d_in_scale, d_in_shift = _conv_grads(ctx, g, x, weight, in_mean, in_scale, in_shift)
+    return (dx, dw, d_mean, d_var, d_scale, d_shift, d_residual, d_in_mean, d_in_scale, d_in_shift,
+            None, None, None, None, None, None, None)
+
+
+_conv_bn_act_op.register_autograd(_conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+
+
+def _conv_stats_setup(ctx, inputs, output):
+    x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu = inputs
+    ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
+    ctx.slots = (0, 1, (2, 3, 4))
+    ctx.mark_non_differentiable(output[1], output[2])
+    ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift)
+
+
+def _conv_stats_backward(ctx, dy, _d_tile_mean, _d_tile_m2):
+    x, weight, in_mean, in_scale, in_shift = ctx.saved_tensors
+    grads = _conv_grads(ctx, nhwc(dy.to(x.dtype)), x, weight, in_mean, in_scale, in_shift)
+    return (*grads, None, None, None, None, None)
+
+
+_conv_stats_op.register_autograd(_conv_stats_backward, setup_context=_conv_stats_setup)

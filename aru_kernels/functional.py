@@ -1,0 +1,258 @@
+"""The public functions: argument handling, autocast, and the operators they call.
+
+* :func:`conv_bn_act`: fused convolution with a batch-norm/bias epilogue,
+  residual and ReLU, and an optional batch-norm + ReLU prologue.
+* :func:`conv_bn_train`: training-mode convolution + batch norm; the
+  normalization is left to the consumer (the next conv's prologue, or
+  :func:`bn_add_relu`).
+* :func:`bn_add_relu`: the end of a residual block in one pass.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import bn_ops, conv_ops  # noqa: F401  (registers the aru:: operators)
+from .bn_ops import rows
+from .checks import check_activation, check_runnable, check_vector, single
+from .plans import plan_conv
+from .sync_bn import SyncBatchStats, synchronized
+
+__all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu"]
+
+
+def _autocast_on(x: Tensor) -> bool:
+    return x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+
+
+def _autocast(x: Tensor, *others: Optional[Tensor]):
+    """Cast activations to the autocast dtype when autocast is on for their device."""
+    if _autocast_on(x):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return (x.to(dtype), *(o.to(dtype) if o is not None else None for o in others))
+    return (x, *others)
+
+
+def _conv_args(op: str, x, weight, stride, padding, dilation):
+    """Autocast, dtype agreement and int geometry, as ``F.conv2d`` takes them."""
+    if not isinstance(x, Tensor) or not isinstance(weight, Tensor):
+        raise TypeError(f"{op}: x and weight must be tensors")
+    geometry = tuple(single(v, n, op) for v, n in ((stride, "stride"), (padding, "padding"),
+                                                   (dilation, "dilation")))
+    if not _autocast_on(x) and weight.dtype != x.dtype:
+        raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ "
+                        f"(outside autocast they must match, as for F.conv2d)")
+    return geometry
+
+
+def conv_bn_act(
+    x: Tensor,
+    weight: Tensor,
+    *,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    mean: Optional[Tensor] = None,
+    var: Optional[Tensor] = None,
+    eps: float = 1e-5,
+    scale: Optional[Tensor] = None,
+    shift: Optional[Tensor] = None,
+    residual: Optional[Tensor] = None,
+    relu: bool = False,
+    in_mean: Optional[Tensor] = None,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    in_relu: bool = False,
+) -> Tensor:
+    """Fused convolution::
+
+        a = relu?(in_scale * (x - in_mean) + in_shift)                 # prologue, per input channel
+        y = relu?(scale * (conv(a, weight) - mean) / sqrt(var + eps) + shift + residual)
+
+    Every term is optional. An eval-mode batch norm is ``mean``/``var`` =
+    its running statistics, ``scale``/``shift`` = its weight and bias, read
+    as they are at each call (nothing is cached); a bias is ``shift`` alone.
+
+    Args:
+        x: input ``[N, C_in, H, W]``, channels_last (NHWC) contiguous,
+            float32 / float16 / bfloat16, on a CUDA device (or on the CPU when
+            Triton runs in its interpreter).
+        weight: ``[C_out, C_in / groups, KH, KW]``, any strides (channels_last
+            weights load fastest); read as it is at each call, cast to ``x``'s
+            dtype on load.
+        stride, padding, dilation: ints (or pairs of equal ints).
+        groups: number of channel groups; must divide ``C_in`` and ``C_out``.
+        mean, var, scale, shift: optional ``[C_out]`` epilogue vectors, any
+            floating dtype (used in fp32).
+        eps: added to ``var``.
+        residual: optional ``[N, C_out, P, Q]`` tensor added before the ReLU,
+            channels_last contiguous, ``x``'s dtype.
+        relu: apply ReLU last. ReLUs keep NaN, as ``torch.relu`` does.
+        in_mean, in_scale, in_shift, in_relu: optional prologue on the input,
+            per input channel (a batch norm + ReLU applied lazily on load; zero
+            padding applies after it). ``in_scale`` and ``in_shift`` come
+            together; ``in_mean`` only with them.
+
+    Returns:
+        ``[N, C_out, P, Q]`` in channels_last memory format and ``x``'s dtype;
+        accumulation is fp32. Under autocast, ``x`` and ``residual`` are cast
+        to the autocast dtype first, as autocast does for ``F.conv2d``.
+
+    Non-finite inputs: small groups are computed in block-diagonal packs of
+    16 channels, so an inf or NaN input of one group turns the other groups
+    of its pack NaN (``0 * inf``) where ``F.conv2d`` confines it to its group.
+    A non-finite input never yields a finite output where ``F.conv2d``'s is
+    non-finite.
+
+    Raises:
+        ValueError / TypeError / RuntimeError with what was expected and what
+        came: wrong rank, channel counts, groups that do not divide, dtypes
+        that do not match (outside autocast), tensors on different or
+        unsupported devices, non-channels_last input.
+    """
+    stride, padding, dilation = _conv_args("conv_bn_act", x, weight, stride, padding, dilation)
+    x, residual = _autocast(x, residual)
+    return torch.ops.aru.conv_bn_act(x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift,
+                                     stride, padding, dilation, groups, float(eps), relu, in_relu)
+
+
+def conv_bn_train(
+    x: Tensor,
+    weight: Tensor,
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor] = None,
+    running_var: Optional[Tensor] = None,
+    num_batches_tracked: Optional[Tensor] = None,
+    *,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    stride: int = 1,
+    padding: int = 0,
+    dilation: int = 1,
+    groups: int = 1,
+    in_mean: Optional[Tensor] = None,
+    in_scale: Optional[Tensor] = None,
+    in_shift: Optional[Tensor] = None,
+    in_relu: bool = False,
+    sync_stats: bool = False,
+    process_group=None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Training-mode convolution + batch norm, the normalization left to the consumer.
+
+    Runs ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)`` with
+    the batch statistics of ``y`` computed in the conv's epilogue, then
+    updates the running statistics exactly as ``nn.BatchNorm2d`` does
+    (momentum, or the cumulative average for ``momentum=None``; unbiased
+    running variance; ``num_batches_tracked``; nothing when ``running_mean``
+    is None; an empty batch leaves them as they are).
+
+    Returns ``(y, mean, scale, shift)``: the raw conv output (channels_last)
+    and fp32 per-channel vectors with ``bn(y) == scale*(y - mean) + shift``
+    (``scale`` = weight / std, ``shift`` = bias, zeros without one). Pass
+    them as the next conv's ``in_mean``/``in_scale``/``in_shift`` (with
+    ``in_relu``) or to :func:`bn_add_relu`; the normalized activation is never
+    written. All of it is differentiable; backward recomputes what it needs
+    from ``x`` and ``y``. With ``sync_stats`` (and a ``torch.distributed``
+    group of more than one process) the statistics are those of all
+    processes' images, as ``nn.SyncBatchNorm`` computes them: 2*C numbers per
+    process travel forward, 2*C back. Inputs and errors as :func:`conv_bn_act`;
+    besides, like ``nn.BatchNorm2d``, a batch of one value per channel raises
+    ``ValueError``, and so does ``momentum=None`` with running statistics but
+    no ``num_batches_tracked`` (the cumulative average needs the count).
+    """
+    stride, padding, dilation = _conv_args("conv_bn_train", x, weight, stride, padding, dilation)
+    (x,) = _autocast(x)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("conv_bn_train: running_mean and running_var come together")
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError("conv_bn_train: momentum=None (cumulative moving average) needs num_batches_tracked "
+                         "to count the batches; got None")
+    y, tile_mean, tile_m2 = torch.ops.aru.conv_stats(x, weight, in_mean, in_scale, in_shift, stride, padding,
+                                                     dilation, groups, in_relu)
+    sync = sync_stats and synchronized(process_group)
+    if rows(y) == 1 and not sync:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{tuple(y.shape)}")
+    plan = plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, stats=True)
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    if sync:
+        mean, invstd, unbiased, count = SyncBatchStats.apply(y, tile_mean, tile_m2, plan.block_m, float(eps),
+                                                             process_group)
+        if running_mean is not None:
+            with torch.no_grad():
+                factor = (1.0 / float(num_batches_tracked)) if momentum is None else momentum
+                weight_ = (count > 0).to(torch.float32) * factor  # an empty global batch changes nothing
+                running_mean.lerp_(mean.to(running_mean.dtype), weight_.to(running_mean.dtype))
+                running_var.lerp_(unbiased.to(running_var.dtype), weight_.to(running_var.dtype))
+    else:
+        mean, invstd, new_running_mean, new_running_var = torch.ops.aru.bn_stats(
+            y, tile_mean, tile_m2, running_mean, running_var, num_batches_tracked, plan.block_m,
+            None if momentum is None else float(momentum), float(eps))
+        if running_mean is not None:
+            with torch.no_grad():
+                running_mean.copy_(new_running_mean)
+                running_var.copy_(new_running_var)
+    scale = invstd if bn_weight is None else bn_weight.float() * invstd
+    shift = torch.zeros_like(mean) if bn_bias is None else bn_bias.float()
+    return y, mean, scale, shift
+
+
+def bn_add_relu(
+    y: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    identity: Optional[Tensor] = None,
+    id_scale: Optional[Tensor] = None,
+    id_shift: Optional[Tensor] = None,
+    *,
+    mean: Optional[Tensor] = None,
+    id_mean: Optional[Tensor] = None,
+) -> Tensor:
+    """``relu(scale*(y - mean) + shift + identity')`` in one pass, the end of a residual block.
+
+    ``identity' = id_scale*(identity - id_mean) + id_shift`` when the
+    downsample branch's batch norm is applied here too, ``identity`` itself
+    otherwise, nothing when None; absent means count as zeros. ``y`` and
+    ``identity`` are ``[N, C, H, W]`` channels_last tensors of one dtype; the
+    vectors are ``[C]``, used in fp32. The ReLU keeps NaN, as ``torch.relu``
+    does. Differentiable in every tensor.
+    """
+    y, identity = _autocast(y, identity)
+    check_activation(y, "y", "bn_add_relu")
+    c = y.shape[1]
+    for name, v in (("mean", mean), ("scale", scale), ("shift", shift), ("id_mean", id_mean),
+                    ("id_scale", id_scale), ("id_shift", id_shift)):
+        check_vector(v, name, c, "one per channel", op="bn_add_relu")
+    if scale is None or shift is None:
+        raise ValueError("bn_add_relu: scale and shift are required")
+    if (id_scale is None) != (id_shift is None) or (id_scale is not None and identity is None) or (
+            id_mean is not None and id_scale is None):
+        raise ValueError("bn_add_relu: id_scale and id_shift come together, with an identity; id_mean only "
+                         "with them")
+    if identity is not None:
+        if identity.shape != y.shape or identity.dtype != y.dtype:
+            raise ValueError(f"bn_add_relu: identity must match y ({tuple(y.shape)}, {y.dtype}); "
+                             f"got {tuple(identity.shape)}, {identity.dtype}")
+        check_activation(identity, "identity", "bn_add_relu")
+    for name, v in (("mean", mean), ("scale", scale), ("shift", shift), ("identity", identity)):
+        if v is not None and v.device != y.device:
+            raise ValueError(f"bn_add_relu: {name} is on {v.device} but y is on {y.device}")
+    check_runnable("bn_add_relu", ("y", y))
+
+    def f32(v: Optional[Tensor]) -> Optional[Tensor]:
+        return None if v is None else v.float()
+
+    zeros = None
+    if mean is None or (id_scale is not None and id_mean is None):
+        zeros = torch.zeros(c, dtype=torch.float32, device=y.device)
+    return torch.ops.aru.bn_add_relu(
+        y, zeros if mean is None else f32(mean), f32(scale), f32(shift), identity,
+        None if id_scale is None else (zeros if id_mean is None else f32(id_mean)), f32(id_scale), f32(id_shift))
+

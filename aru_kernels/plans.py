@@ -1,0 +1,296 @@
+"""Launch plans: the block sizes, grids and compile-time arguments of every
+kernel launch, as short named rules of the shape.
+
+On a GPU the rules aim at tensor-core tiles and enough programs to fill the
+multiprocessors. Triton's interpreter pays per program instance rather than
+per element, so there the rules pick fewer, larger programs: the same math
+in other tiles. Tests that must exercise several tiles, several weight-gradient
+splits or several finalize blocks on small shapes run under
+:func:`device_block_sizes`, which makes the interpreter use the GPU's rules.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .runtime import interpreting
+
+__all__ = [
+    "ConvPlan",
+    "WgradPlan",
+    "plan_conv",
+    "plan_wgrad",
+    "pack_factor",
+    "out_size",
+    "elementwise_blocks",
+    "finalize_blocks",
+    "device_block_sizes",
+    "H200_MULTIPROCESSORS",
+]
+
+# Tensor-core dots need K and N of at least 16 (16-bit operands).
+MIN_DOT = 16
+# What plans on a machine without a GPU assume under device_block_sizes().
+H200_MULTIPROCESSORS = 132
+
+_device_rules = False
+
+
+@contextlib.contextmanager
+def device_block_sizes():
+    """Within this context the interpreter plans launches with the GPU's block
+    sizes (and an H200's 132 multiprocessors): many small programs, as on a
+    GPU, so that small test shapes span several tiles."""
+    global _device_rules
+    previous, _device_rules = _device_rules, True
+    try:
+        yield
+    finally:
+        _device_rules = previous
+
+
+def _large_blocks() -> bool:
+    return interpreting() and not _device_rules
+
+
+def _multiprocessors(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2 if _large_blocks() else H200_MULTIPROCESSORS
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def pack_factor(groups: int, cin_per_group: int, cout_per_group: int) -> int:
+    """How many neighbouring groups share one block-diagonal pack.
+
+    The smallest divisor ``d`` of ``groups`` with ``d * width >= 16`` (width =
+    the narrower of the per-group input and output widths), so that one pack
+    fills a tensor-core dot with the least zero padding; all groups in one
+    pack when even that is too narrow.
+    """
+    width = min(cin_per_group, cout_per_group)
+    for d in range(1, groups + 1):
+        if groups % d == 0 and d * width >= MIN_DOT:
+            return d
+    return groups
+
+
+def out_size(size: int, k: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one spatial axis (``F.conv2d``'s formula)."""
+    return (size + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots follow torch.get_float32_matmul_precision(): TF32 unless "highest"."""
+    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    return "tf32" if tf32 else "ieee"
+
+
+def _block_n(cout_p: int) -> int:
+    return min(128, max(MIN_DOT, _next_pow2(cout_p)))
+
+
+def _block_m(block_n: int) -> int:
+    # Bounds the fp32 accumulator at 8192 elements per program.
+    return 128 if block_n <= 64 else 64
+
+
+@dataclass(frozen=True)
+class ConvPlan:
+    """Everything that fixes one compiled specialization of the conv kernel
+    and its grid. Channel counts are the launch's own: for an input-gradient
+    launch (``transposed``) the input is dL/dy and the output dL/dx."""
+
+    n: int
+    h: int
+    w: int
+    c_in: int
+    p: int
+    q: int
+    c_out: int
+    kh: int
+    kw: int
+    stride: int
+    padding: int
+    dilation: int
+    groups: int
+    gp: int  # groups per pack
+    dtype: torch.dtype
+    has_prologue: bool = False
+    pro_mean: bool = False
+    pro_relu: bool = False
+    has_mean: bool = False
+    has_var: bool = False
+    has_scale: bool = False
+    has_shift: bool = False
+    has_residual: bool = False
+    relu: bool = False
+    transposed: bool = False  # input-gradient launch (see the kernel's docstring)
+    stats: bool = False
+    pro_bwd: bool = False
+    large_blocks: bool = False  # the interpreter's rules (see the module docstring)
+
+    @property
+    def cin_g(self) -> int:
+        return self.c_in // self.groups
+
+    @property
+    def cout_g(self) -> int:
+        return self.c_out // self.groups
+
+    @property
+    def cin_p(self) -> int:
+        return self.gp * self.cin_g
+
+    @property
+    def cout_p(self) -> int:
+        return self.gp * self.cout_g
+
+    @property
+    def packs(self) -> int:
+        return self.groups // self.gp
+
+    @property
+    def m(self) -> int:
+        return self.n * self.p * self.q
+
+    @property
+    def fold_taps(self) -> bool:
+        return self.cin_p < MIN_DOT and self.kh * self.kw > 1
+
+    @property
+    def block_n(self) -> int:
+        return _block_n(self.cout_p)
+
+    @property
+    def block_m(self) -> int:
+        return _block_m(self.block_n)
+
+    @property
+    def block_k(self) -> int:
+        if self.fold_taps:
+            return 32
+        return min(128 if self.large_blocks else 64, max(MIN_DOT, _next_pow2(self.cin_p)))
+
+    @property
+    def m_tiles(self) -> int:
+        return _cdiv(self.m, self.block_m)
+
+    @property
+    def grid(self) -> tuple[int]:
+        return (self.packs * _cdiv(self.cout_p, self.block_n) * self.m_tiles,)
+
+    num_stages: int = 3
+
+    @property
+    def num_warps(self) -> int:
+        # 8 warps from 128x32 tiles up: at 4 the pointer tensors of the tiles
+        # alone push past 255 registers and spill (cubin resource counts).
+        return 8 if self.block_m * self.block_n >= 4096 else 4
+
+    def constexprs(self) -> dict:
+        return dict(
+            KH=self.kh, KW=self.kw, STRIDE=self.stride, PAD=self.padding, DIL=self.dilation,
+            # max(1, .): a convolution without input channels never enters the K loop
+            CIN_G=max(1, self.cin_g), COUT_G=max(1, self.cout_g),
+            CIN_P=self.cin_p, COUT_P=self.cout_p, FOLD_TAPS=self.fold_taps,
+            HAS_PROLOGUE=self.has_prologue, PRO_MEAN=self.pro_mean, PRO_RELU=self.pro_relu,
+            HAS_MEAN=self.has_mean, HAS_VAR=self.has_var,
+            HAS_SCALE=self.has_scale, HAS_SHIFT=self.has_shift,
+            HAS_RESIDUAL=self.has_residual, RELU=self.relu,
+            TRANSPOSED=self.transposed, STATS=self.stats, PRO_BWD=self.pro_bwd,
+            DOT_F32=interpreting(),
+            INPUT_PRECISION=input_precision(self.dtype),
+            BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+        )
+
+    def runtime_args(self) -> dict:
+        return dict(M=self.m, H=self.h, W=self.w, P=self.p, Q=self.q, C_IN=self.c_in, C_OUT=self.c_out)
+
+
+def plan_conv(
+    x_shape, w_shape, dtype: torch.dtype, *, stride: int = 1, padding: int = 0, dilation: int = 1,
+    groups: int = 1, has_prologue: bool = False, pro_mean: bool = False, pro_relu: bool = False,
+    has_mean: bool = False, has_var: bool = False, has_scale: bool = False, has_shift: bool = False,
+    has_residual: bool = False, relu: bool = False, stats: bool = False,
+    transposed_out_hw: tuple[int, int] | None = None, pro_bwd: bool = False,
+) -> ConvPlan:
+    """The launch plan for input ``x_shape`` [N, C, H, W] and weight
+    ``w_shape`` [C_out, C_in/groups, KH, KW], both as the launch sees them.
+
+    ``transposed_out_hw`` makes it an input-gradient launch producing that
+    spatial size; ``x_shape`` is then dL/dy's and ``w_shape`` the shape of
+    the transposed weight, ``[C_in, C_out/groups, KH, KW]`` of the forward.
+    """
+    n, c_in, h, w = (int(s) for s in x_shape)
+    c_out, cin_g, kh, kw = (int(s) for s in w_shape)
+    if transposed_out_hw is None:
+        p, q = out_size(h, kh, stride, padding, dilation), out_size(w, kw, stride, padding, dilation)
+    else:
+        p, q = (int(s) for s in transposed_out_hw)
+    return ConvPlan(
+        n=n, h=h, w=w, c_in=c_in, c_out=c_out, kh=kh, kw=kw, p=p, q=q,
+        stride=stride, padding=padding, dilation=dilation, groups=groups,
+        gp=pack_factor(groups, cin_g, c_out // groups), dtype=dtype,
+        has_prologue=has_prologue, pro_mean=pro_mean, pro_relu=pro_relu, has_mean=has_mean,
+        has_var=has_var, has_scale=has_scale, has_shift=has_shift, has_residual=has_residual, relu=relu,
+        transposed=transposed_out_hw is not None, stats=stats, pro_bwd=pro_bwd, large_blocks=_large_blocks(),
+    )
+
+
+@dataclass(frozen=True)
+class WgradPlan:
+    """Tiles and splits of the weight-gradient kernel for one convolution."""
+
+    conv: ConvPlan
+    block_m: int
+    block_ci: int
+    block_co: int
+    splits: int  # splits of the pixel sum, each written to its own slab
+
+    @property
+    def tiles(self) -> int:
+        c = self.conv
+        return c.packs * c.kh * c.kw * _cdiv(c.cin_p, self.block_ci) * _cdiv(c.cout_p, self.block_co)
+
+    @property
+    def m_per_split(self) -> int:
+        return _cdiv(self.conv.m, self.splits * self.block_m) * self.block_m
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return (self.tiles, self.splits)
+
+
+def _block_wgrad(width: int) -> int:
+    return min(256 if _large_blocks() else 64, max(MIN_DOT, _next_pow2(width)))
+
+
+def plan_wgrad(conv: ConvPlan, device: torch.device) -> WgradPlan:
+    """Weight-gradient tiles of ``conv`` (a forward plan), with the pixel sum
+    split so that about four programs per multiprocessor run."""
+    block_m = 256 if _large_blocks() else 64
+    plan = WgradPlan(conv, block_m, _block_wgrad(conv.cin_p), _block_wgrad(conv.cout_p), 1)
+    splits = max(1, min(_cdiv(conv.m, block_m), _cdiv(4 * _multiprocessors(device), max(1, plan.tiles))))
+    return WgradPlan(conv, block_m, plan.block_ci, plan.block_co, splits)
+
+
+def elementwise_blocks(c: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) of the per-pixel batch-norm kernels over ``c`` channels."""
+    block_c = min(128, max(16, _next_pow2(c)))
+    return (65536 if _large_blocks() else 8192) // block_c, block_c
+
+
+def finalize_blocks(c: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_C) of the batch-norm finalize over ``c`` channels."""
+    return 64, 256 if _large_blocks() else 32
