@@ -36,6 +36,23 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def poisoned():
+    """While the test runs, every ``torch.empty`` float tensor starts as NaN
+    (PyTorch's deterministic mode fills uninitialized memory), the buffers
+    the operators allocate for their outputs included: an element a kernel
+    fails to write reads NaN and fails the comparison."""
+    was_on, was_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_on, warn_only=was_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
+@pytest.fixture
 def device():
     """Where kernels run in this test run: CUDA if present, else CPU under the interpreter."""
     return torch.device("cuda" if HAS_CUDA else "cpu")

@@ -1,0 +1,525 @@
+"""The cases other projects' convolution and batch-norm test grids hold (PyTorch's
+own, attorch's, FlagGems'), on the fused operators, against float64 PyTorch.
+
+Kernel shapes and geometry (non-square kernels, padding past k/2, dilation,
+depthwise, empty batch, zero channels, 1x1 images), NaN and inf, every way a
+user can change a weight or a batch-norm buffer, ``nn.BatchNorm2d``'s options
+and its errors, and launches that span several tiles, weight-gradient splits
+and finalize blocks (forced on small shapes with the GPU's block sizes). Every
+test runs with ``poisoned``: an output element a kernel does not write is NaN.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aru_kernels
+from aru_kernels import plans
+from aru_kernels import reference as ref
+from aru_models.fused import conv_bn
+from helpers import assert_close
+
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+
+def cl(t):
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+def leaf(t):
+    return t.detach().clone().requires_grad_()
+
+
+def exact(t):
+    return None if t is None else t.detach().double().requires_grad_()
+
+
+def grads_match(ours: dict, refs: dict, out, out_ref, what: str) -> None:
+    """Backpropagate the same random gradient through both and compare every leaf's gradient."""
+    g = torch.randn_like(out_ref)
+    out.backward(g.float())
+    out_ref.backward(g)
+    for name, t in ours.items():
+        assert_close(t.grad, refs[name].grad, torch.float32, what=f"{what}: gradient of {name}")
+
+
+# -- convolution geometry ---------------------------------------------------------------------
+
+# (kh, kw, stride, padding, dilation, groups, cin, cout, h, w): kernel sizes 1-7, non-square,
+# padding past k/2, dilation, dense / 2 / 4 groups / depthwise, in != out channels.
+GEOMETRY = {
+    "k1": (1, 1, 1, 0, 1, 1, 6, 10, 5, 6),
+    "k2s2": (2, 2, 2, 0, 1, 1, 5, 7, 6, 7),
+    "k3p3": (3, 3, 1, 3, 1, 2, 6, 4, 4, 5),
+    "k4p1": (4, 4, 1, 1, 1, 4, 8, 12, 6, 5),
+    "k5x3": (5, 3, 1, 2, 1, 1, 3, 5, 7, 6),
+    "k3x5s2": (3, 5, 2, 2, 1, 2, 4, 6, 7, 8),
+    "k6s3p4": (6, 6, 3, 4, 1, 1, 4, 3, 9, 8),
+    "k7s2p3": (7, 7, 2, 3, 1, 1, 3, 8, 10, 9),
+    "depthwise": (3, 3, 1, 1, 1, 8, 8, 8, 5, 6),
+    "depthwise_x2": (3, 3, 2, 1, 1, 6, 6, 12, 7, 7),
+    "dil2_g4": (3, 3, 1, 2, 2, 4, 16, 16, 7, 6),
+    "dil3_s2": (3, 3, 2, 1, 3, 1, 4, 6, 9, 10),
+    "dil2_k5x3": (5, 3, 1, 0, 2, 2, 4, 4, 11, 7),
+}
+
+
+def _conv_case(device, kh, kw, stride, padding, dilation, groups, cin, cout, h, w, n=2):
+    x = cl(torch.randn(n, cin, h, w, device=device))
+    weight = torch.randn(cout, cin // groups, kh, kw, device=device) / (cin // groups * kh * kw) ** 0.5
+    return x, weight, dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+
+
+@pytest.mark.parametrize("case", GEOMETRY.values(), ids=GEOMETRY.keys())
+def test_geometry_forward_and_gradients(device, case):
+    """Output and dx, dW, bias (through ``shift``) gradients against float64 ``F.conv2d``."""
+    x, weight, geo = _conv_case(device, *case)
+    bias = torch.randn(weight.shape[0], device=device)
+    ours = {"x": leaf(x), "weight": leaf(weight), "bias": leaf(bias)}
+    refs = {k: exact(v) for k, v in ours.items()}
+    out = aru_kernels.conv_bn_act(ours["x"], ours["weight"], shift=ours["bias"], **geo)
+    out_ref = F.conv2d(refs["x"], refs["weight"], refs["bias"], **geo)
+    assert_close(out, out_ref, torch.float32, what="output")
+    grads_match(ours, refs, out, out_ref, "conv")
+
+
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2"])
+def test_dilated_gradients_with_prologue(device, stride):
+    """Dilation 2 in the input gradient's transposed tap map and in the weight gradient,
+    with a batch-norm + ReLU prologue (grouped, packed)."""
+    x, weight, geo = _conv_case(device, 3, 3, stride, 2, 2, 8, 32, 32, 9, 8)
+    c = x.shape[1]
+    ours = {"x": leaf(x), "weight": leaf(weight), "in_mean": leaf(torch.randn(c, device=device)),
+            "in_scale": leaf(torch.rand(c, device=device) + 0.5), "in_shift": leaf(torch.randn(c, device=device))}
+    refs = {k: exact(v) for k, v in ours.items()}
+    out = aru_kernels.conv_bn_act(ours["x"], ours["weight"], in_mean=ours["in_mean"], in_scale=ours["in_scale"],
+                                  in_shift=ours["in_shift"], in_relu=True, **geo)
+    out_ref = ref.conv_bn_act(refs["x"], refs["weight"], in_mean=refs["in_mean"], in_scale=refs["in_scale"],
+                              in_shift=refs["in_shift"], in_relu=True, **geo)
+    assert_close(out, out_ref, torch.float32, what="output")
+    grads_match(ours, refs, out, out_ref, "dilated conv")
+
+
+# Epilogue and prologue variants: (epilogue terms, prologue terms, stride).
+VARIANTS = {
+    "scale_only": (("scale",), (), 1),
+    "shift_only": (("shift",), (), 1),
+    "bn_eval": (("mean", "var", "scale", "shift"), (), 1),
+    "var_only_relu": (("var",), (), 2),
+    "prologue_no_relu": ((), ("in_scale", "in_shift"), 1),
+    "strided_prologue_relu": (("scale", "shift"), ("in_mean", "in_scale", "in_shift", "in_relu"), 2),
+}
+
+
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_epilogue_and_prologue_variants(device, variant):
+    epilogue, prologue, stride = variant
+    x, weight, geo = _conv_case(device, 3, 3, stride, 1, 1, 4, 16, 24, 7, 6)
+    cin, cout = x.shape[1], weight.shape[0]
+    make = {"mean": lambda c: torch.randn(c, device=device), "var": lambda c: torch.rand(c, device=device) + 0.2,
+            "scale": lambda c: torch.rand(c, device=device) + 0.5, "shift": lambda c: torch.randn(c, device=device)}
+    ours = {"x": leaf(x), "weight": leaf(weight)}
+    for name in epilogue:
+        ours[name] = leaf(make[name](cout))
+    for name in prologue:
+        if name != "in_relu":
+            ours[name] = leaf(make[name[3:]](cin))
+    refs = {k: exact(v) for k, v in ours.items()}
+    kwargs = dict(geo, relu="var" in epilogue, in_relu="in_relu" in prologue, eps=1e-3)
+
+    def vectors(d):
+        return {k: v for k, v in d.items() if k not in ("x", "weight")}
+
+    out = aru_kernels.conv_bn_act(ours["x"], ours["weight"], **vectors(ours), **kwargs)
+    out_ref = ref.conv_bn_act(refs["x"], refs["weight"], **vectors(refs), **kwargs)
+    assert_close(out, out_ref, torch.float32, what="output")
+    grads_match(ours, refs, out, out_ref, "variant")
+
+
+def test_batch_of_one_and_one_pixel_images(device):
+    x = cl(torch.randn(1, 8, 1, 1, device=device))
+    weight = torch.randn(12, 8, 1, 1, device=device)
+    out = aru_kernels.conv_bn_act(x, weight, relu=True)
+    assert_close(out, torch.relu(F.conv2d(x.double(), weight.double())), torch.float32)
+    out = aru_kernels.conv_bn_act(x, torch.randn(8, 2, 3, 3, device=device), padding=1, groups=4)
+    assert out.shape == (1, 8, 1, 1)
+
+
+def test_empty_batch_forward_and_backward(device):
+    x = leaf(cl(torch.randn(0, 8, 5, 5, device=device)))
+    weight = leaf(torch.randn(8, 2, 3, 3, device=device))
+    out = aru_kernels.conv_bn_act(x, weight, padding=1, groups=4, relu=True)
+    assert out.shape == (0, 8, 5, 5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(weight.grad, torch.zeros_like(weight)), "an empty batch has a zero weight gradient"
+
+
+def test_zero_input_channels(device):
+    """F.conv2d's backward takes no input channels: dx and dW are empty."""
+    x = leaf(cl(torch.randn(2, 0, 4, 4, device=device)))
+    weight = leaf(torch.randn(3, 0, 3, 3, device=device))
+    shift = torch.randn(3, device=device)
+    out = aru_kernels.conv_bn_act(x, weight, padding=1, shift=shift)
+    assert_close(out, shift.double().view(1, 3, 1, 1).expand(2, 3, 4, 4), torch.float32,
+                 what="a conv over no channels is its bias")
+    out.sum().backward()
+    assert x.grad.shape == (2, 0, 4, 4) and weight.grad.shape == (3, 0, 3, 3)
+
+
+# -- non-finite values ----------------------------------------------------------------------------
+
+
+def test_relu_keeps_nan_in_epilogue_and_prologue(device):
+    nan = cl(torch.full((1, 4, 2, 2), float("nan"), device=device))
+    out = aru_kernels.conv_bn_act(nan, torch.ones(4, 4, 1, 1, device=device), relu=True)
+    assert torch.isnan(out).all(), "ReLU turned NaN into a number (torch.relu keeps NaN)"
+    x = cl(torch.randn(1, 4, 3, 3, device=device))
+    in_scale = torch.tensor([1.0, float("nan"), 1.0, 1.0], device=device)
+    out = aru_kernels.conv_bn_act(x, torch.ones(4, 4, 1, 1, device=device), in_scale=in_scale,
+                                  in_shift=torch.zeros(4, device=device), in_relu=True)
+    assert torch.isnan(out).all(), "the prologue's ReLU turned a NaN channel into zeros"
+
+
+def test_nan_gradients_follow_pytorch(device):
+    """A NaN input element: the same NaN pattern in the output and in dx, dW as float64
+    autograd through F.conv2d and torch.relu (dense conv: the NaN reaches every output channel)."""
+    x = torch.randn(1, 6, 5, 5, device=device)
+    x[0, 2, 1, 3] = float("nan")
+    x = cl(x)
+    weight = torch.randn(8, 6, 3, 3, device=device)
+    in_scale, in_shift = torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)
+    ours = {"x": leaf(x), "weight": leaf(weight)}
+    refs = {k: exact(v) for k, v in ours.items()}
+    out = aru_kernels.conv_bn_act(ours["x"], ours["weight"], padding=1, relu=True, in_scale=in_scale,
+                                  in_shift=in_shift, in_relu=True)
+    out_ref = ref.conv_bn_act(refs["x"], refs["weight"], padding=1, relu=True, in_scale=in_scale.double(),
+                              in_shift=in_shift.double(), in_relu=True)
+    assert torch.equal(torch.isnan(out), torch.isnan(out_ref)), "NaN pattern of the output"
+    g = torch.randn_like(out_ref)
+    out.backward(g.float())
+    out_ref.backward(g)
+    for name in ours:
+        got, expected = ours[name].grad, refs[name].grad
+        assert torch.equal(torch.isnan(got), torch.isnan(expected)), f"NaN pattern of d{name}"
+        finite = ~torch.isnan(expected)
+        assert_close(got[finite], expected[finite], torch.float32, what=f"the numbers of d{name}")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf in the interpreter
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
+def test_non_finite_input_never_gives_a_finite_result_where_pytorch_does_not(device, value):
+    """Packed small groups may spread a non-finite value to the other groups of its
+    pack (documented); they must never hide one."""
+    x = torch.randn(1, 32, 3, 3, device=device)
+    x[0, 3, 1, 1] = value
+    x = cl(x)
+    weight = torch.randn(32, 4, 3, 3, device=device)
+    out = aru_kernels.conv_bn_act(x, weight, padding=1, groups=8)
+    expected = F.conv2d(x.double(), weight.double(), padding=1, groups=8)
+    hidden = ~torch.isfinite(expected) & torch.isfinite(out)
+    assert not hidden.any(), f"{int(hidden.sum())} outputs are finite where F.conv2d's are not"
+    finite = torch.isfinite(out)
+    assert_close(out[finite], expected[finite], torch.float32, what="the finite outputs")
+
+
+def test_nan_in_training_reaches_the_loss(device):
+    """A NaN channel must not come out as zeros while its running statistics go NaN:
+    the block's output is NaN where eager's is, so divergence is seen."""
+    x = torch.randn(2, 8, 4, 4, device=device)
+    x[1, 5, 2, 2] = float("nan")
+    x = cl(x)
+    eye = torch.eye(8, device=device).view(8, 8, 1, 1)
+    state = dict(running_mean=torch.zeros(8, device=device), running_var=torch.ones(8, device=device),
+                 num_batches_tracked=torch.tensor(0, device=device))
+    y, mean, scale, shift = aru_kernels.conv_bn_train(x, eye, None, None, **state)
+    out = aru_kernels.bn_add_relu(y, scale, shift, mean=mean)
+    rm = torch.zeros(8, dtype=torch.float64, device=device)
+    expected = torch.relu(F.batch_norm(F.conv2d(x.double(), eye.double()), rm, torch.ones_like(rm), training=True))
+    assert torch.isnan(expected).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)), "NaN pattern of the block output"
+    assert torch.equal(torch.isnan(state["running_mean"]), torch.isnan(rm))
+
+
+# -- changing a weight or a buffer, every way a user can ---------------------------------------------
+
+
+def _mutations():
+    def data_copy(conv, bn):
+        conv.weight.data.copy_(torch.randn_like(conv.weight))
+
+    def data_assign(conv, bn):
+        conv.weight.data = torch.randn_like(conv.weight)
+
+    def data_add(conv, bn):  # a hand-written SGD step
+        conv.weight.data.add_(torch.randn_like(conv.weight), alpha=-0.5)
+
+    def vector_to_parameters(conv, bn):
+        vec = torch.nn.utils.parameters_to_vector(conv.parameters())
+        torch.nn.utils.vector_to_parameters(torch.randn_like(vec), conv.parameters())
+
+    def optimizer_step(conv, bn):
+        conv.weight.grad = torch.randn_like(conv.weight)
+        torch.optim.SGD(conv.parameters(), lr=0.5).step()
+
+    def load_state_dict(conv, bn):
+        conv.load_state_dict({"weight": torch.randn_like(conv.weight)})
+
+    def running_stats_data(conv, bn):
+        bn.running_mean.data.add_(1.0)
+        bn.running_var.data.mul_(3.0)
+        bn.weight.data.mul_(-1.0)
+
+    def running_stats_train_forward(conv, bn):
+        bn.train()
+        bn(torch.randn(4, bn.num_features, 3, 3, device=bn.weight.device) * 3 + 1)
+        bn.eval()
+
+    return {f.__name__: f for f in (data_copy, data_assign, data_add, vector_to_parameters, optimizer_step,
+                                    load_state_dict, running_stats_data, running_stats_train_forward)}
+
+
+MUTATIONS = _mutations()
+
+
+@pytest.mark.parametrize("mutate", MUTATIONS.values(), ids=MUTATIONS.keys())
+def test_every_weight_and_buffer_change_is_seen(device, mutate):
+    """Eval-mode conv + batch norm through the fused path, before and after the change."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False).to(device)
+    bn = torch.nn.BatchNorm2d(16).to(device).eval()
+    with torch.no_grad():
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 1.5)
+    x = cl(torch.randn(1, 16, 5, 5, device=device))
+
+    def check(what):
+        with torch.no_grad():
+            expected = bn.double()(conv.double()(x.double()))
+            bn.float(), conv.float()
+            assert_close(conv_bn(conv, bn, x), expected, torch.float32, what=what)
+
+    check("before the change")
+    mutate(conv, bn)
+    check(f"after {mutate.__name__}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["half", "bfloat16"])
+def test_module_dtype_conversion_is_seen(device, dtype):
+    """``.half()`` / ``.to(dtype)`` replace the parameters: the next call reads the new ones."""
+    conv = torch.nn.Conv2d(16, 16, 3, padding=1, groups=4, bias=False).to(device)
+    bn = torch.nn.BatchNorm2d(16).to(device).eval()
+    x = cl(torch.randn(1, 16, 5, 5, device=device))
+    with torch.no_grad():
+        conv_bn(conv, bn, x)
+        conv.to(dtype)
+        out = conv_bn(conv, bn, x.to(dtype))
+        expected = bn.double()(conv.double()(x.to(dtype).double()))
+    assert out.dtype == dtype
+    assert_close(out, expected, dtype)
+
+
+# -- batch norm: nn.BatchNorm2d's options and errors --------------------------------------------------
+
+BN_CASES = {
+    "default": dict(),
+    "eps1e-6": dict(eps=1e-6),
+    "momentum0": dict(momentum=0.0),
+    "momentum1": dict(momentum=1.0),
+    "cumulative": dict(momentum=None),
+    "no_affine": dict(affine=False),
+    "no_running_stats": dict(track_running_stats=False),
+}
+
+
+def _bn_through_conv(x, bn: torch.nn.BatchNorm2d, relu=True):
+    """``relu(bn(x))`` through conv_bn_train (1x1 identity conv) and bn_add_relu."""
+    c = x.shape[1]
+    eye = torch.eye(c, device=x.device).view(c, c, 1, 1)
+    track = bn.track_running_stats
+    y, mean, scale, shift = aru_kernels.conv_bn_train(
+        x, eye, bn.weight, bn.bias, bn.running_mean if track else None, bn.running_var if track else None,
+        bn.num_batches_tracked if track else None, momentum=bn.momentum, eps=bn.eps)
+    return aru_kernels.bn_add_relu(y, scale, shift, mean=mean)
+
+
+@pytest.mark.parametrize("options", BN_CASES.values(), ids=BN_CASES.keys())
+def test_batch_norm_options_match_nn_batchnorm2d(device, options):
+    """Two training steps then eval: outputs, gradients and buffers against nn.BatchNorm2d in float64."""
+    bn = torch.nn.BatchNorm2d(6, **options).to(device)
+    if bn.affine:
+        with torch.no_grad():
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.normal_()
+    twin = copy.deepcopy(bn).double()
+    for step in range(2):
+        x = cl(torch.randn(3, 6, 4, 5, device=device) * (step + 1) + step)
+        xo, xr = leaf(x), exact(x)
+        out = _bn_through_conv(xo, bn)
+        out_ref = torch.relu(twin(xr))
+        assert_close(out, out_ref, torch.float32, what=f"step {step} output")
+        g = torch.randn_like(out_ref)
+        out.backward(g.float())
+        out_ref.backward(g)
+        assert_close(xo.grad, xr.grad, torch.float32, what=f"step {step} input gradient")
+        if bn.affine:
+            for name in ("weight", "bias"):
+                assert_close(getattr(bn, name).grad, getattr(twin, name).grad, torch.float32,
+                             what=f"step {step} gradient of {name}")
+                getattr(bn, name).grad = getattr(twin, name).grad = None
+    for (name, a), b in zip(bn.named_buffers(), twin.buffers()):
+        if a.is_floating_point():
+            assert_close(a, b, torch.float32, what=name)
+        else:
+            assert torch.equal(a, b), name
+    if bn.track_running_stats:  # eval after train: the running statistics, folded in the epilogue
+        bn.eval(), twin.eval()
+        x = cl(torch.randn(2, 6, 3, 3, device=device))
+        conv = torch.nn.Conv2d(6, 6, 1, bias=False).to(device)
+        with torch.no_grad():
+            conv.weight.copy_(torch.eye(6).view(6, 6, 1, 1))
+            assert_close(conv_bn(conv, bn, x, relu=True), torch.relu(twin(x.double())), torch.float32,
+                         what="eval after train")
+
+
+def test_constant_channel_has_zero_variance(device):
+    """A constant channel normalizes to exactly its bias, as PyTorch's does (y - mean == 0)."""
+    x = torch.randn(2, 4, 3, 3, device=device)
+    x[:, 1] = 7.25
+    x = cl(x)
+    bn = torch.nn.BatchNorm2d(4).to(device)
+    with torch.no_grad():
+        bn.bias.copy_(torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    out = _bn_through_conv(x, bn)
+    assert torch.equal(out[:, 1], torch.zeros_like(out[:, 1])), "values equal to the mean must land on the bias"
+    assert_close(out, torch.relu(copy.deepcopy(bn).double()(x.double())), torch.float32)
+
+
+def test_empty_batch_leaves_running_statistics_unchanged(device):
+    bn = torch.nn.BatchNorm2d(4).to(device)
+    with torch.no_grad():
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.0)
+    x = leaf(cl(torch.randn(0, 4, 3, 3, device=device)))
+    out = _bn_through_conv(x, bn)
+    out.sum().backward()
+    assert out.shape == x.shape
+    assert torch.equal(bn.running_mean, torch.full((4,), 0.3, device=device))
+    assert torch.equal(bn.running_var, torch.full((4,), 2.0, device=device))
+    assert bn.num_batches_tracked.item() == 1  # the module counts the call, as nn.BatchNorm2d does
+    assert torch.equal(bn.weight.grad, torch.zeros(4, device=device))
+
+
+def test_one_value_per_channel_raises_like_pytorch(device):
+    x = cl(torch.randn(1, 10, 1, 1, device=device))
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        torch.nn.BatchNorm2d(10).to(device)(x)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        aru_kernels.conv_bn_train(x, torch.eye(10, device=device).view(10, 10, 1, 1), None, None)
+
+
+def test_cumulative_average_needs_the_batch_count(device):
+    x = cl(torch.randn(2, 4, 3, 3, device=device))
+    rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)
+    with pytest.raises(ValueError, match="momentum=None .* needs num_batches_tracked"):
+        aru_kernels.conv_bn_train(x, torch.eye(4, device=device).view(4, 4, 1, 1), None, None, rm, rv, None,
+                                  momentum=None)
+    assert torch.equal(rm, torch.zeros(4, device=device)), "the failed call must not touch the buffers"
+
+
+# -- launches of several tiles, splits and finalize blocks (the GPU's block sizes) --------------------
+
+
+@pytest.fixture
+def device_blocks():
+    with plans.device_block_sizes():
+        yield
+
+
+@pytest.mark.usefixtures("device_blocks")
+def test_gradients_over_several_tiles_and_weight_gradient_splits(device):
+    """dx (several transposed M tiles), dW (several pixel splits) and the prologue's
+    vector gradients (per-tile partial sums) against float64."""
+    x, weight, geo = _conv_case(device, 3, 3, 1, 1, 1, 8, 32, 32, 32, 32)
+    plan = plans.plan_conv(x.shape, weight.shape, x.dtype, **geo)
+    wplan = plans.plan_wgrad(plan, x.device)
+    assert plan.m_tiles >= 3 and wplan.splits >= 3, (plan.m_tiles, wplan.splits)
+    assert wplan.m_per_split > wplan.block_m, "each split must walk several pixel blocks"
+    c = x.shape[1]
+    ours = {"x": leaf(x), "weight": leaf(weight), "in_mean": leaf(torch.randn(c, device=device)),
+            "in_scale": leaf(torch.rand(c, device=device) + 0.5), "in_shift": leaf(torch.randn(c, device=device))}
+    refs = {k: exact(v) for k, v in ours.items()}
+    kwargs = dict(geo, in_relu=True)
+    out = aru_kernels.conv_bn_act(ours["x"], ours["weight"], in_mean=ours["in_mean"], in_scale=ours["in_scale"],
+                                  in_shift=ours["in_shift"], **kwargs)
+    out_ref = ref.conv_bn_act(refs["x"], refs["weight"], in_mean=refs["in_mean"], in_scale=refs["in_scale"],
+                              in_shift=refs["in_shift"], **kwargs)
+    assert_close(out, out_ref, torch.float32, what="output")
+    grads_match(ours, refs, out, out_ref, "several tiles")
+
+
+@pytest.mark.usefixtures("device_blocks")
+@pytest.mark.parametrize("offset", [0.0, 1e4], ids=["centred", "mean1e4"])
+def test_bn_add_relu_over_several_tiles(device, offset):
+    """Forward and backward of the block end, identity through its own batch norm,
+    over several row tiles (each with its own partial sums); with channels far from
+    zero, normalized as ``scale*(y - mean)`` without cancellation."""
+    shape = (2, 16, 24, 24)
+    ours = {"y": leaf(cl(torch.randn(shape, device=device) + offset)),
+            "identity": leaf(cl(torch.randn(shape, device=device) + offset))}
+    for name in ("mean", "scale", "shift", "id_mean", "id_scale", "id_shift"):
+        ours[name] = leaf(torch.randn(16, device=device) + (offset if "mean" in name else 0.0))
+    assert -(-24 * 24 * 2 // plans.elementwise_blocks(16)[0]) >= 3
+    refs = {k: exact(v) for k, v in ours.items()}
+    names = ("y", "scale", "shift", "identity", "id_scale", "id_shift")
+    out = aru_kernels.bn_add_relu(*(ours[k] for k in names), mean=ours["mean"], id_mean=ours["id_mean"])
+    out_ref = ref.bn_add_relu(*(refs[k] for k in names), mean=refs["mean"], id_mean=refs["id_mean"])
+    assert_close(out, out_ref, torch.float32, what="output")
+    grads_match(ours, refs, out, out_ref, "bn_add_relu")
+
+
+@pytest.mark.usefixtures("device_blocks")
+def test_batch_statistics_over_more_tiles_than_one_finalize_block(device):
+    """More statistics tiles than the finalize reads at once, channels with a large mean:
+    batch mean, 1/std, running statistics and the gradient through them."""
+    x = cl(torch.randn(2, 4, 66, 66, device=device) * 0.5 + 100.0)
+    weight = torch.randn(8, 4, 1, 1, device=device) / 2
+    plan = plans.plan_conv(x.shape, weight.shape, x.dtype, stats=True)
+    block_t, _ = plans.finalize_blocks(8)
+    assert plan.m_tiles > block_t, (plan.m_tiles, block_t)
+    state = dict(running_mean=torch.zeros(8, device=device), running_var=torch.ones(8, device=device),
+                 num_batches_tracked=torch.tensor(0, device=device))
+    state_ref = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state.items()}
+    xo, xr = leaf(x), exact(x)
+    y, mean, scale, shift = aru_kernels.conv_bn_train(xo, weight, None, None, **state)
+    normalized = scale.view(1, -1, 1, 1) * (y - mean.view(1, -1, 1, 1)) + shift.view(1, -1, 1, 1)
+    expected = ref.conv_bn(xr, weight.double(), None, None, **state_ref, training=True)
+    assert_close(normalized, expected, torch.float32, what="normalized output")
+    for key in ("running_mean", "running_var"):
+        assert_close(state[key], state_ref[key], torch.float32, what=key)
+    g = torch.randn_like(expected)
+    normalized.backward(g.float())
+    expected.backward(g)
+    assert_close(xo.grad, xr.grad, torch.float32, what="input gradient through the batch statistics")
+
+
+# -- mixed precision -------------------------------------------------------------------------------------
+
+
+def test_cpu_autocast_training_ops(device):
+    if device.type != "cpu":
+        pytest.skip("CPU autocast: runs where the kernels run on CPU tensors")
+    x = cl(torch.randn(2, 16, 5, 5))
+    weight = torch.randn(16, 4, 3, 3) / 6
+    bn_w, bn_b = torch.rand(16) + 0.5, torch.randn(16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, mean, scale, shift = aru_kernels.conv_bn_train(x, weight, bn_w, bn_b, padding=1, groups=4)
+        out = aru_kernels.bn_add_relu(y, scale, shift, x, mean=mean)
+    assert y.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    assert mean.dtype == scale.dtype == shift.dtype == torch.float32
+    xb, wb = x.bfloat16().double(), weight.bfloat16().double()
+    y_ref = F.conv2d(xb, wb, padding=1, groups=4)
+    assert_close(y, y_ref, torch.bfloat16, what="conv output")
+    expected = torch.relu(F.batch_norm(y_ref, None, None, bn_w.double(), bn_b.double(), training=True) + xb)
+    assert_close(out, expected, torch.bfloat16, what="block output")
