@@ -40,13 +40,15 @@ JSON written by ``--json`` (one file, rewritten after every measured row so an
 interrupted run keeps what it measured)::
 
     {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "copy_TBps",
-     "models": [{"model", "mode", "impl", "img_per_s", "peak_mem_GiB"}],
-     "layers": [{"layer", "impl", "pass", "us", "frac_of_copy_bw"}]}
+     "models": [{"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "failed", "note"}],
+     "layers": [{"layer", "impl", "pass", "us", "frac_of_copy_bw", "failed", "note"}]}
 
 Every requested row is present. A row that could not be measured (fused
 kernels missing, no device for them, out of memory, time limit, error), or
 whose result differs from eager's, has ``null`` for its measurements (``img_per_s`` and ``peak_mem_GiB``, or ``us``
-and ``frac_of_copy_bw``); the reason is printed. ``peak_mem_GiB`` is ``null``
+and ``frac_of_copy_bw``); ``note`` says why (``""`` for a measured row;
+``"WRONG RESULT: ..."`` for a result beyond tolerance), and ``failed`` is
+true for an unexpected error or a wrong result. ``peak_mem_GiB`` is ``null``
 on CPU. ``layers`` is empty with ``--no-layers``.
 
 Exit status: 0 when every row was measured or is unavailable for a known
@@ -158,7 +160,8 @@ class ModelRow:
 
     def to_json(self) -> dict:
         return {"model": self.model, "mode": self.mode, "impl": self.impl,
-                "img_per_s": self.img_per_s, "peak_mem_GiB": self.peak_mem_GiB}
+                "img_per_s": self.img_per_s, "peak_mem_GiB": self.peak_mem_GiB,
+                "failed": self.failed, "note": self.note}
 
 
 @dataclass
@@ -179,7 +182,8 @@ class LayerRow:
 
     def to_json(self) -> dict:
         return {"layer": self.layer, "impl": self.impl, "pass": self.pass_,
-                "us": self.us, "frac_of_copy_bw": self.frac_of_copy_bw}
+                "us": self.us, "frac_of_copy_bw": self.frac_of_copy_bw,
+                "failed": self.failed, "note": self.note}
 
 
 @dataclass
@@ -195,10 +199,10 @@ class Results:
     @classmethod
     def from_json(cls, data: dict) -> "Results":
         header = {k: v for k, v in data.items() if k not in ("models", "layers")}
-        models = [ModelRow(r["model"], r["mode"], r["impl"], r["img_per_s"], r["peak_mem_GiB"])
-                  for r in data["models"]]
-        layers = [LayerRow(r["layer"], r["impl"], r["pass"], r["us"], r["frac_of_copy_bw"])
-                  for r in data["layers"]]
+        models = [ModelRow(r["model"], r["mode"], r["impl"], r["img_per_s"], r["peak_mem_GiB"],
+                           note=r.get("note", ""), failed=r.get("failed", False)) for r in data["models"]]
+        layers = [LayerRow(r["layer"], r["impl"], r["pass"], r["us"], r["frac_of_copy_bw"],
+                           note=r.get("note", ""), failed=r.get("failed", False)) for r in data["layers"]]
         return cls(header, models, layers)
 
 

@@ -21,8 +21,8 @@ RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "copy_TBps",
              "models", "layers"}
-MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB"}
-LAYER_ROW = {"layer", "impl", "pass", "us", "frac_of_copy_bw"}
+MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "failed", "note"}
+LAYER_ROW = {"layer", "impl", "pass", "us", "frac_of_copy_bw", "failed", "note"}
 LAYERS = {"s1_g32w4", "s2_g32w8", "s3_g32w16", "s4_g32w32"}
 
 
@@ -79,6 +79,7 @@ def test_json_model_rows(cpu_run):
     for row in data["models"]:
         assert row["img_per_s"] > 0, row
         assert row["peak_mem_GiB"] is None, "peak memory is reported only on CUDA"
+        assert row["failed"] is False and row["note"] == "", row
 
 
 def test_json_layer_rows(cpu_run):
@@ -98,6 +99,29 @@ def test_from_json_reprints_without_measuring(cpu_run, run_py, capsys):
     assert run_py.main(["--from-json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "resnet18" in out and "s4_g32w32" in out
+
+
+def test_fused_rows_and_a_wrong_result_exits_nonzero(run_py, tmp_path, monkeypatch, capsys):
+    """Fused model and layer rows through the interpreter (in-process: the test
+    session runs it); a layer whose fused result is planted wrong is marked in
+    the JSON, measured nothing, and the run exits 1."""
+    real = run_py.GroupedConvLayer.fused
+    monkeypatch.setattr(run_py.GroupedConvLayer, "fused", lambda layer: real(layer) * 1.5)
+    out = tmp_path / "fused.json"
+    code = run_py.main(["--impl", "eager,fused", "--model", "resnet18", "--mode", "both", "--img-size", "16",
+                        "--warmup", "0", "--iters", "1", "--json", str(out)])
+    assert code == 1, capsys.readouterr().out
+    data = json.loads(out.read_text())
+    fused_models = [r for r in data["models"] if r["impl"] == "fused"]
+    assert [r["mode"] for r in fused_models] == ["infer", "train"]
+    for row in fused_models:  # the models' path is untouched: measured and right
+        assert row["img_per_s"] > 0 and not row["failed"] and row["note"] == "", row
+    fused_layers = [r for r in data["layers"] if r["impl"] == "fused"]
+    assert {r["layer"] for r in fused_layers} == LAYERS
+    for row in fused_layers:
+        assert row["failed"] is True and row["note"].startswith("WRONG RESULT"), row
+        assert row["us"] is None and row["frac_of_copy_bw"] is None, row
+    assert "gave wrong results" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -262,6 +262,25 @@ def test_two_processes_take_the_step_of_one(cifar_dir, tmp_path, sync_bn, capsys
 
 
 
+def test_fused_sync_bn_two_processes_take_the_step_of_one(cifar_dir, tmp_path, capsys):
+    """``--impl fused --sync-bn`` over two gloo processes: the fused kernels all-gather
+    each batch norm's statistics and all-reduce their gradients, so one step on a
+    global batch of 8 leaves every parameter and running statistic as one eager
+    process does on all 8 images."""
+    common = tiny_args(cifar_dir, "--epochs", "1", "--max-steps", "1", "--image-size", "16")
+    train.main([*common, "--checkpoint", str(tmp_path / "one.pt")])
+    capsys.readouterr()
+    out = torchrun([*common, "--impl", "fused", "--sync-bn", "--checkpoint", str(tmp_path / "two.pt")])
+    assert "(fused)" in out, out
+    one, two = load_state(tmp_path / "one.pt")["model"], load_state(tmp_path / "two.pt")["model"]
+    assert one.keys() == two.keys()
+    for name, value in one.items():
+        if value.is_floating_point():
+            assert_close(two[name].double(), value.double(), tol=1e-4, what=name)
+        else:
+            assert torch.equal(two[name], value), name
+
+
 def test_augmentation_does_not_depend_on_the_number_of_processes():
     x = torch.randn(8, 3, 8, 8)
     whole = data.random_crop_flip(x, 2, torch.Generator().manual_seed(5))
