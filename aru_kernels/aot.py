@@ -1,10 +1,22 @@
-"""Ahead-of-time compilation of kernel specializations, no GPU needed.
+"""The static cost model: every kernel a model launches, compiled for a GPU
+target exactly as Triton's JIT compiles it at launch, and read from its SASS.
 
-Triton compiles for a named GPU target on any machine. Compiling every
-specialization a model uses catches what the interpreter forgives (a dot with
-K < 16, shared memory over the limit), and the PTX and cubin say whether
-tensor-core instructions were emitted and how many registers each program
-needs. Triton must not be in interpreter mode in this process.
+No GPU is needed. The launches come from running the operators under
+:func:`aru_kernels.launch.recording` on meta tensors (their ``data_ptr()`` is
+0, aligned like the caching allocator's). Each one is specialized by
+Triton's own binder (``triton.runtime.jit``): pointers and ints divisible by
+16 get the divisibility hint, ints equal to 1 become constants, just as at
+launch. The cubin's SASS then gives registers, spills, shared memory,
+tensor-core instruction counts, the widths of global loads and stores, and
+the dynamic instruction count per warp (each loop's body times its trip
+count, which the launch knows). From those:
+
+* issue-slot floor = programs x warps x instructions per warp / (SMs x 4
+  schedulers x clock): the time the instructions alone need at full issue rate;
+* DRAM floor = the bytes of the launch's distinct tensors / copy bandwidth;
+
+and a kernel's floor is the larger of the two. Triton must not be in
+interpreter mode in this process.
 """
 
 from __future__ import annotations
@@ -13,95 +25,165 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 
-from . import conv as _conv
-from .conv_ops import kernel_arguments
-from .plans import ConvPlan
+from .launch import Launch
 
-__all__ = ["AotResult", "compile_plan"]
+__all__ = ["GpuProfile", "H200", "KernelReport", "compile_launch", "analyze", "launch_bytes", "launch_key"]
 
-_TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+@dataclass(frozen=True)
+class GpuProfile:
+    name: str
+    sms: int
+    clock_GHz: float
+    copy_TBps: float  # measured device-to-device copy bandwidth (read + write)
+
+    def to_json(self) -> dict:
+        return {"sms": self.sms, "clock_GHz": self.clock_GHz, "copy_TBps": self.copy_TBps}
+
+
+H200 = GpuProfile("NVIDIA H200", sms=132, clock_GHz=1.98, copy_TBps=4.144)
+
+_SCHEDULERS_PER_SM = 4
 
 
 @dataclass
-class AotResult:
-    arch: int
-    mma: str  # "wgmma", "mma" or "none": the tensor-core instruction family in the PTX
+class KernelReport:
+    """What the compiled code of one launch says (per launch, not per step)."""
+
     registers: int | None
     spill_bytes: int | None
     shared_bytes: int
+    hgmma: int
+    hmma: int
+    loads: dict  # global load opcode (e.g. "LDG.E.128", "LDGSTS.E.BYPASS.128") -> static count
+    stores: dict
+    static_instr: int
+    loops: int  # loops found in the SASS
+    dyn_instr_per_warp: int
 
-    @property
-    def tensor_cores(self) -> bool:
-        return self.mma != "none"
-
-
-def _signature(plan: ConvPlan) -> tuple[dict, dict]:
-    def meta(dtype):
-        return torch.empty(0, dtype=dtype, device="meta")
-
-    f32 = meta(torch.float32)
-    act = meta(plan.dtype)
-    weight = torch.empty((plan.c_out, plan.cin_g, plan.kh, plan.kw), dtype=plan.dtype, device="meta")
-
-    def vec(present):
-        return f32 if present else None
-
-    part = vec(plan.stats or plan.pro_bwd)
-    args = kernel_arguments(
-        plan, act, weight, act, mean=vec(plan.has_mean or plan.pro_mean), var=vec(plan.has_var),
-        scale=vec(plan.has_scale or plan.pro_bwd), shift=vec(plan.has_shift or plan.pro_bwd),
-        residual=act if plan.has_residual or plan.pro_bwd else None, in_mean=vec(plan.pro_mean),
-        in_scale=vec(plan.has_prologue), in_shift=vec(plan.has_prologue), part_a=part, part_b=part,
-    )
-    constexprs = plan.constexprs()
-    signature = {}
-    for name in _conv.conv_bn_act_kernel.arg_names:
-        value = args[name]
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif isinstance(value, torch.Tensor):
-            signature[name] = "*" + _TRITON_DTYPES[value.dtype]
-        elif isinstance(value, float):
-            signature[name] = "fp32"
-        else:
-            signature[name] = "i32"
-    return signature, constexprs
+    def floors(self, launch: Launch, gpu: GpuProfile) -> tuple[float, float]:
+        """(issue-slot floor, DRAM floor) of one launch, in microseconds."""
+        slots = gpu.sms * _SCHEDULERS_PER_SM * gpu.clock_GHz * 1e3  # warp-instructions per microsecond
+        issue = launch.programs * launch.num_warps * self.dyn_instr_per_warp / slots
+        dram = launch_bytes(launch) / (gpu.copy_TBps * 1e6)
+        return issue, dram
 
 
-def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
-    """(registers, spill bytes) read off the cubin with the cuobjdump Triton ships."""
+def _tool(name: str) -> str:
     import triton
 
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    if not os.path.exists(tool):
-        return None, None
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _jit_function(kernel):
+    import triton
+
+    if not isinstance(kernel, triton.runtime.JITFunction):
+        raise RuntimeError("the static model compiles kernels: TRITON_INTERPRET must be unset when "
+                           "aru_kernels is imported")
+    return kernel
+
+
+def compile_launch(launch: Launch, arch: int = 90):
+    """Compile the kernel of ``launch`` for ``sm_<arch>`` as the JIT would at that launch."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = _jit_function(launch.kernel)
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    bound_args, specialization, options = binder(**kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
+    src = ASTSource(kernel, signature, constexprs, attrs)
+    return triton.compile(src, target=target, options=options.__dict__)
+
+
+def launch_key(launch: Launch, arch: int) -> tuple:
+    """What fixes the compiled code of a launch: kernel, specialization, options (not the grid)."""
+    kernel = _jit_function(launch.kernel)
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", arch, 32))
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    _, specialization, _ = binder(**launch.args)
+    return (kernel.fn.__name__, str(specialization), launch.num_warps, launch.num_stages, arch)
+
+
+def launch_bytes(launch: Launch) -> int:
+    """Ideal DRAM bytes of a launch: each distinct tensor argument read or written once.
+    (Arguments a launch does not use point at one it does, so they count once.)"""
+    seen = {}
+    for v in launch.args.values():
+        if isinstance(v, torch.Tensor):
+            seen[id(v)] = v.numel() * v.element_size()
+    return sum(seen.values())
+
+
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+_BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+
+
+def _sass(cubin: bytes) -> str:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        res = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True)
-    regs = re.search(r"REG:(\d+)", res.stdout)
-    stack = re.search(r"STACK:(\d+)", res.stdout)
+        return subprocess.run([_tool("cuobjdump"), "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> tuple[int | None, int | None]:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True).stdout
+    regs = re.search(r"REG:(\d+)", out)
+    stack = re.search(r"STACK:(\d+)", out)
     return (int(regs.group(1)) if regs else None, int(stack.group(1)) if stack else None)
 
 
-def compile_plan(plan: ConvPlan, arch: int = 90) -> AotResult:
-    """Compile the conv kernel specialization of ``plan`` for ``sm_<arch>``."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if not isinstance(_conv.conv_bn_act_kernel, triton.runtime.JITFunction):
-        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset when aru_kernels is imported")
-    signature, constexprs = _signature(plan)
-    src = ASTSource(fn=_conv.conv_bn_act_kernel, signature=signature, constexprs=constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": plan.num_warps, "num_stages": plan.num_stages})
-    ptx = compiled.asm["ptx"]
-    mma = "wgmma" if "wgmma" in ptx else ("mma" if re.search(r"\bmma\.sync", ptx) else "none")
-    regs, spills = _resource_usage(compiled.asm["cubin"])
-    return AotResult(arch=arch, mma=mma, registers=regs, spill_bytes=spills,
-                     shared_bytes=compiled.metadata.shared)
+def analyze(compiled, loop_trips: list[int]) -> KernelReport:
+    """Read the SASS of ``compiled``; ``loop_trips`` are the trip counts of the
+    kernel's loops in program order (loops the SASS has beyond them count once)."""
+    cubin = compiled.asm["cubin"]
+    sass = _sass(cubin)
+    instrs: list[tuple[int, str, str]] = []  # (address, opcode, operands)
+    for line in sass.splitlines():
+        m = _SASS_LINE.search(line)
+        if m:
+            instrs.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    body = [(a, op, rest) for a, op, rest in instrs if op != "NOP"]
+    index = {a: i for i, (a, _, _) in enumerate(body)}
+    loops = []  # (first, last) instruction index of each backward branch's range
+    for i, (addr, op, rest) in enumerate(body):
+        t = _BRANCH_TARGET.search(rest) if op.startswith("BRA") else None
+        if t and int(t.group(1), 16) < addr and int(t.group(1), 16) in index:
+            loops.append((index[int(t.group(1), 16)], i))
+    loops.sort()
+    # keep the outermost loops (our kernels do not nest): drop loops inside another
+    outer = [lp for lp in loops if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in loops)]
+    weight = [1] * len(body)
+    for (start, end), trips in zip(outer, loop_trips):
+        for j in range(start, end + 1):
+            weight[j] = max(1, trips)
+    dyn = sum(weight)
+    ops = Counter(op for _, op, _ in body)
+    regs, spills = _resource_usage(cubin)
+    return KernelReport(
+        registers=regs, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
+        hgmma=sum(n for op, n in ops.items() if op.startswith("HGMMA")),
+        hmma=sum(n for op, n in ops.items() if op.startswith("HMMA")),
+        loads={op: n for op, n in sorted(ops.items()) if op.startswith(("LDG", "LDGSTS"))},
+        stores={op: n for op, n in sorted(ops.items()) if op.startswith("STG")},
+        static_instr=len(body), loops=len(outer), dyn_instr_per_warp=dyn,
+    )

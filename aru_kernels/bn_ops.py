@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import batchnorm as _bn
+from .launch import launch
 from .plans import elementwise_blocks, finalize_blocks
 
 __all__ = ["rows", "stats_grads"]
@@ -65,13 +66,16 @@ def _bn_stats_op(
             new_rv.copy_(running_var)
         return mean, invstd, new_rm, new_rv
     block_t, block_c = finalize_blocks(c)
-    _bn.bn_finalize_kernel[(-(-c // block_c),)](
+    tiles = tile_mean.shape[0]
+    launch(
+        _bn.bn_finalize_kernel, (-(-c // block_c),),
         tile_mean, tile_m2, mean, invstd,
         running_mean if has_running else mean, running_var if has_running else mean,
         new_rm if has_running else mean, new_rv if has_running else mean,
         num_batches_tracked if num_batches_tracked is not None else mean,
         rows(y), tile_mean.shape[0], c, tile_rows, 0.0 if momentum is None else momentum, eps,
         HAS_RUNNING=has_running, CUMULATIVE=momentum is None, BLOCK_T=block_t, BLOCK_C=block_c,
+        role="bn_finalize", meta={"loop_trips": [-(-tiles // block_t)] * 2},
     )
     return mean, invstd, new_rm, new_rv
 
@@ -99,9 +103,9 @@ def _bn_stats_backward_op(y: Tensor, dmean: Tensor, dinvstd: Tensor, mean: Tenso
     dy = torch.empty_like(y, memory_format=torch.channels_last)
     if dy.numel():
         block_m, block_c = elementwise_blocks(c)
-        _bn.bn_stats_backward_kernel[_grid(m, c, block_m, block_c)](
-            y, dmean, dinvstd, mean, invstd, dy, m, c, 1.0 / count, BLOCK_M=block_m, BLOCK_C=block_c,
-        )
+        launch(_bn.bn_stats_backward_kernel, _grid(m, c, block_m, block_c),
+               y, dmean, dinvstd, mean, invstd, dy, m, c, 1.0 / count, BLOCK_M=block_m, BLOCK_C=block_c,
+               role="bn_stats_bwd")
     return dy
 
 
@@ -150,10 +154,12 @@ def _bn_add_relu_op(
     if out.numel():
         block_m, block_c = elementwise_blocks(c)
         affine = id_scale is not None
-        _bn.bn_add_relu_kernel[_grid(m, c, block_m, block_c)](
+        launch(
+            _bn.bn_add_relu_kernel, _grid(m, c, block_m, block_c),
             y, mean, scale, shift, y if identity is None else identity,
             id_mean if affine else mean, id_scale if affine else scale, id_shift if affine else shift, out, m, c,
             HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
+            role="bn_add_relu",
         )
     return out
 
@@ -189,10 +195,12 @@ def _bn_add_relu_backward_op(
     part = torch.zeros((3, tiles, c), dtype=torch.float32, device=y.device)
     affine = id_scale is not None
     if dy.numel():
-        _bn.bn_add_relu_backward_kernel[(tiles, -(-c // block_c))](
+        launch(
+            _bn.bn_add_relu_backward_kernel, (tiles, -(-c // block_c)),
             dout, out, y, mean, scale, y if identity is None else identity, id_mean if affine else mean,
             id_scale if affine else scale, dy, dy if identity is None else did, part, m, c, tiles,
             HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
+            role="bn_add_relu_bwd",
         )
     return dy, did, part.sum(1)  # fixed-order reduction over tiles
 

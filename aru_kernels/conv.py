@@ -101,26 +101,25 @@ def _tap_coord(o, k, size, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.cons
 
 
 @triton.jit
-def _weight_tile(w_ptr, pack, ck, tap_off, k_ok, rn, n_ok, sw_o, sw_i,
-                 CIN_G: tl.constexpr, COUT_G: tl.constexpr, CIN_P: tl.constexpr, COUT_P: tl.constexpr,
-                 TRANSPOSED: tl.constexpr):
-    """The block-diagonal tile ``B[k, n]`` of one pack, read from the weight in
-    its own layout ``w[C_out, C_in/groups, KH, KW]`` (strides ``sw_*``).
+def _weight_tile_offsets(pack, ck, k_ok, rn, n_ok, sw_o, sw_i,
+                         CIN_G: tl.constexpr, COUT_G: tl.constexpr, CIN_P: tl.constexpr, COUT_P: tl.constexpr,
+                         TRANSPOSED: tl.constexpr):
+    """Offsets and mask of the block-diagonal tile ``B[k, n]`` of one pack in
+    the weight's own layout ``w[C_out, C_in/groups, KH, KW]`` (strides
+    ``sw_*``), tap (0, 0); other taps add their offset.
 
-    ``ck`` gives each row's input channel within the pack and ``tap_off`` the
-    offset of its tap (a scalar, or a column for folded taps); ``rn`` each
-    column's output channel within the pack. Entries
-    whose channels belong to different groups are the zero blocks: masked,
-    never read. A transposed launch reads the forward weight transposed, its
-    input channels being the forward's output channels.
+    ``ck`` gives each row's input channel within the pack and ``rn`` each
+    column's output channel within the pack. Entries whose channels belong to
+    different groups are the zero blocks: masked, never read. A transposed
+    launch reads the forward weight transposed, its input channels being the
+    forward's output channels.
     """
     same_group = (ck // CIN_G)[:, None] == (rn // COUT_G)[None, :]
     if TRANSPOSED:
         off = (pack * CIN_P + ck)[:, None] * sw_o + (rn % COUT_G)[None, :] * sw_i
     else:
         off = (ck % CIN_G)[:, None] * sw_i + (pack * COUT_P + rn)[None, :] * sw_o
-    off += tap_off
-    return tl.load(w_ptr + off, mask=same_group & k_ok[:, None] & n_ok[None, :], other=0.0)
+    return off, same_group & k_ok[:, None] & n_ok[None, :]
 
 
 @triton.jit
@@ -197,16 +196,22 @@ def conv_bn_act_kernel(
             if HAS_PROLOGUE:
                 a = _prologue(a, ok, pack * CIN_P + c, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
                               PRO_MEAN, PRO_RELU)
+            b_off, b_ok = _weight_tile_offsets(pack, c, k_ok, rn, n_ok, sw_o, sw_i,
+                                               CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
             tap_off = ((tap // KW) * sw_h + (tap % KW) * sw_w)[:, None]
-            b = _weight_tile(w_ptr, pack, c, tap_off, k_ok, rn, n_ok, sw_o, sw_i,
-                             CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
+            b = tl.load(w_ptr + b_off + tap_off, mask=b_ok, other=0.0)
             if DOT_F32:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
                 acc = tl.dot(a.to(dot_dtype), b.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
     else:
-        # One pipelined loop over (tap, channel block) pairs.
+        # One pipelined loop over (tap, channel block) pairs. With one channel
+        # block the weight tile's offsets and mask are the same at every tap:
+        # computed once, here.
         C_BLOCKS: tl.constexpr = (CIN_P + BLOCK_K - 1) // BLOCK_K
+        rk0 = tl.arange(0, BLOCK_K)
+        b_off, b_ok = _weight_tile_offsets(pack, rk0, rk0 < CIN_P, rn, n_ok, sw_o, sw_i,
+                                           CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
         for it in range(0, KH * KW * C_BLOCKS):
             tap = it // C_BLOCKS
             rk = (it % C_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -220,8 +225,10 @@ def conv_bn_act_kernel(
             if HAS_PROLOGUE:
                 a = _prologue(a, ok, pack * CIN_P + rk, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
                               PRO_MEAN, PRO_RELU)
-            b = _weight_tile(w_ptr, pack, rk, (tap // KW) * sw_h + (tap % KW) * sw_w, k_ok, rn, n_ok,
-                             sw_o, sw_i, CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
+            if C_BLOCKS > 1:
+                b_off, b_ok = _weight_tile_offsets(pack, rk, k_ok, rn, n_ok, sw_o, sw_i,
+                                                   CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
+            b = tl.load(w_ptr + b_off + (tap // KW) * sw_h + (tap % KW) * sw_w, mask=b_ok, other=0.0)
             if DOT_F32:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
@@ -250,10 +257,14 @@ def conv_bn_act_kernel(
         y = acc
         if HAS_MEAN:
             y = y - tl.load(mean_ptr + co, mask=n_ok, other=0.0)[None, :]
-        if HAS_VAR:
-            y = y / tl.sqrt_rn(tl.load(var_ptr + co, mask=n_ok, other=1.0) + eps)[None, :]
-        if HAS_SCALE:
-            y = y * tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
+        if HAS_VAR or HAS_SCALE:
+            # one per-channel factor: the square root and division run per channel, not per element
+            factor = tl.full((BLOCK_N,), 1.0, tl.float32)
+            if HAS_VAR:
+                factor = factor / tl.sqrt_rn(tl.load(var_ptr + co, mask=n_ok, other=1.0) + eps)
+            if HAS_SCALE:
+                factor = factor * tl.load(scale_ptr + co, mask=n_ok, other=0.0)
+            y = y * factor[None, :]
         if HAS_SHIFT:
             y = y + tl.load(shift_ptr + co, mask=n_ok, other=0.0)[None, :]
         if HAS_RESIDUAL:

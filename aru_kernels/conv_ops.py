@@ -22,10 +22,11 @@ from torch import Tensor
 
 from . import conv as _conv
 from .checks import check_conv_inputs, check_runnable
+from .launch import launch
 from .plans import ConvPlan, plan_conv, plan_wgrad
 from .runtime import interpreting
 
-__all__ = ["conv_bn_act_into", "kernel_arguments", "conv_input_grad", "conv_weight_grad", "nhwc", "nhwc_empty",
+__all__ = ["conv_bn_act_into", "kernel_arguments", "conv_geometry", "conv_input_grad", "conv_weight_grad", "nhwc", "nhwc_empty",
            "tile_partials"]
 
 
@@ -64,13 +65,22 @@ def kernel_arguments(plan: ConvPlan, x, weight, out, *, mean=None, var=None, sca
     )
 
 
+def conv_geometry(plan: ConvPlan) -> dict:
+    """The forward convolution a plan belongs to, as the static model reports it."""
+    if plan.transposed:
+        return dict(c_in=plan.c_out, c_out=plan.c_in, kh=plan.kh, kw=plan.kw, stride=plan.stride,
+                    groups=plan.groups, h=plan.p, w=plan.q)
+    return dict(c_in=plan.c_in, c_out=plan.c_out, kh=plan.kh, kw=plan.kw, stride=plan.stride,
+                groups=plan.groups, h=plan.h, w=plan.w)
+
+
 def _launch(plan: ConvPlan, x, weight, out, **tensors) -> None:
     if out.numel() == 0:
         return
-    _conv.conv_bn_act_kernel[plan.grid](
-        **kernel_arguments(plan, x, weight, out, **tensors),
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
-    )
+    launch(_conv.conv_bn_act_kernel, plan.grid, **kernel_arguments(plan, x, weight, out, **tensors),
+           role="dgrad" if plan.transposed else "fwd",
+           meta={"conv": conv_geometry(plan), "loop_trips": [plan.k_steps]},
+           num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
 def conv_bn_act_into(
@@ -124,10 +134,8 @@ def conv_bn_act_into(
         has_shift=shift is not None, has_residual=residual is not None, relu=relu, stats=stats,
     )
     parts = tile_partials(plan, x) if stats else (None, None)
-    if x.device.type != "meta":
-        _launch(plan, x, weight, out, mean=mean, var=var, scale=scale, shift=shift, residual=residual,
-                in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, part_a=parts[0], part_b=parts[1],
-                eps=eps)
+    _launch(plan, x, weight, out, mean=mean, var=var, scale=scale, shift=shift, residual=residual,
+            in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, part_a=parts[0], part_b=parts[1], eps=eps)
     return (out, *parts) if stats else out
 
 
@@ -290,13 +298,16 @@ def conv_weight_grad(
     plan = plan_wgrad(conv, x.device)
     gp, packs, taps = conv.gp, conv.packs, kh * kw
     part = torch.empty((plan.splits, packs, taps, conv.cin_p, conv.cout_p), dtype=torch.float32, device=x.device)
-    _conv.conv_wgrad_kernel[plan.grid](
+    launch(
+        _conv.conv_wgrad_kernel, plan.grid,
         x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
         conv.m, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out, plan.m_per_split,
         KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
         HAS_PROLOGUE=in_scale is not None, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
         DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
-        BLOCK_M=plan.block_m, BLOCK_CI=plan.block_ci, BLOCK_CO=plan.block_co, num_warps=4,
+        BLOCK_M=plan.block_m, BLOCK_CI=plan.block_ci, BLOCK_CO=plan.block_co,
+        role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
+        num_warps=4,
     )
     full = part.sum(0).reshape(packs, taps, gp, cin_g, gp, cout // groups)
     diag = torch.diagonal(full, dim1=2, dim2=4)  # [packs, taps, cin_g, cout_g, gp]

@@ -183,6 +183,13 @@ class ConvPlan:
         return min(128 if self.large_blocks else 64, max(MIN_DOT, _next_pow2(self.cin_p)))
 
     @property
+    def k_steps(self) -> int:
+        """Iterations of the kernel's K loop."""
+        if self.fold_taps:
+            return _cdiv(self.kh * self.kw * self.cin_p, self.block_k)
+        return self.kh * self.kw * _cdiv(self.cin_p, self.block_k)
+
+    @property
     def m_tiles(self) -> int:
         return _cdiv(self.m, self.block_m)
 

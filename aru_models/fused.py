@@ -25,12 +25,10 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from aru_kernels import bn_add_relu, conv_bn_act, conv_bn_train
-from aru_kernels.plans import ConvPlan, plan_conv
 
-__all__ = ["resnet_forward", "block_forward", "conv_bn", "conv_bn_batch_stats", "conv_plans"]
+__all__ = ["resnet_forward", "block_forward", "conv_bn", "conv_bn_batch_stats"]
 
 
 def _uses_batch_stats(bn: nn.Module) -> bool:
@@ -152,34 +150,3 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
 
 def _stages(model: nn.Module) -> list[nn.Module]:
     return [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
-
-
-class _RecordConvs(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.plans: list[ConvPlan] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aru.conv_bn_act.default:
-            (x, w, mean, var, scale, shift, res, in_mean, in_scale, _, stride, padding, dilation, groups, _eps,
-             relu, in_relu) = args
-            self.plans.append(plan_conv(
-                x.shape, w.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
-                groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None,
-                pro_relu=in_relu, has_mean=mean is not None, has_var=var is not None,
-                has_scale=scale is not None, has_shift=shift is not None,
-                has_residual=res is not None, relu=relu))
-        return func(*args, **(kwargs or {}))
-
-
-def conv_plans(model: nn.Module, input_shape: tuple[int, ...], dtype: torch.dtype) -> list[ConvPlan]:
-    """The distinct kernel launch plans of ``model``'s fused eval forward on
-    ``input_shape`` images in ``dtype``, found on the meta device (nothing runs)."""
-    import copy
-
-    meta = copy.deepcopy(model).to(device="meta", dtype=dtype).eval()
-    meta.set_impl("fused")
-    rec = _RecordConvs()
-    with rec, torch.no_grad():
-        meta(torch.empty(input_shape, device="meta", dtype=dtype))
-    return list(dict.fromkeys(rec.plans))
