@@ -79,7 +79,7 @@ def _launch(plan: ConvPlan, x, weight, out, **tensors) -> None:
         return
     launch(_conv.conv_bn_act_kernel, plan.grid, **kernel_arguments(plan, x, weight, out, **tensors),
            role="dgrad" if plan.transposed else "fwd",
-           meta={"conv": conv_geometry(plan), "loop_trips": [plan.k_steps]},
+           meta={"conv": conv_geometry(plan), "loop_trips": [plan.k_steps], "plan": plan},
            num_warps=plan.num_warps, num_stages=plan.num_stages)
 
 
@@ -131,7 +131,7 @@ def conv_bn_act_into(
         x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
         groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
         has_mean=mean is not None, has_var=var is not None, has_scale=scale is not None,
-        has_shift=shift is not None, has_residual=residual is not None, relu=relu, stats=stats,
+        has_shift=shift is not None, has_residual=residual is not None, relu=relu, stats=stats, device=x.device,
     )
     parts = tile_partials(plan, x) if stats else (None, None)
     _launch(plan, x, weight, out, mean=mean, var=var, scale=scale, shift=shift, residual=residual,
@@ -204,7 +204,8 @@ def _conv_stats_op(
 def _conv_stats_fake(x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu):
     p, q = check_conv_inputs(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
     plan = plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, stats=True)
+                     groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
+                     stats=True, device=x.device)
     y = torch.empty((x.shape[0], weight.shape[0], p, q), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
     return (y, *tile_partials(plan, x))
@@ -225,7 +226,7 @@ def _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, p
     n, c_in, h, w = x.shape
     plan = plan_conv(dy.shape, _transposed_shape(weight, groups), dy.dtype, stride=stride, padding=padding,
                      dilation=dilation, groups=groups, transposed_out_hw=(h, w), pro_bwd=pro, pro_mean=pro_mean,
-                     pro_relu=in_relu)
+                     pro_relu=in_relu, device=dy.device)
     dx = nhwc_empty((n, c_in, h, w), dy)
     if pro:
         return plan, dx, tile_partials(plan, dy)

@@ -179,7 +179,8 @@ def conv_bn_train(
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{tuple(y.shape)}")
     plan = plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, stats=True)
+                     groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
+                     stats=True, device=x.device)  # the plan of the launch: its statistics tiles
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if sync:

@@ -12,7 +12,11 @@ splits or several finalize blocks on small shapes run under
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import functools
+import json
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 import torch
 
@@ -20,6 +24,10 @@ from .runtime import interpreting
 
 __all__ = [
     "ConvPlan",
+    "Tiles",
+    "tuned_table",
+    "use_tuned_table",
+    "gpu_slug",
     "WgradPlan",
     "plan_conv",
     "plan_wgrad",
@@ -106,6 +114,53 @@ def _block_m(block_n: int) -> int:
 
 
 @dataclass(frozen=True)
+class Tiles:
+    """Block sizes and launch options of one conv kernel launch."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+_TUNED_DIR = Path(__file__).resolve().parent / "tuned"
+_table_override: dict | None = None
+
+
+def gpu_slug(name: str) -> str:
+    """``"NVIDIA H200"`` -> ``"nvidia_h200"``: the tuned table's file name."""
+    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+@functools.lru_cache(maxsize=None)
+def _table_file(slug: str) -> dict:
+    path = _TUNED_DIR / f"{slug}.json"
+    return json.loads(path.read_text())["entries"] if path.exists() else {}
+
+
+def tuned_table(device: torch.device | None) -> dict:
+    """The tuned tiles for ``device``'s GPU model (shipped package data, read
+    once per process), keyed by :meth:`ConvPlan.key`; empty without one."""
+    if _table_override is not None:
+        return _table_override
+    if device is None or device.type != "cuda":
+        return {}
+    return _table_file(gpu_slug(torch.cuda.get_device_name(device)))
+
+
+@contextlib.contextmanager
+def use_tuned_table(entries: dict):
+    """Plan with ``entries`` (key -> tiles as a dict) instead of the shipped table."""
+    global _table_override
+    previous, _table_override = _table_override, entries
+    try:
+        yield
+    finally:
+        _table_override = previous
+
+
+@dataclass(frozen=True)
 class ConvPlan:
     """Everything that fixes one compiled specialization of the conv kernel
     and its grid. Channel counts are the launch's own: for an input-gradient
@@ -139,6 +194,18 @@ class ConvPlan:
     stats: bool = False
     pro_bwd: bool = False
     large_blocks: bool = False  # the interpreter's rules (see the module docstring)
+    tiles: Tiles | None = None  # tuned block sizes and options; None: the rules
+
+    def key(self) -> str:
+        """What identifies the launch in a tuned table: everything but the tiles."""
+        skip = ("tiles", "large_blocks")
+        return ",".join(f"{f.name}={getattr(self, f.name)}" for f in fields(self) if f.name not in skip)
+
+    def default_tiles(self) -> Tiles:
+        return replace(self, tiles=None).current_tiles()
+
+    def current_tiles(self) -> Tiles:
+        return Tiles(self.block_m, self.block_n, self.block_k, self.num_warps, self.num_stages)
 
     @property
     def cin_g(self) -> int:
@@ -170,14 +237,16 @@ class ConvPlan:
 
     @property
     def block_n(self) -> int:
-        return _block_n(self.cout_p)
+        return self.tiles.block_n if self.tiles else _block_n(self.cout_p)
 
     @property
     def block_m(self) -> int:
-        return _block_m(self.block_n)
+        return self.tiles.block_m if self.tiles else _block_m(self.block_n)
 
     @property
     def block_k(self) -> int:
+        if self.tiles:
+            return self.tiles.block_k
         if self.fold_taps:
             return 32
         return min(128 if self.large_blocks else 64, max(MIN_DOT, _next_pow2(self.cin_p)))
@@ -197,10 +266,14 @@ class ConvPlan:
     def grid(self) -> tuple[int]:
         return (self.packs * _cdiv(self.cout_p, self.block_n) * self.m_tiles,)
 
-    num_stages: int = 3
+    @property
+    def num_stages(self) -> int:
+        return self.tiles.num_stages if self.tiles else 3
 
     @property
     def num_warps(self) -> int:
+        if self.tiles:
+            return self.tiles.num_warps
         # 8 warps from 128x32 tiles up: at 4 the pointer tensors of the tiles
         # alone push past 255 registers and spill (cubin resource counts).
         return 8 if self.block_m * self.block_n >= 4096 else 4
@@ -230,10 +303,12 @@ def plan_conv(
     groups: int = 1, has_prologue: bool = False, pro_mean: bool = False, pro_relu: bool = False,
     has_mean: bool = False, has_var: bool = False, has_scale: bool = False, has_shift: bool = False,
     has_residual: bool = False, relu: bool = False, stats: bool = False,
-    transposed_out_hw: tuple[int, int] | None = None, pro_bwd: bool = False,
+    transposed_out_hw: tuple[int, int] | None = None, pro_bwd: bool = False, device: torch.device | None = None,
 ) -> ConvPlan:
     """The launch plan for input ``x_shape`` [N, C, H, W] and weight
-    ``w_shape`` [C_out, C_in/groups, KH, KW], both as the launch sees them.
+    ``w_shape`` [C_out, C_in/groups, KH, KW], both as the launch sees them:
+    the tuned tiles of ``device``'s GPU where its table has this launch
+    (exact match), the rules otherwise.
 
     ``transposed_out_hw`` makes it an input-gradient launch producing that
     spatial size; ``x_shape`` is then dL/dy's and ``w_shape`` the shape of
@@ -245,7 +320,7 @@ def plan_conv(
         p, q = out_size(h, kh, stride, padding, dilation), out_size(w, kw, stride, padding, dilation)
     else:
         p, q = (int(s) for s in transposed_out_hw)
-    return ConvPlan(
+    plan = ConvPlan(
         n=n, h=h, w=w, c_in=c_in, c_out=c_out, kh=kh, kw=kw, p=p, q=q,
         stride=stride, padding=padding, dilation=dilation, groups=groups,
         gp=pack_factor(groups, cin_g, c_out // groups), dtype=dtype,
@@ -253,6 +328,8 @@ def plan_conv(
         has_var=has_var, has_scale=has_scale, has_shift=has_shift, has_residual=has_residual, relu=relu,
         transposed=transposed_out_hw is not None, stats=stats, pro_bwd=pro_bwd, large_blocks=_large_blocks(),
     )
+    entry = tuned_table(device).get(plan.key())
+    return replace(plan, tiles=Tiles(**entry["tiles"])) if entry else plan
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import sys
 from collections import Counter, defaultdict
 from pathlib import Path
 
-if os.environ.get("TRITON_INTERPRET", "0") == "1":
+if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET", "0") == "1":
     # Compiling needs the real JIT functions, not the interpreter's wrappers.
     os.environ["TRITON_INTERPRET"] = "0"
 

@@ -1,28 +1,33 @@
 #!/usr/bin/env python3
-"""The GPU check: versions, the GPU-marked tests, and a short benchmark, in one call.
+"""The GPU protocol: one prepared call for a lent GPU's quarter-hour.
 
 Run from a checkout, without installing anything (no network needed)::
 
     PYTHONPATH=. python benchmarks/gpu_check.py benchmarks/results
 
-It prints the GPU and the library versions, runs
-``python -m pytest -m gpu -q tests`` (log: ``OUTDIR/pytest_<gpu>_<date>.log``),
-then ``benchmarks/run.py`` on resnext50_32x4d and resnet50, inference and
-training, eager / fused / compile, batch 256, bfloat16 autocast,
-channels_last, with the layer table (JSON: ``OUTDIR/gpu_check_<gpu>_<date>.json``,
-log: ``OUTDIR/benchmark_<gpu>_<date>.log``). The whole check keeps to
-``--budget`` seconds (default 285): the tests get at most ``--test-budget`` of
-them, and the benchmark starts no new row once its share is spent. Compiled
-rows run last, so they are the ones a tight budget drops; the JSON is
-rewritten after every row, so even a benchmark stopped at the budget leaves
-what it measured.
+In order, within ``--budget`` seconds (default 540):
 
-Exit status: 0 when the tests passed and the benchmark finished cleanly; 1
-otherwise (the benchmark still runs, and still writes its JSON, after failed
-tests).
+1. the GPU and the library versions;
+2. the GPU-marked tests, ``python -m pytest -m gpu`` (log:
+   ``OUTDIR/pytest_<gpu>_<date>.log``; at most ``--test-budget`` seconds);
+3. ``benchmarks/run.py``: the layer table (fused vs cuDNN) and the model rows
+   of resnext50_32x4d and resnet50, eager and fused, inference and training,
+   batch 256, bf16 autocast, channels_last (``torch.compile`` rows only with
+   ``--compile``: their H200 figures are recorded, and compiling costs
+   minutes) -> ``OUTDIR/gpu_check_<gpu>_<date>.json``;
+4. ``benchmarks/tune.py`` with what is left of the budget but the last row's
+   share: the conv tiles of both models, written to
+   ``aru_kernels/tuned/<gpu>.json`` after every launch;
+5. the fused rows again, with the tuned table ->
+   ``OUTDIR/gpu_check_<gpu>_<date>_tuned.json``.
 
-Without CUDA the same steps run (GPU tests skipped, the benchmark in its tiny
-CPU configuration): a way to check the script itself.
+Every step writes its JSON as it goes, so a run stopped at the budget keeps
+what it measured. Exit status: 0 when the tests passed and every step
+finished cleanly, 1 otherwise.
+
+Without CUDA the same steps run in a CPU mode that checks the script itself
+in a minute: GPU tests skipped, resnet18 at 16x16 with the fused kernels in
+Triton's interpreter, and ``tune.py --dry-run`` on resnext29_tiny.
 """
 
 from __future__ import annotations
@@ -110,11 +115,12 @@ def run_logged(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[int, b
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="GPU tests plus a short benchmark, results written to OUTDIR.")
     parser.add_argument("outdir", type=Path, help="where the JSON and the logs go")
-    parser.add_argument("--budget", type=float, default=285, metavar="SECONDS",
-                        help="wall-clock budget of the whole check (default: 285)")
+    parser.add_argument("--budget", type=float, default=540, metavar="SECONDS",
+                        help="wall-clock budget of the whole check (default: 540)")
     parser.add_argument("--test-budget", type=float, default=120, metavar="SECONDS",
                         help="at most this much of it for the tests (default: 120)")
     parser.add_argument("--skip-tests", action="store_true", help="benchmark only")
+    parser.add_argument("--compile", action="store_true", help="also the torch.compile rows (minutes to compile)")
     args = parser.parse_args(argv)
     start = time.monotonic()
     args.outdir.mkdir(parents=True, exist_ok=True)
@@ -139,27 +145,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntests: {'passed' if tests_ok else 'FAILED' if not timed_out else 'TIMED OUT'} "
               f"(pytest exit status {rc}); log: {log}\n", flush=True)
 
+    steps_ok = []
     json_path = args.outdir / f"gpu_check_{tag}.json"
-    bench = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--model", "resnext50_32x4d", "resnet50",
-             "--mode", "both", "--layers", "--json", str(json_path)]
-    if on_gpu:
-        bench += ["--impl", "eager,fused,compile", "--batch-size", "256", "--img-size", "224",
-                  "--dtype", "bfloat16", "--channels-last", "--warmup", "5", "--iters", "10"]
-    else:
-        bench += ["--impl", "eager,fused"]  # the CPU defaults otherwise: compiling there takes minutes
+    impls = "eager,fused,compile" if args.compile else "eager,fused"
+    share = 0.45 if on_gpu else 0.8  # of what is left: the first benchmark; the rest tunes and re-measures
+    steps_ok.append(benchmark(args, start, json_path, impls, layers=True, on_gpu=on_gpu, tag=tag, share=share))
+
     left = args.budget - (time.monotonic() - start)
+    tune = [sys.executable, str(REPO / "benchmarks" / "tune.py")]
+    if on_gpu:
+        tune += ["--budget", str(max(left * 0.6 - _ROW_MARGIN_S, 0))]
+    else:
+        tune += ["--dry-run", "--model", "resnext29_tiny", "--mode", "infer", "--img-size", "32"]
+    rc, timed_out = run_logged(tune, args.outdir / f"tune_{tag}.log", max(left * 0.7, 1))
+    steps_ok.append(rc == 0 and not timed_out)
+    print(f"\ntuning: {'finished' if steps_ok[-1] else 'FAILED or TIMED OUT'}\n", flush=True)
+
+    steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_tuned.json", "fused", layers=True,
+                              on_gpu=on_gpu, tag=f"{tag}_tuned", share=1.0))
+    print(f"gpu check took {time.monotonic() - start:.0f} s")
+    return 0 if tests_ok and all(steps_ok) else 1
+
+
+def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, on_gpu: bool, tag: str,
+              share: float) -> bool:
+    """One benchmarks/run.py call within ``share`` of the budget left; True when it finished cleanly."""
+    bench = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--mode", "both", "--impl", impls,
+             "--json", str(json_path), "--layers" if layers else "--no-layers"]
+    if on_gpu:
+        bench += ["--model", "resnext50_32x4d", "resnet50", "--batch-size", "256", "--img-size", "224",
+                  "--dtype", "bfloat16", "--channels-last", "--warmup", "5", "--iters", "10"]
+    else:  # the script itself, in a minute: the fused kernels run in the interpreter
+        bench += ["--model", "resnet18", "--img-size", "16", "--warmup", "0", "--iters", "1", "--interpret"]
+    left = (args.budget - (time.monotonic() - start)) * share
     bench += ["--time-limit", str(max(left - _ROW_MARGIN_S, 0))]
     rc, timed_out = run_logged(bench, args.outdir / f"benchmark_{tag}.log", max(left, 1))
-    bench_ok = rc == 0 and not timed_out
-    state = "finished" if bench_ok else "TIMED OUT (partial results)" if timed_out else f"FAILED (exit status {rc})"
+    ok = rc == 0 and not timed_out
+    state = "finished" if ok else "TIMED OUT (partial results)" if timed_out else f"FAILED (exit status {rc})"
     print(f"\nbenchmark: {state}; results: {json_path if json_path.exists() else 'none written'}")
     if json_path.exists():
         data = json.loads(json_path.read_text())
         for table, value in (("models", "img_per_s"), ("layers", "us")):
             measured = sum(row[value] is not None for row in data[table])
             print(f"  {table}: {measured} of {len(data[table])} rows measured")
-    print(f"gpu check took {time.monotonic() - start:.0f} s")
-    return 0 if tests_ok and bench_ok else 1
+    return ok
 
 
 if __name__ == "__main__":

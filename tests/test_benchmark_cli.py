@@ -135,3 +135,24 @@ def test_bad_arguments_exit_nonzero_with_a_message(run_py, capsys, argv, message
         run_py.main(argv)
     assert exc.value.code != 0
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_gpu_protocol_cpu_mode(tmp_path):
+    """benchmarks/gpu_check.py's CPU mode: benchmark, tune.py --dry-run (every candidate tile
+    of resnext29_tiny's conv launches checked against the rules' output through the
+    interpreter), the fused rows again; every step's JSON or log written."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run(
+        [sys.executable, str(RUN_PY.parent / "gpu_check.py"), str(tmp_path), "--skip-tests", "--budget", "600"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=RUN_PY.parents[1],
+    )
+    assert proc.returncode == 0, f"gpu_check.py exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert "0 wrong" in proc.stdout and "candidate tiles checked" in proc.stdout
+    files = {p.name.rsplit("_", 1)[0] if p.suffix == ".log" else p.name for p in tmp_path.iterdir()}
+    first = json.loads(next(tmp_path.glob("gpu_check_cpu_*[0-9].json")).read_text())
+    tuned = json.loads(next(tmp_path.glob("gpu_check_cpu_*_tuned.json")).read_text())
+    assert {r["impl"] for r in first["models"]} == {"eager", "fused"}, files
+    assert {r["impl"] for r in tuned["models"]} == {"fused"}
+    assert all(r["img_per_s"] for r in first["models"] + tuned["models"])

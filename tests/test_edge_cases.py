@@ -504,6 +504,25 @@ def test_batch_statistics_over_more_tiles_than_one_finalize_block(device):
     assert_close(xo.grad, xr.grad, torch.float32, what="input gradient through the batch statistics")
 
 
+def test_tuned_tiles_are_used_and_exact(device):
+    """A tuned table entry (exact plan match) changes the launch's tiles, not its result."""
+    from dataclasses import asdict
+
+    from aru_kernels.launch import recording
+
+    x, weight, geo = _conv_case(device, 3, 3, 1, 1, 1, 8, 32, 32, 9, 9)
+    plan = plans.plan_conv(x.shape, weight.shape, x.dtype, **geo, device=x.device)
+    tiles = plans.Tiles(block_m=32, block_n=16, block_k=16, num_warps=4, num_stages=1)
+    assert tiles != plan.default_tiles()
+    with plans.use_tuned_table({plan.key(): {"tiles": asdict(tiles)}}):
+        with recording() as launches:
+            aru_kernels.conv_bn_act(x, weight, **geo)
+        out = aru_kernels.conv_bn_act(x, weight, **geo)
+    (launch,) = launches
+    assert (launch.args["BLOCK_M"], launch.args["BLOCK_N"], launch.num_stages) == (32, 16, 1)
+    assert_close(out, F.conv2d(x.double(), weight.double(), **geo), torch.float32)
+
+
 # -- mixed precision -------------------------------------------------------------------------------------
 
 

@@ -1,0 +1,295 @@
+"""Tune the conv kernel's tiles on this GPU and write them to the package's tuned table.
+
+    PYTHONPATH=. python benchmarks/tune.py --budget 300          # on a GPU
+    python benchmarks/tune.py --dry-run --model resnext29_tiny     # anywhere: checks, times nothing
+
+Enumerates the conv launches (forward and input gradient) of an inference
+forward and a training step of each ``--model`` (batch 256, 224x224, bf16 by
+default) on the meta device, and for each a list of candidate tiles:
+BLOCK_M/N/K around the rules' choice, 4 or 8 warps, 1 to 4 pipeline stages
+(``num_stages=1`` loads the activation through L1, where the overlapping taps
+can hit). Launches are taken in order of the pixels they cover, largest first.
+
+On a GPU: all candidates of a launch are compiled first, in parallel worker
+processes (for this GPU's architecture, into Triton's cache); then each
+candidate's output is checked against the rules' output on fresh random data
+with a NaN-poisoned output buffer; then each is timed (``do_bench`` median,
+inputs rotated so they do not sit in L2). The winner, if it beats the rules,
+is written to ``aru_kernels/tuned/<gpu>.json`` (keyed by the launch plan; the
+launchers use an exact match and the rules otherwise) after every launch, so
+a run cut short by ``--budget`` keeps what it measured.
+
+``--dry-run`` (any machine; on CPU through Triton's interpreter) enumerates
+the same launches, scales each down (batch 1, a few pixels, at most two packs
+and 64 channels a pack) and checks every distinct candidate tile against the
+rules' output; it times nothing and writes no table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, replace
+from pathlib import Path
+
+if "--dry-run" in sys.argv[1:] and not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before aru_kernels is imported
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from aru_kernels import conv_ops, plans  # noqa: E402
+from aru_kernels.plans import ConvPlan, Tiles  # noqa: E402
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TUNED_DIR = Path(plans.__file__).resolve().parent / "tuned"
+
+
+def conv_launch_plans(models: list[str], modes: list[str], batch: int, img: int, dtype: torch.dtype) -> list[ConvPlan]:
+    """The distinct conv launch plans (rules' tiles) of the models' steps, most pixels first."""
+    from aot_check import record_step
+
+    found: dict[str, ConvPlan] = {}
+    for model in models:
+        for mode in modes:
+            for launch in record_step(model, "fused", mode, batch, img, dtype).launches:
+                plan = launch.meta.get("plan")
+                if plan is not None:
+                    found.setdefault(plan.key(), replace(plan, tiles=None))
+    return sorted(found.values(), key=lambda p: -p.m * p.c_out)
+
+
+def _pow2_at_least_16(n: int) -> int:
+    return max(16, 1 << max(0, (n - 1).bit_length()))
+
+
+def candidates(plan: ConvPlan) -> list[Tiles]:
+    """Tiles around the rules' choice that the kernel accepts (dots >= 16 wide,
+    accumulator <= 16K fp32 elements), the rules' own first."""
+    rule = plan.default_tiles()
+    ns = sorted({rule.block_n, max(16, rule.block_n // 2), min(128, 2 * rule.block_n)}
+                & set(range(16, _pow2_at_least_16(plan.cout_p) + 1)))
+    ks = sorted({rule.block_k, max(16, rule.block_k // 2)} if not plan.fold_taps else {16, 32, 64})
+    ks = [k for k in ks if k <= max(_pow2_at_least_16(plan.cin_p), 32 if plan.fold_taps else 16)]
+    out = [rule]
+    for m, n, k, warps, stages in itertools.product((64, 128), ns, ks, (4, 8), (1, 3, 4)):
+        t = Tiles(m, n, k, warps, stages)
+        if m * n <= 16384 and t not in out:
+            out.append(t)
+    return out
+
+
+def _inputs(plan: ConvPlan, device, dtype, gen):
+    """Tensors for one launch of ``plan``: random ones, or empty ones on the meta device."""
+    def rnd(*shape, cl=False):
+        dt = dtype if len(shape) == 4 else torch.float32
+        if gen is None:
+            t = torch.empty(*shape, dtype=dt, device=device)
+        else:
+            t = torch.randn(*shape, generator=gen).to(device, dt)
+        return t.contiguous(memory_format=torch.channels_last) if cl else t
+
+    x = rnd(plan.n, plan.c_in, plan.h, plan.w, cl=True)
+    if plan.transposed:  # the forward weight [C_out_fwd, C_in_fwd/g, KH, KW]; x is dL/dy
+        weight = rnd(plan.c_in, plan.cout_g, plan.kh, plan.kw)
+    else:
+        weight = rnd(plan.c_out, plan.cin_g, plan.kh, plan.kw)
+    if gen is not None:
+        weight = weight * (plan.cin_g * plan.kh * plan.kw) ** -0.5
+    vec = {}
+    cv = plan.c_out
+    if plan.pro_bwd:
+        vec = dict(scale=rnd(cv).abs() + 0.5, shift=rnd(cv), residual=rnd(plan.n, cv, plan.p, plan.q, cl=True))
+        if plan.pro_mean:
+            vec["mean"] = rnd(cv)
+    else:
+        for flag, name in ((plan.has_mean, "mean"), (plan.has_scale, "scale"), (plan.has_shift, "shift")):
+            if flag:
+                vec[name] = rnd(cv)
+        if plan.has_var:
+            vec["var"] = rnd(cv).abs() + 0.5
+        if plan.has_residual:
+            vec["residual"] = rnd(plan.n, cv, plan.p, plan.q, cl=True)
+        if plan.has_prologue:
+            vec.update(in_scale=rnd(plan.c_in).abs() + 0.5, in_shift=rnd(plan.c_in))
+            if plan.pro_mean:
+                vec["in_mean"] = rnd(plan.c_in)
+    return x, weight, vec
+
+
+def buffers(plan: ConvPlan, x) -> tuple:
+    """NaN-filled output and partial-sum buffers for one launch of ``plan``."""
+    out = torch.full((plan.n, plan.c_out, plan.p, plan.q), float("nan"), dtype=x.dtype, device=x.device)
+    parts = (None, None)
+    if plan.stats or plan.pro_bwd:
+        parts = tuple(torch.full((plan.m_tiles, plan.c_out), float("nan"), device=x.device) for _ in range(2))
+    return out.contiguous(memory_format=torch.channels_last), parts
+
+
+def launch_into(plan: ConvPlan, x, weight, vec, out, parts) -> None:
+    conv_ops._launch(plan, x, weight, out, part_a=parts[0], part_b=parts[1], **vec)
+
+
+def run_plan(plan: ConvPlan, x, weight, vec) -> tuple:
+    """Launch ``plan`` into fresh NaN-filled buffers; the output and any partial sums."""
+    out, parts = buffers(plan, x)
+    launch_into(plan, x, weight, vec, out, parts)
+    return out, parts
+
+
+def _same(a, b, dtype) -> bool:
+    tol = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}[dtype]
+    a, b = a.float(), b.float()
+    return bool(torch.isfinite(a).all()) and bool(((a - b).abs() <= tol * (b.abs() + b.abs().max())).all())
+
+
+def check_candidate(plan: ConvPlan, tiles: Tiles, inputs, reference) -> bool:
+    out, parts = run_plan(replace(plan, tiles=tiles), *inputs)
+    if not _same(out, reference[0], out.dtype):
+        return False
+    if plan.pro_bwd:  # per-tile partial sums: compare their totals (tile counts differ)
+        return all(_same(p.sum(0), r.sum(0), torch.float32) for p, r in zip(parts, reference[1]))
+    return True
+
+
+def scaled_down(plan: ConvPlan) -> ConvPlan:
+    """The same kernel specialization on a small problem: batch 1, a few pixels,
+    at most two packs, at most 64 channels a pack."""
+    packs = min(plan.packs, 2)
+    cin_g, cout_g = min(plan.cin_g, max(1, 64 // plan.gp)), min(plan.cout_g, max(1, 64 // plan.gp))
+    groups = plan.gp * packs
+    geo = dict(n=1, c_in=cin_g * groups, c_out=cout_g * groups, groups=groups)
+
+    def out(v):
+        return plans.out_size(v, plan.kh, plan.stride, plan.padding, plan.dilation)
+
+    if plan.transposed:  # h, w: dL/dy's size; p, q: the forward input's
+        hf, wf = min(plan.p, 3 + 2 * plan.stride), min(plan.q, 3 + 2 * plan.stride)
+        return replace(plan, **geo, h=out(hf), w=out(wf), p=hf, q=wf)
+    h, w = min(plan.h, 3 + 2 * plan.stride), min(plan.w, 3 + 2 * plan.stride)
+    return replace(plan, **geo, h=h, w=w, p=out(h), q=out(w))
+
+
+def dry_run(all_plans: list[ConvPlan], dtype: torch.dtype) -> int:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gen = torch.Generator().manual_seed(0)
+    bad = checked = 0
+    for plan in all_plans:
+        small = scaled_down(plan)
+        inputs = _inputs(small, device, dtype, gen)
+        reference = run_plan(small, *inputs)
+        shapes = {(t.block_m, t.block_n, t.block_k) for t in candidates(plan)}  # warps/stages: same math
+        for m, n, k in sorted(shapes):
+            tiles = Tiles(m, n, k, 4, 3)
+            checked += 1
+            if not check_candidate(small, tiles, inputs, reference):
+                bad += 1
+                print(f"WRONG: {plan.key()} with {tiles}")
+        print(f"  {'dgrad' if plan.transposed else 'fwd':5s} {plan.c_in}->{plan.c_out} {plan.kh}x{plan.kw}/s{plan.stride} "
+              f"g{plan.groups} {plan.h}x{plan.w}: {len(candidates(plan))} candidates, {len(shapes)} tile shapes checked",
+              flush=True)
+    print(f"dry run: {len(all_plans)} launches, {checked} candidate tiles checked, {bad} wrong")
+    return 1 if bad else 0
+
+
+def _compile_job(job) -> str | None:
+    """Compile one candidate for this GPU's architecture, into Triton's cache (worker process)."""
+    plan, tiles, arch = job
+    from aru_kernels import aot
+    from aru_kernels.launch import Launch
+
+    p = replace(plan, tiles=tiles)
+    x, weight, vec = _inputs(p, "meta", p.dtype, None)
+    out = torch.empty((p.n, p.c_out, p.p, p.q), dtype=p.dtype, device="meta")
+    parts = {}
+    if p.stats or p.pro_bwd:
+        part = torch.empty((p.m_tiles, p.c_out), device="meta")
+        parts = dict(part_a=part, part_b=part)
+    try:
+        args = conv_ops.kernel_arguments(p, x, weight, out.contiguous(memory_format=torch.channels_last),
+                                         **vec, **parts)
+        aot.compile_launch(Launch(conv_ops._conv.conv_bn_act_kernel, p.grid, args, p.num_warps, p.num_stages), arch)
+        return None
+    except Exception as exc:
+        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_path: Path, jobs: int) -> int:
+    import triton
+    from triton.testing import do_bench
+
+    start = time.monotonic()
+    device = torch.device("cuda")
+    major, minor = torch.cuda.get_device_capability(device)
+    table = json.loads(table_path.read_text()) if table_path.exists() else {}
+    table.update(gpu=torch.cuda.get_device_name(device), triton=triton.__version__, torch=torch.__version__)
+    entries = table.setdefault("entries", {})
+    gen = torch.Generator().manual_seed(0)
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        for plan in all_plans:
+            if time.monotonic() - start > budget:
+                print("budget spent; stopping")
+                break
+            cands = candidates(plan)
+            errors = list(pool.map(_compile_job, [(plan, t, major * 10 + minor) for t in cands]))
+            cands = [t for t, e in zip(cands, errors) if e is None]
+            sets = [_inputs(plan, device, dtype, gen) for _ in range(3)]
+            reference = run_plan(plan, *sets[0])
+            timings = {}
+            for tiles in cands:
+                if time.monotonic() - start > budget:
+                    break
+                if not check_candidate(plan, tiles, sets[0], reference):
+                    print(f"  WRONG result, skipped: {tiles}")
+                    continue
+                p = replace(plan, tiles=tiles)
+                it = itertools.cycle([(*s, *buffers(p, s[0])) for s in sets])  # buffers made once, not timed
+                timings[tiles] = do_bench(lambda: launch_into(p, *next(it)), warmup=5, rep=20)
+            if not timings:
+                continue
+            best = min(timings, key=timings.get)
+            rule = plan.default_tiles()
+            print(f"  {plan.key()[:90]}: rules {timings.get(rule, float('nan')) * 1e3:.1f} us, "
+                  f"best {timings[best] * 1e3:.1f} us {best}", flush=True)
+            if rule in timings and timings[best] < timings[rule]:
+                entries[plan.key()] = {"tiles": asdict(best), "us": round(timings[best] * 1e3, 2),
+                                       "rules_us": round(timings[rule] * 1e3, 2)}
+                table_path.parent.mkdir(parents=True, exist_ok=True)
+                table_path.write_text(json.dumps(table, indent=1) + "\n")
+    print(f"tuned table: {table_path} ({len(entries)} entries)")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", action="append", help="repeatable; default resnext50_32x4d and resnet50")
+    ap.add_argument("--mode", choices=["infer", "train", "both"], default="both")
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
+    ap.add_argument("--budget", type=float, default=600, metavar="SECONDS")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile workers")
+    ap.add_argument("--dry-run", action="store_true", help="enumerate and check candidates; time nothing")
+    args = ap.parse_args(argv)
+    modes = ["infer", "train"] if args.mode == "both" else [args.mode]
+    dtype = DTYPES[args.dtype]
+    all_plans = conv_launch_plans(args.model or ["resnext50_32x4d", "resnet50"], modes, args.batch_size,
+                                  args.img_size, dtype)
+    print(f"{len(all_plans)} conv launches to tune", flush=True)
+    if args.dry_run:
+        return dry_run(all_plans, torch.float32 if not torch.cuda.is_available() else dtype)
+    if not torch.cuda.is_available():
+        ap.error("tuning times kernels on a GPU; without one, use --dry-run")
+    path = TUNED_DIR / f"{plans.gpu_slug(torch.cuda.get_device_name(0))}.json"
+    return tune(all_plans, dtype, args.budget, path, args.jobs)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
