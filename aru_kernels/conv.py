@@ -212,6 +212,7 @@ def conv_bn_act_kernel(
         rk0 = tl.arange(0, BLOCK_K)
         b_off, b_ok = _weight_tile_offsets(pack, rk0, rk0 < CIN_P, rn, n_ok, sw_o, sw_i,
                                            CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
+        b_in = (rk0 < CIN_P)[:, None] & n_ok[None, :]
         for it in range(0, KH * KW * C_BLOCKS):
             tap = it // C_BLOCKS
             rk = (it % C_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -228,7 +229,9 @@ def conv_bn_act_kernel(
             if C_BLOCKS > 1:
                 b_off, b_ok = _weight_tile_offsets(pack, rk, k_ok, rn, n_ok, sw_o, sw_i,
                                                    CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
-            b = tl.load(w_ptr + b_off + (tap // KW) * sw_h + (tap % KW) * sw_w, mask=b_ok, other=0.0)
+                b_in = k_ok[:, None] & n_ok[None, :]
+            b = tl.load(w_ptr + b_off + (tap // KW) * sw_h + (tap % KW) * sw_w, mask=b_in, other=0.0)
+            b = tl.where(b_ok, b, 0.0)
             if DOT_F32:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
             else:
@@ -258,10 +261,10 @@ def conv_bn_act_kernel(
         if HAS_MEAN:
             y = y - tl.load(mean_ptr + co, mask=n_ok, other=0.0)[None, :]
         if HAS_VAR or HAS_SCALE:
-            # one per-channel factor: the square root and division run per channel, not per element
+            # one per-channel factor; 1/sqrt as PyTorch's batch-norm kernels take it (rsqrt)
             factor = tl.full((BLOCK_N,), 1.0, tl.float32)
             if HAS_VAR:
-                factor = factor / tl.sqrt_rn(tl.load(var_ptr + co, mask=n_ok, other=1.0) + eps)
+                factor = tl.math.rsqrt(tl.load(var_ptr + co, mask=n_ok, other=1.0) + eps)
             if HAS_SCALE:
                 factor = factor * tl.load(scale_ptr + co, mask=n_ok, other=0.0)
             y = y * factor[None, :]
