@@ -1,8 +1,10 @@
 """Training-mode batch-norm kernels (NHWC, per-channel vectors in fp32).
 
-* ``bn_finalize_kernel``: per-tile statistics written by the conv kernel's
-  ``STATS`` epilogue -> per-channel mean and 1/sqrt(var + eps), and the
-  running-statistics update of ``nn.BatchNorm2d``.
+* ``bn_chunk_kernel`` and ``bn_finalize_kernel``: per-tile statistics
+  written by the conv kernel's ``STATS`` epilogue -> per-channel mean and
+  1/sqrt(var + eps), and the running-statistics update of
+  ``nn.BatchNorm2d``; chunks of tiles are combined in parallel first when
+  there are many.
 * ``bn_stats_backward_kernel``: the gradient that flows into the conv output
   ``y`` through the batch mean and variance.
 * ``bn_add_relu_kernel`` / ``bn_add_relu_backward_kernel``: the end of a
@@ -26,8 +28,62 @@ from .conv import _relu
 
 
 @triton.jit
-def bn_finalize_kernel(
+def _combine(tile_mean_ptr, tile_m2_ptr, t_start, t_end, rc, c_ok, M, C, TILE_M,
+             BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(count, mean, M2) per channel of tiles ``[t_start, t_end)``, each of
+    TILE_M rows (the batch's last may hold fewer): the count-weighted mean of
+    the tile means, then Chan et al.'s M2 = sum(M2_t + n_t * (mean_t - mean)^2),
+    with no cancellation however large the mean."""
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    n = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        ok = (rt < t_end)[:, None] & c_ok[None, :]
+        count = tl.where(rt < t_end, tl.minimum(M - rt * TILE_M, TILE_M).to(tl.float32), 0.0)
+        tm = tl.load(tile_mean_ptr + rt[:, None] * C + rc[None, :], mask=ok, other=0.0)
+        acc += count[:, None] * tm
+        n += count
+    total = tl.sum(n, axis=0)
+    mean = tl.sum(acc, axis=0) / tl.maximum(total, 1.0)
+    m2 = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for t0 in range(t_start, t_end, BLOCK_T):
+        rt = t0 + tl.arange(0, BLOCK_T)
+        ok = (rt < t_end)[:, None] & c_ok[None, :]
+        count = tl.minimum(M - rt * TILE_M, TILE_M).to(tl.float32)
+        tm = tl.load(tile_mean_ptr + rt[:, None] * C + rc[None, :], mask=ok, other=0.0)
+        tm2 = tl.load(tile_m2_ptr + rt[:, None] * C + rc[None, :], mask=ok, other=0.0)
+        d = tm - mean[None, :]
+        m2 += tl.where(ok, tm2 + count[:, None] * d * d, 0.0)
+    return total, mean, tl.sum(m2, axis=0)
+
+
+@triton.jit
+def bn_chunk_kernel(
     tile_mean_ptr,  # [T, C] fp32 mean of each tile of TILE_M rows
+    tile_m2_ptr,  # [T, C] fp32 sum of squared deviations from the tile mean
+    chunk_mean_ptr,  # [chunks, C] fp32 out: mean of each chunk of TILES_PER_CHUNK tiles
+    chunk_m2_ptr,  # [chunks, C] fp32 out: its sum of squared deviations
+    M, T, C, TILE_M,
+    TILES_PER_CHUNK,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """First half of a parallel finalize: program (chunk, channel block) combines
+    its chunk of tiles; :func:`bn_finalize_kernel` then combines the chunks (each
+    TILES_PER_CHUNK * TILE_M rows) in a fixed order, so the result is deterministic."""
+    chunk = tl.program_id(0)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    t_start = chunk * TILES_PER_CHUNK
+    _, mean, m2 = _combine(tile_mean_ptr, tile_m2_ptr, t_start, tl.minimum(t_start + TILES_PER_CHUNK, T), rc, c_ok,
+                           M, C, TILE_M, BLOCK_T, BLOCK_C)
+    tl.store(chunk_mean_ptr + chunk * C + rc, mean, mask=c_ok)
+    tl.store(chunk_m2_ptr + chunk * C + rc, m2, mask=c_ok)
+
+
+@triton.jit
+def bn_finalize_kernel(
+    tile_mean_ptr,  # [T, C] fp32 mean of each tile of TILE_M rows (or of each chunk, after bn_chunk_kernel)
     tile_m2_ptr,  # [T, C] fp32 sum of squared deviations from the tile mean
     mean_ptr,  # [C] fp32 out: batch mean
     invstd_ptr,  # [C] fp32 out: 1 / sqrt(biased batch variance + eps)
@@ -49,27 +105,7 @@ def bn_finalize_kernel(
 ):
     rc = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    total = M * 1.0
-    # Pass 1: the mean, as the count-weighted mean of the tile means.
-    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        ok = (rt < T)[:, None] & c_ok[None, :]
-        count = tl.minimum(M - rt * TILE_M, TILE_M).to(tl.float32)
-        tm = tl.load(tile_mean_ptr + rt[:, None] * C + rc[None, :], mask=ok, other=0.0)
-        acc += tl.sum(tl.where(ok, count[:, None] * tm, 0.0), axis=0)
-    mean = acc / total
-    # Pass 2: Chan et al.'s combination, M2 = sum(M2_t + n_t * (mean_t - mean)^2):
-    # no cancellation however large the mean.
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rt = t0 + tl.arange(0, BLOCK_T)
-        ok = (rt < T)[:, None] & c_ok[None, :]
-        count = tl.minimum(M - rt * TILE_M, TILE_M).to(tl.float32)
-        tm = tl.load(tile_mean_ptr + rt[:, None] * C + rc[None, :], mask=ok, other=0.0)
-        tm2 = tl.load(tile_m2_ptr + rt[:, None] * C + rc[None, :], mask=ok, other=0.0)
-        d = tm - mean[None, :]
-        m2 += tl.sum(tl.where(ok, tm2 + count[:, None] * d * d, 0.0), axis=0)
+    total, mean, m2 = _combine(tile_mean_ptr, tile_m2_ptr, 0, T, rc, c_ok, M, C, TILE_M, BLOCK_T, BLOCK_C)
     var = m2 / total
     tl.store(mean_ptr + rc, mean, mask=c_ok)
     tl.store(invstd_ptr + rc, 1.0 / tl.sqrt(var + eps), mask=c_ok)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from . import batchnorm as _bn
 from .launch import launch
-from .plans import elementwise_blocks, finalize_blocks
+from .plans import elementwise_blocks, finalize_blocks, finalize_chunks
 
 __all__ = ["rows", "stats_grads"]
 
@@ -67,13 +67,22 @@ def _bn_stats_op(
         return mean, invstd, new_rm, new_rv
     block_t, block_c = finalize_blocks(c)
     tiles = tile_mean.shape[0]
+    per_chunk = finalize_chunks(tiles, c, y.device)
+    if per_chunk < tiles:  # combine chunks of tiles in parallel first
+        chunks = -(-tiles // per_chunk)
+        chunk_mean = torch.empty((chunks, c), dtype=torch.float32, device=y.device)
+        chunk_m2 = torch.empty_like(chunk_mean)
+        launch(_bn.bn_chunk_kernel, (chunks, -(-c // block_c)), tile_mean, tile_m2, chunk_mean, chunk_m2,
+               rows(y), tiles, c, tile_rows, per_chunk, BLOCK_T=block_t, BLOCK_C=block_c,
+               role="bn_chunk", meta={"loop_trips": [-(-per_chunk // block_t)] * 2})
+        tile_mean, tile_m2, tiles, tile_rows = chunk_mean, chunk_m2, chunks, tile_rows * per_chunk
     launch(
         _bn.bn_finalize_kernel, (-(-c // block_c),),
         tile_mean, tile_m2, mean, invstd,
         running_mean if has_running else mean, running_var if has_running else mean,
         new_rm if has_running else mean, new_rv if has_running else mean,
         num_batches_tracked if num_batches_tracked is not None else mean,
-        rows(y), tile_mean.shape[0], c, tile_rows, 0.0 if momentum is None else momentum, eps,
+        rows(y), tiles, c, tile_rows, 0.0 if momentum is None else momentum, eps,
         HAS_RUNNING=has_running, CUMULATIVE=momentum is None, BLOCK_T=block_t, BLOCK_C=block_c,
         role="bn_finalize", meta={"loop_trips": [-(-tiles // block_t)] * 2},
     )

@@ -35,6 +35,7 @@ __all__ = [
     "out_size",
     "elementwise_blocks",
     "finalize_blocks",
+    "finalize_chunks",
     "device_block_sizes",
     "H200_MULTIPROCESSORS",
 ]
@@ -378,3 +379,12 @@ def elementwise_blocks(c: int) -> tuple[int, int]:
 def finalize_blocks(c: int) -> tuple[int, int]:
     """(BLOCK_T, BLOCK_C) of the batch-norm finalize over ``c`` channels."""
     return 64, 256 if _large_blocks() else 32
+
+
+def finalize_chunks(tiles: int, c: int, device: torch.device) -> int:
+    """Tiles per chunk of the parallel finalize: enough chunks that the first
+    pass runs about two programs per multiprocessor, each at least one BLOCK_T
+    of tiles; ``tiles`` itself (one chunk: a single pass) when that is all."""
+    block_t, block_c = finalize_blocks(c)
+    want = _cdiv(2 * _multiprocessors(device), _cdiv(c, block_c))
+    return max(block_t, _cdiv(tiles, want))

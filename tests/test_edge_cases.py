@@ -523,6 +523,32 @@ def test_tuned_tiles_are_used_and_exact(device):
     assert_close(out, F.conv2d(x.double(), weight.double(), **geo), torch.float32)
 
 
+@pytest.mark.usefixtures("device_blocks")
+def test_parallel_finalize_over_many_chunks(device):
+    """More chunks of tiles than the finalize reads at once (two combining passes, each
+    looping), a ragged last tile, channels with mean 1e3: the batch statistics and the
+    running update against float64."""
+    rows, tile_rows, c = 9999, 2, 4
+    x = (torch.randn(rows, c, dtype=torch.float64) * 0.5 + 1e3).to(device)
+    tiles = -(-rows // tile_rows)
+    assert -(-tiles // plans.finalize_chunks(tiles, c, x.device)) > plans.finalize_blocks(c)[0]
+    padded = torch.cat([x, x[-1:].expand(tiles * tile_rows - rows, c)])  # the ragged tile's rows are its own
+    groups = padded.view(tiles, tile_rows, c)
+    tile_mean = groups.mean(1)
+    tile_mean[-1] = x[(tiles - 1) * tile_rows:].mean(0)
+    tile_m2 = ((groups - tile_mean[:, None]) ** 2).sum(1)
+    tile_m2[-1] = ((x[(tiles - 1) * tile_rows:] - tile_mean[-1]) ** 2).sum(0)
+    y = torch.empty(1, c, 1, rows, device=device)  # only its shape is read
+    rm, rv = torch.zeros(c, device=device), torch.ones(c, device=device)
+    mean, invstd, new_rm, new_rv = torch.ops.aru.bn_stats(y, tile_mean.float(), tile_m2.float(), rm, rv, None,
+                                                          tile_rows, 0.1, 1e-5)
+    var = x.var(0, unbiased=False)
+    assert_close(mean, x.mean(0), torch.float32, what="batch mean")
+    assert_close(invstd, torch.rsqrt(var + 1e-5), torch.float32, what="1/std")
+    assert_close(new_rm, 0.1 * x.mean(0), torch.float32, what="running mean")
+    assert_close(new_rv, 0.9 + 0.1 * x.var(0), torch.float32, what="running var")
+
+
 # -- mixed precision -------------------------------------------------------------------------------------
 
 
