@@ -438,14 +438,18 @@ def device_blocks():
 
 
 @pytest.mark.usefixtures("device_blocks")
-def test_gradients_over_several_tiles_and_weight_gradient_splits(device):
-    """dx (several transposed M tiles), dW (several pixel splits) and the prologue's
-    vector gradients (per-tile partial sums) against float64."""
-    x, weight, geo = _conv_case(device, 3, 3, 1, 1, 1, 8, 32, 32, 32, 32)
+@pytest.mark.parametrize("stride", [1, 2], ids=["s1", "s2_by_phase"])
+def test_gradients_over_several_tiles_and_weight_gradient_splits(device, stride):
+    """dx (several transposed M tiles, strided or not), dW (several pixel splits) and
+    the prologue's vector gradients (per-tile partial sums) against float64."""
+    x, weight, geo = _conv_case(device, 3, 3, stride, 1, 1, 8, 32, 32, 32, 32)
     plan = plans.plan_conv(x.shape, weight.shape, x.dtype, **geo)
     wplan = plans.plan_wgrad(plan, x.device)
+    dgrad = plans.plan_conv((2, 32, plan.p, plan.q), (32, 4, 3, 3), x.dtype, **geo, transposed_out_hw=(32, 32))
+    assert dgrad.m_tiles >= 3, dgrad.m_tiles
     assert plan.m_tiles >= 3 and wplan.splits >= 3, (plan.m_tiles, wplan.splits)
-    assert wplan.m_per_split > wplan.block_m, "each split must walk several pixel blocks"
+    if stride == 1:
+        assert wplan.m_per_split > wplan.block_m, "each split must walk several pixel blocks"
     c = x.shape[1]
     ours = {"x": leaf(x), "weight": leaf(weight), "in_mean": leaf(torch.randn(c, device=device)),
             "in_scale": leaf(torch.rand(c, device=device) + 0.5), "in_shift": leaf(torch.randn(c, device=device))}
