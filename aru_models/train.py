@@ -575,7 +575,12 @@ class Trainer:
 
     def close(self) -> None:
         if self._owns_group and dist.is_initialized():
-            dist.destroy_process_group()
+            # Every process reaches the end before any tears its group down: a gloo
+            # peer whose connections close under it mid-shutdown aborts its process.
+            try:
+                dist.barrier()
+            finally:
+                dist.destroy_process_group()
         self._owns_group = False
 
 
