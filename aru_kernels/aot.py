@@ -89,11 +89,10 @@ def _jit_function(kernel):
     return kernel
 
 
-def compile_launch(launch: Launch, arch: int = 90):
-    """Compile the kernel of ``launch`` for ``sm_<arch>`` as the JIT would at that launch."""
-    import triton
+def _bind(launch: Launch, arch: int):
+    """Triton's own binder applied to the launch's arguments, as at a launch on ``sm_<arch>``."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
     kernel = _jit_function(launch.kernel)
@@ -101,7 +100,15 @@ def compile_launch(launch: Launch, arch: int = 90):
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
-    bound_args, specialization, options = binder(**kwargs)
+    return kernel, target, backend, kwargs, binder(**kwargs)
+
+
+def compile_launch(launch: Launch, arch: int = 90):
+    """Compile the kernel of ``launch`` for ``sm_<arch>`` as the JIT would at that launch."""
+    import triton
+    from triton.compiler import ASTSource
+
+    kernel, target, backend, kwargs, (bound_args, specialization, options) = _bind(launch, arch)
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     src = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(src, target=target, options=options.__dict__)
@@ -109,14 +116,7 @@ def compile_launch(launch: Launch, arch: int = 90):
 
 def launch_key(launch: Launch, arch: int) -> tuple:
     """What fixes the compiled code of a launch: kernel, specialization, options (not the grid)."""
-    kernel = _jit_function(launch.kernel)
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-    from triton.runtime.jit import create_function_from_signature
-
-    backend = make_backend(GPUTarget("cuda", arch, 32))
-    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    _, specialization, _ = binder(**launch.args)
+    kernel, _, _, _, (_, specialization, _) = _bind(launch, arch)
     return (kernel.fn.__name__, str(specialization), launch.num_warps, launch.num_stages, arch)
 
 

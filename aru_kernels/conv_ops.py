@@ -26,7 +26,7 @@ from .launch import launch
 from .plans import ConvPlan, plan_conv, plan_wgrad
 from .runtime import interpreting
 
-__all__ = ["conv_bn_act_into", "kernel_arguments", "conv_geometry", "conv_input_grad", "conv_weight_grad", "nhwc", "nhwc_empty",
+__all__ = ["conv_bn_act_into", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad", "conv_weight_grad", "nhwc", "nhwc_empty",
            "tile_partials"]
 
 
@@ -200,12 +200,18 @@ def _conv_stats_op(
                             stats=True)
 
 
+def stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups) -> ConvPlan:
+    """The plan of an ``aru::conv_stats`` launch, which fixes its statistics tiles
+    (the batch-norm finalize needs their row count)."""
+    return plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
+                     groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
+                     stats=True, device=x.device)
+
+
 @_conv_stats_op.register_fake
 def _conv_stats_fake(x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu):
     p, q = check_conv_inputs(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
-    plan = plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
-                     stats=True, device=x.device)
+    plan = stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups)
     y = torch.empty((x.shape[0], weight.shape[0], p, q), dtype=x.dtype, device=x.device,
                     memory_format=torch.channels_last)
     return (y, *tile_partials(plan, x))

@@ -18,7 +18,7 @@ from torch import Tensor
 from . import bn_ops, conv_ops  # noqa: F401  (registers the aru:: operators)
 from .bn_ops import rows
 from .checks import check_activation, check_runnable, check_vector, single
-from .plans import plan_conv
+from .conv_ops import stats_plan
 from .sync_bn import SyncBatchStats, synchronized
 
 __all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu"]
@@ -178,9 +178,7 @@ def conv_bn_train(
     if rows(y) == 1 and not sync:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
                          f"{tuple(y.shape)}")
-    plan = plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
-                     stats=True, device=x.device)  # the plan of the launch: its statistics tiles
+    plan = stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups)
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if sync:
