@@ -3,14 +3,15 @@
 Floors, each importing only the ones below it:
 
 * kernels, pure math on pointers: ``conv`` (implicit-GEMM convolution, its
-  input and weight gradients), ``batchnorm`` (finalize, ``bn_add_relu``, the
-  statistics' backward);
+  input and weight gradients, batch norm's statistics term added as dL/dy
+  is loaded), ``batchnorm`` (finalize, ``bn_add_relu`` and its backward);
 * launch plans: ``plans`` (block sizes and grids as rules of the shape, or
   the tuned tiles of the GPU at hand), ``launch`` (every kernel launch, which
   the static cost model ``aot`` can record instead of run);
 * operators: ``conv_ops`` and ``bn_ops`` (launchers, ``torch.library``
-  custom ops and their autograd), ``sync_bn`` (statistics across processes),
-  with ``checks`` for their inputs;
+  custom ops and their autograd), ``conv_bn_ops`` (the training conv and its
+  batch statistics as one autograd node), ``sync_bn`` (statistics across
+  processes), with ``checks`` for their inputs;
 * the public functions: ``functional``, re-exported here;
 * ``reference``: the pure-PyTorch oracle the tests compare against.
 """

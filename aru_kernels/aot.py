@@ -26,7 +26,7 @@ import re
 import subprocess
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -65,6 +65,12 @@ class KernelReport:
     static_instr: int
     loops: int  # loops found in the SASS
     dyn_instr_per_warp: int
+    loop_sizes: tuple = ()  # instructions in each outer loop's body, in program order
+
+    def with_trips(self, loop_trips: list[int]) -> "KernelReport":
+        """The same compiled code at other loop trip counts (another launch of it)."""
+        extra = sum((max(1, t) - 1) * n for n, t in zip(self.loop_sizes, loop_trips))
+        return replace(self, dyn_instr_per_warp=self.static_instr + extra)
 
     def floors(self, launch: Launch, gpu: GpuProfile) -> tuple[float, float]:
         """(issue-slot floor, DRAM floor) of one launch, in microseconds."""
@@ -172,18 +178,15 @@ def analyze(compiled, loop_trips: list[int]) -> KernelReport:
     loops.sort()
     # keep the outermost loops (our kernels do not nest): drop loops inside another
     outer = [lp for lp in loops if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in loops)]
-    weight = [1] * len(body)
-    for (start, end), trips in zip(outer, loop_trips):
-        for j in range(start, end + 1):
-            weight[j] = max(1, trips)
-    dyn = sum(weight)
     ops = Counter(op for _, op, _ in body)
     regs, spills = _resource_usage(cubin)
-    return KernelReport(
+    report = KernelReport(
         registers=regs, spill_bytes=spills, shared_bytes=compiled.metadata.shared,
         hgmma=sum(n for op, n in ops.items() if op.startswith("HGMMA")),
         hmma=sum(n for op, n in ops.items() if op.startswith("HMMA")),
         loads={op: n for op, n in sorted(ops.items()) if op.startswith(("LDG", "LDGSTS"))},
         stores={op: n for op, n in sorted(ops.items()) if op.startswith("STG")},
-        static_instr=len(body), loops=len(outer), dyn_instr_per_warp=dyn,
+        static_instr=len(body), loops=len(outer), dyn_instr_per_warp=len(body),
+        loop_sizes=tuple(end - start + 1 for start, end in outer),
     )
+    return report.with_trips(loop_trips)

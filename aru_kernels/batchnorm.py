@@ -5,8 +5,6 @@
   1/sqrt(var + eps), and the running-statistics update of
   ``nn.BatchNorm2d``; chunks of tiles are combined in parallel first when
   there are many.
-* ``bn_stats_backward_kernel``: the gradient that flows into the conv output
-  ``y`` through the batch mean and variance.
 * ``bn_add_relu_kernel`` / ``bn_add_relu_backward_kernel``: the end of a
   residual block, ``relu(scale*(y - mean) + shift + identity')`` with
   ``identity' = id_scale*(identity - id_mean) + id_shift`` (downsample
@@ -133,33 +131,6 @@ def _vec(ptr, rc, c_ok):
 def _centred(ptr, off, ok, mean_ptr, rc, c_ok):
     """``v - mean`` per channel, in fp32."""
     return tl.load(ptr + off, mask=ok, other=0.0).to(tl.float32) - _vec(mean_ptr, rc, c_ok)
-
-
-@triton.jit
-def bn_stats_backward_kernel(
-    y_ptr,  # [M, C] conv output, NHWC rows
-    dmean_ptr,  # [C] fp32 dL/dmean
-    dinvstd_ptr,  # [C] fp32 dL/dinvstd
-    mean_ptr,  # [C] fp32
-    invstd_ptr,  # [C] fp32
-    dy_ptr,  # [M, C] out: dL/dy through the batch statistics
-    M,
-    C,
-    inv_count,  # 1 / number of values the statistics were taken over (M, or more across processes)
-    BLOCK_M: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-):
-    """``dy = (dmean - dinvstd * invstd^3 * (y - mean)) / count``, centred first."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = rc < C
-    ok = (rm < M)[:, None] & c_ok[None, :]
-    invstd = _vec(invstd_ptr, rc, c_ok)
-    b = -_vec(dinvstd_ptr, rc, c_ok) * invstd * invstd * invstd * inv_count
-    a = _vec(dmean_ptr, rc, c_ok) * inv_count
-    off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
-    tl.store(dy_ptr + off, (a + b * yc).to(dy_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit

@@ -1,9 +1,9 @@
 """The batch-norm operators: launchers, ``torch.library`` custom ops and their autograd.
 
-* ``aru::bn_stats``: per-tile statistics -> batch mean and 1/std, and the
-  running-statistics update of ``nn.BatchNorm2d``.
-* ``aru::bn_stats_backward``: the gradient into the conv output through the
-  batch mean and variance.
+* ``aru::bn_stats`` (:func:`finalize_stats`): per-tile statistics -> batch
+  mean and 1/std, and the running-statistics update of ``nn.BatchNorm2d``.
+* :func:`stats_term`: the gradient through the batch mean and variance, as
+  the per-channel ``a + b*(y - mean)`` that the conv backward adds on load.
 * ``aru::bn_add_relu`` and ``aru::bn_add_relu_backward``: the end of a
   residual block in one pass, and its gradient.
 """
@@ -19,7 +19,7 @@ from . import batchnorm as _bn
 from .launch import launch
 from .plans import elementwise_blocks, finalize_blocks, finalize_chunks
 
-__all__ = ["rows", "stats_grads"]
+__all__ = ["rows", "finalize_stats", "stats_term"]
 
 
 def rows(t: Tensor) -> int:
@@ -36,6 +36,53 @@ def _grid(m: int, c: int, block_m: int, block_c: int) -> tuple[int, int]:
 # --------------------------------------------------------------------------
 
 
+def finalize_stats(c: int, count: int, tile_mean: Tensor, tile_m2: Tensor, running_mean: Optional[Tensor],
+                   running_var: Optional[Tensor], num_batches_tracked: Optional[Tensor], tile_rows: int,
+                   momentum: Optional[float], eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(mean, invstd, new running mean, new running var) of ``count`` values per
+    channel, given per-tile (mean, M2) of ``tile_rows`` values each (the last
+    tile may hold fewer); the last two are empty without running statistics.
+
+    An empty batch leaves the running statistics as they are, as
+    ``nn.BatchNorm2d`` does; its mean is 0 and its invstd 1/sqrt(eps).
+    """
+    device = tile_mean.device
+    mean = torch.empty(c, dtype=torch.float32, device=device)
+    invstd = torch.empty_like(mean)
+    has_running = running_mean is not None
+    new_rm = torch.empty_like(running_mean) if has_running else mean.new_empty(0)
+    new_rv = torch.empty_like(running_var) if has_running else mean.new_empty(0)
+    if count == 0 or c == 0:
+        mean.zero_()
+        invstd.fill_(eps ** -0.5)
+        if has_running:
+            new_rm.copy_(running_mean)
+            new_rv.copy_(running_var)
+        return mean, invstd, new_rm, new_rv
+    block_t, block_c = finalize_blocks(c)
+    tiles = tile_mean.shape[0]
+    per_chunk = finalize_chunks(tiles, c, device)
+    if per_chunk < tiles:  # combine chunks of tiles in parallel first
+        chunks = -(-tiles // per_chunk)
+        chunk_mean = torch.empty((chunks, c), dtype=torch.float32, device=device)
+        chunk_m2 = torch.empty_like(chunk_mean)
+        launch(_bn.bn_chunk_kernel, (chunks, -(-c // block_c)), tile_mean, tile_m2, chunk_mean, chunk_m2,
+               count, tiles, c, tile_rows, per_chunk, BLOCK_T=block_t, BLOCK_C=block_c,
+               role="bn_chunk", meta={"loop_trips": [-(-per_chunk // block_t)] * 2})
+        tile_mean, tile_m2, tiles, tile_rows = chunk_mean, chunk_m2, chunks, tile_rows * per_chunk
+    launch(
+        _bn.bn_finalize_kernel, (-(-c // block_c),),
+        tile_mean, tile_m2, mean, invstd,
+        running_mean if has_running else mean, running_var if has_running else mean,
+        new_rm if has_running else mean, new_rv if has_running else mean,
+        num_batches_tracked if num_batches_tracked is not None else mean,
+        count, tiles, c, tile_rows, 0.0 if momentum is None else momentum, eps,
+        HAS_RUNNING=has_running, CUMULATIVE=momentum is None, BLOCK_T=block_t, BLOCK_C=block_c,
+        role="bn_finalize", meta={"loop_trips": [-(-tiles // block_t)] * 2},
+    )
+    return mean, invstd, new_rm, new_rv
+
+
 @torch.library.custom_op("aru::bn_stats", mutates_args=())
 def _bn_stats_op(
     y: Tensor,
@@ -48,45 +95,12 @@ def _bn_stats_op(
     momentum: Optional[float],
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(mean, invstd, new running mean, new running var); the last two are
-    empty without running statistics. ``y`` is only differentiated through.
-
-    An empty batch leaves the running statistics as they are, as
-    ``nn.BatchNorm2d`` does; its mean is 0 and its invstd 1/sqrt(eps).
-    """
-    c = y.shape[1]
-    mean, invstd, new_rm, new_rv = _bn_stats_fake(y, tile_mean, tile_m2, running_mean, running_var,
-                                                   num_batches_tracked, tile_rows, momentum, eps)
-    has_running = running_mean is not None
-    if rows(y) == 0 or c == 0:
-        mean.zero_()
-        invstd.fill_(eps ** -0.5)
-        if has_running:
-            new_rm.copy_(running_mean)
-            new_rv.copy_(running_var)
-        return mean, invstd, new_rm, new_rv
-    block_t, block_c = finalize_blocks(c)
-    tiles = tile_mean.shape[0]
-    per_chunk = finalize_chunks(tiles, c, y.device)
-    if per_chunk < tiles:  # combine chunks of tiles in parallel first
-        chunks = -(-tiles // per_chunk)
-        chunk_mean = torch.empty((chunks, c), dtype=torch.float32, device=y.device)
-        chunk_m2 = torch.empty_like(chunk_mean)
-        launch(_bn.bn_chunk_kernel, (chunks, -(-c // block_c)), tile_mean, tile_m2, chunk_mean, chunk_m2,
-               rows(y), tiles, c, tile_rows, per_chunk, BLOCK_T=block_t, BLOCK_C=block_c,
-               role="bn_chunk", meta={"loop_trips": [-(-per_chunk // block_t)] * 2})
-        tile_mean, tile_m2, tiles, tile_rows = chunk_mean, chunk_m2, chunks, tile_rows * per_chunk
-    launch(
-        _bn.bn_finalize_kernel, (-(-c // block_c),),
-        tile_mean, tile_m2, mean, invstd,
-        running_mean if has_running else mean, running_var if has_running else mean,
-        new_rm if has_running else mean, new_rv if has_running else mean,
-        num_batches_tracked if num_batches_tracked is not None else mean,
-        rows(y), tiles, c, tile_rows, 0.0 if momentum is None else momentum, eps,
-        HAS_RUNNING=has_running, CUMULATIVE=momentum is None, BLOCK_T=block_t, BLOCK_C=block_c,
-        role="bn_finalize", meta={"loop_trips": [-(-tiles // block_t)] * 2},
-    )
-    return mean, invstd, new_rm, new_rv
+    """(mean, invstd, new running mean, new running var) of ``y`` from its
+    per-tile statistics (:func:`finalize_stats`; only ``y``'s shape is read).
+    Not differentiable: ``aru::conv_bn_stats`` differentiates through the
+    statistics."""
+    return finalize_stats(y.shape[1], rows(y), tile_mean, tile_m2, running_mean, running_var,
+                          num_batches_tracked, tile_rows, momentum, eps)
 
 
 @_bn_stats_op.register_fake
@@ -99,46 +113,17 @@ def _bn_stats_fake(y, tile_mean, tile_m2, running_mean, running_var, num_batches
     return vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var)
 
 
-def _bn_stats_setup(ctx, inputs, output):
-    ctx.mark_non_differentiable(output[2], output[3])
-    ctx.save_for_backward(inputs[0], output[0], output[1])
-
-
-@torch.library.custom_op("aru::bn_stats_backward", mutates_args=())
-def _bn_stats_backward_op(y: Tensor, dmean: Tensor, dinvstd: Tensor, mean: Tensor, invstd: Tensor,
-                          count: int) -> Tensor:
-    """dL/dy through batch statistics taken over ``count`` values per channel."""
-    m, c = rows(y), y.shape[1]
-    dy = torch.empty_like(y, memory_format=torch.channels_last)
-    if dy.numel():
-        block_m, block_c = elementwise_blocks(c)
-        launch(_bn.bn_stats_backward_kernel, _grid(m, c, block_m, block_c),
-               y, dmean, dinvstd, mean, invstd, dy, m, c, 1.0 / count, BLOCK_M=block_m, BLOCK_C=block_c,
-               role="bn_stats_bwd")
-    return dy
-
-
-@_bn_stats_backward_op.register_fake
-def _bn_stats_backward_fake(y, dmean, dinvstd, mean, invstd, count):
-    return torch.empty_like(y, memory_format=torch.channels_last)
-
-
-def stats_grads(dmean, dinvstd, mean) -> tuple[Tensor, Tensor]:
-    """The incoming gradients of (mean, invstd) as fp32 vectors, zeros where autograd sent None."""
-    zero = torch.zeros_like(mean)
-    return (zero if dmean is None else dmean.float().contiguous(),
-            zero if dinvstd is None else dinvstd.float().contiguous())
-
-
-def _bn_stats_backward(ctx, dmean, dinvstd, _d_running_mean, _d_running_var):
-    y, mean, invstd = ctx.saved_tensors
-    dmean, dinvstd = stats_grads(dmean, dinvstd, mean)
-    dy = torch.ops.aru.bn_stats_backward(y.contiguous(memory_format=torch.channels_last), dmean, dinvstd,
-                                         mean, invstd, max(1, rows(y)))
-    return dy, None, None, None, None, None, None, None, None
-
-
-_bn_stats_op.register_autograd(_bn_stats_backward, setup_context=_bn_stats_setup)
+def stats_term(dmean: Optional[Tensor], dinvstd: Optional[Tensor], invstd: Tensor,
+               count: int) -> tuple[Tensor, Tensor]:
+    """``(a, b)`` with dL/dy through the batch statistics = ``a + b*(y - mean)``:
+    ``a = dL/dmean / count``, ``b = -dL/dinvstd * invstd^3 / count`` (the mean's
+    own term in the variance vanishes: the centred values sum to zero).
+    Absent gradients count as zeros."""
+    inv_count = 1.0 / max(1, count)
+    zero = torch.zeros_like(invstd)
+    a = zero if dmean is None else dmean.float() * inv_count
+    b = zero if dinvstd is None else -dinvstd.float() * invstd.pow(3) * inv_count
+    return a.contiguous(), b.contiguous()
 
 
 # --------------------------------------------------------------------------

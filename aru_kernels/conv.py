@@ -57,6 +57,13 @@ the tap map (strided convs included). If the forward had a prologue
 epilogue (``res_ptr`` then holds the forward input x, ``scale_ptr``,
 ``shift_ptr`` and ``mean_ptr`` the prologue's s, b and mu) and writes per-tile
 partial sums of dL/db and of dL/db * (x - mu), from which dL/ds follows.
+
+**Weight gradient** (``conv_wgrad_kernel``): with ``GRAD_STATS`` the loaded
+dL/dy gets batch norm's statistics term ``a + b * (y - mean)`` added (the
+gradient through the batch mean and variance), and the programs of the first
+k block write the sum once, for the input-gradient launch that follows:
+the statistics' gradient is never a tensor of its own, and no separate pass
+adds it.
 """
 
 import triton
@@ -291,65 +298,96 @@ def conv_bn_act_kernel(
 def conv_wgrad_kernel(
     x_ptr,  # [N, H, W, C_IN] forward input, NHWC contiguous
     dy_ptr,  # [N, P, Q, C_OUT] dL/dy, NHWC contiguous
-    part_ptr,  # [SPLITS, packs, KH*KW, CIN_P, COUT_P] fp32 partial dL/dW, one slab per split of M
+    part_ptr,  # [SPLITS, packs, KH*KW*CIN_P, COUT_P] fp32 partial dL/dW, one slab per split of M
     in_mean_ptr,  # [C_IN] fp32 forward prologue mean (PRO_MEAN)
     in_scale_ptr,  # [C_IN] fp32 forward prologue scale (HAS_PROLOGUE)
     in_shift_ptr,  # [C_IN] fp32 forward prologue shift (HAS_PROLOGUE)
+    y_ptr,  # [N, P, Q, C_OUT] forward output (GRAD_STATS)
+    st_mean_ptr, st_a_ptr, st_b_ptr,  # [C_OUT] fp32 batch mean and the statistics term's a, b (GRAD_STATS)
+    dy_out_ptr,  # [N, P, Q, C_OUT] out: dL/dy with the statistics term, as the dot read it (GRAD_STATS)
     M,  # N * P * Q
-    H, W, P, Q, C_IN, C_OUT,
     M_PER_SPLIT,  # output pixels per split, a multiple of BLOCK_M
+    # spatial sizes and channel counts, fixed per layer: constants, so that the pixel
+    # decoding inside the loop divides by constants (multiply and shift)
+    H: tl.constexpr, W: tl.constexpr, P: tl.constexpr, Q: tl.constexpr,
+    C_IN: tl.constexpr, C_OUT: tl.constexpr,
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
     CIN_P: tl.constexpr, COUT_P: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, PRO_MEAN: tl.constexpr, PRO_RELU: tl.constexpr,
+    GRAD_STATS: tl.constexpr,  # dL/dy + st_a + st_b * (y - st_mean) (module docstring)
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Weight gradient: for each pack and tap, ``dW[ci, co] = sum_m a[m @ tap, ci] * dy[m, co]``.
+    """Weight gradient: per pack, ``dW[k, n] = sum_m A[m, k] * dy[m, n]``.
 
-    ``a`` is the forward's input after its prologue, recomputed on load. The
-    sum over the output pixels m is split across ``program_id(1)``; each split
-    writes its own slab and the launcher adds the slabs in a fixed order, so
-    the result is deterministic. Whole pack blocks are computed; the launcher
-    keeps their diagonal (the real groups).
+    ``k = (tap, ci)`` runs over every tap and input channel of the pack, tap
+    major (the forward's ``FOLD_TAPS`` order), so one program computes the
+    taps of a block of k from one dy tile per pixel block: dy is read once
+    per k block, not once per tap. ``A`` is the forward's input after its
+    prologue, gathered and recomputed on load; the k coordinates are decoded
+    once per program, and a stride-1 1x1 convolution reads its rows without
+    any decoding. The sum over the output pixels m is split across
+    ``program_id(1)``; each split writes its own slab and the launcher adds
+    the slabs in a fixed order, so the result is deterministic. Whole pack
+    blocks are computed (tensor-core tiles); the launcher keeps their
+    diagonal, the real groups.
     """
-    CI_BLOCKS: tl.constexpr = (CIN_P + BLOCK_CI - 1) // BLOCK_CI
-    CO_BLOCKS: tl.constexpr = (COUT_P + BLOCK_CO - 1) // BLOCK_CO
+    K_TOTAL: tl.constexpr = KH * KW * CIN_P
+    K_BLOCKS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
+    N_BLOCKS: tl.constexpr = (COUT_P + BLOCK_N - 1) // BLOCK_N
+    POINTWISE: tl.constexpr = (KH == 1) and (KW == 1) and (STRIDE == 1) and (PAD == 0)
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    co_b = pid % CO_BLOCKS
-    t = pid // CO_BLOCKS
-    ci_b = t % CI_BLOCKS
-    t = t // CI_BLOCKS
-    tap = t % (KH * KW)
-    pack = t // (KH * KW)
+    n_b = pid % N_BLOCKS
+    t = pid // N_BLOCKS
+    k_b = t % K_BLOCKS
+    pack = t // K_BLOCKS
 
-    rci = ci_b * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    ci_ok = rci < CIN_P
-    rco = co_b * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    co_ok = rco < COUT_P
-    acc = tl.zeros((BLOCK_CI, BLOCK_CO), dtype=tl.float32)
+    # Columns: (tap, input channel), decoded once.
+    rk = k_b * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = rk < K_TOTAL
+    ci = rk % CIN_P
+    tap = rk // CIN_P
+    dh = (tap // KW) * DIL - PAD  # input row offset of the tap
+    dw = (tap % KW) * DIL - PAD
+    col = (dh * W + dw) * C_IN + pack * CIN_P + ci
+    rn = n_b * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < COUT_P
+    cn = pack * COUT_P + rn
+
+    acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     m_start = split * M_PER_SPLIT
     for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         m_ok = rm < M
-        q = rm % Q
-        t2 = rm // Q
-        p = t2 % P
-        img = t2 // P
-        ih, h_ok = _tap_coord(p, tap // KW, H, STRIDE, PAD, DIL, False)
-        iw, w_ok = _tap_coord(q, tap % KW, W, STRIDE, PAD, DIL, False)
-        ok = (m_ok & h_ok & w_ok)[:, None] & ci_ok[None, :]
-        row = (img.to(tl.int64) * H * W + ih * W + iw) * C_IN + pack * CIN_P
-        a = tl.load(x_ptr + row[:, None] + rci[None, :], mask=ok, other=0.0)
+        if POINTWISE:
+            row = rm.to(tl.int64) * C_IN
+            ok = m_ok[:, None] & k_ok[None, :]
+        else:
+            q = rm % Q
+            t2 = rm // Q
+            p = t2 % P
+            img = t2 // P
+            ih = (p * STRIDE)[:, None] + dh[None, :]
+            iw = (q * STRIDE)[:, None] + dw[None, :]
+            ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row = ((img.to(tl.int64) * H + p * STRIDE) * W + q * STRIDE) * C_IN
+        a = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0)
         if HAS_PROLOGUE:
-            a = _prologue(a, ok, pack * CIN_P + rci, ci_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
+            a = _prologue(a, ok, pack * CIN_P + ci, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
                           PRO_MEAN, PRO_RELU)
-        g = tl.load(dy_ptr + rm.to(tl.int64)[:, None] * C_OUT + (pack * COUT_P + rco)[None, :],
-                    mask=m_ok[:, None] & co_ok[None, :], other=0.0)
+        g_off = rm.to(tl.int64)[:, None] * C_OUT + cn[None, :]
+        g_ok = m_ok[:, None] & n_ok[None, :]
+        g = tl.load(dy_ptr + g_off, mask=g_ok, other=0.0)
+        if GRAD_STATS:
+            g = (g.to(tl.float32) + _prologue(tl.load(y_ptr + g_off, mask=g_ok, other=0.0), g_ok, cn, n_ok,
+                                              st_mean_ptr, st_b_ptr, st_a_ptr, True, False)).to(dy_ptr.dtype.element_ty)
+            if k_b == 0:  # one k block's programs cover every (pixel, channel) once
+                tl.store(dy_out_ptr + g_off, g, mask=g_ok)
         if DOT_F32:
             acc += tl.dot(tl.trans(a.to(tl.float32)), g.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
-    slab = part_ptr + ((split * (C_OUT // COUT_P) + pack) * (KH * KW) + tap) * (CIN_P * COUT_P)
-    tl.store(slab + rci[:, None] * COUT_P + rco[None, :], acc, mask=ci_ok[:, None] & co_ok[None, :])
+    slab = part_ptr + (split * (C_OUT // COUT_P) + pack).to(tl.int64) * (K_TOTAL * COUT_P)
+    tl.store(slab + rk[:, None] * COUT_P + rn[None, :], acc, mask=k_ok[:, None] & n_ok[None, :])

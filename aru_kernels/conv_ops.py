@@ -26,8 +26,8 @@ from .launch import launch
 from .plans import ConvPlan, plan_conv, plan_wgrad
 from .runtime import interpreting
 
-__all__ = ["conv_bn_act_into", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad", "conv_weight_grad", "nhwc", "nhwc_empty",
-           "tile_partials"]
+__all__ = ["conv_bn_act_into", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
+           "conv_weight_grad", "conv_grads", "nhwc", "nhwc_empty", "tile_partials"]
 
 
 def nhwc(t: Tensor) -> Tensor:
@@ -290,8 +290,19 @@ def conv_weight_grad(
     dilation: int,
     groups: int,
     in_relu: bool,
-) -> Tensor:
-    """dL/dW (fp32, ``weight``'s shape) of ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
+    stat_y: Optional[Tensor] = None,
+    stat_mean: Optional[Tensor] = None,
+    stat_a: Optional[Tensor] = None,
+    stat_b: Optional[Tensor] = None,
+) -> tuple[Tensor, Tensor]:
+    """``(dW, dy')``: dL/dW (fp32, ``weight``'s shape) of
+    ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
+
+    With ``stat_y`` (the forward output y) and the fp32 ``[C_out]`` vectors
+    ``stat_mean``, ``stat_a``, ``stat_b``, dL/dy is taken as
+    ``dy + stat_a + stat_b * (y - stat_mean)`` (batch norm's term through the
+    batch mean and variance, added as dy is loaded) and ``dy'`` is that sum,
+    in ``dy``'s dtype, for :func:`conv_input_grad`; otherwise ``dy'`` is empty.
 
     Each split of the pixel sum writes its own slab of whole pack blocks; the
     slabs are added in a fixed order (deterministic) and the diagonal blocks,
@@ -300,31 +311,46 @@ def conv_weight_grad(
     cout, cin_g, kh, kw = weight.shape
     conv = plan_conv(x.shape, weight.shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
                      groups=groups)
+    folded = stat_y is not None
+    dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if folded else dy.new_empty(0)
     if conv.m == 0 or weight.numel() == 0:
-        return torch.zeros(weight.shape, dtype=torch.float32, device=x.device)
+        if folded and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
+            dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b))
+        return torch.zeros(weight.shape, dtype=torch.float32, device=x.device), dy_out
     plan = plan_wgrad(conv, x.device)
     gp, packs, taps = conv.gp, conv.packs, kh * kw
-    part = torch.empty((plan.splits, packs, taps, conv.cin_p, conv.cout_p), dtype=torch.float32, device=x.device)
+    part = torch.empty((plan.splits, packs, plan.k_total, conv.cout_p), dtype=torch.float32, device=x.device)
     launch(
         _conv.conv_wgrad_kernel, plan.grid,
         x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
-        conv.m, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out, plan.m_per_split,
+        dy if stat_y is None else stat_y, _f32(stat_mean, part), _f32(stat_a, part), _f32(stat_b, part),
+        dy_out if folded else dy,
+        conv.m, plan.m_per_split, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out,
         KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
         HAS_PROLOGUE=in_scale is not None, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
-        DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
-        BLOCK_M=plan.block_m, BLOCK_CI=plan.block_ci, BLOCK_CO=plan.block_co,
+        GRAD_STATS=folded, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
+        BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
-        num_warps=4,
+        num_warps=plan.num_warps,
     )
     full = part.sum(0).reshape(packs, taps, gp, cin_g, gp, cout // groups)
     diag = torch.diagonal(full, dim1=2, dim2=4)  # [packs, taps, cin_g, cout_g, gp]
-    return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous()
+    return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous(), dy_out
+
+
+def _stat_sum(dy: Tensor, y: Tensor, mean: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``dy + a + b*(y - mean)`` per channel with PyTorch ops, in fp32 (the
+    launches without a weight gradient; the kernel adds it on load otherwise)."""
+    def v(t):
+        return t.float().view(1, -1, 1, 1)
+    return dy.float() + v(a) + v(b) * (y.float() - v(mean))
 
 
 @conv_weight_grad.register_fake
 def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
-                           in_relu):
-    return torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+                           in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None):
+    dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if stat_y is not None else dy.new_empty(0)
+    return torch.empty(weight.shape, dtype=torch.float32, device=weight.device), dy_out
 
 
 # --------------------------------------------------------------------------
@@ -332,14 +358,20 @@ def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, p
 # --------------------------------------------------------------------------
 
 
-def _conv_grads(ctx, g: Tensor, x, weight, in_mean, in_scale, in_shift):
+def conv_grads(ctx, g: Tensor, x, weight, in_mean, in_scale, in_shift, stat=()):
     """(dx, dW, d_in_mean, d_in_scale, d_in_shift) of conv(relu?(in_scale*(x - in_mean) + in_shift), W)
-    from g = dL/dy; ``ctx.slots`` names the positions of x, W and the prologue vectors among the inputs."""
+    from g = dL/dy; ``ctx.slots`` names the positions of x, W and the prologue vectors among the inputs.
+    ``stat`` = (y, mean, a, b): dL/dy is ``g + a + b*(y - mean)`` (see :func:`conv_weight_grad`)."""
     stride, padding, dilation, groups, in_relu = ctx.conv_cfg
     i_x, i_w, i_pro = ctx.slots
     need_x, need_w = ctx.needs_input_grad[i_x], ctx.needs_input_grad[i_w]
     need_pro = in_scale is not None and any(ctx.needs_input_grad[i] for i in i_pro)
     dx = dw = d_in_mean = d_in_scale = d_in_shift = None
+    if need_w or (stat and (need_x or need_pro)):  # the weight-gradient launch writes dL/dy with the statistics term
+        dw, folded = torch.ops.aru.conv_weight_grad(x, g, weight, in_mean, in_scale, in_shift, stride, padding,
+                                                    dilation, groups, in_relu, *stat)
+        dw = dw.to(weight.dtype) if need_w else None
+        g = folded if stat else g
     if need_x or need_pro:
         dx, part_shift, part_scale = torch.ops.aru.conv_input_grad(g, weight, x, in_mean, in_scale, in_shift,
                                                                    stride, padding, dilation, groups, in_relu)
@@ -347,9 +379,6 @@ def _conv_grads(ctx, g: Tensor, x, weight, in_mean, in_scale, in_shift):
             d_in_shift, d_in_scale = part_shift.sum(0), part_scale.sum(0)
             if in_mean is not None:
                 d_in_mean = -in_scale.float() * d_in_shift
-    if need_w:
-        dw = torch.ops.aru.conv_weight_grad(x, g, weight, in_mean, in_scale, in_shift, stride, padding, dilation,
-                                            groups, in_relu).to(weight.dtype)
     return dx, dw, d_in_mean, d_in_scale, d_in_shift
 
 
@@ -396,7 +425,7 @@ def _conv_bn_act_backward(ctx, dout):
     if mean is not None and needs[2]:
         d_mean = -_channel_sum(g)
     g = nhwc(g.to(x.dtype))
-    dx, dw, d_in_mean, d_in_scale, d_in_shift = _conv_grads(ctx, g, x, weight, in_mean, in_scale, in_shift)
+    dx, dw, d_in_mean, d_in_scale, d_in_shift = conv_grads(ctx, g, x, weight, in_mean, in_scale, in_shift)
     return (dx, dw, d_mean, d_var, d_scale, d_shift, d_residual, d_in_mean, d_in_scale, d_in_shift,
             None, None, None, None, None, None, None)
 
@@ -414,7 +443,7 @@ def _conv_stats_setup(ctx, inputs, output):
 
 def _conv_stats_backward(ctx, dy, _d_tile_mean, _d_tile_m2):
     x, weight, in_mean, in_scale, in_shift = ctx.saved_tensors
-    grads = _conv_grads(ctx, nhwc(dy.to(x.dtype)), x, weight, in_mean, in_scale, in_shift)
+    grads = conv_grads(ctx, nhwc(dy.to(x.dtype)), x, weight, in_mean, in_scale, in_shift)
     return (*grads, None, None, None, None, None)
 
 

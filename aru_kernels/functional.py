@@ -15,11 +15,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import bn_ops, conv_ops  # noqa: F401  (registers the aru:: operators)
-from .bn_ops import rows
-from .checks import check_activation, check_runnable, check_vector, single
-from .conv_ops import stats_plan
-from .sync_bn import SyncBatchStats, synchronized
+from . import bn_ops, conv_bn_ops, conv_ops  # noqa: F401  (registers the aru:: operators)
+from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
+from .sync_bn import SyncConvBatchStats, synchronized
 
 __all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu"]
 
@@ -172,18 +170,20 @@ def conv_bn_train(
     if running_mean is not None and momentum is None and num_batches_tracked is None:
         raise ValueError("conv_bn_train: momentum=None (cumulative moving average) needs num_batches_tracked "
                          "to count the batches; got None")
-    y, tile_mean, tile_m2 = torch.ops.aru.conv_stats(x, weight, in_mean, in_scale, in_shift, stride, padding,
-                                                     dilation, groups, in_relu)
     sync = sync_stats and synchronized(process_group)
-    if rows(y) == 1 and not sync:
+    n, c_out = x.shape[0], weight.shape[0]
+    p, q = check_conv_inputs(x, weight, vectors_in=(("in_mean", in_mean), ("in_scale", in_scale),
+                                                     ("in_shift", in_shift)),
+                             stride=stride, padding=padding, dilation=dilation, groups=groups)
+    if n * p * q == 1 and not sync:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{tuple(y.shape)}")
-    plan = stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups)
+                         f"{(n, c_out, p, q)}")
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if sync:
-        mean, invstd, unbiased, count = SyncBatchStats.apply(y, tile_mean, tile_m2, plan.block_m, float(eps),
-                                                             process_group)
+        y, mean, invstd, unbiased, count = SyncConvBatchStats.apply(
+            x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu, float(eps),
+            process_group)
         if running_mean is not None:
             with torch.no_grad():
                 factor = (1.0 / float(num_batches_tracked)) if momentum is None else momentum
@@ -191,9 +191,9 @@ def conv_bn_train(
                 running_mean.lerp_(mean.to(running_mean.dtype), weight_.to(running_mean.dtype))
                 running_var.lerp_(unbiased.to(running_var.dtype), weight_.to(running_var.dtype))
     else:
-        mean, invstd, new_running_mean, new_running_var = torch.ops.aru.bn_stats(
-            y, tile_mean, tile_m2, running_mean, running_var, num_batches_tracked, plan.block_m,
-            None if momentum is None else float(momentum), float(eps))
+        y, mean, invstd, new_running_mean, new_running_var = torch.ops.aru.conv_bn_stats(
+            x, weight, in_mean, in_scale, in_shift, running_mean, running_var, num_batches_tracked, stride,
+            padding, dilation, groups, in_relu, None if momentum is None else float(momentum), float(eps))
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.copy_(new_running_mean)

@@ -335,18 +335,26 @@ def plan_conv(
 
 @dataclass(frozen=True)
 class WgradPlan:
-    """Tiles and splits of the weight-gradient kernel for one convolution."""
+    """Tiles and splits of the weight-gradient kernel for one convolution:
+    its GEMM is ``[K, M] x [M, N]`` per pack, ``K = KH*KW*CIN_P`` (tap, input
+    channel) and ``N = COUT_P``, summed over the output pixels ``M``."""
 
     conv: ConvPlan
     block_m: int
-    block_ci: int
-    block_co: int
+    block_k: int
+    block_n: int
     splits: int  # splits of the pixel sum, each written to its own slab
+    num_warps: int
+
+    @property
+    def k_total(self) -> int:
+        c = self.conv
+        return c.kh * c.kw * c.cin_p
 
     @property
     def tiles(self) -> int:
         c = self.conv
-        return c.packs * c.kh * c.kw * _cdiv(c.cin_p, self.block_ci) * _cdiv(c.cout_p, self.block_co)
+        return c.packs * _cdiv(self.k_total, self.block_k) * _cdiv(c.cout_p, self.block_n)
 
     @property
     def m_per_split(self) -> int:
@@ -357,17 +365,22 @@ class WgradPlan:
         return (self.tiles, self.splits)
 
 
-def _block_wgrad(width: int) -> int:
-    return min(256 if _large_blocks() else 64, max(MIN_DOT, _next_pow2(width)))
-
-
 def plan_wgrad(conv: ConvPlan, device: torch.device) -> WgradPlan:
-    """Weight-gradient tiles of ``conv`` (a forward plan), with the pixel sum
-    split so that about four programs per multiprocessor run."""
+    """Weight-gradient tiles of ``conv`` (a forward plan): tensor-core tiles
+    (64 or 128 rows of k, up to 128 output channels), the pixel sum split so
+    that about four programs per multiprocessor run."""
+    k_total = conv.kh * conv.kw * conv.cin_p
+    cap = 256 if _large_blocks() else 128
+    block_k = min(cap, max(MIN_DOT, _next_pow2(k_total)))
+    if block_k > 64 and k_total % block_k and not _large_blocks():
+        block_k = 64  # taps x channels that a larger block would pad by more than it saves
+    block_n = min(cap, max(MIN_DOT, _next_pow2(conv.cout_p)))
     block_m = 256 if _large_blocks() else 64
-    plan = WgradPlan(conv, block_m, _block_wgrad(conv.cin_p), _block_wgrad(conv.cout_p), 1)
-    splits = max(1, min(_cdiv(conv.m, block_m), _cdiv(4 * _multiprocessors(device), max(1, plan.tiles))))
-    return WgradPlan(conv, block_m, plan.block_ci, plan.block_co, splits)
+    warps = 8 if block_k * block_n >= 128 * 128 else 4
+    plan = WgradPlan(conv, block_m, block_k, block_n, 1, warps)
+    # at least four pixel blocks per split, so that the per-program setup stays small
+    splits = max(1, min(_cdiv(conv.m, 4 * block_m), _cdiv(4 * _multiprocessors(device), max(1, plan.tiles))))
+    return replace(plan, splits=splits)
 
 
 def elementwise_blocks(c: int) -> tuple[int, int]:

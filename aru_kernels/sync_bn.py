@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .bn_ops import rows, stats_grads
+from .bn_ops import rows
+from .conv_bn_ops import conv_bn_stats_grads
+from .conv_ops import stats_plan
 
-__all__ = ["SyncBatchStats", "synchronized"]
+__all__ = ["SyncConvBatchStats", "synchronized"]
 
 
 def synchronized(process_group) -> bool:
@@ -16,22 +18,27 @@ def synchronized(process_group) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-class SyncBatchStats(torch.autograd.Function):
-    """Batch mean and 1/std over the images of every process in ``group``.
+class SyncConvBatchStats(torch.autograd.Function):
+    """``aru::conv_bn_stats`` with the batch mean and 1/std over the images of
+    every process in ``group``.
 
     Each process reduces its tiles to (mean, M2) per channel, the processes
     exchange those 2*C numbers (plus their counts) with one all-gather, and
     each combines them in the same order (Chan et al.): no cancellation, the
     same result everywhere. Backward sums dL/dmean and dL/dinvstd over the
-    processes (one all-reduce of 2*C numbers) and applies them to the local y.
-    Returns ``(mean, invstd, unbiased variance, count)``, the last two
-    per channel and not differentiable.
+    processes (one all-reduce of 2*C numbers) and folds the statistics' term
+    into the local conv backward. Returns ``(y, mean, invstd, unbiased
+    variance, count)``, the last two per channel and not differentiable.
     """
 
     @staticmethod
-    def forward(ctx, y, tile_mean, tile_m2, tile_rows: int, eps: float, group):
+    def forward(ctx, x, weight, in_mean, in_scale, in_shift, stride: int, padding: int, dilation: int,
+                groups: int, in_relu: bool, eps: float, group):
         import torch.distributed as dist
 
+        y, tile_mean, tile_m2 = torch.ops.aru.conv_stats(x, weight, in_mean, in_scale, in_shift, stride, padding,
+                                                         dilation, groups, in_relu)
+        tile_rows = stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups).block_m
         local_rows = rows(y)
         starts = torch.arange(tile_mean.shape[0], device=y.device) * tile_rows
         counts = (local_rows - starts).clamp(max=tile_rows).to(torch.float32).unsqueeze(1)
@@ -48,18 +55,18 @@ class SyncBatchStats(torch.autograd.Function):
         invstd = torch.rsqrt(m2 / total.clamp(min=1) + eps)
         ctx.count = int(total[0].item()) if total.numel() else 0
         ctx.group = group
-        ctx.save_for_backward(y, mean, invstd)
+        ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
+        ctx.slots = (0, 1, (2, 3, 4))
+        ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd)
         unbiased = m2 / (total - 1).clamp(min=1)
         ctx.mark_non_differentiable(unbiased, total)
-        return mean, invstd, unbiased, total
+        return y, mean, invstd, unbiased, total
 
     @staticmethod
-    def backward(ctx, dmean, dinvstd, _d_unbiased, _d_total):
+    def backward(ctx, dy, dmean, dinvstd, _d_unbiased, _d_total):
         import torch.distributed as dist
 
-        y, mean, invstd = ctx.saved_tensors
-        d = torch.stack(stats_grads(dmean, dinvstd, mean))
+        mean = ctx.saved_tensors[6]
+        d = torch.stack([torch.zeros_like(mean) if v is None else v.float() for v in (dmean, dinvstd)])
         dist.all_reduce(d, group=ctx.group)
-        dy = torch.ops.aru.bn_stats_backward(y.contiguous(memory_format=torch.channels_last), d[0].contiguous(),
-                                             d[1].contiguous(), mean, invstd, max(1, ctx.count))
-        return dy, None, None, None, None, None
+        return (*conv_bn_stats_grads(ctx, dy, d[0], d[1], ctx.count),) + (None,) * 7

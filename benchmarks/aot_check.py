@@ -84,9 +84,10 @@ class StepRecorder(TorchDispatchMode):
 def _implementation(op):
     """The Python implementation behind an aru:: custom operator."""
     import aru_kernels.bn_ops as bn_ops
+    import aru_kernels.conv_bn_ops as conv_bn_ops
     import aru_kernels.conv_ops as conv_ops
 
-    for module in (conv_ops, bn_ops):
+    for module in (conv_ops, bn_ops, conv_bn_ops):
         for value in vars(module).values():
             if isinstance(value, torch._library.custom_ops.CustomOpDef) and op.name() == f"aru::{value._name}":
                 return value._init_fn
@@ -117,10 +118,11 @@ def kernel_rows(launches: list[Launch], arch: int, gpu: aot.GpuProfile) -> tuple
     """One row per distinct compiled kernel and launch shape; and the compile errors."""
     groups: dict[tuple, list[Launch]] = defaultdict(list)
     for launch in launches:
-        groups[(aot.launch_key(launch, arch), launch.grid)].append(launch)
-    reports: dict[tuple, aot.KernelReport | str] = {}
+        trips = tuple(launch.meta.get("loop_trips", []))
+        groups[(aot.launch_key(launch, arch), launch.grid, trips)].append(launch)
+    reports: dict[tuple, aot.KernelReport | str] = {}  # one compile per specialization
     rows, errors = [], []
-    for (key, grid), same in groups.items():
+    for (key, grid, trips), same in groups.items():
         first = same[0]
         if key not in reports:
             try:
@@ -129,6 +131,8 @@ def kernel_rows(launches: list[Launch], arch: int, gpu: aot.GpuProfile) -> tuple
                 reports[key] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 errors.append(f"{first.kernel.fn.__name__} {first.role} {first.meta.get('conv')}: {reports[key]}")
         report = reports[key]
+        if not isinstance(report, str):  # the same code runs this launch's own loop trips
+            report = report.with_trips(list(trips))
         row = {"kernel": first.kernel.fn.__name__, "pass": first.role, "conv": first.meta.get("conv"),
                "launches": len(same), "grid": list(grid), "num_warps": first.num_warps}
         if isinstance(report, str):
@@ -138,7 +142,8 @@ def kernel_rows(launches: list[Launch], arch: int, gpu: aot.GpuProfile) -> tuple
         rows.append({**row, "registers": report.registers, "spill_bytes": report.spill_bytes,
                      "shared_bytes": report.shared_bytes, "hgmma": report.hgmma, "hmma": report.hmma,
                      "loads": report.loads, "stores": report.stores, "loops": report.loops,
-                     "dyn_instr_per_warp": report.dyn_instr_per_warp, "issue_floor_us": round(issue, 3),
+                     "static_instr": report.static_instr, "loop_sizes": list(report.loop_sizes),
+                     "loop_trips": list(trips), "dyn_instr_per_warp": report.dyn_instr_per_warp, "issue_floor_us": round(issue, 3),
                      "dram_floor_us": round(dram, 3), "floor_us": round(max(issue, dram), 3)})
     return rows, errors
 

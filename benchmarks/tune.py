@@ -105,10 +105,11 @@ def _inputs(plan: ConvPlan, device, dtype, gen):
         weight = weight * (plan.cin_g * plan.kh * plan.kw) ** -0.5
     vec = {}
     cv = plan.c_out
-    if plan.pro_bwd:
-        vec = dict(scale=rnd(cv).abs() + 0.5, shift=rnd(cv), residual=rnd(plan.n, cv, plan.p, plan.q, cl=True))
-        if plan.pro_mean:
-            vec["mean"] = rnd(cv)
+    if plan.transposed:
+        if plan.pro_bwd:
+            vec = dict(scale=rnd(cv).abs() + 0.5, shift=rnd(cv), residual=rnd(plan.n, cv, plan.p, plan.q, cl=True))
+            if plan.pro_mean:
+                vec["mean"] = rnd(cv)
     else:
         for flag, name in ((plan.has_mean, "mean"), (plan.has_scale, "scale"), (plan.has_shift, "shift")):
             if flag:

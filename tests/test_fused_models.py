@@ -242,7 +242,7 @@ def test_fused_training_dispatches_no_aten_conv_or_batch_norm(name, device):
         model(x).sum().backward()
     banned = [op for op in log.ops if ("conv" in op and "aru" not in op) or "batch_norm" in op]
     assert not banned, f"{name}: training on the fused path dispatched {sorted(set(banned))}"
-    assert "aru.conv_stats" in log.ops and "aru.bn_add_relu" in log.ops
+    assert "aru.conv_bn_stats" in log.ops and "aru.bn_add_relu" in log.ops
 
 
 def test_torch_compile_fullgraph_fused_block_forward_and_backward(device):
@@ -280,7 +280,7 @@ def test_torch_compile_fullgraph_traces_fused_model(device):
 
 KERNEL_ROW = {"kernel", "pass", "conv", "launches", "grid", "num_warps", "registers", "spill_bytes",
               "shared_bytes", "hgmma", "hmma", "dyn_instr_per_warp", "issue_floor_us", "dram_floor_us",
-              "floor_us", "loads", "stores", "loops"}
+              "floor_us", "loads", "stores", "loops", "static_instr", "loop_sizes", "loop_trips"}
 
 
 @pytest.mark.slow
@@ -302,11 +302,17 @@ def test_static_cost_model_of_a_training_step(tmp_path):
     assert {"arch", "triton", "model", "mode", "batch_size", "dtype", "gpu_profile", "kernels",
             "total_floor_ms", "floor_img_per_s", "traffic"} <= set(report)
     rows = report["kernels"]
+    # the statistics' gradient is folded into the weight-gradient launch: no pass of its own
     assert {r["pass"] for r in rows} == {"fwd", "dgrad", "wgrad", "bn_finalize", "bn_add_relu",
-                                         "bn_add_relu_bwd", "bn_stats_bwd"}
+                                         "bn_add_relu_bwd"}
     for r in rows:
         assert set(r) == KERNEL_ROW, sorted(set(r) ^ KERNEL_ROW)
         assert r["dyn_instr_per_warp"] > 0 and r["floor_us"] == max(r["issue_floor_us"], r["dram_floor_us"])
+        # each row counts its own launches' loop trips (one compile serves launches of other trips)
+        assert r["dyn_instr_per_warp"] == r["static_instr"] + sum(
+            (max(1, t) - 1) * n for n, t in zip(r["loop_sizes"], r["loop_trips"])), r
+    wgrads = [r for r in rows if r["pass"] == "wgrad"]
+    assert len({tuple(r["loop_trips"]) for r in wgrads}) > 1, "the weight gradients' pixel loops should differ"
         assert (r["conv"] is not None) == (r["pass"] in ("fwd", "dgrad", "wgrad")), r
         if r["conv"] is not None:  # wgmma, or mma.sync for tiles under 64 rows
             assert r["hgmma"] + r["hmma"] > 0, f"{r['pass']} {r['conv']}: no tensor-core instruction"
@@ -317,7 +323,9 @@ def test_static_cost_model_of_a_training_step(tmp_path):
     n_convs = sum(isinstance(m, torch.nn.Conv2d) for m in aru_models.resnext29_tiny().modules())
     assert sum(r["launches"] for r in rows if r["pass"] == "fwd") == n_convs
     assert sum(r["launches"] for r in rows if r["pass"] == "bn_finalize") == n_convs
-    assert report["traffic"]["eager_GB"] > 0 and report["traffic"]["fused_GB"] > 0
+    traffic = report["traffic"]
+    assert traffic["eager_GB"] > 0 and traffic["fused_GB"] > 0
+    assert "aru::bn_stats_backward" not in traffic["by_op"]["fused"]
 
 
 @pytest.mark.gpu

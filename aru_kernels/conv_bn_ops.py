@@ -1,0 +1,98 @@
+"""Training-mode convolution + batch statistics as one differentiable operator.
+
+``aru::conv_bn_stats`` runs the conv with its batch statistics taken in the
+epilogue, then the batch-norm finalize: ``(y, mean, invstd)`` and the
+running-statistics update. Because the conv and its statistics are one
+autograd node, its backward receives dL/dy of the data path together with
+dL/dmean and dL/dinvstd, and folds the statistics' term ``a + b*(y - mean)``
+(:func:`aru_kernels.bn_ops.stats_term`) into the input- and weight-gradient
+kernels as they load dL/dy: no gradient tensor of the statistics path is
+written, and autograd adds nothing over the activation.
+:class:`aru_kernels.sync_bn.SyncConvBatchStats` is the same with the
+statistics of every process of a ``torch.distributed`` group
+(``nn.SyncBatchNorm``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .bn_ops import finalize_stats, rows, stats_term
+from .conv_ops import conv_bn_act_into, conv_grads, nhwc, stats_plan
+from .checks import check_conv_inputs
+
+__all__ = ["conv_bn_stats_grads"]
+
+
+@torch.library.custom_op("aru::conv_bn_stats", mutates_args=())
+def _conv_bn_stats_op(
+    x: Tensor,
+    weight: Tensor,
+    in_mean: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    in_relu: bool,
+    momentum: Optional[float],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, invstd, new running mean, new running var)`` of
+    ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)`` and its
+    batch statistics; the last two are empty without running statistics
+    (``num_batches_tracked``, when given, already counts this batch)."""
+    y, tile_mean, tile_m2 = conv_bn_act_into(None, x, weight, in_mean=in_mean, in_scale=in_scale,
+                                             in_shift=in_shift, stride=stride, padding=padding, dilation=dilation,
+                                             groups=groups, in_relu=in_relu, stats=True)
+    plan = stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups)
+    return (y, *finalize_stats(y.shape[1], rows(y), tile_mean, tile_m2, running_mean, running_var,
+                               num_batches_tracked, plan.block_m, momentum, eps))
+
+
+@_conv_bn_stats_op.register_fake
+def _conv_bn_stats_fake(x, weight, in_mean, in_scale, in_shift, running_mean, running_var, num_batches_tracked,
+                        stride, padding, dilation, groups, in_relu, momentum, eps):
+    p, q = check_conv_inputs(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
+    c = weight.shape[0]
+    y = torch.empty((x.shape[0], c, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+    vec = torch.empty(c, dtype=torch.float32, device=x.device)
+    if running_mean is None:
+        return y, vec, torch.empty_like(vec), vec.new_empty(0), vec.new_empty(0)
+    return y, vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var)
+
+
+def _setup(ctx, inputs, output):
+    x, weight, in_mean, in_scale, in_shift, *_ = inputs
+    stride, padding, dilation, groups, in_relu = inputs[8:13]
+    ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
+    ctx.slots = (0, 1, (2, 3, 4))
+    ctx.mark_non_differentiable(output[3], output[4])
+    y, mean, invstd = output[:3]
+    ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd)
+
+
+def conv_bn_stats_grads(ctx, dy, dmean, dinvstd, count: int):
+    """The conv's input gradients from dL/dy of the data path and dL/d(mean, invstd)
+    taken over ``count`` values per channel; ``ctx`` saved (x, weight, in_mean,
+    in_scale, in_shift, y, mean, invstd)."""
+    x, weight, in_mean, in_scale, in_shift, y, mean, invstd = ctx.saved_tensors
+    g = torch.zeros_like(y, memory_format=torch.channels_last) if dy is None else nhwc(dy.to(x.dtype))
+    stat = ()
+    if dmean is not None or dinvstd is not None:
+        stat = (y, mean, *stats_term(dmean, dinvstd, invstd, count))
+    return conv_grads(ctx, g, x, weight, in_mean, in_scale, in_shift, stat)
+
+
+def _backward(ctx, dy, dmean, dinvstd, _d_running_mean, _d_running_var):
+    return (*conv_bn_stats_grads(ctx, dy, dmean, dinvstd, rows(ctx.saved_tensors[5])),) + (None,) * 10
+
+
+_conv_bn_stats_op.register_autograd(_backward, setup_context=_setup)
