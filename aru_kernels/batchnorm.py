@@ -8,7 +8,8 @@
 * ``bn_add_relu_kernel`` / ``bn_add_relu_backward_kernel``: the end of a
   residual block, ``relu(scale*(y - mean) + shift + identity')`` with
   ``identity' = id_scale*(identity - id_mean) + id_shift`` (downsample
-  branch's batch norm) or the identity itself, and its gradient with the
+  branch's batch norm) or the identity itself (the ReLU optional, for a
+  convolution's input normalized ahead of it), and its gradient with the
   per-channel sums that the scale, shift and mean gradients need, written per
   tile (no atomics).
 
@@ -146,6 +147,7 @@ def bn_add_relu_kernel(
     ID_AFFINE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    RELU: tl.constexpr = True,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -160,7 +162,8 @@ def bn_add_relu_kernel(
         else:
             r = tl.load(id_ptr + off, mask=ok, other=0.0).to(tl.float32)
         z = z + r
-    z = _relu(z)
+    if RELU:
+        z = _relu(z)
     tl.store(out_ptr + off, z.to(out_ptr.dtype.element_ty), mask=ok)
 
 

@@ -19,7 +19,7 @@ from . import batchnorm as _bn
 from .launch import launch
 from .plans import elementwise_blocks, finalize_blocks, finalize_chunks
 
-__all__ = ["rows", "finalize_stats", "stats_term"]
+__all__ = ["rows", "finalize_stats", "stats_term", "normalize"]
 
 
 def rows(t: Tensor) -> int:
@@ -129,6 +129,23 @@ def stats_term(dmean: Optional[Tensor], dinvstd: Optional[Tensor], invstd: Tenso
 # --------------------------------------------------------------------------
 # Batch norm + residual + ReLU
 # --------------------------------------------------------------------------
+
+
+def normalize(x: Tensor, mean: Optional[Tensor], scale: Tensor, shift: Tensor, relu: bool) -> Tensor:
+    """``relu?(scale*(x - mean) + shift)`` per channel into a new channels_last
+    tensor (fp32 vectors; ``mean`` None counts as zeros): a conv prologue
+    applied once, for convolutions that read each input element several times."""
+    out = torch.empty_like(x, memory_format=torch.channels_last)
+    m, c = rows(x), x.shape[1]
+    if out.numel():
+        block_m, block_c = elementwise_blocks(c)
+        mean = torch.zeros_like(scale, dtype=torch.float32) if mean is None else mean.float().contiguous()
+        scale, shift = scale.float().contiguous(), shift.float().contiguous()
+        launch(_bn.bn_add_relu_kernel, _grid(m, c, block_m, block_c),
+               x, mean, scale, shift, x, mean, scale, shift, out, m, c,
+               HAS_IDENTITY=False, ID_AFFINE=False, BLOCK_M=block_m, BLOCK_C=block_c, RELU=relu,
+               role="bn_add_relu")
+    return out
 
 
 @torch.library.custom_op("aru::bn_add_relu", mutates_args=())

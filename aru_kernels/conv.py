@@ -72,8 +72,10 @@ import triton.language as tl
 
 @triton.jit
 def _relu(v):
-    """max(v, 0) that keeps NaN, as ``torch.relu`` does (``tl.maximum`` drops it)."""
-    return tl.where(v < 0, 0.0, v)
+    """max(v, 0) that keeps NaN, as ``torch.relu`` does (plain ``tl.maximum`` drops it):
+    PTX's ``max.NaN``, one instruction, which a following bf16/fp16 store or
+    dot operand conversion absorbs (``cvt.relu``)."""
+    return tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -144,11 +146,12 @@ def conv_bn_act_kernel(
     in_shift_ptr,  # [C_IN] fp32 prologue shift (HAS_PROLOGUE)
     part_a_ptr, part_b_ptr,  # [M tiles, C_OUT] fp32 per-tile partial statistics (STATS or PRO_BWD)
     M,  # N * P * Q: output pixels
-    H, W,  # input spatial size
-    P, Q,  # output spatial size
-    C_IN, C_OUT,  # channels of input and output (their NHWC row strides)
     sw_o, sw_i, sw_h, sw_w,  # strides of the forward weight
     eps,  # added to the epilogue variance (HAS_VAR)
+    # Fixed per layer, so constants: the pixel decoding divides by constants.
+    H: tl.constexpr, W: tl.constexpr,  # input spatial size
+    P: tl.constexpr, Q: tl.constexpr,  # output spatial size
+    C_IN: tl.constexpr, C_OUT: tl.constexpr,  # channels of input and output (their NHWC row strides)
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
     CIN_G: tl.constexpr, COUT_G: tl.constexpr,  # input and output channels of one group
@@ -237,7 +240,10 @@ def conv_bn_act_kernel(
                 b_off, b_ok = _weight_tile_offsets(pack, rk, k_ok, rn, n_ok, sw_o, sw_i,
                                                    CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
                 b_in = k_ok[:, None] & n_ok[None, :]
-            b = tl.load(w_ptr + b_off + (tap // KW) * sw_h + (tap % KW) * sw_w, mask=b_in, other=0.0)
+            w_tap = w_ptr + b_off
+            if KH * KW > 1:  # (a 1x1 weight's tap strides may be 1: adding 0 * 1 would hide its alignment)
+                w_tap += (tap // KW) * sw_h + (tap % KW) * sw_w
+            b = tl.load(w_tap, mask=b_in, other=0.0)
             b = tl.where(b_ok, b, 0.0)
             if DOT_F32:
                 acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")

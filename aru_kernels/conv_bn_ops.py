@@ -20,11 +20,31 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .bn_ops import finalize_stats, rows, stats_term
-from .conv_ops import conv_bn_act_into, conv_grads, nhwc, stats_plan
+from .bn_ops import finalize_stats, normalize, rows, stats_term
 from .checks import check_conv_inputs
+from .conv_ops import conv_bn_act_into, conv_grads, nhwc, stats_plan
+from .plans import normalizes_ahead
 
-__all__ = ["conv_bn_stats_grads"]
+__all__ = ["conv_bn_stats_grads", "conv_with_stats", "normalized_input"]
+
+
+def normalized_input(x: Tensor, weight: Tensor, in_mean, in_scale, in_shift, in_relu: bool) -> Optional[Tensor]:
+    """The prologue applied once, into a buffer, where the plans say so
+    (:func:`aru_kernels.plans.normalizes_ahead`); None where the conv applies it on load."""
+    if in_scale is None or not normalizes_ahead(weight.shape[2], weight.shape[3], True):
+        return None
+    return normalize(x, in_mean, in_scale, in_shift, in_relu)
+
+
+def conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu):
+    """``(y, tile_mean, tile_m2, tile_rows, a)``: the training conv with its per-tile
+    statistics; ``a`` is the normalized input it read when normalized ahead, else None."""
+    a = normalized_input(x, weight, in_mean, in_scale, in_shift, in_relu)
+    src, pro = (x, (in_mean, in_scale, in_shift, in_relu)) if a is None else (a, (None, None, None, False))
+    y, tile_mean, tile_m2 = conv_bn_act_into(None, src, weight, in_mean=pro[0], in_scale=pro[1], in_shift=pro[2],
+                                             stride=stride, padding=padding, dilation=dilation, groups=groups,
+                                             in_relu=pro[3], stats=True)
+    return y, tile_mean, tile_m2, stats_plan(src, weight, *pro[:2], pro[3], stride, padding, dilation, groups).block_m, a
 
 
 @torch.library.custom_op("aru::conv_bn_stats", mutates_args=())
@@ -44,17 +64,17 @@ def _conv_bn_stats_op(
     in_relu: bool,
     momentum: Optional[float],
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, invstd, new running mean, new running var)`` of
-    ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)`` and its
-    batch statistics; the last two are empty without running statistics
-    (``num_batches_tracked``, when given, already counts this batch)."""
-    y, tile_mean, tile_m2 = conv_bn_act_into(None, x, weight, in_mean=in_mean, in_scale=in_scale,
-                                             in_shift=in_shift, stride=stride, padding=padding, dilation=dilation,
-                                             groups=groups, in_relu=in_relu, stats=True)
-    plan = stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups)
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, invstd, new running mean, new running var, a)`` of
+    ``y = conv(a, weight)``, ``a = relu?(in_scale*(x - in_mean) + in_shift)``,
+    and its batch statistics; the running statistics are empty without
+    running statistics (``num_batches_tracked``, when given, already counts
+    this batch). ``a`` is the normalized input when the prologue ran ahead of
+    the conv (kept for the weight gradient), empty when it ran on load."""
+    y, tile_mean, tile_m2, tile_rows, a = conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride, padding,
+                                                          dilation, groups, in_relu)
     return (y, *finalize_stats(y.shape[1], rows(y), tile_mean, tile_m2, running_mean, running_var,
-                               num_batches_tracked, plan.block_m, momentum, eps))
+                               num_batches_tracked, tile_rows, momentum, eps), x.new_empty(0) if a is None else a)
 
 
 @_conv_bn_stats_op.register_fake
@@ -64,9 +84,11 @@ def _conv_bn_stats_fake(x, weight, in_mean, in_scale, in_shift, running_mean, ru
     c = weight.shape[0]
     y = torch.empty((x.shape[0], c, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     vec = torch.empty(c, dtype=torch.float32, device=x.device)
+    ahead = in_scale is not None and normalizes_ahead(weight.shape[2], weight.shape[3], True)
+    a = torch.empty_like(x, memory_format=torch.channels_last) if ahead else x.new_empty(0)
     if running_mean is None:
-        return y, vec, torch.empty_like(vec), vec.new_empty(0), vec.new_empty(0)
-    return y, vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var)
+        return y, vec, torch.empty_like(vec), vec.new_empty(0), vec.new_empty(0), a
+    return y, vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var), a
 
 
 def _setup(ctx, inputs, output):
@@ -74,24 +96,26 @@ def _setup(ctx, inputs, output):
     stride, padding, dilation, groups, in_relu = inputs[8:13]
     ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
     ctx.slots = (0, 1, (2, 3, 4))
-    ctx.mark_non_differentiable(output[3], output[4])
+    ctx.mark_non_differentiable(output[3], output[4], output[5])
     y, mean, invstd = output[:3]
-    ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd)
+    ctx.ahead = in_scale is not None and normalizes_ahead(weight.shape[2], weight.shape[3], True)
+    ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd, output[5])
 
 
 def conv_bn_stats_grads(ctx, dy, dmean, dinvstd, count: int):
     """The conv's input gradients from dL/dy of the data path and dL/d(mean, invstd)
     taken over ``count`` values per channel; ``ctx`` saved (x, weight, in_mean,
-    in_scale, in_shift, y, mean, invstd)."""
-    x, weight, in_mean, in_scale, in_shift, y, mean, invstd = ctx.saved_tensors
+    in_scale, in_shift, y, mean, invstd, a) and ``ctx.ahead`` says whether
+    ``a`` is the normalized input."""
+    x, weight, in_mean, in_scale, in_shift, y, mean, invstd, a = ctx.saved_tensors
     g = torch.zeros_like(y, memory_format=torch.channels_last) if dy is None else nhwc(dy.to(x.dtype))
     stat = ()
     if dmean is not None or dinvstd is not None:
         stat = (y, mean, *stats_term(dmean, dinvstd, invstd, count))
-    return conv_grads(ctx, g, x, weight, in_mean, in_scale, in_shift, stat)
+    return conv_grads(ctx, g, x, weight, in_mean, in_scale, in_shift, stat, a if ctx.ahead else None)
 
 
-def _backward(ctx, dy, dmean, dinvstd, _d_running_mean, _d_running_var):
+def _backward(ctx, dy, dmean, dinvstd, _d_running_mean, _d_running_var, _d_a):
     return (*conv_bn_stats_grads(ctx, dy, dmean, dinvstd, rows(ctx.saved_tensors[5])),) + (None,) * 10
 
 

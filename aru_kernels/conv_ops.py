@@ -358,18 +358,24 @@ def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, p
 # --------------------------------------------------------------------------
 
 
-def conv_grads(ctx, g: Tensor, x, weight, in_mean, in_scale, in_shift, stat=()):
+def conv_grads(ctx, g: Tensor, x, weight, in_mean, in_scale, in_shift, stat=(), normalized=None):
     """(dx, dW, d_in_mean, d_in_scale, d_in_shift) of conv(relu?(in_scale*(x - in_mean) + in_shift), W)
     from g = dL/dy; ``ctx.slots`` names the positions of x, W and the prologue vectors among the inputs.
-    ``stat`` = (y, mean, a, b): dL/dy is ``g + a + b*(y - mean)`` (see :func:`conv_weight_grad`)."""
+    ``stat`` = (y, mean, a, b): dL/dy is ``g + a + b*(y - mean)`` (see :func:`conv_weight_grad`).
+    ``normalized``: the prologue's output, when the forward computed it ahead (the weight
+    gradient then reads it as it is)."""
     stride, padding, dilation, groups, in_relu = ctx.conv_cfg
     i_x, i_w, i_pro = ctx.slots
     need_x, need_w = ctx.needs_input_grad[i_x], ctx.needs_input_grad[i_w]
     need_pro = in_scale is not None and any(ctx.needs_input_grad[i] for i in i_pro)
     dx = dw = d_in_mean = d_in_scale = d_in_shift = None
     if need_w or (stat and (need_x or need_pro)):  # the weight-gradient launch writes dL/dy with the statistics term
-        dw, folded = torch.ops.aru.conv_weight_grad(x, g, weight, in_mean, in_scale, in_shift, stride, padding,
-                                                    dilation, groups, in_relu, *stat)
+        if normalized is None:
+            dw, folded = torch.ops.aru.conv_weight_grad(x, g, weight, in_mean, in_scale, in_shift, stride, padding,
+                                                        dilation, groups, in_relu, *stat)
+        else:
+            dw, folded = torch.ops.aru.conv_weight_grad(normalized, g, weight, None, None, None, stride, padding,
+                                                        dilation, groups, False, *stat)
         dw = dw.to(weight.dtype) if need_w else None
         g = folded if stat else g
     if need_x or need_pro:

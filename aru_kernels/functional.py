@@ -191,7 +191,7 @@ def conv_bn_train(
                 running_mean.lerp_(mean.to(running_mean.dtype), weight_.to(running_mean.dtype))
                 running_var.lerp_(unbiased.to(running_var.dtype), weight_.to(running_var.dtype))
     else:
-        y, mean, invstd, new_running_mean, new_running_var = torch.ops.aru.conv_bn_stats(
+        y, mean, invstd, new_running_mean, new_running_var, _ = torch.ops.aru.conv_bn_stats(
             x, weight, in_mean, in_scale, in_shift, running_mean, running_var, num_batches_tracked, stride,
             padding, dilation, groups, in_relu, None if momentum is None else float(momentum), float(eps))
         if running_mean is not None:

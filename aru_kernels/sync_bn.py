@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from .bn_ops import rows
-from .conv_bn_ops import conv_bn_stats_grads
-from .conv_ops import stats_plan
+from .conv_bn_ops import conv_bn_stats_grads, conv_with_stats
 
 __all__ = ["SyncConvBatchStats", "synchronized"]
 
@@ -36,9 +35,8 @@ class SyncConvBatchStats(torch.autograd.Function):
                 groups: int, in_relu: bool, eps: float, group):
         import torch.distributed as dist
 
-        y, tile_mean, tile_m2 = torch.ops.aru.conv_stats(x, weight, in_mean, in_scale, in_shift, stride, padding,
-                                                         dilation, groups, in_relu)
-        tile_rows = stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups).block_m
+        y, tile_mean, tile_m2, tile_rows, a = conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride,
+                                                              padding, dilation, groups, in_relu)
         local_rows = rows(y)
         starts = torch.arange(tile_mean.shape[0], device=y.device) * tile_rows
         counts = (local_rows - starts).clamp(max=tile_rows).to(torch.float32).unsqueeze(1)
@@ -57,7 +55,8 @@ class SyncConvBatchStats(torch.autograd.Function):
         ctx.group = group
         ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
         ctx.slots = (0, 1, (2, 3, 4))
-        ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd)
+        ctx.ahead = a is not None
+        ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd, a)
         unbiased = m2 / (total - 1).clamp(min=1)
         ctx.mark_non_differentiable(unbiased, total)
         return y, mean, invstd, unbiased, total
