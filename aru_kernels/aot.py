@@ -127,13 +127,17 @@ def launch_key(launch: Launch, arch: int) -> tuple:
 
 
 def launch_bytes(launch: Launch) -> int:
-    """Ideal DRAM bytes of a launch: each distinct tensor argument read or written once.
-    (Arguments a launch does not use point at one it does, so they count once.)"""
-    seen = {}
-    for v in launch.args.values():
+    """Ideal DRAM bytes of a launch: each distinct tensor argument read or written once,
+    or the share of it that the launcher says the launch touches (``meta["byte_share"]``,
+    by argument name: one output phase of a strided input gradient writes a quarter of
+    dx). Arguments a launch does not use point at one it does, so they count once."""
+    share = launch.meta.get("byte_share", {})
+    size, fraction = {}, {}
+    for name, v in launch.args.items():
         if isinstance(v, torch.Tensor):
-            seen[id(v)] = v.numel() * v.element_size()
-    return sum(seen.values())
+            size[id(v)] = v.numel() * v.element_size()
+            fraction[id(v)] = min(fraction.get(id(v), 1.0), share.get(name, 1.0))
+    return int(sum(fraction[k] * n for k, n in size.items()))
 
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")

@@ -57,6 +57,9 @@ the tap map (strided convs included). If the forward had a prologue
 epilogue (``res_ptr`` then holds the forward input x, ``scale_ptr``,
 ``shift_ptr`` and ``mean_ptr`` the prologue's s, b and mu) and writes per-tile
 partial sums of dL/db and of dL/db * (x - mu), from which dL/ds follows.
+A strided input gradient runs as ``STRIDE**2`` launches, one per output
+phase (``PHASED``): each walks only the taps that reach its outputs (a 3x3
+at stride 2: 1, 2, 2 and 4 of 9), none masked.
 
 **Weight gradient** (``conv_wgrad_kernel``): with ``GRAD_STATS`` the loaded
 dL/dy gets batch norm's statistics term ``a + b * (y - mean)`` added (the
@@ -165,6 +168,8 @@ def conv_bn_act_kernel(
     TRANSPOSED: tl.constexpr,  # input-gradient launch: x is dL/d(conv output), w read transposed
     STATS: tl.constexpr,  # write per-tile (mean, M2) of the stored output, for batch norm
     PRO_BWD: tl.constexpr,  # input-gradient of a conv with a prologue (see module docstring)
+    PHASED: tl.constexpr,  # strided input-gradient launch over one output phase (see module docstring)
+    PHASE_H: tl.constexpr, PHASE_W: tl.constexpr,
     DOT_F32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 operands ("ieee" or "tf32")
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -181,10 +186,33 @@ def conv_bn_act_kernel(
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = rm < M
-    q = rm % Q
-    t = rm // Q
-    p = t % P
-    img = t // P
+    # A phased launch's rows are the outputs (p, q) = (i, j) * STRIDE + PHASE, which
+    # only the taps kh = KH0 + STRIDE * jh (jh < NKH) reach, each at dy row i + OFF_H - jh.
+    KH0: tl.constexpr = (PHASE_H + PAD) % STRIDE
+    KW0: tl.constexpr = (PHASE_W + PAD) % STRIDE
+    NKH: tl.constexpr = (KH - KH0 + STRIDE - 1) // STRIDE
+    NKW: tl.constexpr = (KW - KW0 + STRIDE - 1) // STRIDE
+    OFF_H: tl.constexpr = (PHASE_H + PAD - KH0) // STRIDE
+    OFF_W: tl.constexpr = (PHASE_W + PAD - KW0) // STRIDE
+    P_PH: tl.constexpr = (P - PHASE_H + STRIDE - 1) // STRIDE
+    Q_PH: tl.constexpr = (Q - PHASE_W + STRIDE - 1) // STRIDE
+    TAPS: tl.constexpr = PHASED * NKH * NKW + (1 - PHASED) * KH * KW
+    if PHASED:
+        j = rm % Q_PH
+        t = rm // Q_PH
+        i = t % P_PH
+        img = t // P_PH
+        p = i * STRIDE + PHASE_H
+        q = j * STRIDE + PHASE_W
+        out_row = (img * P + p) * Q + q
+    else:
+        q = rm % Q
+        t = rm // Q
+        p = t % P
+        img = t // P
+        i = p
+        j = q
+        out_row = rm
     img_base = img.to(tl.int64) * H * W * C_IN + pack * CIN_P
 
     rn = n0 + tl.arange(0, BLOCK_N)  # output channel within the pack
@@ -223,12 +251,22 @@ def conv_bn_act_kernel(
         b_off, b_ok = _weight_tile_offsets(pack, rk0, rk0 < CIN_P, rn, n_ok, sw_o, sw_i,
                                            CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
         b_in = (rk0 < CIN_P)[:, None] & n_ok[None, :]
-        for it in range(0, KH * KW * C_BLOCKS):
+        for it in range(0, TAPS * C_BLOCKS):
             tap = it // C_BLOCKS
             rk = (it % C_BLOCKS) * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = rk < CIN_P
-            ih, h_ok = _tap_coord(p, tap // KW, H, STRIDE, PAD, DIL, TRANSPOSED)
-            iw, w_ok = _tap_coord(q, tap % KW, W, STRIDE, PAD, DIL, TRANSPOSED)
+            if PHASED:
+                kh = KH0 + STRIDE * (tap // NKW)
+                kw = KW0 + STRIDE * (tap % NKW)
+                ih = i + OFF_H - tap // NKW
+                iw = j + OFF_W - tap % NKW
+                h_ok = (ih >= 0) & (ih < H)
+                w_ok = (iw >= 0) & (iw < W)
+            else:
+                kh = tap // KW
+                kw = tap % KW
+                ih, h_ok = _tap_coord(p, kh, H, STRIDE, PAD, DIL, TRANSPOSED)
+                iw, w_ok = _tap_coord(q, kw, W, STRIDE, PAD, DIL, TRANSPOSED)
             row_ok = m_ok & h_ok & w_ok
             ok = row_ok[:, None] & k_ok[None, :]
             row = img_base + (ih * W + iw) * C_IN
@@ -242,7 +280,7 @@ def conv_bn_act_kernel(
                 b_in = k_ok[:, None] & n_ok[None, :]
             w_tap = w_ptr + b_off
             if KH * KW > 1:  # (a 1x1 weight's tap strides may be 1: adding 0 * 1 would hide its alignment)
-                w_tap += (tap // KW) * sw_h + (tap % KW) * sw_w
+                w_tap += kh * sw_h + kw * sw_w
             b = tl.load(w_tap, mask=b_in, other=0.0)
             b = tl.where(b_ok, b, 0.0)
             if DOT_F32:
@@ -252,7 +290,7 @@ def conv_bn_act_kernel(
 
     # Epilogue on the fp32 accumulator.
     co = pack * COUT_P + rn
-    out_off = rm.to(tl.int64)[:, None] * C_OUT + co[None, :]
+    out_off = out_row.to(tl.int64)[:, None] * C_OUT + co[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     part_off = pid_m * C_OUT + co
     if PRO_BWD:

@@ -97,6 +97,7 @@ def _setup(ctx, inputs, output):
     ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
     ctx.slots = (0, 1, (2, 3, 4))
     ctx.mark_non_differentiable(output[3], output[4], output[5])
+    ctx.set_materialize_grads(False)  # no zero gradients written for the outputs nothing differentiates
     y, mean, invstd = output[:3]
     ctx.ahead = in_scale is not None and normalizes_ahead(weight.shape[2], weight.shape[3], True)
     ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd, output[5])

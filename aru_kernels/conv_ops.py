@@ -40,7 +40,7 @@ def nhwc_empty(shape, like: Tensor) -> Tensor:
 
 def tile_partials(plan: ConvPlan, like: Tensor) -> tuple[Tensor, Tensor]:
     """Two ``[M tiles, C_out]`` fp32 buffers for per-tile statistics or partial sums."""
-    shape = (plan.m_tiles, plan.c_out)
+    shape = (plan.partial_tiles, plan.c_out)
     return (torch.empty(shape, dtype=torch.float32, device=like.device),
             torch.empty(shape, dtype=torch.float32, device=like.device))
 
@@ -74,13 +74,33 @@ def conv_geometry(plan: ConvPlan) -> dict:
                 groups=plan.groups, h=plan.h, w=plan.w)
 
 
-def _launch(plan: ConvPlan, x, weight, out, **tensors) -> None:
+def _phase_share(plan: ConvPlan, phase: ConvPlan) -> dict:
+    """What one output phase of a strided input gradient touches (for the static
+    model): its share of dx and of the forward input; all of dL/dy when a tap reaches it."""
+    if phase is plan:
+        return {}
+    rows = phase.m / max(1, plan.m)
+    return {"out_ptr": rows, "res_ptr": rows, "x_ptr": 1.0 if phase.k_steps else 0.0}
+
+
+def _launch(plan: ConvPlan, x, weight, out, part_a=None, part_b=None, **tensors) -> None:
+    """The plan's launches (one per output phase for a strided input gradient, each
+    writing its own rows of the partial sums)."""
     if out.numel() == 0:
         return
-    launch(_conv.conv_bn_act_kernel, plan.grid, **kernel_arguments(plan, x, weight, out, **tensors),
-           role="dgrad" if plan.transposed else "fwd",
-           meta={"conv": conv_geometry(plan), "loop_trips": [plan.k_steps], "plan": plan},
-           num_warps=plan.num_warps, num_stages=plan.num_stages)
+    first = 0
+    for phase in plan.phases():
+        if phase.m == 0:
+            continue
+        rows = slice(first, first + phase.m_tiles)
+        first += phase.m_tiles
+        launch(_conv.conv_bn_act_kernel, phase.grid,
+               **kernel_arguments(phase, x, weight, out, part_a=None if part_a is None else part_a[rows],
+                                  part_b=None if part_b is None else part_b[rows], **tensors),
+               role="dgrad" if plan.transposed else "fwd",
+               meta={"conv": conv_geometry(plan), "loop_trips": [phase.k_steps], "plan": phase,
+                     "byte_share": _phase_share(plan, phase)},
+               num_warps=phase.num_warps, num_stages=phase.num_stages)
 
 
 def conv_bn_act_into(

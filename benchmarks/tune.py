@@ -62,7 +62,8 @@ def conv_launch_plans(models: list[str], modes: list[str], batch: int, img: int,
             for launch in record_step(model, "fused", mode, batch, img, dtype).launches:
                 plan = launch.meta.get("plan")
                 if plan is not None:
-                    found.setdefault(plan.key(), replace(plan, tiles=None))
+                    plan = replace(plan, tiles=None, phase=None)  # a strided dgrad's phases share its tiles
+                    found.setdefault(plan.key(), plan)
     return sorted(found.values(), key=lambda p: -p.m * p.c_out)
 
 
@@ -130,7 +131,7 @@ def buffers(plan: ConvPlan, x) -> tuple:
     out = torch.full((plan.n, plan.c_out, plan.p, plan.q), float("nan"), dtype=x.dtype, device=x.device)
     parts = (None, None)
     if plan.stats or plan.pro_bwd:
-        parts = tuple(torch.full((plan.m_tiles, plan.c_out), float("nan"), device=x.device) for _ in range(2))
+        parts = tuple(torch.full((plan.partial_tiles, plan.c_out), float("nan"), device=x.device) for _ in range(2))
     return out.contiguous(memory_format=torch.channels_last), parts
 
 
@@ -211,12 +212,14 @@ def _compile_job(job) -> str | None:
     out = torch.empty((p.n, p.c_out, p.p, p.q), dtype=p.dtype, device="meta")
     parts = {}
     if p.stats or p.pro_bwd:
-        part = torch.empty((p.m_tiles, p.c_out), device="meta")
+        part = torch.empty((p.partial_tiles, p.c_out), device="meta")
         parts = dict(part_a=part, part_b=part)
     try:
-        args = conv_ops.kernel_arguments(p, x, weight, out.contiguous(memory_format=torch.channels_last),
-                                         **vec, **parts)
-        aot.compile_launch(Launch(conv_ops._conv.conv_bn_act_kernel, p.grid, args, p.num_warps, p.num_stages), arch)
+        for ph in p.phases():  # a strided input gradient compiles one kernel per output phase
+            args = conv_ops.kernel_arguments(ph, x, weight, out.contiguous(memory_format=torch.channels_last),
+                                             **vec, **parts)
+            aot.compile_launch(Launch(conv_ops._conv.conv_bn_act_kernel, ph.grid, args, ph.num_warps,
+                                      ph.num_stages), arch)
         return None
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -283,6 +283,17 @@ KERNEL_ROW = {"kernel", "pass", "conv", "launches", "grid", "num_warps", "regist
               "floor_us", "loads", "stores", "loops", "static_instr", "loop_sizes", "loop_trips"}
 
 
+def test_static_report_counts_each_launch_loop_trips():
+    """One compiled kernel serves launches of other loop trips: each is counted with its own."""
+    from aru_kernels.aot import KernelReport
+
+    report = KernelReport(registers=32, spill_bytes=0, shared_bytes=0, hgmma=0, hmma=0, loads={}, stores={},
+                          static_instr=100, loops=2, dyn_instr_per_warp=100, loop_sizes=(10, 4))
+    assert report.with_trips([3, 5]).dyn_instr_per_warp == 100 + 2 * 10 + 4 * 4
+    assert report.with_trips([0, 1]).dyn_instr_per_warp == 100  # a loop run at most once counts its body once
+    assert report.with_trips([7]).with_trips([2, 2]).dyn_instr_per_warp == 100 + 10 + 4
+
+
 @pytest.mark.slow
 def test_static_cost_model_of_a_training_step(tmp_path):
     """benchmarks/aot_check.py on CPU: every kernel a training step of resnext29_tiny
@@ -311,10 +322,9 @@ def test_static_cost_model_of_a_training_step(tmp_path):
         # each row counts its own launches' loop trips (one compile serves launches of other trips)
         assert r["dyn_instr_per_warp"] == r["static_instr"] + sum(
             (max(1, t) - 1) * n for n, t in zip(r["loop_sizes"], r["loop_trips"])), r
-    wgrads = [r for r in rows if r["pass"] == "wgrad"]
-    assert len({tuple(r["loop_trips"]) for r in wgrads}) > 1, "the weight gradients' pixel loops should differ"
         assert (r["conv"] is not None) == (r["pass"] in ("fwd", "dgrad", "wgrad")), r
-        if r["conv"] is not None:  # wgmma, or mma.sync for tiles under 64 rows
+        if r["conv"] is not None and any(r["loop_trips"]):  # (an output phase no tap reaches has no K loop)
+            # wgmma, or mma.sync for tiles under 64 rows
             assert r["hgmma"] + r["hmma"] > 0, f"{r['pass']} {r['conv']}: no tensor-core instruction"
     assert all(r["hgmma"] > 0 for r in rows if r["pass"] == "fwd" and r["conv"]["groups"] > 1), \
         "grouped convs should use Hopper's wgmma on sm_90"
