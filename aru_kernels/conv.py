@@ -198,18 +198,20 @@ def conv_bn_act_kernel(
     Q_PH: tl.constexpr = (Q - PHASE_W + STRIDE - 1) // STRIDE
     TAPS: tl.constexpr = PHASED * NKH * NKW + (1 - PHASED) * KH * KW
     if PHASED:
-        j = rm % Q_PH
         t = rm // Q_PH
-        i = t % P_PH
+        j = rm - t * Q_PH
         img = t // P_PH
+        i = t - img * P_PH
         p = i * STRIDE + PHASE_H
         q = j * STRIDE + PHASE_W
         out_row = (img * P + p) * Q + q
     else:
-        q = rm % Q
+        # q = rm - t * Q rather than rm % Q: LLVM would pair the % with the // and
+        # freeze the pair, which triton 3.6's LLVM fails to select for some tiles
         t = rm // Q
-        p = t % P
+        q = rm - t * Q
         img = t // P
+        p = t - img * P
         i = p
         j = q
         out_row = rm
@@ -409,10 +411,10 @@ def conv_wgrad_kernel(
             row = rm.to(tl.int64) * C_IN
             ok = m_ok[:, None] & k_ok[None, :]
         else:
-            q = rm % Q
-            t2 = rm // Q
-            p = t2 % P
+            t2 = rm // Q  # (no %: see conv_bn_act_kernel)
+            q = rm - t2 * Q
             img = t2 // P
+            p = t2 - img * P
             ih = (p * STRIDE)[:, None] + dh[None, :]
             iw = (q * STRIDE)[:, None] + dw[None, :]
             ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
