@@ -330,7 +330,7 @@ def conv_weight_grad(
     """
     cout, cin_g, kh, kw = weight.shape
     conv = plan_conv(x.shape, weight.shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
-                     groups=groups)
+                     groups=groups, has_prologue=in_scale is not None)
     folded = stat_y is not None
     dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if folded else dy.new_empty(0)
     if conv.m == 0 or weight.numel() == 0:
