@@ -154,8 +154,11 @@ def conv_bn_train(
     (``scale`` = weight / std, ``shift`` = bias, zeros without one). Pass
     them as the next conv's ``in_mean``/``in_scale``/``in_shift`` (with
     ``in_relu``) or to :func:`bn_add_relu`; the normalized activation is never
-    written. All of it is differentiable; backward recomputes what it needs
-    from ``x`` and ``y``. With ``sync_stats`` (and a ``torch.distributed``
+    written (except for kernels of 3x3 and up with a prologue, which
+    normalize their input in a pass of their own, once per element rather
+    than once per tap, and keep it for the weight gradient). All of it is
+    differentiable; backward recomputes what else it needs from ``x`` and
+    ``y``. With ``sync_stats`` (and a ``torch.distributed``
     group of more than one process) the statistics are those of all
     processes' images, as ``nn.SyncBatchNorm`` computes them: 2*C numbers per
     process travel forward, 2*C back. Inputs and errors as :func:`conv_bn_act`;

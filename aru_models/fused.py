@@ -12,8 +12,10 @@ fused too.
 Training mode (batch norms in training mode): each convolution runs through
 :func:`aru_kernels.conv_bn_train`, which computes the batch statistics in the
 conv's epilogue and updates the running statistics; the normalization and
-ReLU of conv k are applied in the prologue of conv k+1, so the normalized
-activation is never written, and each block ends in one
+ReLU of conv k are applied in the prologue of conv k+1 (for a 1x1 conv on
+load, so that normalized activation is never written; for the grouped 3x3 in
+a pass of its own, once per element instead of once per tap), and each block
+ends in one
 :func:`aru_kernels.bn_add_relu` pass (the downsample branch's batch norm
 included). Backward runs through the kernels' autograd formulas.
 

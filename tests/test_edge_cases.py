@@ -463,9 +463,10 @@ def test_gradients_over_several_tiles_and_weight_gradient_splits(device, stride)
     grads_match(ours, refs, out, out_ref, "several tiles")
 
 
-# (kh, kw, stride, padding, dilation, groups, cin, cout, h, w): the weight gradient's paths
-# (stride-1 1x1 read without decoding, taps x channels in blocks of k, few input channels)
-# and the statistics term folded into dL/dy in the input- and weight-gradient kernels.
+# (kh, kw, stride, padding, dilation, groups, cin, cout, h, w): the training conv's paths: the
+# weight gradient (stride-1 1x1 read without decoding, taps x channels in one or several k blocks,
+# few input channels) with the statistics term added to dL/dy as it loads it, the prologue on
+# load (1x1) or in a pass ahead (3x3, 7x7), the strided input gradient by output phase.
 TRAIN_GEOMETRY = {
     "pointwise": (1, 1, 1, 0, 1, 1, 32, 48, 16, 16),
     "pointwise_s2": (1, 1, 2, 0, 1, 1, 16, 32, 32, 32),
