@@ -28,10 +28,15 @@ from .plans import normalizes_ahead
 __all__ = ["conv_bn_stats_grads", "conv_with_stats", "normalized_input"]
 
 
+def _ahead(weight: Tensor, in_scale: Optional[Tensor]) -> bool:
+    """Whether the conv's prologue runs in a pass of its own (:func:`aru_kernels.plans.normalizes_ahead`)."""
+    return normalizes_ahead(weight.shape[2], weight.shape[3], in_scale is not None)
+
+
 def normalized_input(x: Tensor, weight: Tensor, in_mean, in_scale, in_shift, in_relu: bool) -> Optional[Tensor]:
-    """The prologue applied once, into a buffer, where the plans say so
-    (:func:`aru_kernels.plans.normalizes_ahead`); None where the conv applies it on load."""
-    if in_scale is None or not normalizes_ahead(weight.shape[2], weight.shape[3], True):
+    """The prologue applied once, into a buffer, where the plans say so; None where
+    the conv applies it on load."""
+    if not _ahead(weight, in_scale):
         return None
     return normalize(x, in_mean, in_scale, in_shift, in_relu)
 
@@ -84,8 +89,7 @@ def _conv_bn_stats_fake(x, weight, in_mean, in_scale, in_shift, running_mean, ru
     c = weight.shape[0]
     y = torch.empty((x.shape[0], c, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     vec = torch.empty(c, dtype=torch.float32, device=x.device)
-    ahead = in_scale is not None and normalizes_ahead(weight.shape[2], weight.shape[3], True)
-    a = torch.empty_like(x, memory_format=torch.channels_last) if ahead else x.new_empty(0)
+    a = torch.empty_like(x, memory_format=torch.channels_last) if _ahead(weight, in_scale) else x.new_empty(0)
     if running_mean is None:
         return y, vec, torch.empty_like(vec), vec.new_empty(0), vec.new_empty(0), a
     return y, vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var), a
@@ -99,7 +103,7 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[3], output[4], output[5])
     ctx.set_materialize_grads(False)  # no zero gradients written for the outputs nothing differentiates
     y, mean, invstd = output[:3]
-    ctx.ahead = in_scale is not None and normalizes_ahead(weight.shape[2], weight.shape[3], True)
+    ctx.ahead = _ahead(weight, in_scale)
     ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd, output[5])
 
 

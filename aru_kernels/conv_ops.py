@@ -359,8 +359,9 @@ def conv_weight_grad(
 
 
 def _stat_sum(dy: Tensor, y: Tensor, mean: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``dy + a + b*(y - mean)`` per channel with PyTorch ops, in fp32 (the
-    launches without a weight gradient; the kernel adds it on load otherwise)."""
+    """``dy + a + b*(y - mean)`` per channel with PyTorch ops, in fp32: for the
+    weight gradients with nothing to launch (no input channels); the kernel adds
+    it on load otherwise."""
     def v(t):
         return t.float().view(1, -1, 1, 1)
     return dy.float() + v(a) + v(b) * (y.float() - v(mean))

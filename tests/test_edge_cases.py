@@ -169,6 +169,19 @@ def test_zero_input_channels(device):
     assert x.grad.shape == (2, 0, 4, 4) and weight.grad.shape == (3, 0, 3, 3)
 
 
+def test_weight_gradient_without_input_channels_still_folds_the_statistics_term(device):
+    """With no input channels the weight-gradient kernel has nothing to launch, yet
+    dL/dy' = dL/dy + a + b*(y - mean) is still what it returns for the input gradient."""
+    x = cl(torch.randn(2, 0, 4, 4, device=device))
+    weight = torch.randn(3, 0, 3, 3, device=device)
+    dy, y = cl(torch.randn(2, 3, 4, 4, device=device)), cl(torch.randn(2, 3, 4, 4, device=device))
+    mean, a, b = (torch.randn(3, device=device) for _ in range(3))
+    dw, folded = torch.ops.aru.conv_weight_grad(x, dy, weight, None, None, None, 1, 1, 1, 1, False, y, mean, a, b)
+    assert dw.shape == (3, 0, 3, 3)
+    v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    assert_close(folded, dy.double() + v(a) + v(b) * (y.double() - v(mean)), torch.float32, what="dL/dy'")
+
+
 # -- non-finite values ----------------------------------------------------------------------------
 
 
