@@ -10,20 +10,23 @@ Floors, each importing only the ones below it:
   the static cost model ``aot`` can record instead of run);
 * operators: ``conv_ops`` and ``bn_ops`` (launchers, ``torch.library``
   custom ops and their autograd), ``conv_bn_ops`` (the training conv and its
-  batch statistics as one autograd node), ``sync_bn`` (statistics across
+  batch statistics as one autograd node), ``block_ops`` (a training-mode
+  residual block as one autograd node), ``sync_bn`` (statistics across
   processes), with ``checks`` for their inputs;
 * the public functions: ``functional``, re-exported here;
 * ``reference``: the pure-PyTorch oracle the tests compare against.
 """
 
 from . import reference
-from .functional import bn_add_relu, conv_bn_act, conv_bn_train
+from .functional import ConvBN, bn_add_relu, conv_bn_act, conv_bn_train, residual_block_train
 from .runtime import default_impl, fused_available, interpreting
 
 __all__ = [
     "conv_bn_act",
     "conv_bn_train",
     "bn_add_relu",
+    "residual_block_train",
+    "ConvBN",
     "reference",
     "default_impl",
     "fused_available",

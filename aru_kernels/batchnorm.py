@@ -11,7 +11,8 @@
   branch's batch norm) or the identity itself (the ReLU optional, for a
   convolution's input normalized ahead of it), and its gradient with the
   per-channel sums that the scale, shift and mean gradients need, written per
-  tile (no atomics).
+  tile (no atomics); or (``SCATTER`` off) the gradient behind the ReLU alone,
+  once, for a residual block's backward that scales it where it reads it.
 
 Batch norm is applied as ``scale*(v - mean) + shift``, centred first as
 ``nn.BatchNorm2d`` does: a value equal to the mean lands exactly on
@@ -175,8 +176,8 @@ def bn_add_relu_backward_kernel(
     mean_ptr, scale_ptr,  # [C] fp32
     id_ptr,  # [M, C] identity (HAS_IDENTITY)
     id_mean_ptr, id_scale_ptr,  # [C] fp32 (ID_AFFINE)
-    dy_ptr,  # [M, C] out: dL/dy
-    did_ptr,  # [M, C] out: dL/didentity (HAS_IDENTITY)
+    dy_ptr,  # [M, C] out: dL/dy (SCATTER), else dz itself, the gradient behind the ReLU
+    did_ptr,  # [M, C] out: dL/didentity (HAS_IDENTITY and SCATTER)
     part_ptr,  # [3, T, C] fp32 out: per-tile sums of dz, dz*(y - mean), dz*(identity - id_mean)
     M,
     C,
@@ -185,6 +186,7 @@ def bn_add_relu_backward_kernel(
     ID_AFFINE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
+    SCATTER: tl.constexpr = True,  # write dL/dy and dL/didentity; else dz once, for consumers that scale it
 ):
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -196,7 +198,10 @@ def bn_add_relu_backward_kernel(
     # torch.relu's gradient: zero where the output is <= 0 (NaN outputs pass it on).
     dz = tl.where(out <= 0, 0.0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32))
     yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
-    tl.store(dy_ptr + off, (dz * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
+    if SCATTER:
+        tl.store(dy_ptr + off, (dz * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
+    else:
+        tl.store(dy_ptr + off, dz.to(dy_ptr.dtype.element_ty), mask=ok)
     tl.store(part_ptr + pid_m * C + rc, tl.sum(dz, axis=0), mask=c_ok)
     tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(dz * yc, axis=0), mask=c_ok)
     if HAS_IDENTITY:
@@ -205,4 +210,5 @@ def bn_add_relu_backward_kernel(
             ic = _centred(id_ptr, off, ok, id_mean_ptr, rc, c_ok)
             tl.store(part_ptr + (2 * T + pid_m) * C + rc, tl.sum(dz * ic, axis=0), mask=c_ok)
             did = dz * _vec(id_scale_ptr, rc, c_ok)
-        tl.store(did_ptr + off, did.to(did_ptr.dtype.element_ty), mask=ok)
+        if SCATTER:
+            tl.store(did_ptr + off, did.to(did_ptr.dtype.element_ty), mask=ok)

@@ -5,7 +5,9 @@
 * :func:`stats_term`: the gradient through the batch mean and variance, as
   the per-channel ``a + b*(y - mean)`` that the conv backward adds on load.
 * ``aru::bn_add_relu`` and ``aru::bn_add_relu_backward``: the end of a
-  residual block in one pass, and its gradient.
+  residual block in one pass, and its gradient;
+  ``aru::bn_add_relu_grad_sums``: the same gradient left unscaled, written
+  once, for :mod:`aru_kernels.block_ops`.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from . import batchnorm as _bn
 from .launch import launch
 from .plans import elementwise_blocks, finalize_blocks, finalize_chunks
 
-__all__ = ["rows", "finalize_stats", "stats_term", "normalize"]
+__all__ = ["rows", "finalize_stats", "stats_term", "normalize", "bn_add_relu_grad_sums"]
 
 
 def rows(t: Tensor) -> int:
@@ -222,6 +224,43 @@ def _bn_add_relu_backward_fake(dout, out, y, mean, scale, identity, id_mean, id_
     did = (torch.empty_like(identity, memory_format=torch.channels_last) if identity is not None
            else y.new_empty(0))
     return dy, did, torch.empty((3, y.shape[1]), dtype=torch.float32, device=y.device)
+
+
+@torch.library.custom_op("aru::bn_add_relu_grad_sums", mutates_args=())
+def bn_add_relu_grad_sums(
+    dout: Tensor,
+    out: Tensor,
+    y: Tensor,
+    mean: Tensor,
+    identity: Optional[Tensor],
+    id_mean: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """``(dz, sums)`` for ``out = relu(scale*(y - mean) + shift + identity')``:
+    dz = dL/dout behind the ReLU, written once (the consumers scale it as they
+    load it), and the per-channel sums ``[3, C]`` of dz, dz*(y - mean) and,
+    with ``identity`` (the downsample branch's conv output, its batch norm's
+    mean ``id_mean``), dz*(identity - id_mean); the last row is zero without."""
+    m, c = rows(y), y.shape[1]
+    block_m, block_c = elementwise_blocks(c)
+    tiles = -(-m // block_m)
+    dz = torch.empty_like(y, memory_format=torch.channels_last)
+    part = torch.zeros((3, tiles, c), dtype=torch.float32, device=y.device)
+    affine = identity is not None
+    if dz.numel():
+        launch(
+            _bn.bn_add_relu_backward_kernel, (tiles, -(-c // block_c)),
+            dout, out, y, mean, mean, y if identity is None else identity, mean if id_mean is None else id_mean,
+            mean, dz, dz, part, m, c, tiles,
+            HAS_IDENTITY=affine, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c, SCATTER=False,
+            role="bn_add_relu_bwd",
+        )
+    return dz, part.sum(1)  # fixed-order reduction over tiles
+
+
+@bn_add_relu_grad_sums.register_fake
+def _bn_add_relu_grad_sums_fake(dout, out, y, mean, identity, id_mean):
+    return (torch.empty_like(y, memory_format=torch.channels_last),
+            torch.empty((3, y.shape[1]), dtype=torch.float32, device=y.device))
 
 
 def _bn_add_relu_backward(ctx, dout):

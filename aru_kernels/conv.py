@@ -63,7 +63,9 @@ at stride 2: 1, 2, 2 and 4 of 9), none masked.
 
 **Weight gradient** (``conv_wgrad_kernel``): with ``GRAD_STATS`` the loaded
 dL/dy gets batch norm's statistics term ``a + b * (y - mean)`` added (the
-gradient through the batch mean and variance), and the programs of the first
+gradient through the batch mean and variance; with ``STAT_SCALE`` the loaded
+gradient is the one behind the batch norm, ``dL/dz``, and is first scaled by
+the per-channel ``c``: ``c * dL/dz + a + b * (y - mean)``), and the programs of the first
 k block write the sum once, for the input-gradient launch that follows:
 the statistics' gradient is never a tensor of its own, and no separate pass
 adds it.
@@ -350,6 +352,7 @@ def conv_wgrad_kernel(
     in_shift_ptr,  # [C_IN] fp32 forward prologue shift (HAS_PROLOGUE)
     y_ptr,  # [N, P, Q, C_OUT] forward output (GRAD_STATS)
     st_mean_ptr, st_a_ptr, st_b_ptr,  # [C_OUT] fp32 batch mean and the statistics term's a, b (GRAD_STATS)
+    st_c_ptr,  # [C_OUT] fp32 factor on the loaded dL/dy (STAT_SCALE)
     dy_out_ptr,  # [N, P, Q, C_OUT] out: dL/dy with the statistics term, as the dot read it (GRAD_STATS)
     M,  # N * P * Q
     M_PER_SPLIT,  # output pixels per split, a multiple of BLOCK_M
@@ -362,6 +365,7 @@ def conv_wgrad_kernel(
     CIN_P: tl.constexpr, COUT_P: tl.constexpr,
     HAS_PROLOGUE: tl.constexpr, PRO_MEAN: tl.constexpr, PRO_RELU: tl.constexpr,
     GRAD_STATS: tl.constexpr,  # dL/dy + st_a + st_b * (y - st_mean) (module docstring)
+    STAT_SCALE: tl.constexpr,  # st_c * dL/dy + ... (the loaded gradient is batch norm's input-side one)
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -427,8 +431,11 @@ def conv_wgrad_kernel(
         g_ok = m_ok[:, None] & n_ok[None, :]
         g = tl.load(dy_ptr + g_off, mask=g_ok, other=0.0)
         if GRAD_STATS:
-            g = (g.to(tl.float32) + _prologue(tl.load(y_ptr + g_off, mask=g_ok, other=0.0), g_ok, cn, n_ok,
-                                              st_mean_ptr, st_b_ptr, st_a_ptr, True, False)).to(dy_ptr.dtype.element_ty)
+            g = g.to(tl.float32)
+            if STAT_SCALE:
+                g = g * tl.load(st_c_ptr + cn, mask=n_ok, other=0.0)[None, :]
+            g = (g + _prologue(tl.load(y_ptr + g_off, mask=g_ok, other=0.0), g_ok, cn, n_ok,
+                               st_mean_ptr, st_b_ptr, st_a_ptr, True, False)).to(dy_ptr.dtype.element_ty)
             if k_b == 0:  # one k block's programs cover every (pixel, channel) once
                 tl.store(dy_out_ptr + g_off, g, mask=g_ok)
         if DOT_F32:

@@ -248,11 +248,18 @@ def _transposed_shape(weight: Tensor, groups: int) -> tuple[int, int, int, int]:
     return (cin_g * groups, c_out // groups, kh, kw)
 
 
-def _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, pro_mean, in_relu):
+def _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, pro_mean, in_relu, residual=None):
     n, c_in, h, w = x.shape
+    if residual is not None:
+        if pro:
+            raise ValueError("conv_input_grad: a residual gradient is added only without a prologue")
+        if (tuple(residual.shape) != (n, c_in, h, w) or residual.dtype != dy.dtype
+                or not residual.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError(f"conv_input_grad: residual must be a channels_last {dy.dtype} tensor of shape "
+                             f"{(n, c_in, h, w)}; got {tuple(residual.shape)}, {residual.dtype}")
     plan = plan_conv(dy.shape, _transposed_shape(weight, groups), dy.dtype, stride=stride, padding=padding,
                      dilation=dilation, groups=groups, transposed_out_hw=(h, w), pro_bwd=pro, pro_mean=pro_mean,
-                     pro_relu=in_relu, device=dy.device)
+                     pro_relu=in_relu, has_residual=residual is not None, device=dy.device)
     dx = nhwc_empty((n, c_in, h, w), dy)
     if pro:
         return plan, dx, tile_partials(plan, dy)
@@ -273,8 +280,13 @@ def conv_input_grad(
     dilation: int,
     groups: int,
     in_relu: bool,
+    residual: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dL/dx of ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)`` from ``dy`` = dL/dy.
+
+    ``residual`` (only without a prologue): another gradient of ``x``, added
+    in the epilogue, so that the sum of a residual block's two branches is
+    one write.
 
     Returns ``dx`` (channels_last, ``dy``'s dtype) and, when the forward had
     a prologue, per-tile partial sums ``[M tiles, C_in]`` of dL/d(in_shift)
@@ -283,17 +295,17 @@ def conv_input_grad(
     """
     pro = in_scale is not None
     plan, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro,
-                                          in_mean is not None, in_relu)
-    _launch(plan, dy, weight, dx, mean=in_mean, scale=in_scale, shift=in_shift, residual=x if pro else None,
+                                          in_mean is not None, in_relu, residual)
+    _launch(plan, dy, weight, dx, mean=in_mean, scale=in_scale, shift=in_shift, residual=x if pro else residual,
             part_a=parts[0] if pro else None, part_b=parts[1] if pro else None)
     return dx, parts[0], parts[1]
 
 
 @conv_input_grad.register_fake
 def _conv_input_grad_fake(dy, weight, x, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
-                          in_relu):
+                          in_relu, residual=None):
     _, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, in_scale is not None,
-                                       in_mean is not None, in_relu)
+                                       in_mean is not None, in_relu, residual)
     return dx, parts[0], parts[1]
 
 
@@ -314,6 +326,7 @@ def conv_weight_grad(
     stat_mean: Optional[Tensor] = None,
     stat_a: Optional[Tensor] = None,
     stat_b: Optional[Tensor] = None,
+    stat_c: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(dW, dy')``: dL/dW (fp32, ``weight``'s shape) of
     ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
@@ -321,7 +334,9 @@ def conv_weight_grad(
     With ``stat_y`` (the forward output y) and the fp32 ``[C_out]`` vectors
     ``stat_mean``, ``stat_a``, ``stat_b``, dL/dy is taken as
     ``dy + stat_a + stat_b * (y - stat_mean)`` (batch norm's term through the
-    batch mean and variance, added as dy is loaded) and ``dy'`` is that sum,
+    batch mean and variance, added as dy is loaded), or with ``stat_c`` as
+    ``stat_c * dy + ...`` (``dy`` then the gradient behind the batch norm,
+    ``stat_c`` its scale), and ``dy'`` is that sum,
     in ``dy``'s dtype, for :func:`conv_input_grad`; otherwise ``dy'`` is empty.
 
     Each split of the pixel sum writes its own slab of whole pack blocks; the
@@ -335,7 +350,7 @@ def conv_weight_grad(
     dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if folded else dy.new_empty(0)
     if conv.m == 0 or weight.numel() == 0:
         if folded and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
-            dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b))
+            dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b, stat_c))
         return torch.zeros(weight.shape, dtype=torch.float32, device=x.device), dy_out
     plan = plan_wgrad(conv, x.device)
     gp, packs, taps = conv.gp, conv.packs, kh * kw
@@ -344,11 +359,11 @@ def conv_weight_grad(
         _conv.conv_wgrad_kernel, plan.grid,
         x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
         dy if stat_y is None else stat_y, _f32(stat_mean, part), _f32(stat_a, part), _f32(stat_b, part),
-        dy_out if folded else dy,
+        _f32(stat_c, part), dy_out if folded else dy,
         conv.m, plan.m_per_split, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out,
         KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
         HAS_PROLOGUE=in_scale is not None, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
-        GRAD_STATS=folded, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
+        GRAD_STATS=folded, STAT_SCALE=folded and stat_c is not None, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps,
@@ -358,18 +373,19 @@ def conv_weight_grad(
     return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous(), dy_out
 
 
-def _stat_sum(dy: Tensor, y: Tensor, mean: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``dy + a + b*(y - mean)`` per channel with PyTorch ops, in fp32: for the
+def _stat_sum(dy: Tensor, y: Tensor, mean: Tensor, a: Tensor, b: Tensor, c: Optional[Tensor]) -> Tensor:
+    """``c*dy + a + b*(y - mean)`` per channel (c absent: 1) with PyTorch ops, in fp32: for the
     weight gradients with nothing to launch (no input channels); the kernel adds
     it on load otherwise."""
     def v(t):
         return t.float().view(1, -1, 1, 1)
-    return dy.float() + v(a) + v(b) * (y.float() - v(mean))
+    g = dy.float() if c is None else dy.float() * v(c)
+    return g + v(a) + v(b) * (y.float() - v(mean))
 
 
 @conv_weight_grad.register_fake
 def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
-                           in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None):
+                           in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None, stat_c=None):
     dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if stat_y is not None else dy.new_empty(0)
     return torch.empty(weight.shape, dtype=torch.float32, device=weight.device), dy_out
 

@@ -6,6 +6,8 @@
   normalization is left to the consumer (the next conv's prologue, or
   :func:`bn_add_relu`).
 * :func:`bn_add_relu`: the end of a residual block in one pass.
+* :func:`residual_block_train`: a whole training-mode residual block, one
+  autograd node (:mod:`aru_kernels.block_ops`).
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ import torch
 from torch import Tensor
 
 from . import bn_ops, conv_bn_ops, conv_ops  # noqa: F401  (registers the aru:: operators)
+from .block_ops import ConvBN, ResidualBlockTrain
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
+from .plans import out_size
 from .sync_bn import SyncConvBatchStats, synchronized
 
-__all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu"]
+__all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "residual_block_train", "ConvBN"]
 
 
 def _autocast_on(x: Tensor) -> bool:
@@ -168,19 +172,14 @@ def conv_bn_train(
     """
     stride, padding, dilation = _conv_args("conv_bn_train", x, weight, stride, padding, dilation)
     (x,) = _autocast(x)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("conv_bn_train: running_mean and running_var come together")
-    if running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise ValueError("conv_bn_train: momentum=None (cumulative moving average) needs num_batches_tracked "
-                         "to count the batches; got None")
+    _check_running("conv_bn_train", running_mean, running_var, num_batches_tracked, momentum)
     sync = sync_stats and synchronized(process_group)
     n, c_out = x.shape[0], weight.shape[0]
     p, q = check_conv_inputs(x, weight, vectors_in=(("in_mean", in_mean), ("in_scale", in_scale),
                                                      ("in_shift", in_shift)),
                              stride=stride, padding=padding, dilation=dilation, groups=groups)
     if n * p * q == 1 and not sync:
-        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
-                         f"{(n, c_out, p, q)}")
+        _one_value_per_channel((n, c_out, p, q))
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
     if sync:
@@ -204,6 +203,64 @@ def conv_bn_train(
     scale = invstd if bn_weight is None else bn_weight.float() * invstd
     shift = torch.zeros_like(mean) if bn_bias is None else bn_bias.float()
     return y, mean, scale, shift
+
+
+def _check_running(op: str, running_mean, running_var, num_batches_tracked, momentum) -> None:
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var come together")
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{op}: momentum=None (cumulative moving average) needs num_batches_tracked "
+                         "to count the batches; got None")
+
+
+def _one_value_per_channel(size) -> None:
+    raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(size)}")
+
+
+def residual_block_train(x: Tensor, chain, downsample: Optional[ConvBN] = None) -> Tensor:
+    """A training-mode residual block as one autograd node::
+
+        h = x;  h = relu(bn_k(conv_k(h))) for each ConvBN k of ``chain`` but the last
+        out = relu(bn_n(conv_n(h)) + identity),  identity = x, or bn_d(conv_d(x)) with ``downsample``
+
+    each batch norm with the statistics of the batch, updating its running
+    statistics as ``nn.BatchNorm2d`` does (as :func:`conv_bn_train`).
+    ``chain`` and ``downsample`` are :class:`ConvBN` tuples. The result and
+    its gradients are those of :func:`conv_bn_train` x n + :func:`bn_add_relu`;
+    backward writes fewer activation-sized tensors (no separate addition of
+    the residual gradient; see :mod:`aru_kernels.block_ops`). Inputs and
+    errors as :func:`conv_bn_train`; returns a channels_last tensor.
+    """
+    chain = [ConvBN(*c) for c in chain]
+    if not chain:
+        raise ValueError("residual_block_train: chain needs at least one ConvBN")
+    convs = chain + ([ConvBN(*downsample)] if downsample is not None else [])
+    configs = []
+    for c in convs:
+        geometry = _conv_args("residual_block_train", x, c.weight, c.stride, c.padding, c.dilation)
+        _check_running("residual_block_train", c.running_mean, c.running_var, c.num_batches_tracked, c.momentum)
+        configs.append((*geometry, int(c.groups), None if c.momentum is None else float(c.momentum), float(c.eps)))
+    (x,) = _autocast(x)
+    check_activation(x, "x", "residual_block_train")
+    n, _, h, w = x.shape
+    for i, (c, cfg) in enumerate(zip(convs, configs)):
+        if i == len(chain):
+            h, w = x.shape[2:]
+        kh, kw = c.weight.shape[2:]
+        h, w = out_size(h, kh, *cfg[:3]), out_size(w, kw, *cfg[:3])
+        if n * h * w == 1:
+            _one_value_per_channel((n, c.weight.shape[0], h, w))
+    for c in convs:
+        if c.running_mean is not None and c.num_batches_tracked is not None:
+            c.num_batches_tracked.add_(1)
+    out, *running = ResidualBlockTrain.apply(tuple(configs), downsample is not None, x,
+                                             *(t for c in convs for t in c.tensors()))
+    with torch.no_grad():
+        for c, new_mean, new_var in zip(convs, running[0::2], running[1::2]):
+            if c.running_mean is not None:
+                c.running_mean.copy_(new_mean)
+                c.running_var.copy_(new_var)
+    return out
 
 
 def bn_add_relu(

@@ -9,15 +9,18 @@ running statistics, weight and bias (read at each call: nothing is cached),
 the ReLU fused, and in the last convolution of each block the residual add
 fused too.
 
-Training mode (batch norms in training mode): each convolution runs through
-:func:`aru_kernels.conv_bn_train`, which computes the batch statistics in the
+Training mode (batch norms in training mode): each residual block is one
+autograd node (:func:`aru_kernels.residual_block_train`; with
+``nn.SyncBatchNorm`` across processes, one conv at a time through
+:func:`aru_kernels.conv_bn_train`); each convolution computes the batch statistics in the
 conv's epilogue and updates the running statistics; the normalization and
 ReLU of conv k are applied in the prologue of conv k+1 (for a 1x1 conv on
 load, so that normalized activation is never written; for the grouped 3x3 in
 a pass of its own, once per element instead of once per tap), and each block
 ends in one
 :func:`aru_kernels.bn_add_relu` pass (the downsample branch's batch norm
-included). Backward runs through the kernels' autograd formulas.
+included). Backward runs through the kernels' autograd formulas; the
+block's adds the residual gradient in its first conv's input-gradient kernel.
 
 Activations stay channels_last (NHWC) between kernels. The stem max-pool,
 the global average pool and the classifier stay PyTorch.
@@ -28,7 +31,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from aru_kernels import bn_add_relu, conv_bn_act, conv_bn_train
+from aru_kernels import ConvBN, bn_add_relu, conv_bn_act, conv_bn_train, residual_block_train
+from aru_kernels.sync_bn import synchronized
 
 __all__ = ["resnet_forward", "block_forward", "conv_bn", "conv_bn_batch_stats"]
 
@@ -74,6 +78,23 @@ def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None
     )
 
 
+def _conv_bn_tuple(conv: nn.Conv2d, bn: nn.Module) -> ConvBN:
+    """The block-level operator's view of a (conv, training-mode batch norm) pair."""
+    _check_bn(bn)
+    _check_conv(conv)
+    if conv.bias is not None:
+        raise NotImplementedError("impl='fused' in training mode takes convolutions without bias")
+    track = bn.training and bn.track_running_stats
+    return ConvBN(conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
+                  bn.running_var if track else None, bn.num_batches_tracked if track else None,
+                  conv.stride, conv.padding, conv.dilation, conv.groups, bn.momentum, bn.eps)
+
+
+def _synced(bn: nn.Module) -> bool:
+    """A SyncBatchNorm whose statistics span several processes."""
+    return bn.training and hasattr(bn, "process_group") and synchronized(bn.process_group)
+
+
 def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, *, residual: Tensor | None = None,
             relu: bool = False) -> Tensor:
     """``relu?(bn(conv(x)) + residual)`` as one kernel launch, ``bn`` in eval mode
@@ -101,6 +122,10 @@ def _block_train(block: nn.Module, x: Tensor) -> Tensor:
     convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if hasattr(block, "conv3"):
         convs.append((block.conv3, block.bn3))
+    if not any(_synced(m) for m in block.modules()):  # the whole block as one autograd node
+        ds = block.downsample
+        return residual_block_train(x, [_conv_bn_tuple(c, b) for c, b in convs],
+                                    None if ds is None else _conv_bn_tuple(ds[0], ds[1]))
     y, prologue = x, None
     for conv, bn in convs:
         y, *prologue = conv_bn_batch_stats(conv, bn, y, prologue)

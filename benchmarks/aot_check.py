@@ -193,7 +193,7 @@ def static_report(model: str, mode: str, arch: int, batch: int, img: int, dtype_
     report = {
         "arch": arch, "triton": triton.__version__, "model": model, "mode": mode, "batch_size": batch,
         "img_size": img, "dtype": dtype_name, "gpu_profile": gpu.to_json(), "kernels": rows,
-        "total_floor_ms": round(total_us / 1e3, 4),
+        "total_floor_ms": round(total_us / 1e3, 6),
         "floor_img_per_s": round(batch / (total_us * 1e-6), 1) if total_us else None,
         "traffic": {
             "eager_GB": round(sum(eager.bytes_by_op.values()) * gb, 4),

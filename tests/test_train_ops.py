@@ -127,6 +127,97 @@ def test_bottleneck_train_gradients_and_running_stats(device, downsample):
         assert ours_states[i]["num_batches_tracked"].item() == 1
 
 
+# (chain: (c_out, k, stride, groups) per conv; downsample stride or None; affine; running statistics; momentum)
+BLOCKS = {
+    "bottleneck": ([(16, 1, 1, 1), (16, 3, 1, 4), (24, 1, 1, 1)], None, True, True, 0.1),
+    "bottleneck_down": ([(16, 1, 1, 1), (16, 3, 2, 4), (24, 1, 1, 1)], 2, True, True, 0.1),
+    "basic_down": ([(24, 3, 2, 1), (24, 3, 1, 1)], 2, True, True, None),
+    "plain_bn": ([(16, 1, 1, 1), (24, 3, 1, 8)], None, False, False, 0.1),
+    "frozen": ([(16, 1, 1, 1), (16, 3, 1, 4), (24, 1, 1, 1)], 1, True, True, 0.1),
+}
+
+
+@pytest.mark.parametrize("kind", list(BLOCKS))
+def test_residual_block_train_matches_float64(device, kind):
+    """One autograd node per block: output, every gradient (the residual gradient added
+    in the first conv's input-gradient epilogue, dL/dz scaled as the last convs load it)
+    and the running statistics, against float64 autograd."""
+    spec, down, affine, running, momentum = BLOCKS[kind]
+    n, cin, h, w = 2, 24 if down is None else 20, 7, 9
+    x = _leaf(channels_last(torch.randn(n, cin, h, w, device=device) * 1.5 + 0.5))
+    convs, c_in = [], cin
+    for c_out, k, stride, groups in [*spec, *([(spec[-1][0], 1, down, 1)] if down else [])]:
+        if len(convs) == len(spec):
+            c_in = cin  # the downsample conv reads the block input
+        w_ = _leaf(torch.randn(c_out, c_in // groups, k, k, device=device) / (c_in // groups * k * k) ** 0.5)
+        g_, b_ = ((_leaf(torch.rand(c_out, device=device) + 0.5), _leaf(torch.randn(c_out, device=device)))
+                  if affine else (None, None))
+        state = _bn_state(c_out, device, momentum_none=momentum is None) if running else {}
+        convs.append(dict(weight=w_, bn_weight=g_, bn_bias=b_, state=state, stride=stride, padding=k // 2,
+                          groups=groups))
+        c_in = c_out
+    if kind == "frozen":  # neither the input nor the first weight needs a gradient
+        x = x.detach()
+        convs[0]["weight"] = convs[0]["weight"].detach()
+
+    def tup(c):
+        st = {k: v.clone() for k, v in c["state"].items()}
+        c["ours"] = st
+        return aru_kernels.ConvBN(c["weight"], c["bn_weight"], c["bn_bias"], st.get("running_mean"),
+                                  st.get("running_var"), st.get("num_batches_tracked"), c["stride"], c["padding"],
+                                  1, c["groups"], momentum, 1e-5)
+
+    out = aru_kernels.residual_block_train(x, [tup(c) for c in convs[:len(spec)]],
+                                           tup(convs[-1]) if down else None)
+
+    def exact(c, inp, relu):
+        c["exact"] = {k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in c["state"].items()}
+        return ref.conv_bn(inp, c["weight_d"], c["g_d"], c["b_d"], c["exact"].get("running_mean"),
+                           c["exact"].get("running_var"), c["exact"].get("num_batches_tracked"), training=True,
+                           momentum=momentum, stride=c["stride"], padding=c["padding"], groups=c["groups"], relu=relu)
+
+    xd = _d(x) if x.requires_grad else x.detach().double()
+    for c in convs:
+        c["weight_d"], c["g_d"], c["b_d"] = _d(c["weight"]), _d(c["bn_weight"]), _d(c["bn_bias"])
+        if not c["weight"].requires_grad:
+            c["weight_d"] = c["weight_d"].detach()
+    o = xd
+    for i, c in enumerate(convs[:len(spec)]):
+        o = exact(c, o, relu=i < len(spec) - 1)
+    out_ref = torch.relu(o + (exact(convs[-1], xd, False) if down else xd))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, out_ref, torch.float32, what="block output")
+
+    g = torch.randn_like(out_ref)
+    pairs = [(x, xd)] + [(c[a], c[b]) for c in convs for a, b in
+                         (("weight", "weight_d"), ("bn_weight", "g_d"), ("bn_bias", "b_d"))]
+    pairs = [(a, e) for a, e in pairs if a is not None and a.requires_grad]
+    frozen = kind == "frozen"
+    assert len(pairs) == (0 if frozen else 1) + len(convs) * (3 if affine else 1) - frozen
+    grads = torch.autograd.grad(out, [a for a, _ in pairs], g.float())
+    grads_ref = torch.autograd.grad(out_ref, [e for _, e in pairs], g)
+    for i, (a, e) in enumerate(zip(grads, grads_ref)):
+        assert_close(a, e, torch.float32, what=f"gradient of leaf {i} ({tuple(a.shape)})")
+    for i, c in enumerate(convs):
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            if key in c["ours"]:
+                assert_close(c["ours"][key].double(), c["exact"][key].double(), torch.float32,
+                             what=f"bn{i} {key}")
+
+
+def test_residual_block_train_errors(device):
+    x = channels_last(torch.randn(1, 8, 1, 1, device=device))
+    conv = aru_kernels.ConvBN(torch.randn(8, 8, 1, 1, device=device), None, None)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        aru_kernels.residual_block_train(x, [conv, conv])
+    with pytest.raises(ValueError, match="at least one"):
+        aru_kernels.residual_block_train(x, [])
+    with pytest.raises(ValueError, match="running_mean and running_var come together"):
+        aru_kernels.residual_block_train(x, [conv._replace(running_mean=torch.zeros(8, device=device))])
+    with pytest.raises(ValueError, match="channels_last"):
+        aru_kernels.residual_block_train(torch.randn(2, 8, 3, 3, device=device), [conv, conv])
+
+
 @pytest.mark.parametrize("momentum", [0.1, 0.5, None], ids=["m0.1", "m0.5", "cumulative"])
 def test_running_statistics_over_several_steps(device, momentum):
     c = 12
@@ -216,6 +307,11 @@ def test_opcheck_training_ops(device):
                           (y, tm, tm2, state["running_mean"], state["running_var"], state["num_batches_tracked"],
                            plans.plan_conv(x.shape, w.shape, x.dtype, padding=1, groups=4).block_m, 0.1, 1e-5))
     torch.library.opcheck(torch.ops.aru.bn_add_relu.default, (y, m, s, b, x, m, s, b))
+    torch.library.opcheck(torch.ops.aru.bn_add_relu_grad_sums.default, (torch.randn_like(y), x, y, m, x, m))
+    torch.library.opcheck(torch.ops.aru.conv_input_grad.default,
+                          (torch.randn_like(y), w, x, None, None, None, 1, 1, 1, 4, False, torch.randn_like(x)))
+    torch.library.opcheck(torch.ops.aru.conv_weight_grad.default,
+                          (x, torch.randn_like(y), w, m, s, b, 1, 1, 1, 4, True, y, m, s, b, s))
 
 
 def _sync_worker(rank, world, init_file, x, ws, affine, result_file):
