@@ -116,6 +116,11 @@ def _block_n(cout_p: int, pro_bwd: bool = False) -> int:
 
 def _block_m(block_n: int) -> int:
     # Bounds the fp32 accumulator at 16384 elements per program (8 warps: 64 registers a thread).
+    # The narrowest tiles (16-channel packs of the grouped convs) take 256 rows on 4 warps:
+    # the per-tap address and mask work is shared by twice the rows (sm_90 SASS: 25% fewer
+    # instructions per output for the grouped forward and input gradient, 87-128 registers).
+    if block_n <= MIN_DOT:
+        return 256
     return 128 if block_n <= 64 else 64
 
 
@@ -303,7 +308,10 @@ class ConvPlan:
         if self.tiles:
             return self.tiles.num_warps
         # 8 warps from 128x32 tiles up: at 4 the pointer tensors of the tiles
-        # alone push past 255 registers and spill (cubin resource counts).
+        # alone push past 255 registers and spill (cubin resource counts);
+        # 256x16 tiles fit 4 (see _block_m).
+        if self.block_n <= MIN_DOT:
+            return 4
         return 8 if self.block_m * self.block_n >= 4096 else 4
 
     def constexprs(self) -> dict:

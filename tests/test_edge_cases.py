@@ -455,10 +455,10 @@ def device_blocks():
 def test_gradients_over_several_tiles_and_weight_gradient_splits(device, stride):
     """dx (several transposed M tiles, strided or not), dW (several pixel splits) and
     the prologue's vector gradients (per-tile partial sums) against float64."""
-    x, weight, geo = _conv_case(device, 3, 3, stride, 1, 1, 8, 32, 32, 32, 32)
+    x, weight, geo = _conv_case(device, 3, 3, stride, 1, 1, 8, 32, 32, 32, 48)
     plan = plans.plan_conv(x.shape, weight.shape, x.dtype, **geo)
     wplan = plans.plan_wgrad(plan, x.device)
-    dgrad = plans.plan_conv((2, 32, plan.p, plan.q), (32, 4, 3, 3), x.dtype, **geo, transposed_out_hw=(32, 32))
+    dgrad = plans.plan_conv((2, 32, plan.p, plan.q), (32, 4, 3, 3), x.dtype, **geo, transposed_out_hw=(32, 48))
     assert dgrad.m_tiles >= 3, dgrad.m_tiles
     assert plan.m_tiles >= 3 and wplan.splits >= 2, (plan.m_tiles, wplan.splits)
     if stride == 1:
@@ -553,11 +553,11 @@ def test_batch_statistics_over_more_tiles_than_one_finalize_block(device):
     """More statistics tiles than the finalize reads at once, channels with a large mean:
     batch mean, 1/std, running statistics and the gradient through them."""
     x = cl(torch.randn(2, 4, 66, 66, device=device) * 0.5 + 100.0)
-    weight = torch.randn(8, 4, 1, 1, device=device) / 2
+    weight = torch.randn(32, 4, 1, 1, device=device) / 2  # (32 outputs: 128-row tiles)
     plan = plans.plan_conv(x.shape, weight.shape, x.dtype, stats=True)
-    block_t, _ = plans.finalize_blocks(8)
+    block_t, _ = plans.finalize_blocks(32)
     assert plan.m_tiles > block_t, (plan.m_tiles, block_t)
-    state = dict(running_mean=torch.zeros(8, device=device), running_var=torch.ones(8, device=device),
+    state = dict(running_mean=torch.zeros(32, device=device), running_var=torch.ones(32, device=device),
                  num_batches_tracked=torch.tensor(0, device=device))
     state_ref = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state.items()}
     xo, xr = leaf(x), exact(x)
