@@ -114,12 +114,17 @@ def _block_n(cout_p: int, pro_bwd: bool = False) -> int:
     return min(128 if pro_bwd else 256, max(MIN_DOT, _next_pow2(cout_p)))
 
 
-def _block_m(block_n: int) -> int:
+# Programs a launch keeps at least when its narrow tiles grow to 256 rows (4 per SM of an H200).
+LARGE_TILE_PROGRAMS = 4 * 132
+
+
+def _block_m(block_n: int, rows: int = 0, column_programs: int = 1) -> int:
     # Bounds the fp32 accumulator at 16384 elements per program (8 warps: 64 registers a thread).
-    # The narrowest tiles (16-channel packs of the grouped convs) take 256 rows on 4 warps:
-    # the per-tap address and mask work is shared by twice the rows (sm_90 SASS: 25% fewer
-    # instructions per output for the grouped forward and input gradient, 87-128 registers).
-    if block_n <= MIN_DOT:
+    # The narrowest tiles (16-channel packs of the grouped convs) take 256 rows on 4 warps
+    # where the launch still has LARGE_TILE_PROGRAMS programs: the per-tap address and mask
+    # work is shared by twice the rows (sm_90 SASS: 25% fewer instructions per output for the
+    # grouped forward and input gradient, 87-128 registers).
+    if block_n <= MIN_DOT and _cdiv(rows, 256) * column_programs >= LARGE_TILE_PROGRAMS:
         return 256
     return 128 if block_n <= 64 else 64
 
@@ -257,7 +262,9 @@ class ConvPlan:
 
     @property
     def block_m(self) -> int:
-        return self.tiles.block_m if self.tiles else _block_m(self.block_n)
+        if self.tiles:
+            return self.tiles.block_m
+        return _block_m(self.block_n, self.n * self.p * self.q, self.packs * _cdiv(self.cout_p, self.block_n))
 
     @property
     def block_k(self) -> int:

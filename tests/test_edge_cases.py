@@ -495,10 +495,27 @@ def test_training_conv_gradients_over_several_tiles(device, case):
     """conv_bn_train with a batch-norm + ReLU prologue, normalized and backpropagated:
     dL/dy reaches the input- and weight-gradient kernels with the statistics term added
     on load, over several tiles, k blocks and pixel splits; every gradient against float64."""
+    _check_training_conv(device, case)
+
+
+@pytest.mark.usefixtures("device_blocks")
+@pytest.mark.parametrize("name", ["grouped_s1", "grouped_s2"])
+def test_training_conv_gradients_with_256_row_tiles(device, name, monkeypatch):
+    """The 16-channel packs' 256-row tiles (which the rules give launches with programs
+    enough, e.g. every grouped 3x3 of resnext50_32x4d at batch 256), on a small shape."""
+    big = plans.plan_conv((256, 128, 56, 56), (128, 4, 3, 3), torch.bfloat16, padding=1, groups=32)
+    small = plans.plan_conv((2, 128, 16, 16), (128, 4, 3, 3), torch.bfloat16, padding=1, groups=32)
+    assert (big.block_m, big.block_n, big.num_warps, small.block_m) == (256, 16, 4, 128)
+    monkeypatch.setattr(plans, "LARGE_TILE_PROGRAMS", 1)
+    _check_training_conv(device, TRAIN_GEOMETRY[name], block_m=256)
+
+
+def _check_training_conv(device, case, block_m=None):
     x, weight, geo = _conv_case(device, *case)
     plan = plans.plan_conv(x.shape, weight.shape, x.dtype, **geo)
     wplan = plans.plan_wgrad(plan, x.device)
     assert plan.m_tiles >= 2 and wplan.splits >= 2, (plan.m_tiles, wplan.splits)
+    assert block_m in (None, plan.block_m), plan.block_m
     cin, cout = x.shape[1], weight.shape[0]
     ours = {"x": leaf(x), "weight": leaf(weight), "in_mean": leaf(torch.randn(cin, device=device)),
             "in_scale": leaf(torch.rand(cin, device=device) + 0.5),
