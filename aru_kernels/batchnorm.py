@@ -6,7 +6,8 @@
   ``nn.BatchNorm2d``; chunks of tiles are combined in parallel first when
   there are many.
 * ``bn_add_relu_kernel`` / ``bn_add_relu_backward_kernel``: the end of a
-  residual block, ``relu(scale*(y - mean) + shift + identity')`` with
+  residual block, ``relu(e*(scale*(y - mean) + shift) + identity')`` (``e``
+  an optional per-(image, channel) scale: squeeze-excitation) with
   ``identity' = id_scale*(identity - id_mean) + id_shift`` (downsample
   branch's batch norm) or the identity itself (the ReLU optional, for a
   convolution's input normalized ahead of it), and its gradient with the
@@ -149,6 +150,9 @@ def bn_add_relu_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     RELU: tl.constexpr = True,
+    e_ptr=None,  # [N, C] fp32 per-(image, channel) scale of the normalized branch (BRANCH_SCALE)
+    HW=1,  # pixels per image (BRANCH_SCALE)
+    BRANCH_SCALE: tl.constexpr = False,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -156,6 +160,9 @@ def bn_add_relu_kernel(
     ok = (rm < M)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
     z = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok) * _vec(scale_ptr, rc, c_ok) + _vec(shift_ptr, rc, c_ok)
+    if BRANCH_SCALE:  # squeeze-excitation's excitation (and stochastic depth), per image and channel
+        img = rm // HW
+        z = z * tl.load(e_ptr + img.to(tl.int64)[:, None] * C + rc[None, :], mask=ok, other=0.0)
     if HAS_IDENTITY:
         if ID_AFFINE:
             r = (_centred(id_ptr, off, ok, id_mean_ptr, rc, c_ok) * _vec(id_scale_ptr, rc, c_ok)
@@ -212,3 +219,57 @@ def bn_add_relu_backward_kernel(
             did = dz * _vec(id_scale_ptr, rc, c_ok)
         if SCATTER:
             tl.store(did_ptr + off, did.to(did_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def bn_add_relu_scaled_backward_kernel(
+    dout_ptr,  # [M, C] dL/dout
+    out_ptr,  # [M, C] the forward output (its sign is the ReLU mask)
+    y_ptr,  # [M, C]
+    mean_ptr, scale_ptr, shift_ptr,  # [C] fp32
+    e_ptr,  # [N, C] fp32 branch scale
+    id_ptr,  # [M, C] identity (HAS_IDENTITY)
+    id_mean_ptr, id_scale_ptr,  # [C] fp32 (ID_AFFINE)
+    dy_ptr,  # [M, C] out: dL/dy = e * dz * scale
+    did_ptr,  # [M, C] out: dL/didentity (HAS_IDENTITY)
+    part_ptr,  # [5, T, C] fp32 out: per-tile sums of g, g*(y - mean), dz, dz*(identity - id_mean), dz*z
+    HW,  # pixels per image
+    C,
+    T,  # tiles: images x tiles per image
+    HAS_IDENTITY: tl.constexpr,
+    ID_AFFINE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """Gradient of ``relu(e*z + identity')``, ``z = scale*(y - mean) + shift``, ``e`` per
+    (image, channel): row tiles lie within one image, so the per-tile sums of
+    ``dz*z`` add up to dL/de per image (dz the gradient behind the ReLU, g = e*dz)."""
+    pid_m = tl.program_id(0)
+    tiles_per_img = (HW + BLOCK_M - 1) // BLOCK_M
+    img = pid_m // tiles_per_img
+    local = (pid_m - img * tiles_per_img) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rm = img * HW + local
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    ok = (local < HW)[:, None] & c_ok[None, :]
+    off = rm.to(tl.int64)[:, None] * C + rc[None, :]
+    out = tl.load(out_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    # torch.relu's gradient: zero where the output is <= 0 (NaN outputs pass it on).
+    dz = tl.where(out <= 0, 0.0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32))
+    yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
+    scale = _vec(scale_ptr, rc, c_ok)
+    e = tl.load(e_ptr + img.to(tl.int64) * C + rc, mask=c_ok, other=0.0)[None, :]
+    g = dz * e
+    tl.store(dy_ptr + off, (g * scale).to(dy_ptr.dtype.element_ty), mask=ok)
+    z = yc * scale + _vec(shift_ptr, rc, c_ok)  # (dz is 0 on masked rows)
+    tl.store(part_ptr + pid_m * C + rc, tl.sum(g, axis=0), mask=c_ok)
+    tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(g * yc, axis=0), mask=c_ok)
+    tl.store(part_ptr + (2 * T + pid_m) * C + rc, tl.sum(dz, axis=0), mask=c_ok)
+    tl.store(part_ptr + (4 * T + pid_m) * C + rc, tl.sum(dz * z, axis=0), mask=c_ok)
+    if HAS_IDENTITY:
+        did = dz
+        if ID_AFFINE:
+            ic = _centred(id_ptr, off, ok, id_mean_ptr, rc, c_ok)
+            tl.store(part_ptr + (3 * T + pid_m) * C + rc, tl.sum(dz * ic, axis=0), mask=c_ok)
+            did = dz * _vec(id_scale_ptr, rc, c_ok)
+        tl.store(did_ptr + off, did.to(did_ptr.dtype.element_ty), mask=ok)

@@ -96,7 +96,7 @@ class ResidualBlockTrain(torch.autograd.Function):
                 h, prologue = x, (None, None, None)
             weight, bn_weight, bn_bias, rm, rv, nbt = convs[k]
             stride, padding, dilation, groups, momentum, eps = configs[k]
-            y, mean, invstd, new_rm, new_rv, a = torch.ops.aru.conv_bn_stats(
+            y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
                 h, weight, *prologue, rm, rv, nbt, stride, padding, dilation, groups,
                 prologue[0] is not None, momentum, eps)
             scale, shift = _affine(bn_weight, bn_bias, invstd)

@@ -5,7 +5,8 @@
 * :func:`stats_term`: the gradient through the batch mean and variance, as
   the per-channel ``a + b*(y - mean)`` that the conv backward adds on load.
 * ``aru::bn_add_relu`` and ``aru::bn_add_relu_backward``: the end of a
-  residual block in one pass, and its gradient;
+  residual block in one pass, and its gradient (``aru::bn_add_relu_scaled_backward``
+  with a per-(image, channel) branch scale: squeeze-excitation);
   ``aru::bn_add_relu_grad_sums``: the same gradient left unscaled, written
   once, for :mod:`aru_kernels.block_ops`.
 """
@@ -27,6 +28,10 @@ __all__ = ["rows", "finalize_stats", "stats_term", "normalize", "bn_add_relu_gra
 def rows(t: Tensor) -> int:
     """Pixels of an [N, C, H, W] activation: N * H * W."""
     return t.shape[0] * t.shape[2] * t.shape[3]
+
+
+def _nhwc(t: Tensor) -> Tensor:
+    return t.contiguous(memory_format=torch.channels_last)
 
 
 def _grid(m: int, c: int, block_m: int, block_c: int) -> tuple[int, int]:
@@ -160,8 +165,10 @@ def _bn_add_relu_op(
     id_mean: Optional[Tensor],
     id_scale: Optional[Tensor],
     id_shift: Optional[Tensor],
+    branch_scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """``relu(scale*(y - mean) + shift + identity')``, identity' as in :func:`aru_kernels.bn_add_relu`."""
+    """``relu(e*(scale*(y - mean) + shift) + identity')``, identity' as in
+    :func:`aru_kernels.bn_add_relu`, ``e`` = ``branch_scale`` [N, C] (absent: 1)."""
     out = torch.empty_like(y, memory_format=torch.channels_last)
     m, c = rows(y), y.shape[1]
     if out.numel():
@@ -172,20 +179,23 @@ def _bn_add_relu_op(
             y, mean, scale, shift, y if identity is None else identity,
             id_mean if affine else mean, id_scale if affine else scale, id_shift if affine else shift, out, m, c,
             HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
-            role="bn_add_relu",
+            e_ptr=mean if branch_scale is None else branch_scale, HW=y.shape[2] * y.shape[3],
+            BRANCH_SCALE=branch_scale is not None, role="bn_add_relu",
         )
     return out
 
 
 @_bn_add_relu_op.register_fake
-def _bn_add_relu_fake(y, mean, scale, shift, identity, id_mean, id_scale, id_shift):
+def _bn_add_relu_fake(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, branch_scale=None):
     return torch.empty_like(y, memory_format=torch.channels_last)
 
 
 def _bn_add_relu_setup(ctx, inputs, output):
-    y, mean, scale, shift, identity, id_mean, id_scale, id_shift = inputs
+    y, mean, scale, shift, identity, id_mean, id_scale, id_shift, *branch = inputs
     ctx.has_identity = identity is not None
-    ctx.save_for_backward(y, mean, scale, identity, id_mean, id_scale, output)
+    e = branch[0] if branch else None
+    ctx.has_branch = e is not None
+    ctx.save_for_backward(y, mean, scale, identity, id_mean, id_scale, output, shift, e)
 
 
 @torch.library.custom_op("aru::bn_add_relu_backward", mutates_args=())
@@ -263,14 +273,73 @@ def _bn_add_relu_grad_sums_fake(dout, out, y, mean, identity, id_mean):
             torch.empty((3, y.shape[1]), dtype=torch.float32, device=y.device))
 
 
+@torch.library.custom_op("aru::bn_add_relu_scaled_backward", mutates_args=())
+def bn_add_relu_scaled_backward(
+    dout: Tensor,
+    out: Tensor,
+    y: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    branch_scale: Tensor,
+    identity: Optional[Tensor],
+    id_mean: Optional[Tensor],
+    id_scale: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The gradient of ``relu(e*(scale*(y - mean) + shift) + identity')`` in one pass:
+    (dL/dy, dL/didentity (empty without identity), per-channel sums [4, C] of g,
+    g*(y - mean), dz, dz*(identity - id_mean) with g = e*dz, dL/de [N, C])."""
+    n, c, h, w = y.shape
+    hw = h * w
+    block_m, block_c = elementwise_blocks(c)
+    tiles = n * -(-hw // block_m) if hw else 0
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    did = torch.empty_like(identity, memory_format=torch.channels_last) if identity is not None else y.new_empty(0)
+    part = torch.zeros((5, tiles, c), dtype=torch.float32, device=y.device)
+    affine = id_scale is not None
+    if tiles and c:
+        launch(
+            _bn.bn_add_relu_scaled_backward_kernel, (tiles, -(-c // block_c)),
+            dout, out, y, mean, scale, shift, branch_scale, y if identity is None else identity,
+            id_mean if affine else mean, id_scale if affine else scale, dy, dy if identity is None else did,
+            part, hw, c, tiles, HAS_IDENTITY=identity is not None, ID_AFFINE=affine,
+            BLOCK_M=block_m, BLOCK_C=block_c, role="bn_add_relu_bwd",
+        )
+    d_e = part[4].view(n, tiles // max(n, 1), c).sum(1) if tiles else part.new_zeros((n, c))
+    return dy, did, part[:4].sum(1), d_e  # fixed-order reductions over tiles
+
+
+@bn_add_relu_scaled_backward.register_fake
+def _bn_add_relu_scaled_backward_fake(dout, out, y, mean, scale, shift, branch_scale, identity, id_mean, id_scale):
+    c = y.shape[1]
+    did = torch.empty_like(identity, memory_format=torch.channels_last) if identity is not None else y.new_empty(0)
+    return (torch.empty_like(y, memory_format=torch.channels_last), did,
+            torch.empty((4, c), dtype=torch.float32, device=y.device),
+            torch.empty((y.shape[0], c), dtype=torch.float32, device=y.device))
+
+
+def _branch_scaled_backward(ctx, dout):
+    """The gradients with a per-(image, channel) branch scale ``e``."""
+    y, mean, scale, identity, id_mean, id_scale, out, shift, e = ctx.saved_tensors
+    dy, did, sums, d_e = torch.ops.aru.bn_add_relu_scaled_backward(
+        _nhwc(dout.to(out.dtype)), out, y, mean, scale, shift, e, identity, id_mean, id_scale)
+    affine = id_scale is not None
+    d_shift = sums[0]
+    d_id = did if identity is not None else None
+    return (dy, -scale * d_shift, sums[1], d_shift, d_id, -id_scale * sums[2] if affine else None,
+            sums[3] if affine else None, sums[2] if affine else None, d_e)
+
+
 def _bn_add_relu_backward(ctx, dout):
-    y, mean, scale, identity, id_mean, id_scale, out = ctx.saved_tensors
+    if ctx.has_branch:
+        return _branch_scaled_backward(ctx, dout)
+    y, mean, scale, identity, id_mean, id_scale, out, _, _ = ctx.saved_tensors
     dy, did, sums = torch.ops.aru.bn_add_relu_backward(dout.contiguous(memory_format=torch.channels_last), out,
                                                        y, mean, scale, identity, id_mean, id_scale)
     affine = id_scale is not None
     d_shift = sums[0]
     return (dy, -scale * d_shift, sums[1], d_shift, did if ctx.has_identity else None,
-            -id_scale * d_shift if affine else None, sums[2] if affine else None, d_shift if affine else None)
+            -id_scale * d_shift if affine else None, sums[2] if affine else None, d_shift if affine else None, None)
 
 
 _bn_add_relu_op.register_autograd(_bn_add_relu_backward, setup_context=_bn_add_relu_setup)

@@ -48,7 +48,11 @@ its raw vectors, cast to the output dtype. ReLU propagates NaN, as
 ``torch.relu`` does. With ``STATS`` each program also writes, per output
 channel, the mean and the sum of squared deviations of its tile of stored
 outputs: training-mode batch norm's statistics, combined later without
-atomics, so runs are bitwise repeatable.
+atomics, so runs are bitwise repeatable. With ``SQUEEZE`` a row tile holds
+pixels of one image only, and each program writes its tile's per-channel sum
+of the stored outputs: the per-(image, channel) means that a
+squeeze-excitation module needs, with no pass of their own (with ``STATS``
+as well, its per-tile means are those of one image's rows and give them).
 
 **Input gradient** (``TRANSPOSED``): the same loop computes dL/dx of a forward
 convolution from dL/dy, reading the forward weight transposed and inverting
@@ -169,6 +173,7 @@ def conv_bn_act_kernel(
     HAS_RESIDUAL: tl.constexpr, RELU: tl.constexpr,
     TRANSPOSED: tl.constexpr,  # input-gradient launch: x is dL/d(conv output), w read transposed
     STATS: tl.constexpr,  # write per-tile (mean, M2) of the stored output, for batch norm
+    SQUEEZE: tl.constexpr,  # row tiles within one image; write per-tile sums of the stored output
     PRO_BWD: tl.constexpr,  # input-gradient of a conv with a prologue (see module docstring)
     PHASED: tl.constexpr,  # strided input-gradient launch over one output phase (see module docstring)
     PHASE_H: tl.constexpr, PHASE_W: tl.constexpr,
@@ -186,8 +191,15 @@ def conv_bn_act_kernel(
     pack = pid_n // N_BLOCKS
     n0 = (pid_n % N_BLOCKS) * BLOCK_N
 
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = rm < M
+    TILES_PER_IMG: tl.constexpr = (P * Q + BLOCK_M - 1) // BLOCK_M  # (SQUEEZE)
+    if SQUEEZE:  # tile pid_m is a tile of one image's rows, so its sums are that image's
+        sq_img = pid_m // TILES_PER_IMG
+        local = (pid_m - sq_img * TILES_PER_IMG) * BLOCK_M + tl.arange(0, BLOCK_M)
+        rm = sq_img * (P * Q) + local
+        m_ok = local < P * Q
+    else:
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = rm < M
     # A phased launch's rows are the outputs (p, q) = (i, j) * STRIDE + PHASE, which
     # only the taps kh = KH0 + STRIDE * jh (jh < NKH) reach, each at dy row i + OFF_H - jh.
     KH0: tl.constexpr = (PHASE_H + PAD) % STRIDE
@@ -331,10 +343,16 @@ def conv_bn_act_kernel(
             y = _relu(y)
         y = y.to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + out_off, y, mask=ok)
+        if SQUEEZE and not STATS:  # the squeeze of squeeze-excitation: sums of the stored values, per image
+            tl.store(part_a_ptr + part_off, tl.sum(tl.where(ok, y.to(tl.float32), 0.0), axis=0), mask=n_ok)
         if STATS:
             # Per-tile mean and sum of squared deviations of the stored values;
-            # tiles combine exactly (Chan et al.), safe for large means.
-            count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
+            # tiles combine exactly (Chan et al.), safe for large means. (With
+            # SQUEEZE the tiles are per image, and their means give the squeeze.)
+            if SQUEEZE:
+                count = tl.minimum(P * Q - (pid_m % TILES_PER_IMG) * BLOCK_M, BLOCK_M).to(tl.float32)
+            else:
+                count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
             v = tl.where(ok, y.to(tl.float32), 0.0)
             mean = tl.sum(v, axis=0) / count
             d = tl.where(ok, v - mean[None, :], 0.0)
@@ -353,6 +371,7 @@ def conv_wgrad_kernel(
     y_ptr,  # [N, P, Q, C_OUT] forward output (GRAD_STATS)
     st_mean_ptr, st_a_ptr, st_b_ptr,  # [C_OUT] fp32 batch mean and the statistics term's a, b (GRAD_STATS)
     st_c_ptr,  # [C_OUT] fp32 factor on the loaded dL/dy (STAT_SCALE)
+    st_sq_ptr,  # [N, C_OUT] fp32 per-(image, channel) term of dL/dy (SQ_TERM)
     dy_out_ptr,  # [N, P, Q, C_OUT] out: dL/dy with the statistics term, as the dot read it (GRAD_STATS)
     M,  # N * P * Q
     M_PER_SPLIT,  # output pixels per split, a multiple of BLOCK_M
@@ -366,6 +385,7 @@ def conv_wgrad_kernel(
     HAS_PROLOGUE: tl.constexpr, PRO_MEAN: tl.constexpr, PRO_RELU: tl.constexpr,
     GRAD_STATS: tl.constexpr,  # dL/dy + st_a + st_b * (y - st_mean) (module docstring)
     STAT_SCALE: tl.constexpr,  # st_c * dL/dy + ... (the loaded gradient is batch norm's input-side one)
+    SQ_TERM: tl.constexpr,  # ... + st_sq[image, channel] (the gradient through a squeeze: per-image means)
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
@@ -434,8 +454,12 @@ def conv_wgrad_kernel(
             g = g.to(tl.float32)
             if STAT_SCALE:
                 g = g * tl.load(st_c_ptr + cn, mask=n_ok, other=0.0)[None, :]
-            g = (g + _prologue(tl.load(y_ptr + g_off, mask=g_ok, other=0.0), g_ok, cn, n_ok,
-                               st_mean_ptr, st_b_ptr, st_a_ptr, True, False)).to(dy_ptr.dtype.element_ty)
+            g = g + _prologue(tl.load(y_ptr + g_off, mask=g_ok, other=0.0), g_ok, cn, n_ok,
+                              st_mean_ptr, st_b_ptr, st_a_ptr, True, False)
+            if SQ_TERM:
+                g_img = (rm // (P * Q)).to(tl.int64)
+                g += tl.load(st_sq_ptr + g_img[:, None] * C_OUT + cn[None, :], mask=g_ok, other=0.0)
+            g = g.to(dy_ptr.dtype.element_ty)
             if k_b == 0:  # one k block's programs cover every (pixel, channel) once
                 tl.store(dy_out_ptr + g_off, g, mask=g_ok)
         if DOT_F32:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .bn_ops import finalize_stats, normalize, rows, stats_term
 from .checks import check_conv_inputs
-from .conv_ops import conv_bn_act_into, conv_grads, nhwc, stats_plan
+from .conv_ops import conv_bn_act_into, conv_grads, image_statistics, nhwc, stats_plan
 from .plans import normalizes_ahead
 
 __all__ = ["conv_bn_stats_grads", "conv_with_stats", "normalized_input"]
@@ -41,15 +41,22 @@ def normalized_input(x: Tensor, weight: Tensor, in_mean, in_scale, in_shift, in_
     return normalize(x, in_mean, in_scale, in_shift, in_relu)
 
 
-def conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu):
+def conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu,
+                    squeeze: bool = False):
     """``(y, tile_mean, tile_m2, tile_rows, a)``: the training conv with its per-tile
-    statistics; ``a`` is the normalized input it read when normalized ahead, else None."""
+    statistics; ``a`` is the normalized input it read when normalized ahead, else None.
+    With ``squeeze`` the tiles are whole images (``tile_mean`` is then each image's
+    mean, squeeze-excitation's squeeze, and ``tile_rows`` the pixels of an image)."""
     a = normalized_input(x, weight, in_mean, in_scale, in_shift, in_relu)
     src, pro = (x, (in_mean, in_scale, in_shift, in_relu)) if a is None else (a, (None, None, None, False))
     y, tile_mean, tile_m2 = conv_bn_act_into(None, src, weight, in_mean=pro[0], in_scale=pro[1], in_shift=pro[2],
                                              stride=stride, padding=padding, dilation=dilation, groups=groups,
-                                             in_relu=pro[3], stats=True)
-    return y, tile_mean, tile_m2, stats_plan(src, weight, *pro[:2], pro[3], stride, padding, dilation, groups).block_m, a
+                                             in_relu=pro[3], stats=True, squeeze=squeeze)
+    block_m = stats_plan(src, weight, *pro[:2], pro[3], stride, padding, dilation, groups).block_m
+    if squeeze:
+        pq = y.shape[2] * y.shape[3]
+        return (y, *image_statistics(tile_mean, tile_m2, y.shape[0], pq, block_m), pq, a)
+    return y, tile_mean, tile_m2, block_m, a
 
 
 @torch.library.custom_op("aru::conv_bn_stats", mutates_args=())
@@ -69,30 +76,35 @@ def _conv_bn_stats_op(
     in_relu: bool,
     momentum: Optional[float],
     eps: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``(y, mean, invstd, new running mean, new running var, a)`` of
+    squeeze: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(y, mean, invstd, new running mean, new running var, a, squeeze)`` of
     ``y = conv(a, weight)``, ``a = relu?(in_scale*(x - in_mean) + in_shift)``,
     and its batch statistics; the running statistics are empty without
     running statistics (``num_batches_tracked``, when given, already counts
     this batch). ``a`` is the normalized input when the prologue ran ahead of
-    the conv (kept for the weight gradient), empty when it ran on load."""
+    the conv (kept for the weight gradient), empty when it ran on load. With
+    ``squeeze``, ``squeeze`` is the fp32 ``[N, C]`` mean of each image's channel
+    of y (squeeze-excitation's squeeze, from the same epilogue), else empty."""
     y, tile_mean, tile_m2, tile_rows, a = conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride, padding,
-                                                          dilation, groups, in_relu)
-    return (y, *finalize_stats(y.shape[1], rows(y), tile_mean, tile_m2, running_mean, running_var,
-                               num_batches_tracked, tile_rows, momentum, eps), x.new_empty(0) if a is None else a)
+                                                          dilation, groups, in_relu, squeeze)
+    stats = finalize_stats(y.shape[1], rows(y), tile_mean, tile_m2, running_mean, running_var,
+                           num_batches_tracked, tile_rows, momentum, eps)
+    return (y, *stats, x.new_empty(0) if a is None else a, tile_mean if squeeze else x.new_empty(0))
 
 
 @_conv_bn_stats_op.register_fake
 def _conv_bn_stats_fake(x, weight, in_mean, in_scale, in_shift, running_mean, running_var, num_batches_tracked,
-                        stride, padding, dilation, groups, in_relu, momentum, eps):
+                        stride, padding, dilation, groups, in_relu, momentum, eps, squeeze=False):
     p, q = check_conv_inputs(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
     c = weight.shape[0]
     y = torch.empty((x.shape[0], c, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     vec = torch.empty(c, dtype=torch.float32, device=x.device)
     a = torch.empty_like(x, memory_format=torch.channels_last) if _ahead(weight, in_scale) else x.new_empty(0)
+    sq = vec.new_empty((x.shape[0], c)) if squeeze else x.new_empty(0)
     if running_mean is None:
-        return y, vec, torch.empty_like(vec), vec.new_empty(0), vec.new_empty(0), a
-    return y, vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var), a
+        return y, vec, torch.empty_like(vec), vec.new_empty(0), vec.new_empty(0), a, sq
+    return y, vec, torch.empty_like(vec), torch.empty_like(running_mean), torch.empty_like(running_var), a, sq
 
 
 def _setup(ctx, inputs, output):
@@ -107,21 +119,23 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd, output[5])
 
 
-def conv_bn_stats_grads(ctx, dy, dmean, dinvstd, count: int):
+def conv_bn_stats_grads(ctx, dy, dmean, dinvstd, count: int, d_squeeze=None):
     """The conv's input gradients from dL/dy of the data path and dL/d(mean, invstd)
-    taken over ``count`` values per channel; ``ctx`` saved (x, weight, in_mean,
-    in_scale, in_shift, y, mean, invstd, a) and ``ctx.ahead`` says whether
-    ``a`` is the normalized input."""
+    taken over ``count`` values per channel (and dL/d of each image's mean of y,
+    ``d_squeeze`` [N, C]); ``ctx`` saved (x, weight, in_mean, in_scale, in_shift,
+    y, mean, invstd, a) and ``ctx.ahead`` says whether ``a`` is the normalized input."""
     x, weight, in_mean, in_scale, in_shift, y, mean, invstd, a = ctx.saved_tensors
     g = torch.zeros_like(y, memory_format=torch.channels_last) if dy is None else nhwc(dy.to(x.dtype))
     stat = ()
-    if dmean is not None or dinvstd is not None:
+    if dmean is not None or dinvstd is not None or d_squeeze is not None:
         stat = (y, mean, *stats_term(dmean, dinvstd, invstd, count))
+    if d_squeeze is not None:  # each image's mean: its gradient spreads evenly over the image's pixels
+        stat += (None, (d_squeeze.float() / max(1, y.shape[2] * y.shape[3])).contiguous())
     return conv_grads(ctx, g, x, weight, in_mean, in_scale, in_shift, stat, a if ctx.ahead else None)
 
 
-def _backward(ctx, dy, dmean, dinvstd, _d_running_mean, _d_running_var, _d_a):
-    return (*conv_bn_stats_grads(ctx, dy, dmean, dinvstd, rows(ctx.saved_tensors[5])),) + (None,) * 10
+def _backward(ctx, dy, dmean, dinvstd, _d_running_mean, _d_running_var, _d_a, d_squeeze):
+    return (*conv_bn_stats_grads(ctx, dy, dmean, dinvstd, rows(ctx.saved_tensors[5]), d_squeeze),) + (None,) * 11
 
 
 _conv_bn_stats_op.register_autograd(_backward, setup_context=_setup)

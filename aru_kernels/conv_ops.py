@@ -1,6 +1,8 @@
 """The convolution operators: launchers, ``torch.library`` custom ops and their autograd.
 
-* ``aru::conv_bn_act``: the fused forward (prologue, conv, epilogue).
+* ``aru::conv_bn_act``: the fused forward (prologue, conv, epilogue);
+  ``aru::conv_bn_squeeze``: the same with the per-(image, channel) means of
+  its output (squeeze-excitation's squeeze) taken in the epilogue.
 * ``aru::conv_stats``: the training forward, the conv output plus its
   per-tile batch statistics.
 * ``aru::conv_input_grad`` and ``aru::conv_weight_grad``: the backward
@@ -26,7 +28,7 @@ from .launch import launch
 from .plans import ConvPlan, plan_conv, plan_wgrad
 from .runtime import interpreting
 
-__all__ = ["conv_bn_act_into", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
+__all__ = ["conv_bn_act_into", "image_statistics", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
            "conv_weight_grad", "conv_grads", "nhwc", "nhwc_empty", "tile_partials"]
 
 
@@ -124,11 +126,15 @@ def conv_bn_act_into(
     relu: bool = False,
     in_relu: bool = False,
     stats: bool = False,
+    squeeze: bool = False,
 ):
     """Launch the forward kernel, writing into ``out`` (allocated when None).
 
     Returns ``out``, or with ``stats`` the triple ``(out, tile_mean, tile_m2)``:
-    per-tile batch statistics ``[M tiles, C_out]`` for the batch-norm finalize.
+    per-tile batch statistics ``[M tiles, C_out]`` for the batch-norm finalize
+    (with ``squeeze`` too, tiles of one image each: :func:`image_statistics`);
+    with ``squeeze`` alone the pair ``(out, means)``: the fp32 ``[N, C_out]``
+    mean of each image's output channel, from the kernel's per-tile sums.
     No autocast and no autograd: this is the plain launcher under the
     operators. Arguments as in :func:`aru_kernels.conv_bn_act`.
     """
@@ -151,11 +157,17 @@ def conv_bn_act_into(
         x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
         groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
         has_mean=mean is not None, has_var=var is not None, has_scale=scale is not None,
-        has_shift=shift is not None, has_residual=residual is not None, relu=relu, stats=stats, device=x.device,
+        has_shift=shift is not None, has_residual=residual is not None, relu=relu, stats=stats, squeeze=squeeze,
+        device=x.device,
     )
-    parts = tile_partials(plan, x) if stats else (None, None)
+    parts = tile_partials(plan, x) if stats or squeeze else (None, None)
     _launch(plan, x, weight, out, mean=mean, var=var, scale=scale, shift=shift, residual=residual,
             in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, part_a=parts[0], part_b=parts[1], eps=eps)
+    if squeeze and not stats:
+        pq = p * q
+        if pq == 0 or n == 0:
+            return out, torch.zeros((n, c_out), dtype=torch.float32, device=x.device)
+        return out, parts[0].view(n, plan.m_tiles // n, c_out).sum(1) / pq  # fixed-order sum over tiles
     return (out, *parts) if stats else out
 
 
@@ -201,6 +213,42 @@ def _conv_bn_act_fake(x, weight, mean, var, scale, shift, residual, in_mean, in_
                        memory_format=torch.channels_last)
 
 
+@torch.library.custom_op("aru::conv_bn_squeeze", mutates_args=())
+def _conv_bn_squeeze_op(
+    x: Tensor,
+    weight: Tensor,
+    mean: Optional[Tensor],
+    var: Optional[Tensor],
+    scale: Optional[Tensor],
+    shift: Optional[Tensor],
+    residual: Optional[Tensor],
+    in_mean: Optional[Tensor],
+    in_scale: Optional[Tensor],
+    in_shift: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    eps: float,
+    relu: bool,
+    in_relu: bool,
+) -> tuple[Tensor, Tensor]:
+    """``(y, squeeze)``: ``aru::conv_bn_act``'s output and the fp32 ``[N, C_out]`` mean of
+    each image's output channel (squeeze-excitation's squeeze), taken in the epilogue."""
+    return conv_bn_act_into(None, x, weight, mean=mean, var=var, scale=scale, shift=shift, residual=residual,
+                            in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, stride=stride,
+                            padding=padding, dilation=dilation, groups=groups, eps=eps, relu=relu,
+                            in_relu=in_relu, squeeze=True)
+
+
+@_conv_bn_squeeze_op.register_fake
+def _conv_bn_squeeze_fake(x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift, stride,
+                          padding, dilation, groups, eps, relu, in_relu):
+    y = _conv_bn_act_fake(x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift, stride,
+                          padding, dilation, groups, eps, relu, in_relu)
+    return y, torch.empty((y.shape[0], y.shape[1]), dtype=torch.float32, device=x.device)
+
+
 @torch.library.custom_op("aru::conv_stats", mutates_args=())
 def _conv_stats_op(
     x: Tensor,
@@ -218,6 +266,23 @@ def _conv_stats_op(
     return conv_bn_act_into(None, x, weight, in_mean=in_mean, in_scale=in_scale, in_shift=in_shift,
                             stride=stride, padding=padding, dilation=dilation, groups=groups, in_relu=in_relu,
                             stats=True)
+
+
+def image_statistics(tile_mean: Tensor, tile_m2: Tensor, n: int, rows_per_image: int,
+                     block_m: int) -> tuple[Tensor, Tensor]:
+    """Per-image ``(mean, M2)`` ``[N, C]`` from per-tile ones whose tiles hold
+    ``block_m`` rows of one image each (the last of each image fewer): Chan et
+    al.'s merge, in a fixed order."""
+    c = tile_mean.shape[1]
+    if n == 0 or rows_per_image == 0:
+        empty = tile_mean.new_zeros((n, c))
+        return empty, empty.clone()
+    tiles = tile_mean.shape[0] // n
+    counts = (rows_per_image - torch.arange(tiles, device=tile_mean.device) * block_m).clamp(max=block_m)
+    counts = counts.to(torch.float32).view(1, tiles, 1)
+    tm, tm2 = tile_mean.view(n, tiles, c), tile_m2.view(n, tiles, c)
+    mean = (counts * tm).sum(1) / rows_per_image
+    return mean, (tm2 + counts * (tm - mean.unsqueeze(1)).square()).sum(1)
 
 
 def stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups) -> ConvPlan:
@@ -327,6 +392,7 @@ def conv_weight_grad(
     stat_a: Optional[Tensor] = None,
     stat_b: Optional[Tensor] = None,
     stat_c: Optional[Tensor] = None,
+    stat_sq: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor]:
     """``(dW, dy')``: dL/dW (fp32, ``weight``'s shape) of
     ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
@@ -336,7 +402,9 @@ def conv_weight_grad(
     ``dy + stat_a + stat_b * (y - stat_mean)`` (batch norm's term through the
     batch mean and variance, added as dy is loaded), or with ``stat_c`` as
     ``stat_c * dy + ...`` (``dy`` then the gradient behind the batch norm,
-    ``stat_c`` its scale), and ``dy'`` is that sum,
+    ``stat_c`` its scale), plus ``stat_sq[n, c]`` (fp32 ``[N, C_out]``: the
+    gradient through per-image means of y, already divided by the pixel
+    count) when given, and ``dy'`` is that sum,
     in ``dy``'s dtype, for :func:`conv_input_grad`; otherwise ``dy'`` is empty.
 
     Each split of the pixel sum writes its own slab of whole pack blocks; the
@@ -350,7 +418,7 @@ def conv_weight_grad(
     dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if folded else dy.new_empty(0)
     if conv.m == 0 or weight.numel() == 0:
         if folded and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
-            dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b, stat_c))
+            dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b, stat_c, stat_sq))
         return torch.zeros(weight.shape, dtype=torch.float32, device=x.device), dy_out
     plan = plan_wgrad(conv, x.device)
     gp, packs, taps = conv.gp, conv.packs, kh * kw
@@ -359,11 +427,12 @@ def conv_weight_grad(
         _conv.conv_wgrad_kernel, plan.grid,
         x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
         dy if stat_y is None else stat_y, _f32(stat_mean, part), _f32(stat_a, part), _f32(stat_b, part),
-        _f32(stat_c, part), dy_out if folded else dy,
+        _f32(stat_c, part), _f32(stat_sq, part), dy_out if folded else dy,
         conv.m, plan.m_per_split, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out,
         KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
         HAS_PROLOGUE=in_scale is not None, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
-        GRAD_STATS=folded, STAT_SCALE=folded and stat_c is not None, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
+        GRAD_STATS=folded, STAT_SCALE=folded and stat_c is not None,
+        SQ_TERM=folded and stat_sq is not None, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps,
@@ -373,19 +442,22 @@ def conv_weight_grad(
     return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous(), dy_out
 
 
-def _stat_sum(dy: Tensor, y: Tensor, mean: Tensor, a: Tensor, b: Tensor, c: Optional[Tensor]) -> Tensor:
+def _stat_sum(dy: Tensor, y: Tensor, mean: Tensor, a: Tensor, b: Tensor, c: Optional[Tensor],
+              sq: Optional[Tensor] = None) -> Tensor:
     """``c*dy + a + b*(y - mean)`` per channel (c absent: 1) with PyTorch ops, in fp32: for the
     weight gradients with nothing to launch (no input channels); the kernel adds
     it on load otherwise."""
     def v(t):
         return t.float().view(1, -1, 1, 1)
     g = dy.float() if c is None else dy.float() * v(c)
-    return g + v(a) + v(b) * (y.float() - v(mean))
+    g = g + v(a) + v(b) * (y.float() - v(mean))
+    return g if sq is None else g + sq.float().view(*sq.shape, 1, 1)
 
 
 @conv_weight_grad.register_fake
 def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
-                           in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None, stat_c=None):
+                           in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None, stat_c=None,
+                           stat_sq=None):
     dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if stat_y is not None else dy.new_empty(0)
     return torch.empty(weight.shape, dtype=torch.float32, device=weight.device), dy_out
 
@@ -474,6 +546,21 @@ def _conv_bn_act_backward(ctx, dout):
 
 
 _conv_bn_act_op.register_autograd(_conv_bn_act_backward, setup_context=_conv_bn_act_setup)
+
+
+def _conv_bn_squeeze_setup(ctx, inputs, output):
+    _conv_bn_act_setup(ctx, inputs, output[0])
+    ctx.out_shape = output[0].shape
+
+
+def _conv_bn_squeeze_backward(ctx, dout, dsqueeze):
+    # the squeeze is the mean over each image's pixels: its gradient spreads evenly over them
+    n, c, p, q = ctx.out_shape
+    spread = (dsqueeze.float() / max(1, p * q)).view(n, c, 1, 1)
+    return _conv_bn_act_backward(ctx, dout.float() + spread)
+
+
+_conv_bn_squeeze_op.register_autograd(_conv_bn_squeeze_backward, setup_context=_conv_bn_squeeze_setup)
 
 
 def _conv_stats_setup(ctx, inputs, output):

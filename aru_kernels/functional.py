@@ -69,7 +69,8 @@ def conv_bn_act(
     in_scale: Optional[Tensor] = None,
     in_shift: Optional[Tensor] = None,
     in_relu: bool = False,
-) -> Tensor:
+    squeeze: bool = False,
+):
     """Fused convolution::
 
         a = relu?(in_scale * (x - in_mean) + in_shift)                 # prologue, per input channel
@@ -99,10 +100,15 @@ def conv_bn_act(
             padding applies after it). ``in_scale`` and ``in_shift`` come
             together; ``in_mean`` only with them.
 
+        squeeze: also return the fp32 ``[N, C_out]`` mean of each image's
+            output channel (squeeze-excitation's squeeze), taken in the
+            epilogue from the stored values; differentiable.
+
     Returns:
         ``[N, C_out, P, Q]`` in channels_last memory format and ``x``'s dtype;
         accumulation is fp32. Under autocast, ``x`` and ``residual`` are cast
-        to the autocast dtype first, as autocast does for ``F.conv2d``.
+        to the autocast dtype first, as autocast does for ``F.conv2d``. With
+        ``squeeze``, the pair (output, means).
 
     Non-finite inputs: small groups are computed in block-diagonal packs of
     16 channels, so an inf or NaN input of one group turns the other groups
@@ -118,8 +124,9 @@ def conv_bn_act(
     """
     stride, padding, dilation = _conv_args("conv_bn_act", x, weight, stride, padding, dilation)
     x, residual = _autocast(x, residual)
-    return torch.ops.aru.conv_bn_act(x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift,
-                                     stride, padding, dilation, groups, float(eps), relu, in_relu)
+    op = torch.ops.aru.conv_bn_squeeze if squeeze else torch.ops.aru.conv_bn_act
+    return op(x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift,
+              stride, padding, dilation, groups, float(eps), relu, in_relu)
 
 
 def conv_bn_train(
@@ -143,7 +150,8 @@ def conv_bn_train(
     in_relu: bool = False,
     sync_stats: bool = False,
     process_group=None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    squeeze: bool = False,
+) -> tuple[Tensor, ...]:
     """Training-mode convolution + batch norm, the normalization left to the consumer.
 
     Runs ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)`` with
@@ -165,7 +173,10 @@ def conv_bn_train(
     ``y``. With ``sync_stats`` (and a ``torch.distributed``
     group of more than one process) the statistics are those of all
     processes' images, as ``nn.SyncBatchNorm`` computes them: 2*C numbers per
-    process travel forward, 2*C back. Inputs and errors as :func:`conv_bn_act`;
+    process travel forward, 2*C back. With ``squeeze``, a fifth result: the
+    fp32 ``[N, C]`` mean of each image's channel of ``y`` (squeeze-excitation's
+    squeeze), taken in the same epilogue; differentiable (not with
+    synchronized statistics). Inputs and errors as :func:`conv_bn_act`;
     besides, like ``nn.BatchNorm2d``, a batch of one value per channel raises
     ``ValueError``, and so does ``momentum=None`` with running statistics but
     no ``num_batches_tracked`` (the cumulative average needs the count).
@@ -182,6 +193,9 @@ def conv_bn_train(
         _one_value_per_channel((n, c_out, p, q))
     if running_mean is not None and num_batches_tracked is not None:
         num_batches_tracked.add_(1)
+    if sync and squeeze:
+        raise NotImplementedError("conv_bn_train: squeeze with statistics synchronized across processes")
+    sq = None
     if sync:
         y, mean, invstd, unbiased, count = SyncConvBatchStats.apply(
             x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu, float(eps),
@@ -193,16 +207,16 @@ def conv_bn_train(
                 running_mean.lerp_(mean.to(running_mean.dtype), weight_.to(running_mean.dtype))
                 running_var.lerp_(unbiased.to(running_var.dtype), weight_.to(running_var.dtype))
     else:
-        y, mean, invstd, new_running_mean, new_running_var, _ = torch.ops.aru.conv_bn_stats(
+        y, mean, invstd, new_running_mean, new_running_var, _, sq = torch.ops.aru.conv_bn_stats(
             x, weight, in_mean, in_scale, in_shift, running_mean, running_var, num_batches_tracked, stride,
-            padding, dilation, groups, in_relu, None if momentum is None else float(momentum), float(eps))
+            padding, dilation, groups, in_relu, None if momentum is None else float(momentum), float(eps), squeeze)
         if running_mean is not None:
             with torch.no_grad():
                 running_mean.copy_(new_running_mean)
                 running_var.copy_(new_running_var)
     scale = invstd if bn_weight is None else bn_weight.float() * invstd
     shift = torch.zeros_like(mean) if bn_bias is None else bn_bias.float()
-    return y, mean, scale, shift
+    return (y, mean, scale, shift, sq) if squeeze else (y, mean, scale, shift)
 
 
 def _check_running(op: str, running_mean, running_var, num_batches_tracked, momentum) -> None:
@@ -273,8 +287,12 @@ def bn_add_relu(
     *,
     mean: Optional[Tensor] = None,
     id_mean: Optional[Tensor] = None,
+    branch_scale: Optional[Tensor] = None,
 ) -> Tensor:
-    """``relu(scale*(y - mean) + shift + identity')`` in one pass, the end of a residual block.
+    """``relu(e*(scale*(y - mean) + shift) + identity')`` in one pass, the end of a residual block.
+
+    ``e`` = ``branch_scale``, an optional ``[N, C]`` scale per image and channel
+    (squeeze-excitation's excitation), 1 when absent.
 
     ``identity' = id_scale*(identity - id_mean) + id_shift`` when the
     downsample branch's batch norm is applied here too, ``identity`` itself
@@ -303,6 +321,12 @@ def bn_add_relu(
     for name, v in (("mean", mean), ("scale", scale), ("shift", shift), ("identity", identity)):
         if v is not None and v.device != y.device:
             raise ValueError(f"bn_add_relu: {name} is on {v.device} but y is on {y.device}")
+    if branch_scale is not None:
+        if tuple(branch_scale.shape) != (y.shape[0], c) or not branch_scale.is_floating_point():
+            raise ValueError(f"bn_add_relu: branch_scale must be a floating [N, C] = {(y.shape[0], c)} tensor; "
+                             f"got {tuple(branch_scale.shape)}, {branch_scale.dtype}")
+        if branch_scale.device != y.device:
+            raise ValueError(f"bn_add_relu: branch_scale is on {branch_scale.device} but y is on {y.device}")
     check_runnable("bn_add_relu", ("y", y))
 
     def f32(v: Optional[Tensor]) -> Optional[Tensor]:
@@ -313,5 +337,6 @@ def bn_add_relu(
         zeros = torch.zeros(c, dtype=torch.float32, device=y.device)
     return torch.ops.aru.bn_add_relu(
         y, zeros if mean is None else f32(mean), f32(scale), f32(shift), identity,
-        None if id_scale is None else (zeros if id_mean is None else f32(id_mean)), f32(id_scale), f32(id_shift))
+        None if id_scale is None else (zeros if id_mean is None else f32(id_mean)), f32(id_scale), f32(id_shift),
+        None if branch_scale is None else branch_scale.float().contiguous())
 

@@ -209,6 +209,7 @@ class ConvPlan:
     transposed: bool = False  # input-gradient launch (see the kernel's docstring)
     stats: bool = False
     pro_bwd: bool = False
+    squeeze: bool = False  # per-(image, channel) sums of the output; row tiles never straddle images
     phase: tuple[int, int] | None = None  # strided input gradient: the output phase (h, w) mod stride
     large_blocks: bool = False  # the interpreter's rules (see the module docstring)
     tiles: Tiles | None = None  # tuned block sizes and options; None: the rules
@@ -295,6 +296,8 @@ class ConvPlan:
 
     @property
     def m_tiles(self) -> int:
+        if self.squeeze:
+            return self.n * _cdiv(self.p * self.q, self.block_m)
         return _cdiv(self.m, self.block_m)
 
     @property
@@ -332,7 +335,7 @@ class ConvPlan:
             HAS_MEAN=self.has_mean, HAS_VAR=self.has_var,
             HAS_SCALE=self.has_scale, HAS_SHIFT=self.has_shift,
             HAS_RESIDUAL=self.has_residual, RELU=self.relu,
-            TRANSPOSED=self.transposed, STATS=self.stats, PRO_BWD=self.pro_bwd,
+            TRANSPOSED=self.transposed, STATS=self.stats, PRO_BWD=self.pro_bwd, SQUEEZE=self.squeeze,
             PHASED=int(self.phase is not None), PHASE_H=(self.phase or (0, 0))[0], PHASE_W=(self.phase or (0, 0))[1],
             DOT_F32=interpreting(),
             INPUT_PRECISION=input_precision(self.dtype),
@@ -348,7 +351,8 @@ def plan_conv(
     groups: int = 1, has_prologue: bool = False, pro_mean: bool = False, pro_relu: bool = False,
     has_mean: bool = False, has_var: bool = False, has_scale: bool = False, has_shift: bool = False,
     has_residual: bool = False, relu: bool = False, stats: bool = False,
-    transposed_out_hw: tuple[int, int] | None = None, pro_bwd: bool = False, device: torch.device | None = None,
+    transposed_out_hw: tuple[int, int] | None = None, pro_bwd: bool = False, squeeze: bool = False,
+    device: torch.device | None = None,
 ) -> ConvPlan:
     """The launch plan for input ``x_shape`` [N, C, H, W] and weight
     ``w_shape`` [C_out, C_in/groups, KH, KW], both as the launch sees them:
@@ -371,7 +375,8 @@ def plan_conv(
         gp=pack_factor(groups, cin_g, c_out // groups), dtype=dtype,
         has_prologue=has_prologue, pro_mean=pro_mean, pro_relu=pro_relu, has_mean=has_mean,
         has_var=has_var, has_scale=has_scale, has_shift=has_shift, has_residual=has_residual, relu=relu,
-        transposed=transposed_out_hw is not None, stats=stats, pro_bwd=pro_bwd, large_blocks=_large_blocks(),
+        transposed=transposed_out_hw is not None, stats=stats, pro_bwd=pro_bwd, squeeze=squeeze,
+        large_blocks=_large_blocks(),
     )
     entry = tuned_table(device).get(plan.key())
     return replace(plan, tiles=Tiles(**entry["tiles"])) if entry else plan

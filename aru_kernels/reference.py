@@ -184,18 +184,22 @@ def bn_add_relu(
     *,
     mean: Tensor | None = None,
     id_mean: Tensor | None = None,
+    branch_scale: Tensor | None = None,
 ) -> Tensor:
-    """``relu(scale*(y - mean) + shift + identity')`` with ``identity' =
+    """``relu(e*(scale*(y - mean) + shift) + identity')`` with ``identity' =
     id_scale*(identity - id_mean) + id_shift`` when the downsample branch's
-    batch norm is applied in the same pass."""
+    batch norm is applied in the same pass; ``e`` = ``branch_scale`` [N, C] or 1."""
     if mean is not None:
         y = y - _channel(mean)
+    z = y * _channel(scale) + _channel(shift)
+    if branch_scale is not None:
+        z = z * branch_scale[:, :, None, None]
     if identity is None:
-        return torch.relu(y * _channel(scale) + _channel(shift))
+        return torch.relu(z)
     if id_mean is not None:
         identity = identity - _channel(id_mean)
     if id_scale is not None:
         identity = identity * _channel(id_scale)
     if id_shift is not None:
         identity = identity + _channel(id_shift)
-    return torch.relu(y * _channel(scale) + _channel(shift) + identity)
+    return torch.relu(z + identity)

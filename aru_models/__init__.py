@@ -26,7 +26,9 @@ Group widths are those of the first stage and double at every stage. The
 CIFAR networks of the ResNeXt paper (``resnext29_8x64d``, ``resnext29_16x64d``
 and the CPU-sized ``resnext29_tiny``; 3x3 stem, three stages) live in
 :mod:`aru_models.cifar`; ``python -m aru_models.train`` trains any of them.
-:func:`from_torchvision` converts a torchvision model that already exists.
+:func:`from_torchvision` converts a torchvision model that already exists;
+:func:`fuse` switches a model people already hold (torchvision's or timm's
+ResNe(X)t family, a detection backbone) to the fused kernels in place.
 """
 
 from .resnet import (
@@ -46,12 +48,15 @@ from .resnet import (
     wide_resnet101_2,
 )
 from .cifar import CifarResNeXt, resnext29_8x64d, resnext29_16x64d, resnext29_tiny
+from .external import UnfusedWarning, fuse
 
 __all__ = [
     "ResNet",
     "BasicBlock",
     "Bottleneck",
     "from_torchvision",
+    "fuse",
+    "UnfusedWarning",
     "resnet18",
     "resnet34",
     "resnet50",

@@ -28,31 +28,101 @@ the global average pool and the classifier stay PyTorch.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 
 from aru_kernels import ConvBN, bn_add_relu, conv_bn_act, conv_bn_train, residual_block_train
 from aru_kernels.sync_bn import synchronized
 
-__all__ = ["resnet_forward", "block_forward", "conv_bn", "conv_bn_batch_stats"]
+__all__ = ["resnet_forward", "block_forward", "parts_forward", "stem_forward", "block_parts", "BlockParts",
+           "conv_bn", "conv_bn_batch_stats", "is_frozen_bn"]
+
+
+def is_frozen_bn(bn: nn.Module) -> bool:
+    """torchvision's (or timm's) ``FrozenBatchNorm2d``: fixed statistics and affine, as buffers."""
+    return type(bn).__name__ == "FrozenBatchNorm2d" and all(
+        hasattr(bn, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
 
 
 def _uses_batch_stats(bn: nn.Module) -> bool:
+    if is_frozen_bn(bn):
+        return False
     return bn.training or bn.running_mean is None
 
 
 def _check_bn(bn: nn.Module) -> None:
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise NotImplementedError(f"impl='fused' fuses BatchNorm2d norm layers; got {type(bn).__name__}")
+    if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) or is_frozen_bn(bn)):
+        raise NotImplementedError(f"impl='fused' fuses BatchNorm2d (or FrozenBatchNorm2d) norm layers; "
+                                  f"got {type(bn).__name__}")
 
 
-def _check_conv(conv: nn.Conv2d) -> None:
+def _check_conv(conv: nn.Module) -> None:
+    if not isinstance(conv, nn.Conv2d):
+        raise NotImplementedError(f"impl='fused' fuses nn.Conv2d convolutions; got {type(conv).__name__}")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise NotImplementedError(f"impl='fused' supports numeric zero padding; got {conv.padding!r}, "
                                   f"padding_mode={conv.padding_mode!r}")
 
 
-def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None) -> tuple[Tensor, ...]:
+@dataclass(frozen=True)
+class BlockParts:
+    """What a residual block computes, as the fused forward reads it::
+
+        h = relu(bn_k(conv_k(h))) for the chain's (conv, bn) pairs but the last
+            (relu(drop_block(bn(conv(h)))) for the one before the last)
+        out = relu(drop_path(se(bn_n(conv_n(h)))) + identity)
+        identity = x, or bn_d(conv_d(pool(x))) for ``downsample`` = (pool or None, conv_d, bn_d)
+
+    ``se``, ``drop_path`` and ``drop_block`` are modules applied as they are (None: absent).
+    """
+
+    chain: tuple
+    downsample: tuple | None = None
+    se: nn.Module | None = None
+    drop_path: nn.Module | None = None
+    drop_block: nn.Module | None = None
+
+    def check(self) -> "BlockParts":
+        for conv, bn in self.chain + ((self.downsample[1:],) if self.downsample else ()):
+            _check_conv(conv)
+            _check_bn(bn)
+        return self
+
+    def norms(self) -> list[nn.Module]:
+        return [bn for _, bn in self.chain] + ([self.downsample[2]] if self.downsample else [])
+
+
+def block_parts(block: nn.Module) -> BlockParts:
+    """The parts of a ``BasicBlock`` or ``Bottleneck`` of this package or torchvision
+    (``conv1``/``bn1``/.../``downsample`` = Sequential(conv, bn))."""
+    chain = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
+    if hasattr(block, "conv3"):  # Bottleneck: 1x1 -> 3x3 (grouped: the ARU) -> 1x1
+        chain.append((block.conv3, block.bn3))
+    ds = block.downsample
+    return BlockParts(tuple(chain), None if ds is None else (None, ds[0], ds[1])).check()
+
+
+def _conv_bn_tuple(conv: nn.Conv2d, bn: nn.Module) -> ConvBN:
+    """The block-level operator's view of a (conv, training-mode batch norm) pair."""
+    _check_bn(bn)
+    _check_conv(conv)
+    if conv.bias is not None:
+        raise NotImplementedError("impl='fused' in training mode takes convolutions without bias")
+    track = bn.training and bn.track_running_stats
+    return ConvBN(conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
+                  bn.running_var if track else None, bn.num_batches_tracked if track else None,
+                  conv.stride, conv.padding, conv.dilation, conv.groups, bn.momentum, bn.eps)
+
+
+def _synced(bn: nn.Module) -> bool:
+    """A SyncBatchNorm whose statistics span several processes."""
+    return bn.training and hasattr(bn, "process_group") and synchronized(bn.process_group)
+
+
+def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None,
+                        squeeze: bool = False) -> tuple[Tensor, ...]:
     """Training-mode ``bn(conv(prologue(x)))`` left unapplied: ``(y, mean, scale, shift)``
     with ``bn(y) == scale*(y - mean) + shift``.
 
@@ -75,75 +145,145 @@ def conv_bn_batch_stats(conv: nn.Conv2d, bn: nn.Module, x: Tensor, prologue=None
         dilation=conv.dilation, groups=conv.groups, in_mean=in_mean, in_scale=in_scale, in_shift=in_shift,
         in_relu=prologue is not None,
         sync_stats=bn.training and hasattr(bn, "process_group"), process_group=getattr(bn, "process_group", None),
+        squeeze=squeeze,
     )
 
 
-def _conv_bn_tuple(conv: nn.Conv2d, bn: nn.Module) -> ConvBN:
-    """The block-level operator's view of a (conv, training-mode batch norm) pair."""
-    _check_bn(bn)
-    _check_conv(conv)
-    if conv.bias is not None:
-        raise NotImplementedError("impl='fused' in training mode takes convolutions without bias")
-    track = bn.training and bn.track_running_stats
-    return ConvBN(conv.weight, bn.weight, bn.bias, bn.running_mean if track else None,
-                  bn.running_var if track else None, bn.num_batches_tracked if track else None,
-                  conv.stride, conv.padding, conv.dilation, conv.groups, bn.momentum, bn.eps)
-
-
-def _synced(bn: nn.Module) -> bool:
-    """A SyncBatchNorm whose statistics span several processes."""
-    return bn.training and hasattr(bn, "process_group") and synchronized(bn.process_group)
-
-
 def conv_bn(conv: nn.Conv2d, bn: nn.Module, x: Tensor, *, residual: Tensor | None = None,
-            relu: bool = False) -> Tensor:
+            relu: bool = False, squeeze: bool = False):
     """``relu?(bn(conv(x)) + residual)`` as one kernel launch, ``bn`` in eval mode
-    with running statistics (folded into the epilogue)."""
+    (or frozen) with running statistics (folded into the epilogue); with ``squeeze``
+    also the per-(image, channel) means of the output."""
     _check_bn(bn)
     _check_conv(conv)
     mean = bn.running_mean if conv.bias is None else bn.running_mean - conv.bias
     return conv_bn_act(x, conv.weight, stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                        groups=conv.groups, mean=mean, var=bn.running_var, eps=bn.eps, scale=bn.weight,
-                       shift=bn.bias, residual=residual, relu=relu)
+                       shift=bn.bias, residual=residual, relu=relu, squeeze=squeeze)
 
 
-def _block_eval(block: nn.Module, x: Tensor) -> Tensor:
+def _active(module: nn.Module | None) -> bool:
+    """A stochastic-depth or DropBlock module that changes its input now (training, p > 0)."""
+    return module is not None and module.training and (getattr(module, "drop_prob", 1.0) or 0) > 0
+
+
+def _drop_path_active(parts: BlockParts) -> bool:
+    return _active(parts.drop_path)
+
+
+def _tail_active(parts: BlockParts) -> bool:
+    """Whether anything runs between the last batch norm and the residual add."""
+    return parts.se is not None or _drop_path_active(parts)
+
+
+def _excitation(se: nn.Module | None):
+    """timm's ``SEModule`` as a function of the squeeze ([N, C] means) to the
+    excitation ([N, C], fp32): its own layers on the [N, C, 1, 1] means; None for
+    anything else (then the module runs as it is)."""
+    if type(se).__name__ != "SEModule" or not all(hasattr(se, a) for a in ("fc1", "bn", "act", "fc2", "gate")):
+        return None
+
+    def excite(means: Tensor) -> Tensor:
+        n, c = means.shape
+        return se.gate(se.fc2(se.act(se.bn(se.fc1(means.view(n, c, 1, 1)))))).float().view(n, c)
+    return excite
+
+
+def _tail(parts: BlockParts, z: Tensor) -> Tensor:
+    if parts.se is not None:
+        z = parts.se(z)
+    if parts.drop_path is not None:
+        z = parts.drop_path(z)
+    return z.contiguous(memory_format=torch.channels_last)
+
+
+def _ds_input(parts: BlockParts, x: Tensor) -> Tensor:
+    pool = parts.downsample[0]
+    return x if pool is None else pool(x).contiguous(memory_format=torch.channels_last)
+
+
+def _add_relu(z: Tensor, identity: Tensor, id_affine=None) -> Tensor:
+    """``relu(z + identity')`` in one pass (identity' as in :func:`aru_kernels.bn_add_relu`)."""
+    ones = torch.ones(z.shape[1], dtype=torch.float32, device=z.device)
+    if id_affine is None:
+        return bn_add_relu(z, ones, torch.zeros_like(ones), identity)
+    mean, scale, shift = id_affine
+    return bn_add_relu(z, ones, torch.zeros_like(ones), identity, scale, shift, id_mean=mean)
+
+
+def _block_eval(parts: BlockParts, x: Tensor) -> Tensor:
     identity = x  # under autocast, conv_bn_act casts the residual as it casts its input
-    if block.downsample is not None:
-        identity = conv_bn(block.downsample[0], block.downsample[1], x)
-    out = conv_bn(block.conv1, block.bn1, x, relu=True)
-    if hasattr(block, "conv3"):  # Bottleneck: 1x1 -> 3x3 (grouped: the ARU) -> 1x1
-        out = conv_bn(block.conv2, block.bn2, out, relu=True)
-        return conv_bn(block.conv3, block.bn3, out, residual=identity, relu=True)
-    return conv_bn(block.conv2, block.bn2, out, residual=identity, relu=True)
+    if parts.downsample is not None:
+        identity = conv_bn(parts.downsample[1], parts.downsample[2], _ds_input(parts, x))
+    out = x
+    for i, (conv, bn) in enumerate(parts.chain[:-1]):
+        if i == len(parts.chain) - 2 and _active(parts.drop_block):  # frozen statistics, trained: DropBlock
+            out = torch.relu(parts.drop_block(conv_bn(conv, bn, out))).contiguous(memory_format=torch.channels_last)
+        else:
+            out = conv_bn(conv, bn, out, relu=True)
+    conv, bn = parts.chain[-1]
+    if not _tail_active(parts):
+        return conv_bn(conv, bn, out, residual=identity, relu=True)
+    excite = _excitation(parts.se)
+    if excite is not None and not _drop_path_active(parts):
+        # squeeze from the last conv's epilogue, excitation applied in the block's final pass
+        z, means = conv_bn(conv, bn, out, squeeze=True)
+        ones = torch.ones(z.shape[1], dtype=torch.float32, device=z.device)
+        return bn_add_relu(z, ones, torch.zeros_like(ones), identity, branch_scale=excite(means.to(z.dtype)))
+    return _add_relu(_tail(parts, conv_bn(conv, bn, out)), identity)
 
 
-def _block_train(block: nn.Module, x: Tensor) -> Tensor:
-    convs = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
-    if hasattr(block, "conv3"):
-        convs.append((block.conv3, block.bn3))
-    if not any(_synced(m) for m in block.modules()):  # the whole block as one autograd node
-        ds = block.downsample
-        return residual_block_train(x, [_conv_bn_tuple(c, b) for c, b in convs],
-                                    None if ds is None else _conv_bn_tuple(ds[0], ds[1]))
+def _block_train(parts: BlockParts, x: Tensor) -> Tensor:
+    tail = _tail_active(parts)
+    pooled = parts.downsample is not None and parts.downsample[0] is not None
+    dropping = _active(parts.drop_block)
+    if not tail and not pooled and not dropping and not any(_synced(bn) for bn in parts.norms()):
+        ds = parts.downsample  # the whole block as one autograd node
+        return residual_block_train(x, [_conv_bn_tuple(c, b) for c, b in parts.chain],
+                                    None if ds is None else _conv_bn_tuple(ds[1], ds[2]))
+    synced = any(_synced(bn) for bn in parts.norms())
+    excite = None if _drop_path_active(parts) or synced else _excitation(parts.se)
     y, prologue = x, None
-    for conv, bn in convs:
-        y, *prologue = conv_bn_batch_stats(conv, bn, y, prologue)
+    for i, (conv, bn) in enumerate(parts.chain):
+        last = i == len(parts.chain) - 1
+        y, *prologue = conv_bn_batch_stats(conv, bn, y, prologue, squeeze=last and excite is not None)
+        if i == len(parts.chain) - 2 and dropping:  # DropBlock between this batch norm and its ReLU
+            y, prologue = torch.relu(parts.drop_block(_normalized(y, *prologue))), None
+    if excite is not None:
+        *prologue, means = prologue
     mean, scale, shift = prologue
-    if block.downsample is None:
-        return bn_add_relu(y, scale, shift, x, mean=mean)
-    yd, md, sd, bd = conv_bn_batch_stats(block.downsample[0], block.downsample[1], x)
-    return bn_add_relu(y, scale, shift, yd, sd, bd, mean=mean, id_mean=md)
+    identity, id_affine = x, None
+    if parts.downsample is not None:
+        identity, *id_affine = conv_bn_batch_stats(parts.downsample[1], parts.downsample[2],
+                                                   _ds_input(parts, x))
+    if not tail or excite is not None:
+        # squeeze-excitation fused: the squeeze of bn(y) from the conv's own epilogue
+        # (scale*(mean of y - mean) + shift), the excitation applied in the final pass
+        e = None if excite is None else excite((scale * (means - mean) + shift).to(y.dtype))
+        if id_affine is None:
+            return bn_add_relu(y, scale, shift, identity, mean=mean, branch_scale=e)
+        md, sd, bd = id_affine
+        return bn_add_relu(y, scale, shift, identity, sd, bd, mean=mean, id_mean=md, branch_scale=e)
+    # squeeze-excitation / stochastic depth between the batch norm and the add: the
+    # normalized branch is materialized for them (PyTorch ops), then added and ReLU'd
+    return _add_relu(_tail(parts, _normalized(y, mean, scale, shift)), identity, id_affine)
 
 
-def _training(block: nn.Module) -> bool:
-    """Whether the block's batch norms normalize with batch statistics (all or none)."""
-    bns = [m for m in block.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    modes = {_uses_batch_stats(bn) for bn in bns}
+def _normalized(y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``scale*(y - mean) + shift`` materialized with PyTorch ops (channels_last, y's dtype),
+    for modules that run between a batch norm and what follows it."""
+    z = (y - mean.view(1, -1, 1, 1)) * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
+    return z.to(y.dtype).contiguous(memory_format=torch.channels_last)
+
+
+def parts_forward(parts: BlockParts, x: Tensor) -> Tensor:
+    """Output of the residual block ``parts`` for activations ``x`` (channels_last out)."""
+    x = x.contiguous(memory_format=torch.channels_last)
+    modes = {_uses_batch_stats(bn) for bn in parts.norms()}
     if len(modes) > 1:
         raise NotImplementedError("impl='fused' needs a block's batch norms all in training or all "
                                   "in eval mode")
-    return modes == {True}
+    return _block_train(parts, x) if modes == {True} else _block_eval(parts, x)
 
 
 def block_forward(block: nn.Module, x: Tensor) -> Tensor:
@@ -151,8 +291,24 @@ def block_forward(block: nn.Module, x: Tensor) -> Tensor:
 
     Returns a channels_last tensor whatever the input's memory format.
     """
+    return parts_forward(block_parts(block), x)
+
+
+def stem_forward(pairs, x: Tensor) -> Tensor:
+    """``relu(bn(conv(...)))`` for each (conv, bn) of ``pairs`` in turn: a stem."""
     x = x.contiguous(memory_format=torch.channels_last)
-    return _block_train(block, x) if _training(block) else _block_eval(block, x)
+    modes = {_uses_batch_stats(bn) for _, bn in pairs}
+    if len(modes) > 1:
+        raise NotImplementedError("impl='fused' needs a stem's batch norms all in training or all in eval mode")
+    if modes == {True}:
+        y, prologue = x, None
+        for conv, bn in pairs:
+            y, *prologue = conv_bn_batch_stats(conv, bn, y, prologue)
+        mean, scale, shift = prologue
+        return bn_add_relu(y, scale, shift, mean=mean)
+    for conv, bn in pairs:
+        x = conv_bn(conv, bn, x, relu=True)
+    return x
 
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -160,12 +316,7 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     with its ``conv1``/``bn1``/[``maxpool``]/``layer*``/``avgpool``/``fc`` layout
     such as :class:`aru_models.cifar.CifarResNeXt`)
     for images ``x``, in any memory format (made channels_last once, here)."""
-    x = x.contiguous(memory_format=torch.channels_last)
-    if _uses_batch_stats(model.bn1):
-        y, mean, scale, shift = conv_bn_batch_stats(model.conv1, model.bn1, x)
-        x = bn_add_relu(y, scale, shift, mean=mean)
-    else:
-        x = conv_bn(model.conv1, model.bn1, x, relu=True)
+    x = stem_forward([(model.conv1, model.bn1)], x)
     if hasattr(model, "maxpool"):  # the CIFAR networks have none
         x = model.maxpool(x)
     for layer in _stages(model):

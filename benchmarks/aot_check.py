@@ -98,9 +98,15 @@ def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dty
     """Run one inference forward or training step (forward + backward) on the meta device."""
     import aru_models
 
-    builder = getattr(aru_models, model_name)
     with torch.device("meta"):
-        model = builder(impl=impl).to(dtype=dtype, memory_format=torch.channels_last)
+        if model_name.startswith("timm:"):  # a timm model, switched with aru_models.fuse
+            import timm
+
+            model = timm.create_model(model_name[len("timm:"):], pretrained=False)
+            model = aru_models.fuse(model) if impl == "fused" else model
+        else:
+            model = getattr(aru_models, model_name)(impl=impl)
+        model = model.to(dtype=dtype, memory_format=torch.channels_last)
     x = torch.empty(batch, 3, img, img, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
     rec = StepRecorder()
     if mode == "infer":
@@ -209,7 +215,8 @@ def main(argv=None) -> int:
     import aru_models
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="resnext50_32x4d")
+    ap.add_argument("--model", default="resnext50_32x4d",
+                    help="a builder of aru_models, or timm:NAME (needs timm)")
     ap.add_argument("--mode", choices=["infer", "train"], default="train")
     ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
@@ -217,7 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--json", help="write the report here (default: print only)")
     args = ap.parse_args(argv)
-    if not hasattr(aru_models, args.model):
+    if not hasattr(aru_models, args.model) and not args.model.startswith("timm:"):
         ap.error(f"unknown model {args.model!r}")
     report, errors = static_report(args.model, args.mode, args.arch, args.batch_size, args.img_size, args.dtype)
     print_table(report)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import re
@@ -173,7 +174,8 @@ def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, 
     bench = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--mode", "both", "--impl", impls,
              "--json", str(json_path), "--layers" if layers else "--no-layers"]
     if on_gpu:
-        bench += ["--model", "resnext50_32x4d", "resnet50", "--batch-size", "256", "--img-size", "224",
+        optional = ["timm:seresnext50_32x4d"] if importlib.util.find_spec("timm") else []  # where timm is installed
+        bench += ["--model", "resnext50_32x4d", "resnet50", *optional, "--batch-size", "256", "--img-size", "224",
                   "--dtype", "bfloat16", "--channels-last", "--warmup", "5", "--iters", "10"]
     else:  # the script itself, in a minute: the fused kernels run in the interpreter
         bench += ["--model", "resnet18", "--img-size", "16", "--warmup", "0", "--iters", "1", "--interpret"]

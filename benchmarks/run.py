@@ -367,7 +367,50 @@ def measure_layer(row: LayerRow, layer: GroupedConvLayer, cfg: Config, copy_TBps
 # --------------------------------------------------------------------------
 
 
+class _Features(torch.nn.Module):
+    """A detection backbone as a classifier-shaped benchmark: its feature maps, each
+    averaged over space, side by side ([N, channels x maps]; the loss reads the first columns)."""
+
+    def __init__(self, backbone: torch.nn.Module):
+        super().__init__()
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([f.float().mean((2, 3)) for f in self.backbone(x).values()], 1)
+
+
+def _timm_builder(arch: str):
+    try:
+        import timm
+    except ImportError as exc:
+        raise Unavailable(f"timm:{arch} needs timm (pip install timm)") from exc
+
+    def build(num_classes: int, impl: str) -> torch.nn.Module:
+        try:
+            model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+        except RuntimeError as exc:  # an unknown name
+            raise Unavailable(f"timm cannot build {arch!r}: {exc}") from exc
+        return aru_models.fuse(model) if impl == "fused" else model
+    return build
+
+
+def _detection_builder(arch: str):
+    from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+    def build(num_classes: int, impl: str) -> torch.nn.Module:
+        model = _Features(resnet_fpn_backbone(backbone_name=arch, weights=None, trainable_layers=3))
+        return aru_models.fuse(model) if impl == "fused" else model
+    return build
+
+
 def _builder(name: str):
+    """``aru_models.<name>``; ``timm:NAME`` a timm model and ``tv-detection:NAME`` the
+    FPN backbone of a torchvision detection model (FrozenBatchNorm2d), switched to the
+    fused kernels with :func:`aru_models.fuse`."""
+    if name.startswith("timm:"):
+        return _timm_builder(name[len("timm:"):])
+    if name.startswith("tv-detection:"):
+        return _detection_builder(name[len("tv-detection:"):])
     builder = getattr(aru_models, name, None)
     if builder is None:
         raise Unavailable(f"aru_models has no builder {name!r}")
@@ -689,9 +732,12 @@ def plot(results: Results, path: str) -> None:
 # --------------------------------------------------------------------------
 
 
+EXTERNAL = ("timm:", "tv-detection:")  # model names resolved by timm / torchvision when the row runs
+
+
 def _comma_list(parser: argparse.ArgumentParser, values: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
     items = [v for value in values for v in value.split(",") if v]
-    unknown = [v for v in items if v not in allowed]
+    unknown = [v for v in items if v not in allowed and not (what == "model" and v.startswith(EXTERNAL))]
     if unknown:
         parser.error(f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
     return list(dict.fromkeys(items))
@@ -703,7 +749,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description="Benchmark ResNet/ResNeXt models and ResNeXt-50's grouped 3x3 layers: "
                     "eager PyTorch vs torch.compile vs the fused Triton kernels.")
     parser.add_argument("--model", nargs="+", default=["resnext50_32x4d"], metavar="NAME",
-                        help=f"one or more of: {', '.join(MODELS)} (default: resnext50_32x4d)")
+                        help=f"one or more of: {', '.join(MODELS)}; timm:NAME (a timm model, when timm is "
+                             "installed) or tv-detection:NAME (a torchvision detection FPN backbone) "
+                             "(default: resnext50_32x4d)")
     parser.add_argument("--mode", choices=["infer", "train", "both"], default="both",
                         help="inference forward, training step, or both (default: both)")
     parser.add_argument("--impl", default=None,

@@ -124,6 +124,24 @@ def test_fused_rows_and_a_wrong_result_exits_nonzero(run_py, tmp_path, monkeypat
     assert "gave wrong results" in capsys.readouterr().out
 
 
+def test_external_models_by_prefix(run_py, tmp_path):
+    """tv-detection:NAME benchmarks a torchvision FPN backbone fused with aru_models.fuse
+    (its fused output checked against eager's); a timm name timm cannot build is a
+    row with a note, not a crash."""
+    pytest.importorskip("torchvision")
+    out = tmp_path / "external.json"
+    code = run_py.main(["--impl", "eager,fused", "--model", "tv-detection:resnet18", "timm:no_such_model",
+                        "--mode", "infer", "--img-size", "16", "--warmup", "0", "--iters", "1", "--no-layers",
+                        "--json", str(out)])
+    assert code == 0
+    rows = {(r["model"], r["impl"]): r for r in json.loads(out.read_text())["models"]}
+    for impl in ("eager", "fused"):
+        row = rows[("tv-detection:resnet18", impl)]
+        assert row["img_per_s"] > 0 and not row["failed"] and row["note"] == "", row
+        missing = rows[("timm:no_such_model", impl)]
+        assert missing["img_per_s"] is None and "no_such_model" in missing["note"], missing
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "resnet9000"], "unknown model 'resnet9000'"),
     (["--impl", "eager,cudnn"], "unknown impl 'cudnn'"),

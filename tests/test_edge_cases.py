@@ -566,6 +566,92 @@ def test_bn_add_relu_over_several_tiles(device, offset):
 
 
 @pytest.mark.usefixtures("device_blocks")
+@pytest.mark.parametrize("case", [(1, 1, 1, 0, 1, 16, 32, 13, 11), (3, 3, 2, 1, 8, 32, 32, 25, 23)],
+                         ids=["pointwise_2_tiles_per_image", "grouped_s2_partial_tile"])
+def test_squeeze_means_per_image_and_their_gradient(device, case):
+    """conv_bn_act(squeeze=True): the per-(image, channel) means of the output from the
+    epilogue (row tiles that end inside an image, several tiles per image), and the
+    gradient through both outputs, against float64."""
+    kh, kw, stride, pad, groups, cin, cout, h, w = case
+    x, weight, geo = _conv_case(device, kh, kw, stride, pad, 1, groups, cin, cout, h, w, n=3)
+    geo["padding"] = pad
+    plan = plans.plan_conv(x.shape, weight.shape, x.dtype, **geo, squeeze=True)
+    assert plan.p * plan.q % plan.block_m != 0, "the last tile of each image must be partial"
+    ours = {"x": leaf(x), "weight": leaf(weight), "mean": leaf(torch.randn(cout, device=device)),
+            "scale": leaf(torch.rand(cout, device=device) + 0.5), "shift": leaf(torch.randn(cout, device=device))}
+    refs = {k: exact(v) for k, v in ours.items()}
+    y, means = aru_kernels.conv_bn_act(ours["x"], ours["weight"], mean=ours["mean"], scale=ours["scale"],
+                                       shift=ours["shift"], squeeze=True, **geo)
+    y_ref = ref.conv_bn_act(refs["x"], refs["weight"], mean=refs["mean"], scale=refs["scale"],
+                            shift=refs["shift"], **geo)
+    assert means.shape == (3, cout) and means.dtype == torch.float32
+    assert_close(y, y_ref, torch.float32, what="output")
+    assert_close(means, y_ref.mean((2, 3)), torch.float32, what="squeeze means")
+    g1, g2 = torch.randn_like(y_ref), torch.randn(3, cout, dtype=torch.float64, device=device)
+    ((y * g1.float()).sum() + (means * g2.float()).sum()).backward()
+    ((y_ref * g1).sum() + (y_ref.mean((2, 3)) * g2).sum()).backward()
+    for name in ours:
+        assert_close(ours[name].grad, refs[name].grad, torch.float32, what=f"gradient of {name}")
+
+
+@pytest.mark.usefixtures("device_blocks")
+def test_training_squeeze_from_per_image_statistics_tiles(device):
+    """conv_bn_train(squeeze=True): row tiles per image (several, the last partial), their
+    statistics merged per image then over the batch: batch mean, 1/std, running
+    statistics, the per-image means, and the gradient through all of them, vs float64."""
+    x, weight, geo = _conv_case(device, 1, 1, 1, 0, 1, 1, 16, 32, 13, 11, n=3)
+    x = cl(x * 0.5 + 3.0)  # channels far from zero: the merge must not cancel
+    plan = plans.plan_conv(x.shape, weight.shape, x.dtype, stats=True, squeeze=True)
+    assert plan.m_tiles == 3 * 2 and 13 * 11 % plan.block_m != 0, plan.m_tiles
+    state = dict(running_mean=torch.zeros(32, device=device), running_var=torch.ones(32, device=device),
+                 num_batches_tracked=torch.tensor(0, device=device))
+    state_ref = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state.items()}
+    ours = {"x": leaf(x), "weight": leaf(weight), "bn_weight": leaf(torch.rand(32, device=device) + 0.5),
+            "bn_bias": leaf(torch.randn(32, device=device))}
+    refs = {k: exact(v) for k, v in ours.items()}
+    y, mean, scale, shift, means = aru_kernels.conv_bn_train(ours["x"], ours["weight"], ours["bn_weight"],
+                                                             ours["bn_bias"], **state, squeeze=True)
+    z = scale.view(1, -1, 1, 1) * (y - mean.view(1, -1, 1, 1)) + shift.view(1, -1, 1, 1)
+    y_ref = F.conv2d(refs["x"], refs["weight"])
+    z_ref = ref.batch_norm(y_ref, refs["bn_weight"], refs["bn_bias"], state_ref["running_mean"],
+                           state_ref["running_var"], state_ref["num_batches_tracked"], training=True)
+    assert_close(z, z_ref, torch.float32, what="normalized output")
+    assert_close(means, y_ref.mean((2, 3)), torch.float32, what="per-image means")
+    for key in ("running_mean", "running_var"):
+        assert_close(state[key], state_ref[key], torch.float32, what=key)
+    g1, g2 = torch.randn_like(z_ref), torch.randn(3, 32, dtype=torch.float64, device=device)
+    ((z * g1.float()).sum() + (means * g2.float()).sum()).backward()
+    ((z_ref * g1).sum() + (y_ref.mean((2, 3)) * g2).sum()).backward()
+    for name in ours:
+        assert_close(ours[name].grad, refs[name].grad, torch.float32, what=f"gradient of {name}")
+
+
+@pytest.mark.usefixtures("device_blocks")
+@pytest.mark.parametrize("affine", [False, True], ids=["identity", "downsample_bn"])
+def test_bn_add_relu_with_a_branch_scale(device, affine):
+    """relu(e*(scale*(y - mean) + shift) + identity'), e per image and channel
+    (squeeze-excitation's excitation): output and every gradient, e's included."""
+    shape = (3, 16, 27, 25)
+    block_m = plans.elementwise_blocks(16)[0]
+    assert 27 * 25 > block_m and 27 * 25 % block_m, "several tiles per image, the last partial"
+    ours = {"y": leaf(cl(torch.randn(shape, device=device))), "identity": leaf(cl(torch.randn(shape, device=device))),
+            "e": leaf(torch.rand(3, 16, device=device) + 0.2)}
+    for name in ("mean", "scale", "shift") + (("id_mean", "id_scale", "id_shift") if affine else ()):
+        ours[name] = leaf(torch.randn(16, device=device) + (0.5 if "scale" in name else 0.0))
+    refs = {k: exact(v) for k, v in ours.items()}
+
+    def run(t, fn):
+        ids = (t["identity"], t.get("id_scale"), t.get("id_shift"))
+        return fn(t["y"], t["scale"], t["shift"], *ids, mean=t["mean"], id_mean=t.get("id_mean"),
+                  branch_scale=t["e"])
+    out, out_ref = run(ours, aru_kernels.bn_add_relu), run(refs, ref.bn_add_relu)
+    assert_close(out, out_ref, torch.float32, what="output")
+    grads_match(ours, refs, out, out_ref, "branch-scaled bn_add_relu")
+    with pytest.raises(ValueError, match="branch_scale must be"):
+        aru_kernels.bn_add_relu(ours["y"], ours["scale"], ours["shift"], branch_scale=torch.ones(3, 8))
+
+
+@pytest.mark.usefixtures("device_blocks")
 def test_batch_statistics_over_more_tiles_than_one_finalize_block(device):
     """More statistics tiles than the finalize reads at once, channels with a large mean:
     batch mean, 1/std, running statistics and the gradient through them."""

@@ -307,11 +307,17 @@ def test_opcheck_training_ops(device):
                           (y, tm, tm2, state["running_mean"], state["running_var"], state["num_batches_tracked"],
                            plans.plan_conv(x.shape, w.shape, x.dtype, padding=1, groups=4).block_m, 0.1, 1e-5))
     torch.library.opcheck(torch.ops.aru.bn_add_relu.default, (y, m, s, b, x, m, s, b))
+    e = torch.rand(2, 16, device=device) + 0.5  # per (image, channel)
     torch.library.opcheck(torch.ops.aru.bn_add_relu_grad_sums.default, (torch.randn_like(y), x, y, m, x, m))
+    torch.library.opcheck(torch.ops.aru.bn_add_relu.default, (y, m, s, b, x, m, s, b, e))
+    torch.library.opcheck(torch.ops.aru.bn_add_relu_scaled_backward.default,
+                          (torch.randn_like(y), x, y, m, s, b, e, x, m, s))
+    torch.library.opcheck(torch.ops.aru.conv_bn_squeeze.default,
+                          (x, w, m, None, s, b, None, None, None, None, 1, 1, 1, 4, 1e-5, False, False))
     torch.library.opcheck(torch.ops.aru.conv_input_grad.default,
                           (torch.randn_like(y), w, x, None, None, None, 1, 1, 1, 4, False, torch.randn_like(x)))
     torch.library.opcheck(torch.ops.aru.conv_weight_grad.default,
-                          (x, torch.randn_like(y), w, m, s, b, 1, 1, 1, 4, True, y, m, s, b, s))
+                          (x, torch.randn_like(y), w, m, s, b, 1, 1, 1, 4, True, y, m, s, b, s, e))
 
 
 def _sync_worker(rank, world, init_file, x, ws, affine, result_file):

@@ -1,0 +1,230 @@
+"""Switch the ResNet-family models people already hold to the fused kernels, in place.
+
+:func:`fuse` walks a model's modules and recognizes, by class and structure:
+
+* residual blocks: torchvision's and timm's ``Bottleneck`` and ``BasicBlock``
+  (ReLU activations; timm's squeeze-excitation ``se``, stochastic depth
+  ``drop_path``, ``drop_block`` and average-pool downsample included), and
+  this package's;
+* stems: torchvision's ``ResNet`` (``conv1``/``bn1``/``relu``), timm's
+  ``ResNet`` (one conv, or the three-conv "deep" stem), and the body of a
+  torchvision detection backbone (``IntermediateLayerGetter`` over a ResNet);
+* batch norms: ``nn.BatchNorm2d`` in training or eval mode and
+  ``FrozenBatchNorm2d`` (folded like eval mode, with the module's ``eps``).
+
+Each recognized module gets a ``forward`` of its own that runs the kernels
+(:mod:`aru_models.fused`) and reads the module's parameters and buffers as
+they are at each call. Nothing else changes: parameters, buffers, their names
+in ``state_dict``, ``requires_grad``, train/eval modes. ``fuse(model,
+impl="eager")`` removes those forwards again.
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections import OrderedDict
+
+from torch import Tensor, nn
+
+from . import fused
+
+__all__ = ["fuse", "UnfusedWarning"]
+
+
+class UnfusedWarning(UserWarning):
+    """Some recognized ResNet-family modules of a model stay on PyTorch's path."""
+
+
+def _from(module: nn.Module, *packages: str) -> bool:
+    return type(module).__module__.split(".")[0] in packages
+
+
+def _is_relu(m) -> bool:
+    return isinstance(m, nn.ReLU)
+
+
+def _is_identity(m) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _is_block(m: nn.Module) -> bool:
+    return (type(m).__name__ in ("Bottleneck", "BasicBlock") and _from(m, "torchvision", "timm")
+            and hasattr(m, "conv1") and hasattr(m, "conv2"))
+
+
+def _downsample(ds) -> tuple | None:
+    if ds is None:
+        return None
+    mods = list(ds) if isinstance(ds, nn.Sequential) else [ds]
+    if len(mods) == 2:
+        return (None, mods[0], mods[1])
+    if len(mods) == 3 and isinstance(mods[0], (nn.AvgPool2d, nn.Identity)):  # timm's avg_down
+        return (None if isinstance(mods[0], nn.Identity) else mods[0], mods[1], mods[2])
+    raise NotImplementedError(f"downsample {[type(m).__name__ for m in mods]} is not (pool,) conv, norm")
+
+
+def block_parts(block: nn.Module) -> fused.BlockParts:
+    """The :class:`aru_models.fused.BlockParts` of a torchvision or timm block;
+    NotImplementedError (saying why) for what the kernels do not compute."""
+    bottleneck = hasattr(block, "conv3")
+    n = 3 if bottleneck else 2
+    acts = [getattr(block, f"act{i}") for i in range(1, n + 1)] if hasattr(block, "act1") else [block.relu]
+    for i, act in enumerate(acts):
+        if not _is_relu(act):
+            name = f"act{i + 1}" if hasattr(block, "act1") else "relu"
+            raise NotImplementedError(f"{name} is {type(act).__name__}, not ReLU")
+    if not _is_identity(getattr(block, "aa", None)):
+        raise NotImplementedError(f"aa is {type(block.aa).__name__} (anti-aliased downsampling)")
+    chain = tuple((getattr(block, f"conv{i}"), getattr(block, f"bn{i}")) for i in range(1, n + 1))
+    drop_path, drop_block = getattr(block, "drop_path", None), getattr(block, "drop_block", None)
+    return fused.BlockParts(chain, _downsample(block.downsample), getattr(block, "se", None),
+                            None if _is_identity(drop_path) else drop_path,
+                            None if _is_identity(drop_block) else drop_block).check()
+
+
+def _block_forward(self, x: Tensor) -> Tensor:
+    return fused.parts_forward(block_parts(self), x)
+
+
+def _stem_pairs(conv1, bn1, act) -> list:
+    """(conv, bn) pairs of a stem each followed by ReLU: ``conv1`` a conv, or timm's deep
+    stem Sequential(conv, bn, act, conv, bn, act, conv); the last conv's norm is ``bn1``."""
+    if not _is_relu(act):
+        raise NotImplementedError(f"the stem's activation is {type(act).__name__}, not ReLU")
+    if isinstance(conv1, nn.Sequential):
+        mods = list(conv1)
+        if len(mods) != 7 or not all(_is_relu(m) for m in (mods[2], mods[5])):
+            raise NotImplementedError(f"stem {[type(m).__name__ for m in mods]} is not conv, bn, relu x2, conv")
+        pairs = [(mods[0], mods[1]), (mods[3], mods[4]), (mods[6], bn1)]
+    else:
+        pairs = [(conv1, bn1)]
+    for conv, bn in pairs:
+        fused._check_conv(conv)
+        fused._check_bn(bn)
+    return pairs
+
+
+def _stages(model: nn.Module) -> list:
+    return [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
+
+
+def _torchvision_forward_impl(self, x: Tensor) -> Tensor:
+    import torch
+
+    x = self.maxpool(fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x))
+    for layer in _stages(self):
+        x = layer(x)
+    return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def _timm_forward_features(self, x: Tensor) -> Tensor:
+    x = self.maxpool(fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.act1), x))
+    for layer in _stages(self):
+        x = layer(x)
+    return x
+
+
+_STEM = ("conv1", "bn1", "relu")
+
+
+def _getter_forward(self, x: Tensor):
+    out = OrderedDict()
+    items = list(self.items())
+    if [name for name, _ in items[:3]] == list(_STEM) and not set(_STEM) & set(self.return_layers):
+        x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x)
+        items = items[3:]
+    for name, module in items:
+        x = module(x)
+        if name in self.return_layers:
+            out[self.return_layers[name]] = x
+    return out
+
+
+_FORWARDS = (_block_forward, _torchvision_forward_impl, _timm_forward_features, _getter_forward)
+
+
+def _stem_override(m: nn.Module):
+    """(method name, fused method, stem modules) for a recognized ResNet model or detection body."""
+    name = type(m).__name__
+    if name == "ResNet" and _from(m, "torchvision"):
+        return "_forward_impl", _torchvision_forward_impl, (m.conv1, m.bn1, m.relu)
+    if name == "ResNet" and _from(m, "timm"):
+        if getattr(m, "grad_checkpointing", False):
+            raise NotImplementedError("grad_checkpointing is on: the stem and stages stay as timm runs them")
+        return "forward_features", _timm_forward_features, (m.conv1, m.bn1, m.act1)
+    if name == "IntermediateLayerGetter" and _from(m, "torchvision") and hasattr(m, "conv1"):
+        if set(_STEM) & set(m.return_layers):
+            raise NotImplementedError(f"the stem's own outputs are returned ({sorted(m.return_layers)})")
+        return "forward", _getter_forward, (m.conv1, m.bn1, m.relu)
+    return None
+
+
+def _unfuse(model: nn.Module) -> None:
+    for m in model.modules():
+        for attr in ("forward", "_forward_impl", "forward_features"):
+            bound = m.__dict__.get(attr)
+            if getattr(bound, "__func__", None) in _FORWARDS:
+                del m.__dict__[attr]
+
+
+def fuse(model: nn.Module, impl: str = "fused", *, strict: bool = False) -> nn.Module:
+    """Run ``model``'s ResNet-family blocks and stem on the fused kernels, in place.
+
+    Recognizes torchvision's and timm's ``ResNet``, ``Bottleneck`` and
+    ``BasicBlock`` and a torchvision detection backbone's body (see the module
+    docstring), whatever holds them; this package's own models are switched
+    with their ``set_impl``. Parameters, buffers and ``state_dict`` keys stay
+    the user's, so checkpoints load before and after, strictly. Squeeze-
+    excitation and stochastic depth run as the model's own modules between the
+    last batch norm and the residual add.
+
+    Args:
+        model: the model, changed in place and returned.
+        impl: ``"fused"``, or ``"eager"`` to undo an earlier ``fuse``.
+        strict: raise instead of warning when a recognized module cannot be fused.
+
+    Returns:
+        ``model``.
+
+    Warns:
+        UnfusedWarning: once, listing each recognized module left on PyTorch's
+            path and why (an activation other than ReLU, blur-pool
+            anti-aliasing, a norm layer other than batch norm, ...).
+
+    Raises:
+        ValueError: an unknown ``impl``; with ``strict``, any module that
+            would have been reported.
+    """
+    if impl not in ("fused", "eager"):
+        raise ValueError(f"impl must be 'fused' or 'eager'; got {impl!r}")
+    _unfuse(model)
+    own = [m for m in model.modules() if hasattr(m, "set_impl") and _from(m, "aru_models")]
+    for m in own:
+        m.set_impl(impl)
+    if impl == "eager":
+        return model
+    plan, skipped = [], []
+    for name, m in model.named_modules():
+        try:
+            if _is_block(m):
+                block_parts(m)
+                plan.append((m, "forward", _block_forward))
+            else:
+                stem = _stem_override(m)
+                if stem is not None:
+                    _stem_pairs(*stem[2])
+                    plan.append((m, stem[0], stem[1]))
+        except NotImplementedError as why:
+            skipped.append(f"{name or type(m).__name__}: {why}")
+    if skipped and strict:
+        raise ValueError("fuse(strict=True): these modules cannot run on the fused kernels:\n  "
+                         + "\n  ".join(skipped))
+    for m, attr, fn in plan:
+        setattr(m, attr, types.MethodType(fn, m))
+    if skipped:
+        warnings.warn("fuse: left on PyTorch's path:\n  " + "\n  ".join(skipped), UnfusedWarning, stacklevel=2)
+    if not plan and not own and not skipped:
+        warnings.warn(f"fuse: no ResNet-family block or stem found in {type(model).__name__}", UnfusedWarning,
+                      stacklevel=2)
+    return model

@@ -1,0 +1,260 @@
+"""aru_models.fuse: the ResNet-family models people already hold, switched in place.
+
+timm models and torchvision detection backbones, random init with non-trivial
+batch-norm statistics (no weights are downloaded), at tiny odd inputs through
+the interpreter: outputs against the unconverted model, a training step
+against float64, keys, undo, what is reported, torch.compile.
+"""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import aru_models
+from helpers import assert_as_accurate, assert_close, rel_error
+
+timm = pytest.importorskip("timm", reason="timm is in the test extra: pip install -e .[test]")
+backbone_utils = pytest.importorskip("torchvision.models.detection.backbone_utils")
+
+pytestmark = pytest.mark.usefixtures("poisoned")
+
+
+def randomize_norms(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """Non-trivial running statistics and affine parameters in every (frozen) batch norm."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d) or type(m).__name__ == "FrozenBatchNorm2d":
+                c = m.running_mean.numel()
+                m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(c, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(c, generator=g) * 0.2)
+                if type(m).__name__ == "FrozenBatchNorm2d":
+                    m.eps = 0.05  # (torchvision's default equals nn.BatchNorm2d's: show the module's own is read)
+    return model
+
+
+def plain_resnext(**kwargs):
+    from timm.models.resnet import Bottleneck, ResNet
+
+    return ResNet(block=Bottleneck, layers=[1, 1, 1, 1], cardinality=32, base_width=4, **kwargs)
+
+
+def seresnext26d(**kwargs):
+    """Squeeze-excitation, the deep stem and the average-pool downsample in one small model."""
+    return timm.create_model("seresnext26d_32x4d", pretrained=False, **kwargs)
+
+
+def fpn_body():
+    """A detection backbone's body: IntermediateLayerGetter over a ResNet-18 with FrozenBatchNorm2d."""
+    return backbone_utils.resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
+
+
+class AtenLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def _fused_forwards(model) -> list[str]:
+    return [name for name, m in model.named_modules()
+            if {"forward", "_forward_impl", "forward_features"} & set(m.__dict__)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [plain_resnext, seresnext26d], ids=["resnext", "seresnext26d"])
+def test_timm_eval_matches_unconverted_and_keeps_keys(build, device):
+    model = randomize_norms(build()).to(device).eval()
+    x = torch.randn(2, 3, 37, 29, device=device)
+    with torch.no_grad():
+        expected = model(x)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing of these models is left unfused
+        assert aru_models.fuse(model) is model
+    assert "layer1.0" in _fused_forwards(model) and "" in _fused_forwards(model)
+    assert list(model.state_dict()) == list(state)
+    log = AtenLog()
+    with torch.no_grad(), log:
+        got = model(x)
+    assert rel_error(got, expected) < 1e-4
+    assert_close(got, expected, torch.float32, what="fused timm logits")
+    # only squeeze-excitation's two 1x1 convolutions on vectors stay aten convolutions
+    se_convs = 2 * sum(1 for m in model.modules() if type(m).__name__ == "SEModule")
+    assert log.ops.count("aten.convolution") == se_convs and not [op for op in log.ops if "batch_norm" in op]
+    model.load_state_dict(state, strict=True)  # checkpoints load both ways
+    aru_models.fuse(model, impl="eager")
+    assert _fused_forwards(model) == []
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+
+
+def _double_twin(model):
+    twin = copy.deepcopy(model).double()
+    return twin
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("build", [plain_resnext, seresnext26d], ids=["resnext", "seresnext26d"])
+def test_timm_training_step_matches_float64(build, device):
+    """Loss, every gradient and the running statistics of one training step."""
+    model = randomize_norms(build(num_classes=5)).to(device).train()
+    twin = _double_twin(model)
+    aru_models.fuse(model)
+    x = torch.randn(2, 3, 33, 35, device=device)
+    target = torch.tensor([1, 3], device=device)
+    log = AtenLog()
+    with log:
+        loss = torch.nn.functional.cross_entropy(model(x), target)
+    # squeeze-excitation's squeeze comes from conv3's epilogue: the one aten.mean is the classifier's pooling;
+    # its two 1x1 convolutions on vectors are the only aten convolutions
+    se_convs = 2 * sum(1 for m in model.modules() if type(m).__name__ == "SEModule")
+    assert log.ops.count("aten.mean") == 1 and not [op for op in log.ops if "batch_norm" in op]
+    assert log.ops.count("aten.convolution") == se_convs
+    loss_ref = torch.nn.functional.cross_entropy(twin(x.double()), target)
+    loss.backward()
+    loss_ref.backward()
+    assert_close(loss, loss_ref, torch.float32, what="loss")
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, what=f"gradient of {name}")
+    for (name, b), c in zip(model.named_buffers(), twin.buffers()):
+        assert_close(b.double(), c, torch.float32, what=name)
+
+
+@pytest.mark.slow
+def test_timm_stochastic_depth_and_drop_block_draw_as_timm_does(device):
+    """drop_path and drop_block in training: the same masks (the same random draws) as
+    timm's forward, against the float64 model drawing them from the same seed."""
+    draws = []
+    for dtype in (torch.float32, torch.float64):
+        torch.manual_seed(7)
+        draws.append(torch.empty(64, device=device, dtype=dtype).bernoulli_(0.6).tolist())
+    if draws[0] != draws[1]:
+        pytest.skip(f"bernoulli_ draws differ between float32 and float64 on {device}: no float64 twin")
+    model = randomize_norms(plain_resnext(drop_path_rate=0.5, drop_block_rate=0.5, num_classes=5)).to(device).train()
+    assert sum(type(m).__name__ == "DropBlock2d" for m in model.modules()) == 2
+    twin = _double_twin(model)
+    aru_models.fuse(model)
+    x = torch.randn(4, 3, 45, 43, device=device)  # (layer3 and layer4, where timm drops blocks, 3x3 and 2x2)
+    torch.manual_seed(7)
+    out = model(x)
+    torch.manual_seed(7)
+    expected = twin(x.double())
+    assert_close(out, expected, torch.float32, what="logits with stochastic depth")
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, what=f"gradient of {name}")
+
+
+@pytest.mark.slow
+def test_squeeze_excitation_fused_in_eval_mode_and_its_gradients(device):
+    """Batch norms in eval mode (fine-tuning with frozen statistics): the squeeze comes
+    from conv3's epilogue and the excitation scales the block's final pass; output and
+    every gradient (the SE layers' included) against float64."""
+    model = randomize_norms(plain_resnext(num_classes=5, block_args=dict(attn_layer="se"))).to(device).eval()
+    twin = _double_twin(model)
+    aru_models.fuse(model)
+    x = torch.randn(2, 3, 23, 19, device=device)
+    log = AtenLog()
+    with log:
+        out = model(x)
+    # the squeeze of every block from its conv3; the one aten.mean left is the classifier's pooling
+    assert log.ops.count("aru.conv_bn_squeeze") == 4 and log.ops.count("aten.mean") == 1
+    expected = twin(x.double())
+    assert_close(out, expected, torch.float32, what="logits")
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert_close(p.grad, q.grad, torch.float32, what=f"gradient of {name}")
+
+
+@pytest.mark.slow
+def test_other_attention_modules_run_as_they_are(device):
+    """An attention module other than SEModule (timm's ECA) runs as its own module on the
+    normalized branch, in training: the step as accurate (against float64) as eager
+    float32's, which this small configuration leaves about 1e-3 off."""
+    model = randomize_norms(plain_resnext(num_classes=5, block_args=dict(attn_layer="eca"))).to(device).train()
+    assert type(model.layer1[0].se).__name__ == "EcaModule"
+    twin, eager = _double_twin(model), copy.deepcopy(model)
+    aru_models.fuse(model)
+    x = torch.randn(2, 3, 23, 21, device=device)
+    outs = [model(x), eager(x), twin(x.double())]
+    assert_close(outs[0], outs[2], torch.float32, what="logits")
+    for out in outs:
+        out.square().sum().backward()
+    for (name, p), q, r in zip(model.named_parameters(), eager.parameters(), twin.parameters()):
+        assert_as_accurate(p.grad, q.grad, r.grad, what=f"gradient of {name}")
+
+
+@pytest.mark.slow
+def test_detection_backbone_with_frozen_batch_norm(device):
+    """The FPN backbone's feature maps, eval and train (frozen statistics), and its
+    trainable layers' gradients, against the unconverted backbone in float64."""
+    backbone = randomize_norms(fpn_body()).to(device)
+    twin = _double_twin(backbone)
+    keys = list(backbone.state_dict())
+    aru_models.fuse(backbone)
+    assert "body" in _fused_forwards(backbone) and list(backbone.state_dict()) == keys
+    x = torch.randn(1, 3, 37, 29, device=device)
+    for train in (False, True):
+        backbone.train(train)
+        twin.train(train)
+        feats, expected = backbone(x), twin(x.double())
+        assert list(feats) == list(expected)
+        for name in expected:
+            assert_close(feats[name], expected[name], torch.float32, what=f"feature map {name} (train={train})")
+    sum(f.float().square().mean() for f in feats.values()).backward()
+    sum(f.square().mean() for f in expected.values()).backward()
+    grads = [(n, p, q) for (n, p), q in zip(backbone.named_parameters(), twin.parameters()) if p.requires_grad]
+    assert any(n.startswith("body.layer2") for n, _, _ in grads)
+    for name, p, q in grads:
+        assert_close(p.grad, q.grad, torch.float32, what=f"gradient of {name}")
+
+
+def test_unsupported_modules_are_reported_and_left_eager():
+    model = plain_resnext(act_layer=torch.nn.SiLU)
+    with pytest.warns(aru_models.UnfusedWarning, match=r"layer1\.0: act1 is SiLU, not ReLU") as record:
+        aru_models.fuse(model)
+    message = str(record[0].message)
+    assert all(f"layer{i}.0" in message for i in range(1, 5)) and "activation is SiLU" in message
+    assert _fused_forwards(model) == []
+    with pytest.raises(ValueError, match="act1 is SiLU"):
+        aru_models.fuse(model, strict=True)
+    with pytest.raises(ValueError, match="impl must be"):
+        aru_models.fuse(model, impl="triton")
+
+
+def test_fuse_switches_this_package_models():
+    model = aru_models.resnext29_tiny(impl="eager")
+    assert aru_models.fuse(model).impl == "fused"
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"fused"}
+    assert aru_models.fuse(model, impl="eager").impl == "eager"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_torch_compile_fullgraph_over_fused_timm_model(train, device):
+    """Squeeze-excitation included: its squeeze, excitation and their gradients trace too."""
+    model = randomize_norms(plain_resnext(num_classes=5, block_args=dict(attn_layer="se"))).to(device).train(train)
+    twin = copy.deepcopy(model)
+    aru_models.fuse(model)
+    aru_models.fuse(twin)
+    x = torch.randn(2, 3, 19, 21, device=device)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    expected = twin(x)
+    assert_close(out, expected, torch.float32, what="compiled fused timm logits")
+    if train:
+        out.square().sum().backward()
+        expected.square().sum().backward()
+        for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+            assert_close(p.grad, q.grad, torch.float32, what=f"compiled gradient of {name}")
