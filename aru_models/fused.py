@@ -1,7 +1,9 @@
 """Forward passes of the ResNet models through the fused Triton kernels.
 
 :class:`aru_models.resnet.ResNet` and its blocks call into this module when
-their ``impl`` is ``"fused"``; the eager path never imports it.
+their ``impl`` is ``"fused"``, and so do the torchvision and timm modules that
+:func:`aru_models.fuse` switched (:mod:`aru_models.external` reads their
+parts: :class:`BlockParts`); the eager path never imports it.
 
 Eval mode: every convolution runs as one :func:`aru_kernels.conv_bn_act`
 launch with its batch norm applied in the epilogue from the module's own
@@ -21,6 +23,13 @@ ends in one
 :func:`aru_kernels.bn_add_relu` pass (the downsample branch's batch norm
 included). Backward runs through the kernels' autograd formulas; the
 block's adds the residual gradient in its first conv's input-gradient kernel.
+
+Squeeze-excitation (timm's ``SEModule``): the squeeze comes from the last
+conv's epilogue, its two small layers run as the module's own, and the
+excitation scales the block's final pass, in both modes. Other modules
+between the last batch norm and the residual add (other attention modules,
+stochastic depth, in training DropBlock) run as they are on a materialized
+normalized branch. ``FrozenBatchNorm2d`` is applied like an eval-mode batch norm.
 
 Activations stay channels_last (NHWC) between kernels. The stem max-pool,
 the global average pool and the classifier stay PyTorch.
