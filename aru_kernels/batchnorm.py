@@ -137,6 +137,14 @@ def _centred(ptr, off, ok, mean_ptr, rc, c_ok):
 
 
 @triton.jit
+def _relu_grad(dout_ptr, out_ptr, off, ok):
+    """dL/dout behind the block's final ReLU, in fp32: torch.relu's gradient, zero where
+    the output is <= 0 (NaN outputs pass it on)."""
+    out = tl.load(out_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    return tl.where(out <= 0, 0.0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32))
+
+
+@triton.jit
 def bn_add_relu_kernel(
     y_ptr,  # [M, C] NHWC rows
     mean_ptr, scale_ptr, shift_ptr,  # [C] fp32
@@ -201,9 +209,7 @@ def bn_add_relu_backward_kernel(
     c_ok = rc < C
     ok = (rm < M)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    out = tl.load(out_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    # torch.relu's gradient: zero where the output is <= 0 (NaN outputs pass it on).
-    dz = tl.where(out <= 0, 0.0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32))
+    dz = _relu_grad(dout_ptr, out_ptr, off, ok)
     yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
     if SCATTER:
         tl.store(dy_ptr + off, (dz * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
@@ -253,9 +259,7 @@ def bn_add_relu_scaled_backward_kernel(
     c_ok = rc < C
     ok = (local < HW)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    out = tl.load(out_ptr + off, mask=ok, other=0.0).to(tl.float32)
-    # torch.relu's gradient: zero where the output is <= 0 (NaN outputs pass it on).
-    dz = tl.where(out <= 0, 0.0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32))
+    dz = _relu_grad(dout_ptr, out_ptr, off, ok)
     yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
     scale = _vec(scale_ptr, rc, c_ok)
     e = tl.load(e_ptr + img.to(tl.int64) * C + rc, mask=c_ok, other=0.0)[None, :]

@@ -211,13 +211,15 @@ def _ds_input(parts: BlockParts, x: Tensor) -> Tensor:
     return x if pool is None else pool(x).contiguous(memory_format=torch.channels_last)
 
 
-def _add_relu(z: Tensor, identity: Tensor, id_affine=None) -> Tensor:
-    """``relu(z + identity')`` in one pass (identity' as in :func:`aru_kernels.bn_add_relu`)."""
+def _add_relu(z: Tensor, identity: Tensor, id_affine=None, branch_scale: Tensor | None = None) -> Tensor:
+    """``relu(e*z + identity')`` in one pass (identity' and ``e`` = ``branch_scale`` as in
+    :func:`aru_kernels.bn_add_relu`)."""
     ones = torch.ones(z.shape[1], dtype=torch.float32, device=z.device)
     if id_affine is None:
-        return bn_add_relu(z, ones, torch.zeros_like(ones), identity)
+        return bn_add_relu(z, ones, torch.zeros_like(ones), identity, branch_scale=branch_scale)
     mean, scale, shift = id_affine
-    return bn_add_relu(z, ones, torch.zeros_like(ones), identity, scale, shift, id_mean=mean)
+    return bn_add_relu(z, ones, torch.zeros_like(ones), identity, scale, shift, id_mean=mean,
+                       branch_scale=branch_scale)
 
 
 def _block_eval(parts: BlockParts, x: Tensor) -> Tensor:
@@ -237,8 +239,7 @@ def _block_eval(parts: BlockParts, x: Tensor) -> Tensor:
     if excite is not None and not _drop_path_active(parts):
         # squeeze from the last conv's epilogue, excitation applied in the block's final pass
         z, means = conv_bn(conv, bn, out, squeeze=True)
-        ones = torch.ones(z.shape[1], dtype=torch.float32, device=z.device)
-        return bn_add_relu(z, ones, torch.zeros_like(ones), identity, branch_scale=excite(means.to(z.dtype)))
+        return _add_relu(z, identity, branch_scale=excite(means.to(z.dtype)))
     return _add_relu(_tail(parts, conv_bn(conv, bn, out)), identity)
 
 
