@@ -145,6 +145,36 @@ def _relu_grad(dout_ptr, out_ptr, off, ok):
 
 
 @triton.jit
+def _mask_offsets(rm, pid_c, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Offsets and validity of the bytes of a [BLOCK_M, BLOCK_C] tile's ReLU bit mask,
+    stored as [M, ceil(C/8)] uint8 rows, bit b of byte j for channel 8j + b."""
+    rb = pid_c * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
+    row_bytes = (C + 7) // 8
+    return rm.to(tl.int64)[:, None] * row_bytes + rb[None, :], rb < row_bytes
+
+
+@triton.jit
+def _store_relu_mask(mask_ptr, stored, ok, rm, pid_c, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Write, one bit per element, where ``stored`` (the output as stored) lets
+    torch.relu's gradient through: not ``<= 0`` (NaN passes)."""
+    keep = tl.where(ok & ~(stored.to(tl.float32) <= 0), 1, 0)
+    bits = tl.reshape(keep, (BLOCK_M, BLOCK_C // 8, 8))
+    byte = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2)
+    off, b_ok = _mask_offsets(rm, pid_c, C, BLOCK_M, BLOCK_C)
+    tl.store(mask_ptr + off, byte.to(tl.uint8), mask=(rm < M)[:, None] & b_ok[None, :])
+
+
+@triton.jit
+def _relu_grad_bits(dout_ptr, mask_ptr, off, ok, rm, pid_c, M, C, BLOCK_M: tl.constexpr,
+                    BLOCK_C: tl.constexpr):
+    """:func:`_relu_grad` with the ReLU mask read as bits (:func:`_store_relu_mask`)."""
+    b_off, b_ok = _mask_offsets(rm, pid_c, C, BLOCK_M, BLOCK_C)
+    byte = tl.load(mask_ptr + b_off, mask=(rm < M)[:, None] & b_ok[None, :], other=0).to(tl.int32)
+    keep = tl.reshape((byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1, (BLOCK_M, BLOCK_C))
+    return tl.where(keep != 0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
+
+
+@triton.jit
 def bn_add_relu_kernel(
     y_ptr,  # [M, C] NHWC rows
     mean_ptr, scale_ptr, shift_ptr,  # [C] fp32
@@ -161,6 +191,8 @@ def bn_add_relu_kernel(
     e_ptr=None,  # [N, C] fp32 per-(image, channel) scale of the normalized branch (BRANCH_SCALE)
     HW=1,  # pixels per image (BRANCH_SCALE)
     BRANCH_SCALE: tl.constexpr = False,
+    mask_ptr=None,  # [M, ceil(C/8)] uint8 out: the ReLU's gradient mask as bits (MASK_OUT)
+    MASK_OUT: tl.constexpr = False,
 ):
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -180,13 +212,16 @@ def bn_add_relu_kernel(
         z = z + r
     if RELU:
         z = _relu(z)
-    tl.store(out_ptr + off, z.to(out_ptr.dtype.element_ty), mask=ok)
+    stored = z.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + off, stored, mask=ok)
+    if MASK_OUT:
+        _store_relu_mask(mask_ptr, stored, ok, rm, tl.program_id(1), M, C, BLOCK_M, BLOCK_C)
 
 
 @triton.jit
 def bn_add_relu_backward_kernel(
     dout_ptr,  # [M, C] dL/dout
-    out_ptr,  # [M, C] the forward output (its sign is the ReLU mask)
+    out_ptr,  # [M, C] the forward output (its sign is the ReLU mask); its mask as bits with MASK_BITS
     y_ptr,  # [M, C]
     mean_ptr, scale_ptr,  # [C] fp32
     id_ptr,  # [M, C] identity (HAS_IDENTITY)
@@ -202,6 +237,7 @@ def bn_add_relu_backward_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_C: tl.constexpr,
     SCATTER: tl.constexpr = True,  # write dL/dy and dL/didentity; else dz once, for consumers that scale it
+    MASK_BITS: tl.constexpr = False,  # out_ptr holds the ReLU mask as bits (bn_add_relu_kernel's MASK_OUT)
 ):
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -209,7 +245,10 @@ def bn_add_relu_backward_kernel(
     c_ok = rc < C
     ok = (rm < M)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    dz = _relu_grad(dout_ptr, out_ptr, off, ok)
+    if MASK_BITS:
+        dz = _relu_grad_bits(dout_ptr, out_ptr, off, ok, rm, tl.program_id(1), M, C, BLOCK_M, BLOCK_C)
+    else:
+        dz = _relu_grad(dout_ptr, out_ptr, off, ok)
     yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
     if SCATTER:
         tl.store(dy_ptr + off, (dz * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)

@@ -107,11 +107,11 @@ class ResidualBlockTrain(torch.autograd.Function):
         y, mean, scale, shift = stats[chain - 1]
         if has_downsample:
             yd, md, sd, bd = stats[chain]
-            out = torch.ops.aru.bn_add_relu(y, mean, scale, shift, yd, md, sd, bd)
+            out, relu_mask = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, yd, md, sd, bd)
         else:
-            out = torch.ops.aru.bn_add_relu(y, mean, scale, shift, x, None, None, None)
+            out, relu_mask = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, x, None, None, None)
         ctx.configs, ctx.has_downsample = configs, has_downsample
-        ctx.save_for_backward(x, out, *(c[0] for c in convs), *(c[1] for c in convs), *(c[2] for c in convs),
+        ctx.save_for_backward(x, relu_mask, *(c[0] for c in convs), *(c[1] for c in convs), *(c[2] for c in convs),
                               *saved)
         ctx.mark_non_differentiable(*running)
         return (out, *running)
@@ -121,7 +121,7 @@ class ResidualBlockTrain(torch.autograd.Function):
         configs, has_ds = ctx.configs, ctx.has_downsample
         n_convs = len(configs)
         chain = n_convs - has_ds
-        x, out, *rest = ctx.saved_tensors
+        x, relu_mask, *rest = ctx.saved_tensors
         weights, bn_weights, bn_biases = rest[:n_convs], rest[n_convs:2 * n_convs], rest[2 * n_convs:3 * n_convs]
         per = [rest[3 * n_convs + 6 * k: 3 * n_convs + 6 * (k + 1)] for k in range(n_convs)]
         grads = [[None] * PER_CONV for _ in range(n_convs)]
@@ -129,7 +129,8 @@ class ResidualBlockTrain(torch.autograd.Function):
 
         y_last, m_last = per[chain - 1][0], per[chain - 1][1]
         yd, md = (per[chain][0], per[chain][1]) if has_ds else (None, None)
-        dz, sums = torch.ops.aru.bn_add_relu_grad_sums(nhwc(dout.to(out.dtype)), out, y_last, m_last, yd, md)
+        dz, sums = torch.ops.aru.bn_add_relu_grad_sums(nhwc(dout.to(y_last.dtype)), relu_mask, y_last, m_last,
+                                                       yd, md)
 
         def conv_backward(k: int, g: Tensor, d_shift: Tensor, d_scale: Tensor, scaled: bool,
                           residual: Optional[Tensor], need_dx: bool):

@@ -7,8 +7,9 @@
 * ``aru::bn_add_relu`` and ``aru::bn_add_relu_backward``: the end of a
   residual block in one pass, and its gradient (``aru::bn_add_relu_scaled_backward``
   with a per-(image, channel) branch scale: squeeze-excitation);
-  ``aru::bn_add_relu_grad_sums``: the same gradient left unscaled, written
-  once, for :mod:`aru_kernels.block_ops`.
+  ``aru::bn_add_relu_mask`` also writes the ReLU's mask as bits, and
+  ``aru::bn_add_relu_grad_sums`` reads them for the same gradient left
+  unscaled, written once: for :mod:`aru_kernels.block_ops`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from . import batchnorm as _bn
 from .launch import launch
 from .plans import elementwise_blocks, finalize_blocks, finalize_chunks
 
-__all__ = ["rows", "finalize_stats", "stats_term", "normalize", "bn_add_relu_grad_sums"]
+__all__ = ["rows", "finalize_stats", "stats_term", "normalize", "relu_mask_shape", "bn_add_relu_mask",
+           "bn_add_relu_grad_sums"]
 
 
 def rows(t: Tensor) -> int:
@@ -155,6 +157,31 @@ def normalize(x: Tensor, mean: Optional[Tensor], scale: Tensor, shift: Tensor, r
     return out
 
 
+def relu_mask_shape(y: Tensor) -> tuple[int, int]:
+    """Shape of the ReLU bit mask of an [N, C, H, W] activation: one uint8 row of
+    ``ceil(C/8)`` bytes per pixel (NHWC order), bit b of byte j for channel 8j + b."""
+    return rows(y), -(-y.shape[1] // 8)
+
+
+def _bn_add_relu_launch(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, branch_scale,
+                        relu_mask: Optional[Tensor] = None) -> Tensor:
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    m, c = rows(y), y.shape[1]
+    if out.numel():
+        block_m, block_c = elementwise_blocks(c)
+        affine = id_scale is not None
+        launch(
+            _bn.bn_add_relu_kernel, _grid(m, c, block_m, block_c),
+            y, mean, scale, shift, y if identity is None else identity,
+            id_mean if affine else mean, id_scale if affine else scale, id_shift if affine else shift, out, m, c,
+            HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
+            e_ptr=mean if branch_scale is None else branch_scale, HW=y.shape[2] * y.shape[3],
+            BRANCH_SCALE=branch_scale is not None, mask_ptr=relu_mask, MASK_OUT=relu_mask is not None,
+            role="bn_add_relu",
+        )
+    return out
+
+
 @torch.library.custom_op("aru::bn_add_relu", mutates_args=())
 def _bn_add_relu_op(
     y: Tensor,
@@ -169,25 +196,37 @@ def _bn_add_relu_op(
 ) -> Tensor:
     """``relu(e*(scale*(y - mean) + shift) + identity')``, identity' as in
     :func:`aru_kernels.bn_add_relu`, ``e`` = ``branch_scale`` [N, C] (absent: 1)."""
-    out = torch.empty_like(y, memory_format=torch.channels_last)
-    m, c = rows(y), y.shape[1]
-    if out.numel():
-        block_m, block_c = elementwise_blocks(c)
-        affine = id_scale is not None
-        launch(
-            _bn.bn_add_relu_kernel, _grid(m, c, block_m, block_c),
-            y, mean, scale, shift, y if identity is None else identity,
-            id_mean if affine else mean, id_scale if affine else scale, id_shift if affine else shift, out, m, c,
-            HAS_IDENTITY=identity is not None, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c,
-            e_ptr=mean if branch_scale is None else branch_scale, HW=y.shape[2] * y.shape[3],
-            BRANCH_SCALE=branch_scale is not None, role="bn_add_relu",
-        )
-    return out
+    return _bn_add_relu_launch(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, branch_scale)
 
 
 @_bn_add_relu_op.register_fake
 def _bn_add_relu_fake(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, branch_scale=None):
     return torch.empty_like(y, memory_format=torch.channels_last)
+
+
+@torch.library.custom_op("aru::bn_add_relu_mask", mutates_args=())
+def bn_add_relu_mask(
+    y: Tensor,
+    mean: Tensor,
+    scale: Tensor,
+    shift: Tensor,
+    identity: Optional[Tensor],
+    id_mean: Optional[Tensor],
+    id_scale: Optional[Tensor],
+    id_shift: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """``aru::bn_add_relu`` that also writes where its ReLU passes a gradient, one
+    bit per element (:func:`relu_mask_shape`): the backward reads that instead of
+    the output. Not differentiable itself: for nodes that own their backward."""
+    relu_mask = torch.empty(relu_mask_shape(y), dtype=torch.uint8, device=y.device)
+    return _bn_add_relu_launch(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, None,
+                               relu_mask), relu_mask
+
+
+@bn_add_relu_mask.register_fake
+def _bn_add_relu_mask_fake(y, mean, scale, shift, identity, id_mean, id_scale, id_shift):
+    return (torch.empty_like(y, memory_format=torch.channels_last),
+            torch.empty(relu_mask_shape(y), dtype=torch.uint8, device=y.device))
 
 
 def _bn_add_relu_setup(ctx, inputs, output):
@@ -239,13 +278,14 @@ def _bn_add_relu_backward_fake(dout, out, y, mean, scale, identity, id_mean, id_
 @torch.library.custom_op("aru::bn_add_relu_grad_sums", mutates_args=())
 def bn_add_relu_grad_sums(
     dout: Tensor,
-    out: Tensor,
+    relu_mask: Tensor,
     y: Tensor,
     mean: Tensor,
     identity: Optional[Tensor],
     id_mean: Optional[Tensor],
 ) -> tuple[Tensor, Tensor]:
-    """``(dz, sums)`` for ``out = relu(scale*(y - mean) + shift + identity')``:
+    """``(dz, sums)`` for ``out = relu(scale*(y - mean) + shift + identity')`` with
+    its ReLU mask ``relu_mask`` as ``aru::bn_add_relu_mask`` wrote it:
     dz = dL/dout behind the ReLU, written once (the consumers scale it as they
     load it), and the per-channel sums ``[3, C]`` of dz, dz*(y - mean) and,
     with ``identity`` (the downsample branch's conv output, its batch norm's
@@ -259,16 +299,16 @@ def bn_add_relu_grad_sums(
     if dz.numel():
         launch(
             _bn.bn_add_relu_backward_kernel, (tiles, -(-c // block_c)),
-            dout, out, y, mean, mean, y if identity is None else identity, mean if id_mean is None else id_mean,
-            mean, dz, dz, part, m, c, tiles,
+            dout, relu_mask, y, mean, mean, y if identity is None else identity,
+            mean if id_mean is None else id_mean, mean, dz, dz, part, m, c, tiles,
             HAS_IDENTITY=affine, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c, SCATTER=False,
-            role="bn_add_relu_bwd",
+            MASK_BITS=True, role="bn_add_relu_bwd",
         )
     return dz, part.sum(1)  # fixed-order reduction over tiles
 
 
 @bn_add_relu_grad_sums.register_fake
-def _bn_add_relu_grad_sums_fake(dout, out, y, mean, identity, id_mean):
+def _bn_add_relu_grad_sums_fake(dout, relu_mask, y, mean, identity, id_mean):
     return (torch.empty_like(y, memory_format=torch.channels_last),
             torch.empty((3, y.shape[1]), dtype=torch.float32, device=y.device))
 

@@ -271,6 +271,40 @@ def test_bn_add_relu_gradients(device):
         assert_close(a.grad, e.grad, torch.float32, what=f"gradient of {name}")
 
 
+def _unpack_bits(bits, c):
+    """[M, ceil(C/8)] uint8 -> [M, 8*ceil(C/8)] bool, channel 8j + b from bit b of byte j."""
+    shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
+    return ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+
+
+def test_relu_mask_bits_and_block_end_gradient(device):
+    """``aru::bn_add_relu_mask``'s bits are torch.relu's gradient mask of the stored
+    output (exact zeros closed, NaN open, the pad bits of a partial byte clear), and
+    ``aru::bn_add_relu_grad_sums`` reading them gives dz and the sums."""
+    n, c, h, w = 3, 20, 7, 5  # 20 channels: 3 bytes a pixel, the last half used
+    y = channels_last(torch.randn(n, c, h, w, device=device))
+    idn = channels_last(torch.randn(n, c, h, w, device=device))
+    mean, scale, shift = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    y[0, :, 0, 0] = mean  # bn lands exactly on shift: identity = -shift gives an exact zero
+    idn[0, :, 0, 0] = -shift
+    y[1, 3, 2, 2] = float("nan")
+    out, bits = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, idn, None, None, None)
+    assert bits.dtype == torch.uint8 and bits.shape == (n * h * w, 3)
+    expected = ~(out.permute(0, 2, 3, 1).reshape(-1, c) <= 0)
+    unpacked = _unpack_bits(bits, c)
+    assert torch.equal(unpacked[:, :c], expected)
+    assert not unpacked[:, c:].any(), "bits past the last channel are set"
+    assert not expected[0].any() and expected[n * h * w // n + 2 * w + 2, 3]  # the zeros closed, the NaN open
+    dout = channels_last(torch.randn(n, c, h, w, device=device))
+    dz, sums = torch.ops.aru.bn_add_relu_grad_sums(dout, bits, y, mean, None, None)
+    dz_ref = torch.where(out <= 0, 0.0, dout)
+    assert torch.equal(dz, dz_ref)
+    ok = ~torch.isnan(y).any((0, 2, 3))  # the NaN channel's sum is NaN on both sides
+    yc = y - mean.view(1, c, 1, 1)
+    assert_close(sums[0], dz_ref.sum((0, 2, 3)), torch.float32, what="sum of dz")
+    assert_close(sums[1][ok], (dz_ref * yc).sum((0, 2, 3))[ok], torch.float32, what="sum of dz*(y - mean)")
+
+
 def test_weight_gradient_is_deterministic_across_runs(device):
     x = channels_last(torch.randn(4, 32, 9, 9, device=device))
     w = _leaf(torch.randn(32, 4, 3, 3, device=device))
@@ -308,7 +342,9 @@ def test_opcheck_training_ops(device):
                            plans.plan_conv(x.shape, w.shape, x.dtype, padding=1, groups=4).block_m, 0.1, 1e-5))
     torch.library.opcheck(torch.ops.aru.bn_add_relu.default, (y, m, s, b, x, m, s, b))
     e = torch.rand(2, 16, device=device) + 0.5  # per (image, channel)
-    torch.library.opcheck(torch.ops.aru.bn_add_relu_grad_sums.default, (torch.randn_like(y), x, y, m, x, m))
+    torch.library.opcheck(torch.ops.aru.bn_add_relu_mask.default, (y, m, s, b, x, m, s, b))
+    _, bits = torch.ops.aru.bn_add_relu_mask(y, m, s, b, x, m, s, b)
+    torch.library.opcheck(torch.ops.aru.bn_add_relu_grad_sums.default, (torch.randn_like(y), bits, y, m, x, m))
     torch.library.opcheck(torch.ops.aru.bn_add_relu.default, (y, m, s, b, x, m, s, b, e))
     torch.library.opcheck(torch.ops.aru.bn_add_relu_scaled_backward.default,
                           (torch.randn_like(y), x, y, m, s, b, e, x, m, s))
