@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from .conv import _relu
+from .relu_bits import load_relu_mask, store_relu_mask
 
 
 @triton.jit
@@ -145,36 +146,6 @@ def _relu_grad(dout_ptr, out_ptr, off, ok):
 
 
 @triton.jit
-def _mask_offsets(rm, pid_c, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Offsets and validity of the bytes of a [BLOCK_M, BLOCK_C] tile's ReLU bit mask,
-    stored as [M, ceil(C/8)] uint8 rows, bit b of byte j for channel 8j + b."""
-    rb = pid_c * (BLOCK_C // 8) + tl.arange(0, BLOCK_C // 8)
-    row_bytes = (C + 7) // 8
-    return rm.to(tl.int64)[:, None] * row_bytes + rb[None, :], rb < row_bytes
-
-
-@triton.jit
-def _store_relu_mask(mask_ptr, stored, ok, rm, pid_c, M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Write, one bit per element, where ``stored`` (the output as stored) lets
-    torch.relu's gradient through: not ``<= 0`` (NaN passes)."""
-    keep = tl.where(ok & ~(stored.to(tl.float32) <= 0), 1, 0)
-    bits = tl.reshape(keep, (BLOCK_M, BLOCK_C // 8, 8))
-    byte = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2)
-    off, b_ok = _mask_offsets(rm, pid_c, C, BLOCK_M, BLOCK_C)
-    tl.store(mask_ptr + off, byte.to(tl.uint8), mask=(rm < M)[:, None] & b_ok[None, :])
-
-
-@triton.jit
-def _relu_grad_bits(dout_ptr, mask_ptr, off, ok, rm, pid_c, M, C, BLOCK_M: tl.constexpr,
-                    BLOCK_C: tl.constexpr):
-    """:func:`_relu_grad` with the ReLU mask read as bits (:func:`_store_relu_mask`)."""
-    b_off, b_ok = _mask_offsets(rm, pid_c, C, BLOCK_M, BLOCK_C)
-    byte = tl.load(mask_ptr + b_off, mask=(rm < M)[:, None] & b_ok[None, :], other=0).to(tl.int32)
-    keep = tl.reshape((byte[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1, (BLOCK_M, BLOCK_C))
-    return tl.where(keep != 0, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
-
-
-@triton.jit
 def bn_add_relu_kernel(
     y_ptr,  # [M, C] NHWC rows
     mean_ptr, scale_ptr, shift_ptr,  # [C] fp32
@@ -215,7 +186,7 @@ def bn_add_relu_kernel(
     stored = z.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + off, stored, mask=ok)
     if MASK_OUT:
-        _store_relu_mask(mask_ptr, stored, ok, rm, tl.program_id(1), M, C, BLOCK_M, BLOCK_C)
+        store_relu_mask(mask_ptr, stored, ok, rm, rm < M, tl.program_id(1) * (BLOCK_C // 8), C, BLOCK_M, BLOCK_C)
 
 
 @triton.jit
@@ -246,7 +217,8 @@ def bn_add_relu_backward_kernel(
     ok = (rm < M)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
     if MASK_BITS:
-        dz = _relu_grad_bits(dout_ptr, out_ptr, off, ok, rm, tl.program_id(1), M, C, BLOCK_M, BLOCK_C)
+        keep = load_relu_mask(out_ptr, rm, rm < M, tl.program_id(1) * (BLOCK_C // 8), C, BLOCK_M, BLOCK_C)
+        dz = tl.where(keep, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
     else:
         dz = _relu_grad(dout_ptr, out_ptr, off, ok)
     yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)

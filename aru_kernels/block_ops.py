@@ -30,7 +30,7 @@ from torch import Tensor
 from .bn_ops import rows, stats_term
 from .conv_ops import nhwc
 
-__all__ = ["ConvBN", "ResidualBlockTrain", "PER_CONV"]
+__all__ = ["ConvBN", "ResidualBlocksTrain", "PER_CONV"]
 
 PER_CONV = 6  # tensors per conv: weight, bn weight, bn bias, running mean, running var, num_batches_tracked
 
@@ -77,95 +77,160 @@ def _bn_grads(d_shift: Tensor, d_scale: Tensor, invstd: Tensor, scale: Tensor, b
     return d_weight, d_shift, a, b
 
 
-class ResidualBlockTrain(torch.autograd.Function):
-    """``forward(ctx, configs, has_downsample, x, *tensors)``: ``configs`` holds each
+def _block_forward(configs, has_ds: bool, x: Tensor, convs) -> tuple:
+    """One block's forward: (out, ReLU mask bits, new running statistics, saved per-conv tensors)."""
+    chain = len(configs) - has_ds
+    running, saved, stats = [], [], []
+    h, prologue = x, (None, None, None)
+    for k in range(len(configs)):
+        if k == chain:  # the downsample branch reads the block input
+            h, prologue = x, (None, None, None)
+        weight, bn_weight, bn_bias, rm, rv, nbt = convs[k]
+        stride, padding, dilation, groups, momentum, eps = configs[k]
+        y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
+            h, weight, *prologue, rm, rv, nbt, stride, padding, dilation, groups,
+            prologue[0] is not None, momentum, eps)
+        scale, shift = _affine(bn_weight, bn_bias, invstd)
+        running += [new_rm, new_rv]
+        saved.append((y, mean, invstd, scale, shift, a))
+        stats.append((y, mean, scale, shift))
+        h, prologue = y, (mean, scale, shift)
+    y, mean, scale, shift = stats[chain - 1]
+    identity = stats[chain] if has_ds else (x, None, None, None)
+    out, relu_mask = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, *identity)
+    return out, relu_mask, running, saved
+
+
+class _BlockEnd(NamedTuple):
+    """What the backward through a block's final ``relu(bn(y) + identity')`` reads."""
+
+    relu_mask: Tensor
+    y: Tensor  # the last conv's output
+    mean: Tensor
+    yd: Optional[Tensor]  # the downsample conv's output
+    md: Optional[Tensor]
+
+
+class ResidualBlocksTrain(torch.autograd.Function):
+    """``forward(ctx, layout, x, *tensors)``: residual blocks one after the other,
+    ``layout`` holding per block ``(configs, has_downsample)``, ``configs`` each
     conv's :meth:`ConvBN.config`, the chain first and the downsample last;
     ``tensors`` their :meth:`ConvBN.tensors`, :data:`PER_CONV` each, in the same
-    order. Returns the block output, then each batch norm's new running mean and
-    variance (empty without running statistics; ``num_batches_tracked`` must
-    already count this batch), not differentiable."""
+    order, block after block. Returns the last block's output, then each batch
+    norm's new running mean and variance (empty without running statistics;
+    ``num_batches_tracked`` must already count this batch), not differentiable.
+
+    Between two blocks of the node, the gradient of the first one's output is
+    never written: the second block's last input-gradient launch applies the
+    first one's final ReLU and takes its batch norms' sums in its epilogue
+    (``aru::conv_input_grad_block_end``)."""
 
     @staticmethod
-    def forward(ctx, configs, has_downsample: bool, x, *tensors):
-        convs = [tensors[i * PER_CONV:(i + 1) * PER_CONV] for i in range(len(configs))]
-        chain = len(configs) - has_downsample
-        running, saved, stats = [], [], []
-        h, prologue = x, (None, None, None)
-        for k in range(len(configs)):
-            if k == chain:  # the downsample branch reads the block input
-                h, prologue = x, (None, None, None)
-            weight, bn_weight, bn_bias, rm, rv, nbt = convs[k]
-            stride, padding, dilation, groups, momentum, eps = configs[k]
-            y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
-                h, weight, *prologue, rm, rv, nbt, stride, padding, dilation, groups,
-                prologue[0] is not None, momentum, eps)
-            scale, shift = _affine(bn_weight, bn_bias, invstd)
-            running += [new_rm, new_rv]
-            saved += [y, mean, invstd, scale, shift, a]
-            stats.append((y, mean, scale, shift))
-            h, prologue = y, (mean, scale, shift)
-        y, mean, scale, shift = stats[chain - 1]
-        if has_downsample:
-            yd, md, sd, bd = stats[chain]
-            out, relu_mask = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, yd, md, sd, bd)
-        else:
-            out, relu_mask = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, x, None, None, None)
-        ctx.configs, ctx.has_downsample = configs, has_downsample
-        ctx.save_for_backward(x, relu_mask, *(c[0] for c in convs), *(c[1] for c in convs), *(c[2] for c in convs),
-                              *saved)
+    def forward(ctx, layout, x, *tensors):
+        running, saved, h, first = [], [], x, 0
+        inputs, ends = [], []
+        for configs, has_ds in layout:
+            convs = [tensors[first + i * PER_CONV:first + (i + 1) * PER_CONV] for i in range(len(configs))]
+            first += len(configs) * PER_CONV
+            out, relu_mask, new_running, per = _block_forward(configs, has_ds, h, convs)
+            chain = len(configs) - has_ds
+            inputs.append(h)
+            ends.append(_BlockEnd(relu_mask, per[chain - 1][0], per[chain - 1][1],
+                                  per[chain][0] if has_ds else None, per[chain][1] if has_ds else None))
+            running += new_running
+            saved += [t for conv in per for t in conv]
+            h = out
+        ctx.layout = layout
+        # weight, bn weight and bn bias of each conv (not the running statistics: updated in place)
+        params = [t for i in range(0, len(tensors), PER_CONV) for t in tensors[i:i + 3]]
+        ctx.save_for_backward(*inputs, *(t for e in ends for t in e), *params, *saved)
         ctx.mark_non_differentiable(*running)
-        return (out, *running)
+        return (h, *running)
 
     @staticmethod
     def backward(ctx, dout, *_running):
-        configs, has_ds = ctx.configs, ctx.has_downsample
-        n_convs = len(configs)
-        chain = n_convs - has_ds
-        x, relu_mask, *rest = ctx.saved_tensors
-        weights, bn_weights, bn_biases = rest[:n_convs], rest[n_convs:2 * n_convs], rest[2 * n_convs:3 * n_convs]
-        per = [rest[3 * n_convs + 6 * k: 3 * n_convs + 6 * (k + 1)] for k in range(n_convs)]
-        grads = [[None] * PER_CONV for _ in range(n_convs)]
-        needs_x = ctx.needs_input_grad[2]
-
-        y_last, m_last = per[chain - 1][0], per[chain - 1][1]
-        yd, md = (per[chain][0], per[chain][1]) if has_ds else (None, None)
-        dz, sums = torch.ops.aru.bn_add_relu_grad_sums(nhwc(dout.to(y_last.dtype)), relu_mask, y_last, m_last,
-                                                       yd, md)
-
-        def conv_backward(k: int, g: Tensor, d_shift: Tensor, d_scale: Tensor, scaled: bool,
-                          residual: Optional[Tensor], need_dx: bool):
-            """Gradients of conv k from ``g`` (dL/dz behind its batch norm when ``scaled``,
-            else dL/dy without the statistics term) and the batch norm's sums; returns
-            dL/d(conv k's input) and, for k > 0, the sums of batch norm k - 1."""
-            y, mean, invstd, scale, shift, a = per[k]
-            stride, padding, dilation, groups, _, _ = configs[k]
-            d_w, d_b, st_a, st_b = _bn_grads(d_shift, d_scale, invstd, scale, bn_weights[k], rows(y))
-            grads[k][1] = d_w
-            grads[k][2] = None if bn_biases[k] is None else d_b.to(bn_biases[k].dtype)
-            inner = 0 < k < chain  # its input is the previous conv's output, normalized on the way in
-            src = per[k - 1][0] if inner else x
-            pro = (per[k - 1][1], per[k - 1][3], per[k - 1][4]) if inner else (None, None, None)
-            ahead = a.numel() > 0
-            dw, g = torch.ops.aru.conv_weight_grad(
-                a if ahead else src, g, weights[k], *((None, None, None) if ahead else pro), stride, padding,
-                dilation, groups, inner and not ahead, y, mean, st_a, st_b, scale if scaled else None)
-            grads[k][0] = dw.to(weights[k].dtype)
-            if not need_dx:
-                return None, None
-            dx, part_shift, part_scale = torch.ops.aru.conv_input_grad(
-                g, weights[k], src, *pro, stride, padding, dilation, groups, inner, None if inner else residual)
-            return dx, ((part_shift.sum(0), part_scale.sum(0)) if inner else None)
-
-        g, d_shift, d_scale, scaled = dz, sums[0], sums[1], True
+        layout = ctx.layout
+        blocks = len(layout)
+        flat = ctx.saved_tensors
+        inputs, flat = flat[:blocks], flat[blocks:]
+        ends = [_BlockEnd(*flat[5 * b:5 * (b + 1)]) for b in range(blocks)]
+        flat = flat[5 * blocks:]
+        n_convs = sum(len(configs) for configs, _ in layout)
+        params, saved = flat[:3 * n_convs], flat[3 * n_convs:]
+        end = ends[-1]
+        dz, sums = torch.ops.aru.bn_add_relu_grad_sums(nhwc(dout.to(end.y.dtype)), end.relu_mask, end.y, end.mean,
+                                                       end.yd, end.md)
+        first = n_convs
+        block_grads = [None] * blocks
         dx = None
-        for k in reversed(range(chain)):
-            residual = dz if (k == 0 and not has_ds) else None
-            dx_k, nxt = conv_backward(k, g, d_shift, d_scale, scaled, residual, k > 0 or needs_x)
-            if k > 0:
-                g, (d_shift, d_scale), scaled = dx_k, nxt, False
-            else:
-                dx = dx_k
-        if has_ds:
-            dx, _ = conv_backward(chain, dz, sums[0], sums[2], True, dx, needs_x)
-        flat = [t for conv in grads for t in conv]
-        return (None, None, dx if needs_x else None, *flat)
+        for b in reversed(range(blocks)):
+            configs, has_ds = layout[b]
+            first -= len(configs)
+            convs = [params[(first + i) * 3:(first + i + 1) * 3] for i in range(len(configs))]
+            per = [saved[(first + i) * 6:(first + i + 1) * 6] for i in range(len(configs))]
+            prev = ends[b - 1] if b > 0 else None
+            need_dx = b > 0 or ctx.needs_input_grad[1]
+            block_grads[b], dx, sums_prev = _block_backward(configs, has_ds, inputs[b], convs, per, dz, sums,
+                                                             prev, need_dx)
+            dz, sums = dx, sums_prev
+        flat_grads = [t for g in block_grads for conv in g for t in conv]
+        return (None, dx if ctx.needs_input_grad[1] else None, *flat_grads)
+
+
+def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, sums: Tensor,
+                    prev: Optional[_BlockEnd], need_dx: bool):
+    """One block's backward from dz (the gradient behind its final ReLU) and its
+    batch norms' sums: (per-conv gradients, then dL/dx, or with ``prev`` the
+    previous block's dz, and its sums)."""
+    n_convs = len(configs)
+    chain = n_convs - has_ds
+    grads = [[None] * PER_CONV for _ in range(n_convs)]
+    weights, bn_weights, bn_biases = [c[0] for c in convs], [c[1] for c in convs], [c[2] for c in convs]
+
+    def input_grad(k: int, g: Tensor, src, pro, inner: bool, residual: Optional[Tensor]):
+        stride, padding, dilation, groups, _, _ = configs[k]
+        last = prev is not None and not inner and (k == chain if has_ds else k == 0)
+        if last and groups == 1:  # through the previous block's end, dL/dx never written
+            return torch.ops.aru.conv_input_grad_block_end(g, weights[k], stride, padding, dilation, groups,
+                                                           residual, *prev)
+        dx, part_shift, part_scale = torch.ops.aru.conv_input_grad(
+            g, weights[k], src, *pro, stride, padding, dilation, groups, inner, None if inner else residual)
+        if last:
+            return torch.ops.aru.bn_add_relu_grad_sums(dx, *prev)
+        return dx, ((part_shift.sum(0), part_scale.sum(0)) if inner else None)
+
+    def conv_backward(k: int, g: Tensor, d_shift: Tensor, d_scale: Tensor, scaled: bool,
+                      residual: Optional[Tensor], need_dx: bool):
+        """Gradients of conv k from ``g`` (dL/dz behind its batch norm when ``scaled``,
+        else dL/dy without the statistics term) and the batch norm's sums; returns
+        dL/d(conv k's input) and, for k > 0, the sums of batch norm k - 1 (for the
+        block's last input gradient with ``prev``: the previous block's dz and sums)."""
+        y, mean, invstd, scale, shift, a = per[k]
+        stride, padding, dilation, groups, _, _ = configs[k]
+        d_w, d_b, st_a, st_b = _bn_grads(d_shift, d_scale, invstd, scale, bn_weights[k], rows(y))
+        grads[k][1] = d_w
+        grads[k][2] = None if bn_biases[k] is None else d_b.to(bn_biases[k].dtype)
+        inner = 0 < k < chain  # its input is the previous conv's output, normalized on the way in
+        src = per[k - 1][0] if inner else x
+        pro = (per[k - 1][1], per[k - 1][3], per[k - 1][4]) if inner else (None, None, None)
+        ahead = a.numel() > 0
+        dw, g = torch.ops.aru.conv_weight_grad(
+            a if ahead else src, g, weights[k], *((None, None, None) if ahead else pro), stride, padding,
+            dilation, groups, inner and not ahead, y, mean, st_a, st_b, scale if scaled else None)
+        grads[k][0] = dw.to(weights[k].dtype)
+        if not need_dx:
+            return None, None
+        return input_grad(k, g, src, pro, inner, residual)
+
+    g, d_shift, d_scale, scaled = dz, sums[0], sums[1], True
+    dx, out_sums = None, None
+    for k in reversed(range(chain)):
+        residual = dz if (k == 0 and not has_ds) else None
+        dx_k, nxt = conv_backward(k, g, d_shift, d_scale, scaled, residual, k > 0 or need_dx)
+        if k > 0:
+            g, (d_shift, d_scale), scaled = dx_k, nxt, False
+        else:
+            dx, out_sums = dx_k, nxt
+    if has_ds:
+        dx, out_sums = conv_backward(chain, dz, sums[0], sums[2], True, dx, need_dx)
+    return grads, dx, out_sums

@@ -61,6 +61,12 @@ the tap map (strided convs included). If the forward had a prologue
 epilogue (``res_ptr`` then holds the forward input x, ``scale_ptr``,
 ``shift_ptr`` and ``mean_ptr`` the prologue's s, b and mu) and writes per-tile
 partial sums of dL/db and of dL/db * (x - mu), from which dL/ds follows.
+With ``END_BWD`` (``groups=1``) the forward input x was a residual block's
+output ``relu(bn(y_end) + identity')``: the epilogue applies that ReLU's
+gradient (its mask read as bits, :mod:`aru_kernels.relu_bits`) to
+dL/dx (plus the residual), writes the result, dz, and per-tile sums of dz,
+dz * (y_end - mean) and (``END_ID``) dz * (y_d - mean_d) of the downsample
+branch: that block end's backward, without dL/dx ever being written.
 A strided input gradient runs as ``STRIDE**2`` launches, one per output
 phase (``PHASED``): each walks only the taps that reach its outputs (a 3x3
 at stride 2: 1, 2, 2 and 4 of 9), none masked.
@@ -77,6 +83,8 @@ adds it.
 
 import triton
 import triton.language as tl
+
+from .relu_bits import load_relu_mask
 
 
 @triton.jit
@@ -180,6 +188,15 @@ def conv_bn_act_kernel(
     DOT_F32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 operands ("ieee" or "tf32")
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    # END_BWD: x was the output of a residual block, relu(bn(y_end) + identity'):
+    end_mask_ptr=None,  # [M, ceil(C_OUT/8)] uint8: that ReLU's gradient mask as bits (relu_bits)
+    end_y_ptr=None,  # [N, P, Q, C_OUT] its last conv's output
+    end_mean_ptr=None,  # [C_OUT] fp32 that conv's batch mean
+    end_id_ptr=None,  # [N, P, Q, C_OUT] its downsample conv's output (END_ID)
+    end_id_mean_ptr=None,  # [C_OUT] fp32 that conv's batch mean (END_ID)
+    part_c_ptr=None,  # [M tiles, C_OUT] fp32 out: per-tile sums of dz * (end_id - end_id_mean) (END_ID)
+    END_BWD: tl.constexpr = False,  # input gradient through that block end (see the module docstring)
+    END_ID: tl.constexpr = False,
 ):
     # Output-channel blocks vary fastest, so programs that share an input
     # tile run together and read it from L2.
@@ -323,6 +340,23 @@ def conv_bn_act_kernel(
         tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=n_ok)  # -> dL/db
         tl.store(part_b_ptr + part_off, tl.sum(g * xc, axis=0), mask=n_ok)  # -> dL/ds
         tl.store(out_ptr + out_off, (g * s).to(out_ptr.dtype.element_ty), mask=ok)
+    elif END_BWD:
+        # acc (+ residual) = dL/dx with x = relu(z) the previous block's output: dz behind
+        # its ReLU, and the per-tile sums its batch norms' gradients take (groups = 1: one pack)
+        g = acc
+        if HAS_RESIDUAL:
+            g += tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
+        keep = load_relu_mask(end_mask_ptr, out_row, m_ok, n0 // 8, C_OUT, BLOCK_M, BLOCK_N)
+        g = tl.where(keep & ok, g, 0.0)
+        yc = (tl.load(end_y_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
+              - tl.load(end_mean_ptr + co, mask=n_ok, other=0.0)[None, :])
+        tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=n_ok)
+        tl.store(part_b_ptr + part_off, tl.sum(g * yc, axis=0), mask=n_ok)
+        if END_ID:
+            ic = (tl.load(end_id_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
+                  - tl.load(end_id_mean_ptr + co, mask=n_ok, other=0.0)[None, :])
+            tl.store(part_c_ptr + part_off, tl.sum(g * ic, axis=0), mask=n_ok)
+        tl.store(out_ptr + out_off, g.to(out_ptr.dtype.element_ty), mask=ok)
     else:
         y = acc
         if HAS_MEAN:

@@ -24,12 +24,13 @@ from torch import Tensor
 
 from . import conv as _conv
 from .checks import check_conv_inputs, check_runnable
+from .bn_ops import relu_mask_shape
 from .launch import launch
 from .plans import ConvPlan, plan_conv, plan_wgrad
 from .runtime import interpreting
 
 __all__ = ["conv_bn_act_into", "image_statistics", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
-           "conv_weight_grad", "conv_grads", "nhwc", "nhwc_empty", "tile_partials"]
+           "conv_input_grad_block_end", "conv_weight_grad", "conv_grads", "nhwc", "nhwc_empty", "tile_partials"]
 
 
 def nhwc(t: Tensor) -> Tensor:
@@ -53,17 +54,23 @@ def _f32(v: Optional[Tensor], fallback: Tensor) -> Tensor:
 
 def kernel_arguments(plan: ConvPlan, x, weight, out, *, mean=None, var=None, scale=None, shift=None,
                      residual=None, in_mean=None, in_scale=None, in_shift=None, part_a=None, part_b=None,
+                     part_c=None, end_mask=None, end_y=None, end_mean=None, end_id=None, end_id_mean=None,
                      eps: float = 0.0) -> dict:
     """The conv kernel's arguments by name; absent optional tensors point at ``out`` (never read)."""
     sw = weight.stride()
+
+    def t(v):
+        return out if v is None else v
     return dict(
         x_ptr=x, w_ptr=weight, out_ptr=out,
         mean_ptr=_f32(mean, out), var_ptr=_f32(var, out), scale_ptr=_f32(scale, out),
-        shift_ptr=_f32(shift, out), res_ptr=out if residual is None else residual,
+        shift_ptr=_f32(shift, out), res_ptr=t(residual),
         in_mean_ptr=_f32(in_mean, out), in_scale_ptr=_f32(in_scale, out), in_shift_ptr=_f32(in_shift, out),
-        part_a_ptr=out if part_a is None else part_a, part_b_ptr=out if part_b is None else part_b,
+        part_a_ptr=t(part_a), part_b_ptr=t(part_b),
         sw_o=sw[0], sw_i=sw[1], sw_h=sw[2], sw_w=sw[3], eps=float(eps),
         **plan.runtime_args(), **plan.constexprs(),
+        end_mask_ptr=t(end_mask), end_y_ptr=t(end_y), end_mean_ptr=_f32(end_mean, out), end_id_ptr=t(end_id),
+        end_id_mean_ptr=_f32(end_id_mean, out), part_c_ptr=t(part_c),
     )
 
 
@@ -85,7 +92,7 @@ def _phase_share(plan: ConvPlan, phase: ConvPlan) -> dict:
     return {"out_ptr": rows, "res_ptr": rows, "x_ptr": 1.0 if phase.k_steps else 0.0}
 
 
-def _launch(plan: ConvPlan, x, weight, out, part_a=None, part_b=None, **tensors) -> None:
+def _launch(plan: ConvPlan, x, weight, out, part_a=None, part_b=None, part_c=None, **tensors) -> None:
     """The plan's launches (one per output phase for a strided input gradient, each
     writing its own rows of the partial sums)."""
     if out.numel() == 0:
@@ -96,9 +103,10 @@ def _launch(plan: ConvPlan, x, weight, out, part_a=None, part_b=None, **tensors)
             continue
         rows = slice(first, first + phase.m_tiles)
         first += phase.m_tiles
+        parts = {name: None if p is None else p[rows]
+                 for name, p in (("part_a", part_a), ("part_b", part_b), ("part_c", part_c))}
         launch(_conv.conv_bn_act_kernel, phase.grid,
-               **kernel_arguments(phase, x, weight, out, part_a=None if part_a is None else part_a[rows],
-                                  part_b=None if part_b is None else part_b[rows], **tensors),
+               **kernel_arguments(phase, x, weight, out, **parts, **tensors),
                role="dgrad" if plan.transposed else "fwd",
                meta={"conv": conv_geometry(plan), "loop_trips": [phase.k_steps], "plan": phase,
                      "byte_share": _phase_share(plan, phase)},
@@ -372,6 +380,68 @@ def _conv_input_grad_fake(dy, weight, x, in_mean, in_scale, in_shift, stride, pa
     _, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, in_scale is not None,
                                        in_mean is not None, in_relu, residual)
     return dx, parts[0], parts[1]
+
+
+def _block_end_grad_buffers(dy, weight, stride, padding, dilation, groups, residual, relu_mask, end_y, end_id):
+    n, c, h, w = end_y.shape
+    if groups != 1 or weight.shape[1] * groups != c:
+        raise ValueError(f"conv_input_grad_block_end: a dense convolution (groups=1) of the block output's "
+                         f"{c} channels; got groups={groups}, weight {tuple(weight.shape)}")
+    for name, t in (("residual", residual), ("end_id", end_id)):
+        if t is not None and (tuple(t.shape) != (n, c, h, w) or t.dtype != dy.dtype
+                              or not t.is_contiguous(memory_format=torch.channels_last)):
+            raise ValueError(f"conv_input_grad_block_end: {name} must be a channels_last {dy.dtype} tensor of "
+                             f"shape {(n, c, h, w)}; got {tuple(t.shape)}, {t.dtype}")
+    if relu_mask.dtype != torch.uint8 or tuple(relu_mask.shape) != relu_mask_shape(end_y):
+        raise ValueError(f"conv_input_grad_block_end: relu_mask must be uint8 of shape {relu_mask_shape(end_y)}; "
+                         f"got {relu_mask.dtype} {tuple(relu_mask.shape)}")
+    plan = plan_conv(dy.shape, _transposed_shape(weight, groups), dy.dtype, stride=stride, padding=padding,
+                     dilation=dilation, groups=groups, transposed_out_hw=(h, w), has_residual=residual is not None,
+                     end_bwd=True, end_id=end_id is not None, device=dy.device)
+    return plan, nhwc_empty((n, c, h, w), dy)
+
+
+@torch.library.custom_op("aru::conv_input_grad_block_end", mutates_args=())
+def conv_input_grad_block_end(
+    dy: Tensor,
+    weight: Tensor,
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    residual: Optional[Tensor],
+    relu_mask: Tensor,
+    end_y: Tensor,
+    end_mean: Tensor,
+    end_id: Optional[Tensor],
+    end_id_mean: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """The input gradient of a convolution (``groups=1``, no prologue) whose input
+    was a residual block's output ``relu(bn(end_y) + identity')``, taken through
+    that block end: ``(dz, sums)``, dz = (dL/dx + ``residual``) behind the ReLU
+    (mask ``relu_mask``, as ``aru::bn_add_relu_mask`` wrote it), and the
+    per-channel sums ``[3, C]`` of dz, dz*(end_y - end_mean) and, with the
+    downsample branch's conv output ``end_id``, dz*(end_id - end_id_mean), as
+    ``aru::bn_add_relu_grad_sums`` returns them: dL/dx is never written."""
+    plan, dz = _block_end_grad_buffers(dy, weight, stride, padding, dilation, groups, residual, relu_mask, end_y,
+                                       end_id)
+    c = dz.shape[1]
+    part = torch.empty((3, plan.partial_tiles, c), dtype=torch.float32, device=dy.device)
+    if end_id is None:
+        part[2].zero_()
+    _launch(plan, dy, weight, dz, part_a=part[0], part_b=part[1], part_c=part[2], residual=residual,
+            end_mask=relu_mask, end_y=end_y, end_mean=end_mean, end_id=end_id, end_id_mean=end_id_mean)
+    if dz.numel() == 0:
+        return dz, torch.zeros((3, c), dtype=torch.float32, device=dy.device)
+    return dz, part.sum(1)  # fixed-order reduction over tiles
+
+
+@conv_input_grad_block_end.register_fake
+def _conv_input_grad_block_end_fake(dy, weight, stride, padding, dilation, groups, residual, relu_mask, end_y,
+                                    end_mean, end_id, end_id_mean):
+    _, dz = _block_end_grad_buffers(dy, weight, stride, padding, dilation, groups, residual, relu_mask, end_y,
+                                    end_id)
+    return dz, torch.empty((3, dz.shape[1]), dtype=torch.float32, device=dy.device)
 
 
 @torch.library.custom_op("aru::conv_weight_grad", mutates_args=())

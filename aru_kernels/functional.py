@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 
 from . import bn_ops, conv_bn_ops, conv_ops  # noqa: F401  (registers the aru:: operators)
-from .block_ops import ConvBN, ResidualBlockTrain
+from .block_ops import ConvBN, ResidualBlocksTrain
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
 from .plans import out_size
 from .sync_bn import SyncConvBatchStats, synchronized
 
-__all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "residual_block_train", "ConvBN"]
+__all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "residual_block_train", "residual_blocks_train",
+           "ConvBN"]
 
 
 def _autocast_on(x: Tensor) -> bool:
@@ -245,32 +246,57 @@ def residual_block_train(x: Tensor, chain, downsample: Optional[ConvBN] = None) 
     the residual gradient; see :mod:`aru_kernels.block_ops`). Inputs and
     errors as :func:`conv_bn_train`; returns a channels_last tensor.
     """
-    chain = [ConvBN(*c) for c in chain]
-    if not chain:
-        raise ValueError("residual_block_train: chain needs at least one ConvBN")
-    convs = chain + ([ConvBN(*downsample)] if downsample is not None else [])
-    configs = []
-    for c in convs:
-        geometry = _conv_args("residual_block_train", x, c.weight, c.stride, c.padding, c.dilation)
-        _check_running("residual_block_train", c.running_mean, c.running_var, c.num_batches_tracked, c.momentum)
-        configs.append((*geometry, int(c.groups), None if c.momentum is None else float(c.momentum), float(c.eps)))
+    return residual_blocks_train(x, [(chain, downsample)], op="residual_block_train")
+
+
+def residual_blocks_train(x: Tensor, blocks, *, op: str = "residual_blocks_train") -> Tensor:
+    """Training-mode residual blocks applied one after the other, as one autograd node:
+    ``blocks`` is a sequence of ``(chain, downsample)`` pairs, each as
+    :func:`residual_block_train` takes them. Same result, gradients and running
+    statistics as those blocks one by one; between two blocks the backward
+    writes no gradient of the block output (the next block's input-gradient
+    kernel applies the block end's ReLU and takes its sums:
+    :mod:`aru_kernels.block_ops`). Returns a channels_last tensor."""
+    blocks = [([ConvBN(*c) for c in chain], None if ds is None else ConvBN(*ds)) for chain, ds in blocks]
+    if not blocks:
+        raise ValueError(f"{op}: needs at least one block")
     (x,) = _autocast(x)
-    check_activation(x, "x", "residual_block_train")
-    n, _, h, w = x.shape
-    for i, (c, cfg) in enumerate(zip(convs, configs)):
-        if i == len(chain):
-            h, w = x.shape[2:]
-        kh, kw = c.weight.shape[2:]
-        h, w = out_size(h, kh, *cfg[:3]), out_size(w, kw, *cfg[:3])
-        if n * h * w == 1:
-            _one_value_per_channel((n, c.weight.shape[0], h, w))
-    for c in convs:
+    check_activation(x, "x", op)
+    n, c_in, h, w = x.shape
+    layout, everything = [], []
+    for b, (chain, downsample) in enumerate(blocks):
+        if not chain:
+            raise ValueError(f"{op}: chain needs at least one ConvBN")
+        where = f"{op}: block {b}" if len(blocks) > 1 else op
+        if c_in != chain[0].weight.shape[1] * chain[0].groups:
+            raise ValueError(f"{where}: its first conv takes {chain[0].weight.shape[1] * chain[0].groups} "
+                             f"input channels; the block input has {c_in}")
+        convs = chain + ([downsample] if downsample is not None else [])
+        configs = []
+        for c in convs:
+            geometry = _conv_args(op, x, c.weight, c.stride, c.padding, c.dilation)
+            _check_running(op, c.running_mean, c.running_var, c.num_batches_tracked, c.momentum)
+            configs.append((*geometry, int(c.groups), None if c.momentum is None else float(c.momentum),
+                            float(c.eps)))
+        h_in, w_in = h, w
+        for i, (c, cfg) in enumerate(zip(convs, configs)):
+            if i == len(chain):
+                h, w = h_in, w_in
+            kh, kw = c.weight.shape[2:]
+            h, w = out_size(h, kh, *cfg[:3]), out_size(w, kw, *cfg[:3])
+            if n * h * w == 1:
+                _one_value_per_channel((n, c.weight.shape[0], h, w))
+            if i == len(chain) - 1:
+                h_out, w_out = h, w
+        h, w, c_in = h_out, w_out, chain[-1].weight.shape[0]
+        layout.append((tuple(configs), downsample is not None))
+        everything += convs
+    for c in everything:
         if c.running_mean is not None and c.num_batches_tracked is not None:
             c.num_batches_tracked.add_(1)
-    out, *running = ResidualBlockTrain.apply(tuple(configs), downsample is not None, x,
-                                             *(t for c in convs for t in c.tensors()))
+    out, *running = ResidualBlocksTrain.apply(tuple(layout), x, *(t for c in everything for t in c.tensors()))
     with torch.no_grad():
-        for c, new_mean, new_var in zip(convs, running[0::2], running[1::2]):
+        for c, new_mean, new_var in zip(everything, running[0::2], running[1::2]):
             if c.running_mean is not None:
                 c.running_mean.copy_(new_mean)
                 c.running_var.copy_(new_var)

@@ -87,6 +87,12 @@ def _block_forward(self, x: Tensor) -> Tensor:
     return fused.parts_forward(block_parts(self), x)
 
 
+def _fused_parts(block: nn.Module):
+    """The parts of a block this module switched to the kernels; None for any other module."""
+    bound = block.__dict__.get("forward")
+    return block_parts(block) if getattr(bound, "__func__", None) is _block_forward else None
+
+
 def _stem_pairs(conv1, bn1, act) -> list:
     """(conv, bn) pairs of a stem each followed by ReLU: ``conv1`` a conv, or timm's deep
     stem Sequential(conv, bn, act, conv, bn, act, conv); the last conv's norm is ``bn1``."""
@@ -114,14 +120,14 @@ def _torchvision_forward_impl(self, x: Tensor) -> Tensor:
 
     x = self.maxpool(fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x))
     for layer in _stages(self):
-        x = layer(x)
+        x = fused.layer_forward(layer, x, _fused_parts)
     return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def _timm_forward_features(self, x: Tensor) -> Tensor:
     x = self.maxpool(fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.act1), x))
     for layer in _stages(self):
-        x = layer(x)
+        x = fused.layer_forward(layer, x, _fused_parts)
     return x
 
 
@@ -135,7 +141,7 @@ def _getter_forward(self, x: Tensor):
         x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x)
         items = items[3:]
     for name, module in items:
-        x = module(x)
+        x = fused.layer_forward(module, x, _fused_parts)
         if name in self.return_layers:
             out[self.return_layers[name]] = x
     return out

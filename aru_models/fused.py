@@ -11,18 +11,20 @@ running statistics, weight and bias (read at each call: nothing is cached),
 the ReLU fused, and in the last convolution of each block the residual add
 fused too.
 
-Training mode (batch norms in training mode): each residual block is one
-autograd node (:func:`aru_kernels.residual_block_train`; with
-``nn.SyncBatchNorm`` across processes, one conv at a time through
-:func:`aru_kernels.conv_bn_train`); each convolution computes the batch statistics in the
-conv's epilogue and updates the running statistics; the normalization and
-ReLU of conv k are applied in the prologue of conv k+1 (for a 1x1 conv on
-load, so that normalized activation is never written; for the grouped 3x3 in
-a pass of its own, once per element instead of once per tap), and each block
-ends in one
-:func:`aru_kernels.bn_add_relu` pass (the downsample branch's batch norm
-included). Backward runs through the kernels' autograd formulas; the
-block's adds the residual gradient in its first conv's input-gradient kernel.
+Training mode (batch norms in training mode): the consecutive blocks of a
+stage are one autograd node (:func:`aru_kernels.residual_blocks_train`, by
+:func:`layer_forward`; with ``nn.SyncBatchNorm`` across processes, one conv
+at a time through :func:`aru_kernels.conv_bn_train`); each convolution
+computes the batch statistics in the conv's epilogue and updates the running
+statistics; the normalization and ReLU of conv k are applied in the prologue
+of conv k+1 (for a 1x1 conv on load, so that normalized activation is never
+written; for the grouped 3x3 in a pass of its own, once per element instead
+of once per tap), and each block ends in one ``bn_add_relu`` pass (the
+downsample branch's batch norm included) that also keeps its ReLU's mask as
+bits. Backward: the residual gradient is added in the block's last
+input-gradient kernel, and between two blocks of a node that kernel applies
+the previous block's final ReLU too, so the gradient of a block output is
+never written.
 
 Squeeze-excitation (timm's ``SEModule``): the squeeze comes from the last
 conv's epilogue, its two small layers run as the module's own, and the
@@ -42,11 +44,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from aru_kernels import ConvBN, bn_add_relu, conv_bn_act, conv_bn_train, residual_block_train
+from aru_kernels import ConvBN, bn_add_relu, conv_bn_act, conv_bn_train, residual_blocks_train
 from aru_kernels.sync_bn import synchronized
 
-__all__ = ["resnet_forward", "block_forward", "parts_forward", "stem_forward", "block_parts", "BlockParts",
-           "conv_bn", "conv_bn_batch_stats", "is_frozen_bn"]
+__all__ = ["resnet_forward", "block_forward", "layer_forward", "parts_forward", "stem_forward", "block_parts",
+           "BlockParts", "conv_bn", "conv_bn_batch_stats", "is_frozen_bn"]
 
 
 def is_frozen_bn(bn: nn.Module) -> bool:
@@ -243,14 +245,25 @@ def _block_eval(parts: BlockParts, x: Tensor) -> Tensor:
     return _add_relu(_tail(parts, conv_bn(conv, bn, out)), identity)
 
 
-def _block_train(parts: BlockParts, x: Tensor) -> Tensor:
-    tail = _tail_active(parts)
+def _one_node(parts: BlockParts) -> bool:
+    """Whether a training-mode block runs as (part of) one autograd node of
+    :func:`aru_kernels.residual_blocks_train`: nothing between its last batch norm
+    and the add, no pooled downsample, no DropBlock, no statistics across processes."""
     pooled = parts.downsample is not None and parts.downsample[0] is not None
+    return not (_tail_active(parts) or pooled or _active(parts.drop_block)
+                or any(_synced(bn) for bn in parts.norms()))
+
+
+def _node_block(parts: BlockParts) -> tuple:
+    ds = parts.downsample
+    return [_conv_bn_tuple(c, b) for c, b in parts.chain], None if ds is None else _conv_bn_tuple(ds[1], ds[2])
+
+
+def _block_train(parts: BlockParts, x: Tensor) -> Tensor:
+    if _one_node(parts):  # the whole block as one autograd node
+        return residual_blocks_train(x, [_node_block(parts)])
+    tail = _tail_active(parts)
     dropping = _active(parts.drop_block)
-    if not tail and not pooled and not dropping and not any(_synced(bn) for bn in parts.norms()):
-        ds = parts.downsample  # the whole block as one autograd node
-        return residual_block_train(x, [_conv_bn_tuple(c, b) for c, b in parts.chain],
-                                    None if ds is None else _conv_bn_tuple(ds[1], ds[2]))
     synced = any(_synced(bn) for bn in parts.norms())
     excite = None if _drop_path_active(parts) or synced else _excitation(parts.se)
     y, prologue = x, None
@@ -304,6 +317,49 @@ def block_forward(block: nn.Module, x: Tensor) -> Tensor:
     return parts_forward(block_parts(block), x)
 
 
+def _hooked(m: nn.Module) -> bool:
+    """A module whose call runs hooks (its own or global ones): it must be called."""
+    from torch.nn.modules import module as _m
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                or _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
+
+
+def layer_forward(layer: nn.Module, x: Tensor, parts_of=None) -> Tensor:
+    """``layer(x)`` for a stage (an ``nn.Sequential`` of residual blocks). In
+    training, consecutive blocks that each run as one autograd node run as one
+    node together (:func:`aru_kernels.residual_blocks_train`: no gradient of a
+    block output between them is written). ``parts_of(block)`` gives a block's
+    :class:`BlockParts`, or None for a module that is called as it is; blocks
+    with hooks are called too, as is a layer that is not a plain Sequential."""
+    parts_of = parts_of or _own_parts
+    if type(layer) is not nn.Sequential or _hooked(layer):
+        return layer(x)
+    run: list = []
+
+    def flush(x: Tensor) -> Tensor:
+        if len(run) == 1:
+            x = run[0][0](x)
+        elif run:
+            x = residual_blocks_train(x.contiguous(memory_format=torch.channels_last),
+                                      [_node_block(parts) for _, parts in run])
+        run.clear()
+        return x
+
+    for block in layer:
+        parts = None if _hooked(block) else parts_of(block)
+        if parts is not None and {_uses_batch_stats(bn) for bn in parts.norms()} == {True} and _one_node(parts):
+            run.append((block, parts))
+            continue
+        x = block(flush(x))
+    return flush(x)
+
+
+def _own_parts(block: nn.Module) -> BlockParts | None:
+    """This package's blocks (switched to the kernels) as :class:`BlockParts`."""
+    return block_parts(block) if getattr(block, "impl", None) == "fused" else None
+
+
 def stem_forward(pairs, x: Tensor) -> Tensor:
     """``relu(bn(conv(...)))`` for each (conv, bn) of ``pairs`` in turn: a stem."""
     x = x.contiguous(memory_format=torch.channels_last)
@@ -330,8 +386,7 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     if hasattr(model, "maxpool"):  # the CIFAR networks have none
         x = model.maxpool(x)
     for layer in _stages(model):
-        for block in layer:
-            x = block_forward(block, x)
+        x = layer_forward(layer, x)
     x = model.avgpool(x)
     return model.fc(torch.flatten(x, 1))
 

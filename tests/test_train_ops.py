@@ -205,6 +205,89 @@ def test_residual_block_train_matches_float64(device, kind):
                              what=f"bn{i} {key}")
 
 
+# Blocks in one node: (chain as (c_out, k, stride, groups), downsample stride or None). Each
+# block's last input gradient takes the previous block's end: a 1x1 after a block with a
+# downsample branch, a 1x1 downsample conv, a strided 1x1 one (phased), a 3x3, and a grouped
+# conv (no fused path: the plain input gradient, then the block end's own pass).
+SEQUENCE = [
+    ([(12, 1, 1, 1), (12, 3, 2, 4), (24, 1, 1, 1)], 2),
+    ([(12, 1, 1, 1), (12, 3, 1, 4), (24, 1, 1, 1)], None),
+    ([(32, 3, 2, 1), (32, 3, 1, 1)], 2),
+    ([(32, 3, 1, 1), (32, 3, 1, 1)], None),
+    ([(32, 3, 1, 4)], None),
+]
+
+
+def test_residual_blocks_train_matches_float64(device):
+    """Several blocks as one node: the gradient between two blocks is never written
+    (the next block's last input gradient applies the block end), against float64
+    autograd through the blocks one by one: output, every gradient, running statistics."""
+    n, cin, h, w = 2, 20, 9, 11
+    x = _leaf(channels_last(torch.randn(n, cin, h, w, device=device) * 1.5 + 0.5))
+    blocks, c_in = [], cin
+    for spec, down in SEQUENCE:
+        convs, c_block = [], c_in
+        for j, (c_out, k, stride, groups) in enumerate([*spec, *([(spec[-1][0], 1, down, 1)] if down else [])]):
+            if j == len(spec):
+                c_in = c_block
+            convs.append(dict(
+                weight=_leaf(torch.randn(c_out, c_in // groups, k, k, device=device) / (c_in // groups * k * k) ** 0.5),
+                bn_weight=_leaf(torch.rand(c_out, device=device) + 0.5), bn_bias=_leaf(torch.randn(c_out, device=device)),
+                state=_bn_state(c_out, device), stride=stride, padding=k // 2, groups=groups))
+            c_in = c_out
+        blocks.append((convs, len(spec), down is not None))
+
+    def tup(c):
+        c["ours"] = {k: v.clone() for k, v in c["state"].items()}
+        return aru_kernels.ConvBN(c["weight"], c["bn_weight"], c["bn_bias"], c["ours"]["running_mean"],
+                                  c["ours"]["running_var"], c["ours"]["num_batches_tracked"], c["stride"],
+                                  c["padding"], 1, c["groups"], 0.1, 1e-5)
+
+    out = aru_kernels.residual_blocks_train(
+        x, [([tup(c) for c in convs[:chain]], tup(convs[-1]) if ds else None) for convs, chain, ds in blocks])
+
+    def exact(c, inp, relu):
+        c["exact"] = {k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in c["state"].items()}
+        return ref.conv_bn(inp, _d(c["weight"]) if "wd" not in c else c["wd"], c["gd"], c["bd"],
+                           c["exact"]["running_mean"], c["exact"]["running_var"], c["exact"]["num_batches_tracked"],
+                           training=True, momentum=0.1, stride=c["stride"], padding=c["padding"],
+                           groups=c["groups"], relu=relu)
+
+    xd = _d(x)
+    o = xd
+    for convs, chain, ds in blocks:
+        for c in convs:
+            c["wd"], c["gd"], c["bd"] = _d(c["weight"]), _d(c["bn_weight"]), _d(c["bn_bias"])
+        block_in, y = o, o
+        for i, c in enumerate(convs[:chain]):
+            y = exact(c, y, relu=i < chain - 1)
+        o = torch.relu(y + (exact(convs[-1], block_in, False) if ds else block_in))
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, o, torch.float32, what="output")
+    g = torch.randn_like(o)
+    pairs = [(x, xd)] + [(c[a], c[b]) for convs, _, _ in blocks for c in convs
+                         for a, b in (("weight", "wd"), ("bn_weight", "gd"), ("bn_bias", "bd"))]
+    grads = torch.autograd.grad(out, [a for a, _ in pairs], g.float())
+    grads_ref = torch.autograd.grad(o, [e for _, e in pairs], g)
+    for i, (a, e) in enumerate(zip(grads, grads_ref)):
+        assert_close(a, e, torch.float32, what=f"gradient of leaf {i} ({tuple(a.shape)})")
+    for b, (convs, _, _) in enumerate(blocks):
+        for i, c in enumerate(convs):
+            for key in ("running_mean", "running_var", "num_batches_tracked"):
+                assert_close(c["ours"][key].double(), c["exact"][key].double(), torch.float32,
+                             what=f"block {b} bn{i} {key}")
+
+
+def test_residual_blocks_train_errors(device):
+    x = channels_last(torch.randn(2, 8, 4, 4, device=device))
+    conv = aru_kernels.ConvBN(torch.randn(8, 8, 1, 1, device=device), None, None)
+    wide = aru_kernels.ConvBN(torch.randn(16, 8, 1, 1, device=device), None, None)
+    with pytest.raises(ValueError, match="needs at least one block"):
+        aru_kernels.residual_blocks_train(x, [])
+    with pytest.raises(ValueError, match="block 1: its first conv takes 8 input channels; the block input has 16"):
+        aru_kernels.residual_blocks_train(x, [([wide], None), ([conv], None)])
+
+
 def test_residual_block_train_errors(device):
     x = channels_last(torch.randn(1, 8, 1, 1, device=device))
     conv = aru_kernels.ConvBN(torch.randn(8, 8, 1, 1, device=device), None, None)
