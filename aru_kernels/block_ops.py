@@ -1,20 +1,27 @@
-"""A training-mode residual block as one autograd node.
+"""Training-mode residual blocks as one autograd node.
 
-``relu(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + identity)``, identity
-``x`` or ``bn_d(conv_d(x))``, batch norms with batch statistics: the
-forward is the same operators as one conv at a time
-(``aru::conv_bn_stats`` per conv, ``aru::bn_add_relu`` at the end); what a
-node of its own buys is the backward. With one node per conv, autograd holds
-two gradients of the block input (the residual branch's and the first
-conv's) and adds them in a pass of their own, and the end of the block writes
-dL/dy of the last conv and dL/didentity as two tensors. Here:
+A block is ``relu(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + identity)``,
+identity ``x`` or ``bn_d(conv_d(x))``, batch norms with batch statistics. The
+forward is the same operators as one conv at a time (``aru::conv_bn_stats``
+per conv, ``aru::bn_add_relu_mask`` at the end, which also keeps the final
+ReLU's mask as bits); what a node of its own buys is the backward. With one
+node per conv, autograd holds two gradients of the block input (the residual
+branch's and the first conv's) and adds them in a pass of their own, and the
+end of the block writes dL/dy of the last conv and dL/didentity as two
+tensors. Here:
 
-* ``aru::bn_add_relu_grad_sums`` writes the gradient behind the final ReLU,
-  ``dz``, once; the last conv's and the downsample conv's weight-gradient
-  kernels scale it by their batch norm's scale as they load it (together
-  with the statistics term they add anyway);
-* the first conv's input-gradient kernel adds the residual gradient (``dz``,
-  or the downsample conv's input gradient) in its epilogue.
+* the end of the last block writes the gradient behind its final ReLU,
+  ``dz``, once (``aru::bn_add_relu_grad_sums``, reading the mask bits); the
+  last conv's and the downsample conv's weight-gradient kernels scale it by
+  their batch norm's scale as they load it (together with the statistics
+  term they add anyway);
+* a block's last input-gradient kernel (its first conv's, or with a
+  downsample branch the downsample conv's, which adds the first conv's)
+  adds the residual gradient in its epilogue;
+* between two blocks of the node that kernel also applies the previous
+  block's final ReLU and takes its batch norms' sums
+  (``aru::conv_input_grad_block_end``): the gradient of a block output is
+  never written, and that block's backward starts from its ``dz``.
 
 Batch-norm vector gradients are formed here from the kernels' per-channel
 sums, by the formulas autograd applies on the one-conv-at-a-time path.
