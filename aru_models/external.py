@@ -119,16 +119,13 @@ def _torchvision_forward_impl(self, x: Tensor) -> Tensor:
     import torch
 
     x = self.maxpool(fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x))
-    for layer in _stages(self):
-        x = fused.layer_forward(layer, x, _fused_parts)
+    x = fused.layers_forward(_stages(self), x, _fused_parts)
     return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def _timm_forward_features(self, x: Tensor) -> Tensor:
     x = self.maxpool(fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.act1), x))
-    for layer in _stages(self):
-        x = fused.layer_forward(layer, x, _fused_parts)
-    return x
+    return fused.layers_forward(_stages(self), x, _fused_parts)
 
 
 _STEM = ("conv1", "bn1", "relu")

@@ -11,9 +11,10 @@ running statistics, weight and bias (read at each call: nothing is cached),
 the ReLU fused, and in the last convolution of each block the residual add
 fused too.
 
-Training mode (batch norms in training mode): the consecutive blocks of a
-stage are one autograd node (:func:`aru_kernels.residual_blocks_train`, by
-:func:`layer_forward`; with ``nn.SyncBatchNorm`` across processes, one conv
+Training mode (batch norms in training mode): consecutive blocks are one
+autograd node (:func:`aru_kernels.residual_blocks_train`, by
+:func:`layers_forward`: a whole network's stages, or one stage where its
+output is taken, as a detection backbone's are; with ``nn.SyncBatchNorm`` across processes, one conv
 at a time through :func:`aru_kernels.conv_bn_train`); each convolution
 computes the batch statistics in the conv's epilogue and updates the running
 statistics; the normalization and ReLU of conv k are applied in the prologue
@@ -47,8 +48,8 @@ from torch import Tensor, nn
 from aru_kernels import ConvBN, bn_add_relu, conv_bn_act, conv_bn_train, residual_blocks_train
 from aru_kernels.sync_bn import synchronized
 
-__all__ = ["resnet_forward", "block_forward", "layer_forward", "parts_forward", "stem_forward", "block_parts",
-           "BlockParts", "conv_bn", "conv_bn_batch_stats", "is_frozen_bn"]
+__all__ = ["resnet_forward", "block_forward", "layers_forward", "layer_forward", "parts_forward", "stem_forward",
+           "block_parts", "BlockParts", "conv_bn", "conv_bn_batch_stats", "is_frozen_bn"]
 
 
 def is_frozen_bn(bn: nn.Module) -> bool:
@@ -325,16 +326,16 @@ def _hooked(m: nn.Module) -> bool:
                 or _m._global_backward_pre_hooks)
 
 
-def layer_forward(layer: nn.Module, x: Tensor, parts_of=None) -> Tensor:
-    """``layer(x)`` for a stage (an ``nn.Sequential`` of residual blocks). In
-    training, consecutive blocks that each run as one autograd node run as one
-    node together (:func:`aru_kernels.residual_blocks_train`: no gradient of a
-    block output between them is written). ``parts_of(block)`` gives a block's
+def layers_forward(layers, x: Tensor, parts_of=None) -> Tensor:
+    """``layers`` (stages: ``nn.Sequential`` modules of residual blocks) applied in turn.
+    In training, consecutive blocks that each run as one autograd node run as
+    one node together, across stage boundaries too
+    (:func:`aru_kernels.residual_blocks_train`: no gradient of a block output
+    between them is written). ``parts_of(block)`` gives a block's
     :class:`BlockParts`, or None for a module that is called as it is; blocks
-    with hooks are called too, as is a layer that is not a plain Sequential."""
+    with hooks are called too, as is a layer that is not a plain Sequential
+    or has hooks of its own."""
     parts_of = parts_of or _own_parts
-    if type(layer) is not nn.Sequential or _hooked(layer):
-        return layer(x)
     run: list = []
 
     def flush(x: Tensor) -> Tensor:
@@ -346,13 +347,22 @@ def layer_forward(layer: nn.Module, x: Tensor, parts_of=None) -> Tensor:
         run.clear()
         return x
 
-    for block in layer:
-        parts = None if _hooked(block) else parts_of(block)
-        if parts is not None and {_uses_batch_stats(bn) for bn in parts.norms()} == {True} and _one_node(parts):
-            run.append((block, parts))
+    for layer in layers:
+        if type(layer) is not nn.Sequential or _hooked(layer):
+            x = layer(flush(x))
             continue
-        x = block(flush(x))
+        for block in layer:
+            parts = None if _hooked(block) else parts_of(block)
+            if parts is not None and {_uses_batch_stats(bn) for bn in parts.norms()} == {True} and _one_node(parts):
+                run.append((block, parts))
+                continue
+            x = block(flush(x))
     return flush(x)
+
+
+def layer_forward(layer: nn.Module, x: Tensor, parts_of=None) -> Tensor:
+    """``layer(x)`` for one stage, as :func:`layers_forward` runs it."""
+    return layers_forward([layer], x, parts_of)
 
 
 def _own_parts(block: nn.Module) -> BlockParts | None:
@@ -385,8 +395,7 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     x = stem_forward([(model.conv1, model.bn1)], x)
     if hasattr(model, "maxpool"):  # the CIFAR networks have none
         x = model.maxpool(x)
-    for layer in _stages(model):
-        x = layer_forward(layer, x)
+    x = layers_forward(_stages(model), x)
     x = model.avgpool(x)
     return model.fc(torch.flatten(x, 1))
 

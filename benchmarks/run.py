@@ -509,7 +509,7 @@ class ModelBench:
         if row.impl == "compile":
             row.compile_s = round(time.perf_counter() - t0, 1)
         ms = median_ms(step, cfg.device, cfg.warmup, cfg.iters)
-        row.img_per_s = round(cfg.batch_size / (ms * 1e-3), 1)
+        row.img_per_s = float(f"{cfg.batch_size / (ms * 1e-3):.4g}")  # 4 digits, however slow (never 0.0)
         if cfg.device.type == "cuda":
             row.peak_mem_GiB = round(torch.cuda.max_memory_allocated(cfg.device) / 2**30, 3)
         if row.mode == "train":
