@@ -85,11 +85,13 @@ def conv_geometry(plan: ConvPlan) -> dict:
 
 def _phase_share(plan: ConvPlan, phase: ConvPlan) -> dict:
     """What one output phase of a strided input gradient touches (for the static
-    model): its share of dx and of the forward input; all of dL/dy when a tap reaches it."""
+    model): its share of dx and of what the epilogue reads per output row; all of
+    dL/dy when a tap reaches it."""
     if phase is plan:
         return {}
     rows = phase.m / max(1, plan.m)
-    return {"out_ptr": rows, "res_ptr": rows, "x_ptr": 1.0 if phase.k_steps else 0.0}
+    per_row = ("out_ptr", "res_ptr", "end_mask_ptr", "end_y_ptr", "end_id_ptr")  # read or written at its rows
+    return {**dict.fromkeys(per_row, rows), "x_ptr": 1.0 if phase.k_steps else 0.0}
 
 
 def _launch(plan: ConvPlan, x, weight, out, part_a=None, part_b=None, part_c=None, **tensors) -> None:
