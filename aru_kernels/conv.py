@@ -67,6 +67,14 @@ gradient (its mask read as bits, :mod:`aru_kernels.relu_bits`) to
 dL/dx (plus the residual), writes the result, dz, and per-tile sums of dz,
 dz * (y_end - mean) and (``END_ID``) dz * (y_d - mean_d) of the downsample
 branch: that block end's backward, without dL/dx ever being written.
+With ``GRAM`` (``PRO_BWD``, a stride-1 1x1 convolution, ``groups=1``) the
+batch norm after this convolution, ``bn(y)``, has its variance term folded
+through it: that term of dL/dy is ``b * (y - mean(y))`` per channel, and with
+``y = W a`` it reaches dL/da as ``G (a - mean(a))``, ``G = W^T diag(b) W``.
+A second K segment adds ``(a - mean(a)) @ G`` from the forward input ``a``
+(recomputed from x through the prologue, the rows the epilogue reads anyway),
+and ``acc_bias`` adds the constant part. dL/dy with the statistics term is
+then never a tensor: the weight-gradient launch adds it for its own dot only.
 A strided input gradient runs as ``STRIDE**2`` launches, one per output
 phase (``PHASED``): each walks only the taps that reach its outputs (a 3x3
 at stride 2: 1, 2, 2 and 4 of 9), none masked.
@@ -197,6 +205,11 @@ def conv_bn_act_kernel(
     part_c_ptr=None,  # [M tiles, C_OUT] fp32 out: per-tile sums of dz * (end_id - end_id_mean) (END_ID)
     END_BWD: tl.constexpr = False,  # input gradient through that block end (see the module docstring)
     END_ID: tl.constexpr = False,
+    # GRAM (with PRO_BWD, 1x1, stride 1, groups 1): the next batch norm's variance term folded
+    gram_ptr=None,  # [C_OUT, C_OUT] fp32 G = W^T diag(b) W
+    gram_mean_ptr=None,  # [C_OUT] fp32 the forward input's mean over the batch, after its prologue
+    acc_bias_ptr=None,  # [C_OUT] fp32 added to dL/da before the prologue's backward
+    GRAM: tl.constexpr = False,
 ):
     # Output-channel blocks vary fastest, so programs that share an input
     # tile run together and read it from L2.
@@ -321,6 +334,24 @@ def conv_bn_act_kernel(
             else:
                 acc = tl.dot(a.to(dot_dtype), b.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
 
+    if GRAM:
+        # a second K segment: (a - mean(a)) @ G, a = the forward input after its prologue
+        # (relu?(s * (x - mu) + b), x at res_ptr), one row per output pixel
+        x_row = out_row.to(tl.int64) * C_OUT
+        for k2 in range(0, C_OUT, BLOCK_K):
+            rk2 = k2 + tl.arange(0, BLOCK_K)
+            k2_ok = rk2 < C_OUT
+            ok2 = m_ok[:, None] & k2_ok[None, :]
+            a2 = tl.load(res_ptr + x_row[:, None] + rk2[None, :], mask=ok2, other=0.0)
+            a2 = _prologue(a2, ok2, rk2, k2_ok, mean_ptr, scale_ptr, shift_ptr, PRO_MEAN, PRO_RELU)
+            a2 = tl.where(ok2, a2 - tl.load(gram_mean_ptr + rk2, mask=k2_ok, other=0.0)[None, :], 0.0)
+            g2 = tl.load(gram_ptr + rk2[:, None] * C_OUT + rn[None, :], mask=k2_ok[:, None] & n_ok[None, :],
+                         other=0.0)
+            if DOT_F32:
+                acc += tl.dot(a2, g2, input_precision="ieee")
+            else:
+                acc = tl.dot(a2.to(dot_dtype), g2.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
+
     # Epilogue on the fp32 accumulator.
     co = pack * COUT_P + rn
     out_off = out_row.to(tl.int64)[:, None] * C_OUT + co[None, :]
@@ -333,6 +364,8 @@ def conv_bn_act_kernel(
             xc = xc - tl.load(mean_ptr + co, mask=n_ok, other=0.0)[None, :]
         s = tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
         g = acc
+        if GRAM:
+            g += tl.load(acc_bias_ptr + co, mask=n_ok, other=0.0)[None, :]
         if PRO_RELU:
             pre = s * xc + tl.load(shift_ptr + co, mask=n_ok, other=0.0)[None, :]
             g = tl.where(pre <= 0, 0.0, g)  # a NaN pre-activation passes the gradient, as torch.relu's does
@@ -422,6 +455,9 @@ def conv_wgrad_kernel(
     SQ_TERM: tl.constexpr,  # ... + st_sq[image, channel] (the gradient through a squeeze: per-image means)
     DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    asum_ptr=None,  # [SPLITS, packs, KH*KW*CIN_P] fp32 out: sums of A over the split's pixels (A_SUMS)
+    WRITE_DY: tl.constexpr = True,  # with GRAD_STATS: write dy' for the input-gradient launch
+    A_SUMS: tl.constexpr = False,
 ):
     """Weight gradient: per pack, ``dW[k, n] = sum_m A[m, k] * dy[m, n]``.
 
@@ -435,7 +471,11 @@ def conv_wgrad_kernel(
     ``program_id(1)``; each split writes its own slab and the launcher adds
     the slabs in a fixed order, so the result is deterministic. Whole pack
     blocks are computed (tensor-core tiles); the launcher keeps their
-    diagonal, the real groups.
+    diagonal, the real groups. With ``A_SUMS`` the programs of the first n
+    block also write, per split, the sums of ``A`` over their pixels (the
+    input's per-channel sums, for the folded variance term of
+    ``conv_bn_act_kernel``'s ``GRAM``), and without ``WRITE_DY`` the
+    statistics term is added for this launch's dot only, dy' not written.
     """
     K_TOTAL: tl.constexpr = KH * KW * CIN_P
     K_BLOCKS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
@@ -461,6 +501,7 @@ def conv_wgrad_kernel(
     cn = pack * COUT_P + rn
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+    a_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
     m_start = split * M_PER_SPLIT
     for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
@@ -494,11 +535,16 @@ def conv_wgrad_kernel(
                 g_img = (rm // (P * Q)).to(tl.int64)
                 g += tl.load(st_sq_ptr + g_img[:, None] * C_OUT + cn[None, :], mask=g_ok, other=0.0)
             g = g.to(dy_ptr.dtype.element_ty)
-            if k_b == 0:  # one k block's programs cover every (pixel, channel) once
+            if WRITE_DY and k_b == 0:  # one k block's programs cover every (pixel, channel) once
                 tl.store(dy_out_ptr + g_off, g, mask=g_ok)
+        if A_SUMS:
+            a_sum += tl.sum(a.to(tl.float32), axis=0)
         if DOT_F32:
             acc += tl.dot(tl.trans(a.to(tl.float32)), g.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
     slab = part_ptr + (split * (C_OUT // COUT_P) + pack).to(tl.int64) * (K_TOTAL * COUT_P)
     tl.store(slab + rk[:, None] * COUT_P + rn[None, :], acc, mask=k_ok[:, None] & n_ok[None, :])
+    if A_SUMS:  # one n block's programs cover every k once
+        if n_b == 0:
+            tl.store(asum_ptr + (split * (C_OUT // COUT_P) + pack) * K_TOTAL + rk, a_sum, mask=k_ok)

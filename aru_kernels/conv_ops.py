@@ -55,7 +55,7 @@ def _f32(v: Optional[Tensor], fallback: Tensor) -> Tensor:
 def kernel_arguments(plan: ConvPlan, x, weight, out, *, mean=None, var=None, scale=None, shift=None,
                      residual=None, in_mean=None, in_scale=None, in_shift=None, part_a=None, part_b=None,
                      part_c=None, end_mask=None, end_y=None, end_mean=None, end_id=None, end_id_mean=None,
-                     eps: float = 0.0) -> dict:
+                     gram=None, gram_mean=None, acc_bias=None, eps: float = 0.0) -> dict:
     """The conv kernel's arguments by name; absent optional tensors point at ``out`` (never read)."""
     sw = weight.stride()
 
@@ -71,6 +71,7 @@ def kernel_arguments(plan: ConvPlan, x, weight, out, *, mean=None, var=None, sca
         **plan.runtime_args(), **plan.constexprs(),
         end_mask_ptr=t(end_mask), end_y_ptr=t(end_y), end_mean_ptr=_f32(end_mean, out), end_id_ptr=t(end_id),
         end_id_mean_ptr=_f32(end_id_mean, out), part_c_ptr=t(part_c),
+        gram_ptr=t(gram), gram_mean_ptr=_f32(gram_mean, out), acc_bias_ptr=_f32(acc_bias, out),
     )
 
 
@@ -323,8 +324,16 @@ def _transposed_shape(weight: Tensor, groups: int) -> tuple[int, int, int, int]:
     return (cin_g * groups, c_out // groups, kh, kw)
 
 
-def _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, pro_mean, in_relu, residual=None):
+def _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, pro_mean, in_relu, residual=None,
+                        gram=None, gram_mean=None, acc_bias=None):
     n, c_in, h, w = x.shape
+    if gram is not None and any(v is None or tuple(v.shape) != (c_in,) for v in (gram_mean, acc_bias)):
+        raise ValueError(f"conv_input_grad: gram comes with gram_mean and acc_bias, [{c_in}] each")
+    if gram is not None and (not pro or tuple(weight.shape[2:]) != (1, 1) or stride != 1 or padding != 0
+                             or groups != 1 or tuple(gram.shape) != (c_in, c_in)):
+        raise ValueError(f"conv_input_grad: gram needs a prologue, a stride-1 1x1 convolution without padding "
+                         f"with groups=1, and a [{c_in}, {c_in}] matrix; got {tuple(gram.shape)} for a "
+                         f"{tuple(weight.shape[2:])} kernel, stride={stride}, padding={padding}, groups={groups}")
     if residual is not None:
         if pro:
             raise ValueError("conv_input_grad: a residual gradient is added only without a prologue")
@@ -334,7 +343,7 @@ def _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro, p
                              f"{(n, c_in, h, w)}; got {tuple(residual.shape)}, {residual.dtype}")
     plan = plan_conv(dy.shape, _transposed_shape(weight, groups), dy.dtype, stride=stride, padding=padding,
                      dilation=dilation, groups=groups, transposed_out_hw=(h, w), pro_bwd=pro, pro_mean=pro_mean,
-                     pro_relu=in_relu, has_residual=residual is not None, device=dy.device)
+                     pro_relu=in_relu, has_residual=residual is not None, gram=gram is not None, device=dy.device)
     dx = nhwc_empty((n, c_in, h, w), dy)
     if pro:
         return plan, dx, tile_partials(plan, dy)
@@ -356,12 +365,24 @@ def conv_input_grad(
     groups: int,
     in_relu: bool,
     residual: Optional[Tensor] = None,
+    gram: Optional[Tensor] = None,
+    gram_mean: Optional[Tensor] = None,
+    acc_bias: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """dL/dx of ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)`` from ``dy`` = dL/dy.
 
     ``residual`` (only without a prologue): another gradient of ``x``, added
     in the epilogue, so that the sum of a residual block's two branches is
     one write.
+
+    ``gram`` (fp32 ``[C_in, C_in]``, with a prologue, for a stride-1 1x1
+    convolution with ``groups=1``), ``gram_mean`` and ``acc_bias`` (fp32
+    ``[C_in]``): dL/da (a the prologue's output) gets
+    ``(a - gram_mean) @ gram + acc_bias`` added before the prologue's
+    backward. With ``gram = W^T diag(b) W``, ``gram_mean`` the batch mean of
+    a and ``acc_bias = W^T c``, ``dy`` plus that is the input gradient of
+    ``dy + c + b*(y - mean(y))``: the batch-norm statistics term of the
+    layer after the convolution, folded through it.
 
     Returns ``dx`` (channels_last, ``dy``'s dtype) and, when the forward had
     a prologue, per-tile partial sums ``[M tiles, C_in]`` of dL/d(in_shift)
@@ -370,17 +391,19 @@ def conv_input_grad(
     """
     pro = in_scale is not None
     plan, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, pro,
-                                          in_mean is not None, in_relu, residual)
+                                          in_mean is not None, in_relu, residual, gram, gram_mean, acc_bias)
     _launch(plan, dy, weight, dx, mean=in_mean, scale=in_scale, shift=in_shift, residual=x if pro else residual,
-            part_a=parts[0] if pro else None, part_b=parts[1] if pro else None)
+            part_a=parts[0] if pro else None, part_b=parts[1] if pro else None,
+            gram=None if gram is None else gram.to(dy.dtype).contiguous(),  # a dot operand, as dy
+            gram_mean=gram_mean, acc_bias=acc_bias)
     return dx, parts[0], parts[1]
 
 
 @conv_input_grad.register_fake
 def _conv_input_grad_fake(dy, weight, x, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
-                          in_relu, residual=None):
+                          in_relu, residual=None, gram=None, gram_mean=None, acc_bias=None):
     _, dx, parts = _input_grad_buffers(dy, weight, x, stride, padding, dilation, groups, in_scale is not None,
-                                       in_mean is not None, in_relu, residual)
+                                       in_mean is not None, in_relu, residual, gram, gram_mean, acc_bias)
     return dx, parts[0], parts[1]
 
 
@@ -465,6 +488,7 @@ def conv_weight_grad(
     stat_b: Optional[Tensor] = None,
     stat_c: Optional[Tensor] = None,
     stat_sq: Optional[Tensor] = None,
+    input_sums: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(dW, dy')``: dL/dW (fp32, ``weight``'s shape) of
     ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
@@ -478,37 +502,48 @@ def conv_weight_grad(
     gradient through per-image means of y, already divided by the pixel
     count) when given, and ``dy'`` is that sum,
     in ``dy``'s dtype, for :func:`conv_input_grad`; otherwise ``dy'`` is empty.
+    With ``input_sums`` (a stride-1 1x1 convolution, ``groups=1``) dy' is not
+    written: the second result is instead the fp32 ``[C_in]`` sums over all
+    pixels of the input after its prologue, what :func:`conv_input_grad`'s
+    ``gram`` term needs.
 
     Each split of the pixel sum writes its own slab of whole pack blocks; the
     slabs are added in a fixed order (deterministic) and the diagonal blocks,
     the real groups, kept.
     """
     cout, cin_g, kh, kw = weight.shape
+    _check_input_sums(input_sums, weight, stride, padding, groups)
     conv = plan_conv(x.shape, weight.shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
                      groups=groups, has_prologue=in_scale is not None)
     folded = stat_y is not None
-    dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if folded else dy.new_empty(0)
+    dy_out = _weight_grad_second(x, dy, folded, input_sums)
     if conv.m == 0 or weight.numel() == 0:
-        if folded and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
+        if input_sums:
+            dy_out.zero_()
+        elif folded and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
             dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b, stat_c, stat_sq))
         return torch.zeros(weight.shape, dtype=torch.float32, device=x.device), dy_out
     plan = plan_wgrad(conv, x.device)
     gp, packs, taps = conv.gp, conv.packs, kh * kw
     part = torch.empty((plan.splits, packs, plan.k_total, conv.cout_p), dtype=torch.float32, device=x.device)
+    asum = torch.empty((plan.splits, plan.k_total), dtype=torch.float32, device=x.device) if input_sums else part
     launch(
         _conv.conv_wgrad_kernel, plan.grid,
         x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
         dy if stat_y is None else stat_y, _f32(stat_mean, part), _f32(stat_a, part), _f32(stat_b, part),
-        _f32(stat_c, part), _f32(stat_sq, part), dy_out if folded else dy,
+        _f32(stat_c, part), _f32(stat_sq, part), dy_out if folded and not input_sums else dy,
         conv.m, plan.m_per_split, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out,
         KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
         HAS_PROLOGUE=in_scale is not None, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
         GRAD_STATS=folded, STAT_SCALE=folded and stat_c is not None,
         SQ_TERM=folded and stat_sq is not None, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
+        asum_ptr=asum, WRITE_DY=not input_sums, A_SUMS=input_sums,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps,
     )
+    if input_sums:
+        dy_out = asum.sum(0)  # fixed-order reduction over the splits
     full = part.sum(0).reshape(packs, taps, gp, cin_g, gp, cout // groups)
     diag = torch.diagonal(full, dim1=2, dim2=4)  # [packs, taps, cin_g, cout_g, gp]
     return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous(), dy_out
@@ -526,12 +561,27 @@ def _stat_sum(dy: Tensor, y: Tensor, mean: Tensor, a: Tensor, b: Tensor, c: Opti
     return g if sq is None else g + sq.float().view(*sq.shape, 1, 1)
 
 
+def _check_input_sums(input_sums: bool, weight: Tensor, stride: int, padding: int, groups: int) -> None:
+    if input_sums and (tuple(weight.shape[2:]) != (1, 1) or stride != 1 or padding != 0 or groups != 1):
+        raise ValueError(f"conv_weight_grad: input_sums needs a stride-1 1x1 convolution without padding, "
+                         f"groups=1; got a {tuple(weight.shape[2:])} kernel, stride={stride}, padding={padding}, "
+                         f"groups={groups}")
+
+
+def _weight_grad_second(x: Tensor, dy: Tensor, folded: bool, input_sums: bool) -> Tensor:
+    """The second result of :func:`conv_weight_grad`, allocated."""
+    if input_sums:
+        return torch.empty(x.shape[1], dtype=torch.float32, device=x.device)
+    return torch.empty_like(dy, memory_format=torch.channels_last) if folded else dy.new_empty(0)
+
+
 @conv_weight_grad.register_fake
 def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
                            in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None, stat_c=None,
-                           stat_sq=None):
-    dy_out = torch.empty_like(dy, memory_format=torch.channels_last) if stat_y is not None else dy.new_empty(0)
-    return torch.empty(weight.shape, dtype=torch.float32, device=weight.device), dy_out
+                           stat_sq=None, input_sums=False):
+    _check_input_sums(input_sums, weight, stride, padding, groups)
+    return (torch.empty(weight.shape, dtype=torch.float32, device=weight.device),
+            _weight_grad_second(x, dy, stat_y is not None, input_sums))
 
 
 # --------------------------------------------------------------------------

@@ -211,6 +211,7 @@ class ConvPlan:
     pro_bwd: bool = False
     end_bwd: bool = False  # input gradient through the previous residual block's end (kernel docstring)
     end_id: bool = False  # ... which had a downsample branch
+    gram: bool = False  # input gradient with the next batch norm's variance term folded (kernel docstring)
     squeeze: bool = False  # per-(image, channel) sums of the output; row tiles never straddle images
     phase: tuple[int, int] | None = None  # strided input gradient: the output phase (h, w) mod stride
     large_blocks: bool = False  # the interpreter's rules (see the module docstring)
@@ -338,7 +339,7 @@ class ConvPlan:
             HAS_SCALE=self.has_scale, HAS_SHIFT=self.has_shift,
             HAS_RESIDUAL=self.has_residual, RELU=self.relu,
             TRANSPOSED=self.transposed, STATS=self.stats, PRO_BWD=self.pro_bwd, SQUEEZE=self.squeeze,
-            END_BWD=self.end_bwd, END_ID=self.end_id,
+            END_BWD=self.end_bwd, END_ID=self.end_id, GRAM=self.gram,
             PHASED=int(self.phase is not None), PHASE_H=(self.phase or (0, 0))[0], PHASE_W=(self.phase or (0, 0))[1],
             DOT_F32=interpreting(),
             INPUT_PRECISION=input_precision(self.dtype),
@@ -355,7 +356,7 @@ def plan_conv(
     has_mean: bool = False, has_var: bool = False, has_scale: bool = False, has_shift: bool = False,
     has_residual: bool = False, relu: bool = False, stats: bool = False,
     transposed_out_hw: tuple[int, int] | None = None, pro_bwd: bool = False, squeeze: bool = False,
-    end_bwd: bool = False, end_id: bool = False, device: torch.device | None = None,
+    end_bwd: bool = False, end_id: bool = False, gram: bool = False, device: torch.device | None = None,
 ) -> ConvPlan:
     """The launch plan for input ``x_shape`` [N, C, H, W] and weight
     ``w_shape`` [C_out, C_in/groups, KH, KW], both as the launch sees them:
@@ -379,7 +380,7 @@ def plan_conv(
         has_prologue=has_prologue, pro_mean=pro_mean, pro_relu=pro_relu, has_mean=has_mean,
         has_var=has_var, has_scale=has_scale, has_shift=has_shift, has_residual=has_residual, relu=relu,
         transposed=transposed_out_hw is not None, stats=stats, pro_bwd=pro_bwd, squeeze=squeeze,
-        end_bwd=end_bwd, end_id=end_id,
+        end_bwd=end_bwd, end_id=end_id, gram=gram,
         large_blocks=_large_blocks(),
     )
     entry = tuned_table(device).get(plan.key())

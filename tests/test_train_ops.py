@@ -437,6 +437,23 @@ def test_opcheck_training_ops(device):
                           (torch.randn_like(y), w, x, None, None, None, 1, 1, 1, 4, False, torch.randn_like(x)))
     torch.library.opcheck(torch.ops.aru.conv_weight_grad.default,
                           (x, torch.randn_like(y), w, m, s, b, 1, 1, 1, 4, True, y, m, s, b, s, e))
+    # the statistics term folded through a 1x1 conv: input sums from the weight gradient, gram in dgrad
+    w1 = torch.randn(24, 16, 1, 1, device=device)
+    y1 = channels_last(torch.randn(2, 24, 5, 6, device=device))
+    v24 = [torch.randn(24, device=device) for _ in range(3)]
+    torch.library.opcheck(torch.ops.aru.conv_weight_grad.default,
+                          (x, torch.randn_like(y1), w1, m, s, b, 1, 0, 1, 1, True, y1, *v24, v24[0], None, True))
+    gram = torch.randn(16, 16, device=device)
+    torch.library.opcheck(torch.ops.aru.conv_input_grad.default,
+                          (torch.randn_like(y1), w1, x, m, s, b, 1, 0, 1, 1, True, None, gram, m, b))
+    with pytest.raises(ValueError, match="input_sums needs a stride-1 1x1 convolution"):
+        torch.ops.aru.conv_weight_grad(x, torch.randn_like(y), w, m, s, b, 1, 1, 1, 4, True, y, m, s, b, s, None,
+                                       True)
+    with pytest.raises(ValueError, match="gram needs a prologue"):
+        torch.ops.aru.conv_input_grad(torch.randn_like(y1), w1, x, None, None, None, 1, 0, 1, 1, False, None,
+                                      gram, m, b)
+    with pytest.raises(ValueError, match="gram comes with gram_mean and acc_bias"):
+        torch.ops.aru.conv_input_grad(torch.randn_like(y1), w1, x, m, s, b, 1, 0, 1, 1, True, None, gram, None, b)
 
 
 def _sync_worker(rank, world, init_file, x, ws, affine, result_file):
