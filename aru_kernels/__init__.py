@@ -5,7 +5,8 @@ Floors, each importing only the ones below it:
 * kernels, pure math on pointers: ``conv`` (implicit-GEMM convolution, its
   input and weight gradients, batch norm's statistics term added as dL/dy
   is loaded), ``batchnorm`` (finalize, ``bn_add_relu`` and its backward),
-  ``relu_bits`` (a ReLU's gradient mask as bits);
+  ``relu_bits`` (a ReLU's gradient mask as bits), ``space_to_depth`` (the
+  stem as a stride-1 convolution of 2x2 pixel blocks, with its operator);
 * launch plans: ``plans`` (block sizes and grids as rules of the shape, or
   the tuned tiles of the GPU at hand), ``launch`` (every kernel launch, which
   the static cost model ``aot`` can record instead of run);

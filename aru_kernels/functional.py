@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import bn_ops, conv_bn_ops, conv_ops  # noqa: F401  (registers the aru:: operators)
+from . import bn_ops, conv_bn_ops, conv_ops, space_to_depth  # noqa: F401  (registers the aru:: operators)
 from .block_ops import ConvBN, ResidualBlocksTrain
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
 from .plans import out_size
@@ -49,6 +49,20 @@ def _conv_args(op: str, x, weight, stride, padding, dilation):
         raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ "
                         f"(outside autocast they must match, as for F.conv2d)")
     return geometry
+
+
+def _strided_few_channels(x: Tensor, weight: Tensor, stride: int) -> bool:
+    """A cheap first test for :func:`space_to_depth.applies` (before the inputs are checked)."""
+    return stride == 2 and x.dim() == 4 and weight.dim() == 4 and 0 < x.shape[1] <= space_to_depth.CHANNELS // 4
+
+
+def _space_to_depth(x, weight, stride, padding, dilation, groups, prologue: bool, p: int, q: int):
+    """``(x, weight, stride, padding)`` of the convolution to run: rewritten over 2x2
+    pixel blocks where :func:`space_to_depth.applies`, else as given."""
+    if space_to_depth.applies(x, weight, stride, dilation, groups, prologue):
+        x, weight = space_to_depth.rewrite(x, weight, padding, (p, q))
+        return x, weight, 1, 0
+    return x, weight, stride, padding
 
 
 def conv_bn_act(
@@ -125,6 +139,13 @@ def conv_bn_act(
     """
     stride, padding, dilation = _conv_args("conv_bn_act", x, weight, stride, padding, dilation)
     x, residual = _autocast(x, residual)
+    if _strided_few_channels(x, weight, stride):  # the stem: rewritten as a stride-1 conv of 2x2 blocks
+        p, q = check_conv_inputs(
+            x, weight, vectors_out=(("mean", mean), ("var", var), ("scale", scale), ("shift", shift)),
+            vectors_in=(("in_mean", in_mean), ("in_scale", in_scale), ("in_shift", in_shift)),
+            residual=residual, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        x, weight, stride, padding = _space_to_depth(x, weight, stride, padding, dilation, groups,
+                                                     in_scale is not None, p, q)
     op = torch.ops.aru.conv_bn_squeeze if squeeze else torch.ops.aru.conv_bn_act
     return op(x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift,
               stride, padding, dilation, groups, float(eps), relu, in_relu)

@@ -210,6 +210,8 @@ def test_opcheck(device):
     args = (x, weight, mean, var, scale, shift, res, torch.randn_like(pro[0]), pro[0], pro[1], 1, 1, 1, 8, 1e-5,
             True, True)
     torch.library.opcheck(torch.ops.aru.conv_bn_act.default, args)
+    torch.library.opcheck(torch.ops.aru.space_to_depth.default,
+                          (channels_last(torch.randn(2, 3, 9, 8, device=device)), 3, 7, 7))
 
 
 def test_torch_compile_fullgraph(device):
@@ -234,3 +236,48 @@ def test_bf16_resnext50_grouped_layers_at_real_size(channels, size):
                      cout_g=channels // 32, k=3, stride=1, padding=1, residual=True)
     out, expected = run_both(*case, stride=1, padding=1, groups=32, relu=True)
     assert_close(out, expected, torch.bfloat16)
+
+
+# (input channels, kernel, padding, H, W): the ResNet stem, and other stride-2 convolutions
+# over at most 4 channels, odd and even sizes, an even kernel, no padding.
+SPACE_TO_DEPTH = [(3, 7, 3, 13, 11), (1, 3, 1, 8, 9), (4, 5, 2, 9, 10), (2, 7, 0, 15, 14), (3, 4, 1, 10, 7)]
+
+
+@pytest.mark.parametrize("cin,k,padding,h,w", SPACE_TO_DEPTH)
+def test_strided_few_channel_conv_runs_over_pixel_blocks(device, cin, k, padding, h, w):
+    """A stride-2 conv over <= 4 channels whose input needs no gradient runs as a stride-1
+    conv of 2x2 pixel blocks (``aru::space_to_depth``): the eval epilogue's output against
+    float64; with an input that needs a gradient it runs as it is."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    x = channels_last(torch.randn(2, cin, h, w, device=device))
+    weight = torch.randn(8, cin, k, k, device=device) / (cin * k * k) ** 0.5
+    mean, var = torch.randn(8, device=device), torch.rand(8, device=device) + 0.5
+    scale, shift = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+    log = Ops()
+    with log:
+        out = aru_kernels.conv_bn_act(x, weight, stride=2, padding=padding, mean=mean, var=var, scale=scale,
+                                      shift=shift, relu=True)
+    assert "aru.space_to_depth" in log.ops
+    expected = ref.conv_bn_act(x.double(), weight.double(), stride=2, padding=padding, mean=mean.double(),
+                               var=var.double(), scale=scale.double(), shift=shift.double(), relu=True)
+    assert_close(out, expected, torch.float32)
+
+    x_leaf = x.clone().requires_grad_()  # an input that needs its gradient: the convolution as it is
+    log = Ops()
+    with log:
+        out = aru_kernels.conv_bn_act(x_leaf, weight, stride=2, padding=padding)
+    assert "aru.space_to_depth" not in log.ops
+    out.backward(torch.ones_like(out))
+    x_ref = x.double().requires_grad_()
+    ref.conv_bn_act(x_ref, weight.double(), stride=2, padding=padding).backward(torch.ones_like(out).double())
+    assert_close(x_leaf.grad, x_ref.grad, torch.float32, what="input gradient")
