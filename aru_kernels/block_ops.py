@@ -251,7 +251,7 @@ def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, su
             gram = w2.t() @ (st_b[:, None] * w2)
             w_c = weights[k] if not scaled else (weights[k].float() * scale.view(-1, 1, 1, 1)).to(weights[k].dtype)
             dx, part_shift, part_scale = torch.ops.aru.conv_input_grad(
-                g, w_c, src, *pro, stride, padding, dilation, groups, True, None, gram.contiguous(),
+                g, w_c, src, *pro, stride, padding, dilation, groups, True, None, gram,
                 g_stat / max(1, rows(y)), w2.t() @ st_a)
             return dx, (part_shift.sum(0), part_scale.sum(0))
         return input_grad(k, g_stat, src, pro, inner, residual)

@@ -1,8 +1,10 @@
-"""Shared test helpers: the per-dtype tolerance table and a comparison that says what differs."""
+"""Shared test helpers: the per-dtype tolerance table, a comparison that says what differs,
+and a log of the operators a call dispatches."""
 
 from __future__ import annotations
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Relative tolerance per dtype of the tensors under test, applied as
 # |actual - expected| <= tol * (|expected| + max|expected|): relative for large
@@ -64,3 +66,20 @@ def assert_as_accurate(actual: torch.Tensor, baseline: torch.Tensor, reference: 
     err, base = rel_error(actual, reference), rel_error(baseline, reference)
     assert err <= factor * base + floor, (
         f"{what}: relative error {err:.3e} vs float64, PyTorch's {base:.3e} (allowed {factor}x + {floor:g})")
+
+
+class OpLog(TorchDispatchMode):
+    """Every dispatched op's name (``aten.add``, ``aru.conv_bn_act``, ...), and with it the
+    shapes of the tensors it produced."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func.overloadpacket))
+        results = out if isinstance(out, (tuple, list)) else (out,)
+        self.shapes.append([tuple(t.shape) for t in results if isinstance(t, torch.Tensor)])
+        return out

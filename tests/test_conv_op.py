@@ -11,7 +11,7 @@ import torch
 import aru_kernels
 from aru_kernels import conv_ops, plans
 from aru_kernels import reference as ref
-from helpers import POISON, assert_close
+from helpers import POISON, OpLog, assert_close
 
 # (groups, in channels per group, out channels per group): dense, two groups,
 # and the ResNeXt group widths 4 and 8. Channel counts are deliberately not
@@ -248,22 +248,11 @@ def test_strided_few_channel_conv_runs_over_pixel_blocks(device, cin, k, padding
     """A stride-2 conv over <= 4 channels whose input needs no gradient runs as a stride-1
     conv of 2x2 pixel blocks (``aru::space_to_depth``): the eval epilogue's output against
     float64; with an input that needs a gradient it runs as it is."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Ops(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(str(func.overloadpacket))
-            return func(*args, **(kwargs or {}))
-
     x = channels_last(torch.randn(2, cin, h, w, device=device))
     weight = torch.randn(8, cin, k, k, device=device) / (cin * k * k) ** 0.5
     mean, var = torch.randn(8, device=device), torch.rand(8, device=device) + 0.5
     scale, shift = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
-    log = Ops()
+    log = OpLog()
     with log:
         out = aru_kernels.conv_bn_act(x, weight, stride=2, padding=padding, mean=mean, var=var, scale=scale,
                                       shift=shift, relu=True)
@@ -273,7 +262,7 @@ def test_strided_few_channel_conv_runs_over_pixel_blocks(device, cin, k, padding
     assert_close(out, expected, torch.float32)
 
     x_leaf = x.clone().requires_grad_()  # an input that needs its gradient: the convolution as it is
-    log = Ops()
+    log = OpLog()
     with log:
         out = aru_kernels.conv_bn_act(x_leaf, weight, stride=2, padding=padding)
     assert "aru.space_to_depth" not in log.ops

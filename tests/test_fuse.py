@@ -11,10 +11,9 @@ import warnings
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import aru_models
-from helpers import assert_as_accurate, assert_close, rel_error
+from helpers import OpLog, assert_as_accurate, assert_close, rel_error
 
 timm = pytest.importorskip("timm", reason="timm is in the test extra: pip install -e .[test]")
 backbone_utils = pytest.importorskip("torchvision.models.detection.backbone_utils")
@@ -54,16 +53,6 @@ def fpn_body():
     return backbone_utils.resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=3)
 
 
-class AtenLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
 def _fused_forwards(model) -> list[str]:
     return [name for name, m in model.named_modules()
             if {"forward", "_forward_impl", "forward_features"} & set(m.__dict__)]
@@ -82,7 +71,7 @@ def test_timm_eval_matches_unconverted_and_keeps_keys(build, device):
         assert aru_models.fuse(model) is model
     assert "layer1.0" in _fused_forwards(model) and "" in _fused_forwards(model)
     assert list(model.state_dict()) == list(state)
-    log = AtenLog()
+    log = OpLog()
     with torch.no_grad(), log:
         got = model(x)
     assert rel_error(got, expected) < 1e-4
@@ -111,7 +100,7 @@ def test_timm_training_step_matches_float64(build, device):
     aru_models.fuse(model)
     x = torch.randn(2, 3, 33, 35, device=device)
     target = torch.tensor([1, 3], device=device)
-    log = AtenLog()
+    log = OpLog()
     with log:
         loss = torch.nn.functional.cross_entropy(model(x), target)
     # squeeze-excitation's squeeze comes from conv3's epilogue: the one aten.mean is the classifier's pooling;
@@ -164,7 +153,7 @@ def test_squeeze_excitation_fused_in_eval_mode_and_its_gradients(device):
     twin = _double_twin(model)
     aru_models.fuse(model)
     x = torch.randn(2, 3, 23, 19, device=device)
-    log = AtenLog()
+    log = OpLog()
     with log:
         out = model(x)
     # the squeeze of every block from its conv3; the one aten.mean left is the classifier's pooling

@@ -13,10 +13,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import aru_models
-from helpers import assert_as_accurate, assert_close, rel_error
+from helpers import OpLog, assert_as_accurate, assert_close, rel_error
 from test_models import BUILDERS
 
 tv_models = pytest.importorskip("torchvision.models")
@@ -44,22 +43,6 @@ def pair(name: str, **kwargs):
     ours = getattr(aru_models, name)(impl="fused", **kwargs)
     ours.load_state_dict(tv.state_dict())
     return tv.eval(), ours.eval()
-
-
-class OpLog(TorchDispatchMode):
-    """Every dispatched op's name, and with it the shapes of the tensors it produced."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops = []
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        self.ops.append(str(func.overloadpacket))
-        results = out if isinstance(out, (tuple, list)) else (out,)
-        self.shapes.append([tuple(t.shape) for t in results if isinstance(t, torch.Tensor)])
-        return out
 
 
 @pytest.mark.slow
