@@ -6,7 +6,9 @@ Floors, each importing only the ones below it:
   input and weight gradients, batch norm's statistics term added as dL/dy
   is loaded), ``batchnorm`` (finalize, ``bn_add_relu`` and its backward),
   ``relu_bits`` (a ReLU's gradient mask as bits), ``space_to_depth`` (the
-  stem as a stride-1 convolution of 2x2 pixel blocks, with its operator);
+  stem as a stride-1 convolution of 2x2 pixel blocks, with its operator),
+  ``maxpool`` (the stem's batch norm, ReLU and max-pool in one pass, with its
+  operators);
 * launch plans: ``plans`` (block sizes and grids as rules of the shape, or
   the tuned tiles of the GPU at hand), ``launch`` (every kernel launch, which
   the static cost model ``aot`` can record instead of run);
@@ -20,13 +22,15 @@ Floors, each importing only the ones below it:
 """
 
 from . import reference
-from .functional import ConvBN, bn_add_relu, conv_bn_act, conv_bn_train, residual_block_train, residual_blocks_train
+from .functional import (ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, residual_block_train,
+                         residual_blocks_train)
 from .runtime import default_impl, fused_available, interpreting
 
 __all__ = [
     "conv_bn_act",
     "conv_bn_train",
     "bn_add_relu",
+    "bn_relu_maxpool",
     "residual_block_train",
     "residual_blocks_train",
     "ConvBN",

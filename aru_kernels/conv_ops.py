@@ -489,6 +489,7 @@ def conv_weight_grad(
     stat_c: Optional[Tensor] = None,
     stat_sq: Optional[Tensor] = None,
     input_sums: bool = False,
+    write_dy: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``(dW, dy')``: dL/dW (fp32, ``weight``'s shape) of
     ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
@@ -505,7 +506,8 @@ def conv_weight_grad(
     With ``input_sums`` (a stride-1 1x1 convolution, ``groups=1``) dy' is not
     written: the second result is instead the fp32 ``[C_in]`` sums over all
     pixels of the input after its prologue, what :func:`conv_input_grad`'s
-    ``gram`` term needs.
+    ``gram`` term needs. Without ``write_dy`` (no input gradient to come) dy' is
+    not written either, and the second result is empty.
 
     Each split of the pixel sum writes its own slab of whole pack blocks; the
     slabs are added in a fixed order (deterministic) and the diagonal blocks,
@@ -516,11 +518,11 @@ def conv_weight_grad(
     conv = plan_conv(x.shape, weight.shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
                      groups=groups, has_prologue=in_scale is not None)
     folded = stat_y is not None
-    dy_out = _weight_grad_second(x, dy, folded, input_sums)
+    dy_out = _weight_grad_second(x, dy, folded and write_dy, input_sums)
     if conv.m == 0 or weight.numel() == 0:
         if input_sums:
             dy_out.zero_()
-        elif folded and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
+        elif folded and write_dy and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
             dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b, stat_c, stat_sq))
         return torch.zeros(weight.shape, dtype=torch.float32, device=x.device), dy_out
     plan = plan_wgrad(conv, x.device)
@@ -531,14 +533,14 @@ def conv_weight_grad(
         _conv.conv_wgrad_kernel, plan.grid,
         x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
         dy if stat_y is None else stat_y, _f32(stat_mean, part), _f32(stat_a, part), _f32(stat_b, part),
-        _f32(stat_c, part), _f32(stat_sq, part), dy_out if folded and not input_sums else dy,
+        _f32(stat_c, part), _f32(stat_sq, part), dy_out if folded and write_dy and not input_sums else dy,
         conv.m, plan.m_per_split, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out,
         KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
         HAS_PROLOGUE=in_scale is not None, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
         GRAD_STATS=folded, STAT_SCALE=folded and stat_c is not None,
         SQ_TERM=folded and stat_sq is not None, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
-        asum_ptr=asum, WRITE_DY=not input_sums, A_SUMS=input_sums,
+        asum_ptr=asum, WRITE_DY=write_dy and not input_sums, A_SUMS=input_sums,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps,
     )
@@ -578,10 +580,10 @@ def _weight_grad_second(x: Tensor, dy: Tensor, folded: bool, input_sums: bool) -
 @conv_weight_grad.register_fake
 def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
                            in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None, stat_c=None,
-                           stat_sq=None, input_sums=False):
+                           stat_sq=None, input_sums=False, write_dy=True):
     _check_input_sums(input_sums, weight, stride, padding, groups)
     return (torch.empty(weight.shape, dtype=torch.float32, device=weight.device),
-            _weight_grad_second(x, dy, stat_y is not None, input_sums))
+            _weight_grad_second(x, dy, stat_y is not None and write_dy, input_sums))
 
 
 # --------------------------------------------------------------------------
@@ -601,12 +603,13 @@ def conv_grads(ctx, g: Tensor, x, weight, in_mean, in_scale, in_shift, stat=(), 
     need_pro = in_scale is not None and any(ctx.needs_input_grad[i] for i in i_pro)
     dx = dw = d_in_mean = d_in_scale = d_in_shift = None
     if need_w or (stat and (need_x or need_pro)):  # the weight-gradient launch writes dL/dy with the statistics term
+        write_dy = bool(stat) and (need_x or need_pro)
         if normalized is None:
             dw, folded = torch.ops.aru.conv_weight_grad(x, g, weight, in_mean, in_scale, in_shift, stride, padding,
-                                                        dilation, groups, in_relu, *stat)
+                                                        dilation, groups, in_relu, *stat, write_dy=write_dy)
         else:
             dw, folded = torch.ops.aru.conv_weight_grad(normalized, g, weight, None, None, None, stride, padding,
-                                                        dilation, groups, False, *stat)
+                                                        dilation, groups, False, *stat, write_dy=write_dy)
         dw = dw.to(weight.dtype) if need_w else None
         g = folded if stat else g
     if need_x or need_pro:

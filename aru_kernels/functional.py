@@ -17,14 +17,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import bn_ops, conv_bn_ops, conv_ops, space_to_depth  # noqa: F401  (registers the aru:: operators)
+from . import bn_ops, conv_bn_ops, conv_ops, maxpool, space_to_depth  # noqa: F401  (registers the aru:: operators)
 from .block_ops import ConvBN, ResidualBlocksTrain
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
 from .plans import out_size
 from .sync_bn import SyncConvBatchStats, synchronized
 
-__all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "residual_block_train", "residual_blocks_train",
-           "ConvBN"]
+__all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "bn_relu_maxpool", "residual_block_train",
+           "residual_blocks_train", "ConvBN"]
 
 
 def _autocast_on(x: Tensor) -> bool:
@@ -387,3 +387,34 @@ def bn_add_relu(
         None if id_scale is None else (zeros if id_mean is None else f32(id_mean)), f32(id_scale), f32(id_shift),
         None if branch_scale is None else branch_scale.float().contiguous())
 
+
+
+def bn_relu_maxpool(y: Tensor, scale: Tensor, shift: Tensor, *, mean: Optional[Tensor] = None,
+                    kernel_size=3, stride=2, padding=1) -> Tensor:
+    """``max_pool2d(relu(scale*(y - mean) + shift), kernel_size, stride, padding)`` in one
+    pass, the end of a ResNet stem in training: the normalized activation is never
+    written, and the backward keeps one int8 per pooled element (where its maximum
+    lies) instead of max-pool's int64 indices.
+
+    ``y`` is an ``[N, C, H, W]`` channels_last activation; the vectors are ``[C]``,
+    used in fp32 (``mean`` absent: zeros). Square windows, no dilation, floor mode
+    (``nn.MaxPool2d(kernel_size, stride, padding)``); the window's first maximum takes
+    the gradient, as in PyTorch, and NaN propagates. Differentiable in ``y`` and
+    the vectors.
+    """
+    (y,) = _autocast(y)
+    op = "bn_relu_maxpool"
+    check_activation(y, "y", op)
+    c = y.shape[1]
+    for name, v in (("mean", mean), ("scale", scale), ("shift", shift)):
+        check_vector(v, name, c, "one per channel", op=op)
+        if v is not None and v.device != y.device:
+            raise ValueError(f"{op}: {name} is on {v.device} but y is on {y.device}")
+    if scale is None or shift is None:
+        raise ValueError(f"{op}: scale and shift are required")
+    check_runnable(op, ("y", y))
+    k, s, p = (single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
+                                                   (padding, "padding")))
+    mean = torch.zeros(c, dtype=torch.float32, device=y.device) if mean is None else mean.float()
+    out, _ = torch.ops.aru.bn_relu_maxpool(y, mean, scale.float(), shift.float(), k, s, p)
+    return out

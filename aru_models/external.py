@@ -118,13 +118,13 @@ def _stages(model: nn.Module) -> list:
 def _torchvision_forward_impl(self, x: Tensor) -> Tensor:
     import torch
 
-    x = self.maxpool(fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x))
+    x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x, self.maxpool)
     x = fused.layers_forward(_stages(self), x, _fused_parts)
     return self.fc(torch.flatten(self.avgpool(x), 1))
 
 
 def _timm_forward_features(self, x: Tensor) -> Tensor:
-    x = self.maxpool(fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.act1), x))
+    x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.act1), x, self.maxpool)
     return fused.layers_forward(_stages(self), x, _fused_parts)
 
 
@@ -135,8 +135,11 @@ def _getter_forward(self, x: Tensor):
     out = OrderedDict()
     items = list(self.items())
     if [name for name, _ in items[:3]] == list(_STEM) and not set(_STEM) & set(self.return_layers):
-        x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x)
-        items = items[3:]
+        pool, taken = None, 3
+        if len(items) > 3 and items[3][0] == "maxpool" and "maxpool" not in self.return_layers:
+            pool, taken = items[3][1], 4
+        x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x, pool)
+        items = items[taken:]
     for name, module in items:
         x = fused.layer_forward(module, x, _fused_parts)
         if name in self.return_layers:

@@ -34,8 +34,9 @@ between the last batch norm and the residual add (other attention modules,
 stochastic depth, in training DropBlock) run as they are on a materialized
 normalized branch. ``FrozenBatchNorm2d`` is applied like an eval-mode batch norm.
 
-Activations stay channels_last (NHWC) between kernels. The stem max-pool,
-the global average pool and the classifier stay PyTorch.
+Activations stay channels_last (NHWC) between kernels. In training the stem's
+last batch norm, ReLU and max-pool are one pass; in inference the max-pool,
+and in both modes the global average pool and the classifier, stay PyTorch.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from aru_kernels import ConvBN, bn_add_relu, conv_bn_act, conv_bn_train, residual_blocks_train
+from aru_kernels import ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, residual_blocks_train
 from aru_kernels.sync_bn import synchronized
 
 __all__ = ["resnet_forward", "block_forward", "layers_forward", "layer_forward", "parts_forward", "stem_forward",
@@ -370,8 +371,22 @@ def _own_parts(block: nn.Module) -> BlockParts | None:
     return block_parts(block) if getattr(block, "impl", None) == "fused" else None
 
 
-def stem_forward(pairs, x: Tensor) -> Tensor:
-    """``relu(bn(conv(...)))`` for each (conv, bn) of ``pairs`` in turn: a stem."""
+def _fusable_pool(pool: nn.Module | None) -> bool:
+    """An ``nn.MaxPool2d`` that :func:`aru_kernels.bn_relu_maxpool` computes: square
+    windows, no dilation, floor mode, no indices returned, no hooks to run."""
+    if type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices or _hooked(pool):
+        return False
+
+    def square(v) -> bool:
+        return not isinstance(v, (tuple, list)) or (len(v) == 2 and v[0] == v[1])
+    return (all(square(v) for v in (pool.kernel_size, pool.stride, pool.padding))
+            and pool.dilation in (1, (1, 1), [1, 1]))
+
+
+def stem_forward(pairs, x: Tensor, pool: nn.Module | None = None) -> Tensor:
+    """``pool(relu(bn(conv(...))))`` for each (conv, bn) of ``pairs`` in turn: a stem,
+    then its max-pool when given. In training, the last batch norm, its ReLU and an
+    ``nn.MaxPool2d`` run as one pass (:func:`aru_kernels.bn_relu_maxpool`)."""
     x = x.contiguous(memory_format=torch.channels_last)
     modes = {_uses_batch_stats(bn) for _, bn in pairs}
     if len(modes) > 1:
@@ -381,10 +396,14 @@ def stem_forward(pairs, x: Tensor) -> Tensor:
         for conv, bn in pairs:
             y, *prologue = conv_bn_batch_stats(conv, bn, y, prologue)
         mean, scale, shift = prologue
-        return bn_add_relu(y, scale, shift, mean=mean)
-    for conv, bn in pairs:
-        x = conv_bn(conv, bn, x, relu=True)
-    return x
+        if _fusable_pool(pool):
+            return bn_relu_maxpool(y, scale, shift, mean=mean, kernel_size=pool.kernel_size, stride=pool.stride,
+                                   padding=pool.padding)
+        x = bn_add_relu(y, scale, shift, mean=mean)
+    else:
+        for conv, bn in pairs:
+            x = conv_bn(conv, bn, x, relu=True)
+    return x if pool is None else pool(x)
 
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -392,9 +411,7 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     with its ``conv1``/``bn1``/[``maxpool``]/``layer*``/``avgpool``/``fc`` layout
     such as :class:`aru_models.cifar.CifarResNeXt`)
     for images ``x``, in any memory format (made channels_last once, here)."""
-    x = stem_forward([(model.conv1, model.bn1)], x)
-    if hasattr(model, "maxpool"):  # the CIFAR networks have none
-        x = model.maxpool(x)
+    x = stem_forward([(model.conv1, model.bn1)], x, getattr(model, "maxpool", None))  # CIFAR networks have none
     x = layers_forward(_stages(model), x)
     x = model.avgpool(x)
     return model.fc(torch.flatten(x, 1))

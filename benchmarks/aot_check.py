@@ -86,9 +86,10 @@ def _implementation(op):
     import aru_kernels.bn_ops as bn_ops
     import aru_kernels.conv_bn_ops as conv_bn_ops
     import aru_kernels.conv_ops as conv_ops
+    import aru_kernels.maxpool as maxpool
     import aru_kernels.space_to_depth as space_to_depth
 
-    for module in (conv_ops, bn_ops, conv_bn_ops, space_to_depth):
+    for module in (conv_ops, bn_ops, conv_bn_ops, maxpool, space_to_depth):
         for value in vars(module).values():
             if isinstance(value, torch._library.custom_ops.CustomOpDef) and op.name() == f"aru::{value._name}":
                 return value._init_fn

@@ -231,7 +231,15 @@ def test_fused_training_dispatches_no_aten_conv_or_batch_norm(name, device):
         model(x).sum().backward()
     banned = [op for op in log.ops if ("conv" in op and "aru" not in op) or "batch_norm" in op]
     assert not banned, f"{name}: training on the fused path dispatched {sorted(set(banned))}"
-    assert "aru.conv_bn_stats" in log.ops and "aru.bn_add_relu" in log.ops
+    assert "aru.conv_bn_stats" in log.ops
+    if hasattr(model, "maxpool"):  # the stem's end is one pass: no full-resolution ReLU output, no int64 indices
+        assert log.ops.count("aru.bn_relu_maxpool") == 1 and log.ops.count("aru.bn_relu_maxpool_backward") == 1
+        assert not [op for op in log.ops if "max_pool" in op or op == "aru.bn_add_relu"]
+    else:
+        assert "aru.bn_add_relu" in log.ops
+    # the stem's weight gradient (its input needs none) writes no dL/dy' for an input gradient
+    last = len(log.ops) - 1 - log.ops[::-1].index("aru.conv_weight_grad")
+    assert log.shapes[last][0][1] == 3 and log.shapes[last][1] == (0,), log.shapes[last]
     # no elementwise addition over an activation [N, C, H, W]: the residual gradient is added in a conv epilogue
     adds = [(op, shapes) for op, shapes in zip(log.ops, log.shapes)
             if op in ("aten.add", "aten.add_") and any(len(s) == 4 and s[0] == x.shape[0] for s in shapes)]
@@ -262,6 +270,39 @@ def test_hooked_block_is_called_in_training(device):
     assert_close(out, out_twin, torch.float32, what="output")
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         assert_close(a.grad, b.grad, torch.float32, what=f"gradient of {name}")
+
+
+def test_stem_pool_runs_as_module_when_it_cannot_be_fused(device):
+    """In training the stem's max-pool is one pass with its batch norm and ReLU; a pool
+    with a hook, or one the kernel does not compute (ceil mode), runs as the module,
+    with the same results where the two agree."""
+    from aru_models.fused import stem_forward
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, 7, 2, 3, bias=False).to(device)
+    bn = torch.nn.BatchNorm2d(16).to(device)
+    randomize_bn(bn)
+    x = torch.randn(2, 3, 20, 18, device=device)
+    hooked = torch.nn.MaxPool2d(3, 2, 1)
+    seen = []
+    hooked.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    results = []
+    for pool in (torch.nn.MaxPool2d(3, 2, 1), hooked, torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)):
+        log = OpLog()
+        with log:
+            out = stem_forward([(conv, bn)], x, pool)
+            out.square().sum().backward()
+        results.append((log.ops, out, [p.grad.clone() for p in (conv.weight, bn.weight, bn.bias)]))
+        conv.zero_grad()
+        bn.zero_grad()
+    (fused_ops, out, grads), (module_ops, out_m, grads_m), (ceil_ops, out_c, _) = results
+    assert "aru.bn_relu_maxpool" in fused_ops and not [op for op in fused_ops if "max_pool" in op]
+    for ops in (module_ops, ceil_ops):
+        assert "aten.max_pool2d_with_indices" in ops and "aru.bn_relu_maxpool" not in ops
+    assert seen == [torch.Size([2, 16, 5, 5])] and out_c.shape == (2, 16, 6, 5)  # ceil mode's extra row
+    assert_close(out, out_m, torch.float32, what="output")
+    for name, a, b in zip(("conv weight", "bn weight", "bn bias"), grads, grads_m):
+        assert_close(a, b, torch.float32, what=f"gradient of {name}")
 
 
 def test_torch_compile_fullgraph_fused_block_forward_and_backward(device):

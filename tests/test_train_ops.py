@@ -388,6 +388,70 @@ def test_relu_mask_bits_and_block_end_gradient(device):
     assert_close(sums[1][ok], (dz_ref * yc).sum((0, 2, 3))[ok], torch.float32, what="sum of dz*(y - mean)")
 
 
+POOLS = [(3, 2, 1, 13, 11), (2, 2, 0, 9, 8), (3, 1, 1, 7, 10), (5, 3, 2, 11, 12)]
+
+
+def _bn_relu_pool_ref(y, mean, scale, shift, k, s, p):
+    def v(t):
+        return t.view(1, -1, 1, 1)
+    return torch.nn.functional.max_pool2d(torch.relu((y - v(mean)) * v(scale) + v(shift)), k, s, p)
+
+
+@pytest.mark.parametrize("k,s,p,h,w", POOLS, ids=[f"k{k}s{s}p{p}" for k, s, p, _, _ in POOLS])
+def test_bn_relu_maxpool_matches_float64(device, k, s, p, h, w):
+    """The stem's batch norm, ReLU and max-pool in one pass, and its gradient in every input."""
+    c = 24  # one full and one partial channel block in the interpreter's tiles
+    y = _leaf(channels_last(torch.randn(2, c, h, w, device=device)))
+    vecs = [_leaf(torch.randn(c, device=device)) for _ in range(3)]
+    out = aru_kernels.bn_relu_maxpool(y, vecs[1], vecs[2], mean=vecs[0], kernel_size=k, stride=s, padding=p)
+    ex = [_d(t) for t in (y, *vecs)]
+    out_ref = _bn_relu_pool_ref(*ex, k, s, p)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, out_ref, torch.float32)
+    g = torch.randn_like(out_ref)
+    out.backward(g.float())
+    out_ref.backward(g)
+    for name, a, e in zip(["y", "mean", "scale", "shift"], (y, *vecs), ex):
+        assert_close(a.grad, e.grad, torch.float32, what=f"gradient of {name}")
+
+
+def test_bn_relu_maxpool_ties_nan_and_code(device):
+    """Ties go to the window's first maximum and a NaN to its last, as PyTorch's
+    max-pool routes them; ``code`` is -1 exactly where the pooled value is <= 0."""
+    n, c, h, w = 2, 16, 9, 9
+    y = channels_last(torch.randint(-2, 3, (n, c, h, w), device=device).float())  # many equal values
+    y[0, 3, 4, 4] = float("nan")
+    y[1, 5, 2, 3] = float("nan")
+    y[1, 5, 3, 3] = float("nan")  # two NaN in one window
+    ones, zeros = torch.ones(c, device=device), torch.zeros(c, device=device)
+    out, code = torch.ops.aru.bn_relu_maxpool(y, zeros, ones, zeros, 3, 2, 1)
+    yr = _leaf(y)
+    out_ref = torch.nn.functional.max_pool2d(torch.relu(yr), 3, 2, 1)
+    assert torch.equal(torch.isnan(out), torch.isnan(out_ref))
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(out_ref.detach()))
+    assert torch.equal(code.permute(0, 3, 1, 2) == -1, out_ref.detach() <= 0), "code's -1 is not where out <= 0"
+    dout = channels_last(torch.randn_like(out_ref))
+    out_ref.backward(dout)
+    dy, sums = torch.ops.aru.bn_relu_maxpool_backward(dout, code, y, zeros, ones, 3, 2, 1)
+    assert torch.equal(dy, yr.grad), "the gradient went to another element of a window than PyTorch's"
+    assert_close(sums[0], yr.grad.sum((0, 2, 3)), torch.float32, what="sum of g")
+
+
+def test_bn_relu_maxpool_errors(device):
+    y = channels_last(torch.randn(1, 8, 5, 5, device=device))
+    one, zero = torch.ones(8, device=device), torch.zeros(8, device=device)
+    with pytest.raises(ValueError, match="scale must be a 1-D tensor of 8"):
+        aru_kernels.bn_relu_maxpool(y, torch.ones(7, device=device), zero)
+    with pytest.raises(ValueError, match="channels_last"):
+        aru_kernels.bn_relu_maxpool(y.contiguous(), one, zero)
+    with pytest.raises(ValueError, match="padding <= kernel_size // 2; got kernel_size=3, stride=2, padding=2"):
+        aru_kernels.bn_relu_maxpool(y, one, zero, padding=2)
+    with pytest.raises(ValueError, match="kernel_size must be an int or a pair of equal ints"):
+        aru_kernels.bn_relu_maxpool(y, one, zero, kernel_size=(3, 2))
+    with pytest.raises(ValueError, match="smaller than the 7x7 window"):
+        aru_kernels.bn_relu_maxpool(y, one, zero, kernel_size=7, padding=0)
+
+
 def test_weight_gradient_is_deterministic_across_runs(device):
     x = channels_last(torch.randn(4, 32, 9, 9, device=device))
     w = _leaf(torch.randn(32, 4, 3, 3, device=device))
@@ -446,6 +510,12 @@ def test_opcheck_training_ops(device):
     gram = torch.randn(16, 16, device=device)
     torch.library.opcheck(torch.ops.aru.conv_input_grad.default,
                           (torch.randn_like(y1), w1, x, m, s, b, 1, 0, 1, 1, True, None, gram, m, b))
+    torch.library.opcheck(torch.ops.aru.conv_weight_grad.default,
+                          (x, torch.randn_like(y), w, m, s, b, 1, 1, 1, 4, True, y, m, s, b, s, None, False, False))
+    torch.library.opcheck(torch.ops.aru.bn_relu_maxpool.default, (y, m, s, b, 3, 2, 1))
+    pooled, code = torch.ops.aru.bn_relu_maxpool(y, m, s, b, 3, 2, 1)
+    torch.library.opcheck(torch.ops.aru.bn_relu_maxpool_backward.default,
+                          (torch.randn_like(pooled), code, y, m, s, 3, 2, 1))
     with pytest.raises(ValueError, match="input_sums needs a stride-1 1x1 convolution"):
         torch.ops.aru.conv_weight_grad(x, torch.randn_like(y), w, m, s, b, 1, 1, 1, 4, True, y, m, s, b, s, None,
                                        True)

@@ -1,0 +1,206 @@
+"""A ResNet stem's end, ``max_pool(relu(scale*(y - mean) + shift))``, in one pass.
+
+In training, the stem's batch norm and ReLU write a full-resolution tensor that
+the max-pool reads back, and ``max_pool2d_with_indices`` keeps an int64 index
+per pooled element; its backward scatters the gradient into a full-resolution
+buffer, which the ReLU's and batch norm's backward read again. Here:
+
+* ``bn_relu_maxpool_kernel`` reads ``y`` once and writes the pooled output and
+  one int8 per pooled element: the position of the window's maximum (the first
+  one, as PyTorch picks it; a NaN wins, the last one as in PyTorch), or -1
+  where the ReLU passes no gradient (the maximum is ``<= 0``);
+* ``bn_relu_maxpool_backward_kernel`` gathers, for each input pixel, the
+  gradient of the windows whose maximum it is, and writes dL/dy with the
+  per-channel sums that batch norm's scale, shift and mean gradients need
+  (per tile, added in a fixed order).
+
+Windows are square (``K`` wide, stride ``STRIDE``, padding ``PAD`` of
+-infinity), no dilation, floor mode: ``nn.MaxPool2d``'s defaults.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .batchnorm import _centred, _vec
+from .bn_ops import rows
+from .conv import _relu
+from .launch import launch
+from .plans import elementwise_blocks
+
+__all__ = ["pool_size", "bn_relu_maxpool", "bn_relu_maxpool_backward"]
+
+
+@triton.jit
+def bn_relu_maxpool_kernel(
+    y_ptr,  # [N, H, W, C] NHWC
+    mean_ptr, scale_ptr, shift_ptr,  # [C] fp32
+    out_ptr,  # [N, P, Q, C] out
+    code_ptr,  # [N, P, Q, C] int8 out: the maximum's position in its window, -1 where no gradient passes
+    M,  # N * P * Q pooled pixels
+    H, W, P, Q, C,
+    K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    mean, scale, shift = _vec(mean_ptr, rc, c_ok), _vec(scale_ptr, rc, c_ok), _vec(shift_ptr, rc, c_ok)
+    q = rm % Q
+    t = rm // Q
+    p = t % P
+    n = t // P
+    best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
+    pos = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+    for dh in tl.static_range(K):
+        h = p * STRIDE - PAD + dh
+        for dw in tl.static_range(K):
+            w = q * STRIDE - PAD + dw
+            ok = ((rm < M) & (h >= 0) & (h < H) & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
+            v = tl.load(y_ptr + ((n * H + h) * W + w).to(tl.int64)[:, None] * C + rc[None, :], mask=ok, other=0.0)
+            # compared as stored: ties resolve as PyTorch's max-pool over the stored ReLU output does
+            z = _relu((v.to(tl.float32) - mean) * scale + shift).to(out_ptr.dtype.element_ty).to(tl.float32)
+            take = ok & ((z > best) | (z != z))  # the first maximum; a NaN replaces whatever came before
+            best = tl.where(take, z, best)
+            pos = tl.where(take, dh * K + dw, pos)
+    ok = (rm < M)[:, None] & c_ok[None, :]
+    off = rm.to(tl.int64)[:, None] * C + rc[None, :]
+    tl.store(out_ptr + off, best.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(code_ptr + off, tl.where(best <= 0, -1, pos).to(tl.int8), mask=ok)
+
+
+@triton.jit
+def bn_relu_maxpool_backward_kernel(
+    dout_ptr,  # [N, P, Q, C] dL/d(pooled output)
+    code_ptr,  # [N, P, Q, C] int8, as bn_relu_maxpool_kernel wrote it
+    y_ptr,  # [N, H, W, C]
+    mean_ptr, scale_ptr,  # [C] fp32
+    dy_ptr,  # [N, H, W, C] out: dL/dy = scale * g, g the gradient behind the ReLU
+    part_ptr,  # [2, T, C] fp32 out: per-tile sums of g and g*(y - mean)
+    M,  # N * H * W input pixels
+    H, W, P, Q, C, T,
+    K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    w = rm % W
+    t = rm // W
+    h = t % H
+    n = t // H
+    WIN: tl.constexpr = (K + STRIDE - 1) // STRIDE  # windows covering a pixel, per axis
+    g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for i in tl.static_range(WIN):  # the windows in PyTorch's order: rows, then columns, ascending
+        oh = (h + PAD) // STRIDE - (WIN - 1) + i
+        dh = h + PAD - oh * STRIDE
+        for j in tl.static_range(WIN):
+            ow = (w + PAD) // STRIDE - (WIN - 1) + j
+            dw = w + PAD - ow * STRIDE
+            win = (rm < M) & (oh >= 0) & (oh < P) & (dh < K) & (ow >= 0) & (ow < Q) & (dw < K)
+            ok = win[:, None] & c_ok[None, :]  # whole rows, so that the loads stay vectors
+            off = ((n * P + oh) * Q + ow).to(tl.int64)[:, None] * C + rc[None, :]
+            mine = tl.load(code_ptr + off, mask=ok, other=-1).to(tl.int32) == (dh * K + dw)[:, None]
+            g += tl.where(mine, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
+    ok = (rm < M)[:, None] & c_ok[None, :]
+    off = rm.to(tl.int64)[:, None] * C + rc[None, :]
+    yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
+    tl.store(dy_ptr + off, (g * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
+    tl.store(part_ptr + pid_m * C + rc, tl.sum(g, axis=0), mask=c_ok)
+    tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(g * yc, axis=0), mask=c_ok)
+
+
+def pool_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
+    """Pooled length of ``size`` (floor mode, no dilation)."""
+    return (size + 2 * padding - kernel_size) // stride + 1
+
+
+def _check_window(kernel_size: int, stride: int, padding: int) -> None:
+    if not 1 <= kernel_size <= 11 or stride < 1 or not 0 <= padding <= kernel_size // 2:
+        raise ValueError("bn_relu_maxpool: needs 1 <= kernel_size <= 11, stride >= 1 and "
+                         f"0 <= padding <= kernel_size // 2; got kernel_size={kernel_size}, stride={stride}, "
+                         f"padding={padding}")
+
+
+def _pooled(y: Tensor, kernel_size: int, stride: int, padding: int) -> tuple[Tensor, Tensor]:
+    _check_window(kernel_size, stride, padding)
+    n, c, h, w = y.shape
+    p, q = pool_size(h, kernel_size, stride, padding), pool_size(w, kernel_size, stride, padding)
+    if p < 1 or q < 1:
+        raise ValueError(f"bn_relu_maxpool: a {h}x{w} input is smaller than the {kernel_size}x{kernel_size} "
+                         f"window with padding {padding}")
+    out = torch.empty((n, c, p, q), dtype=y.dtype, device=y.device, memory_format=torch.channels_last)
+    return out, torch.empty((n, p, q, c), dtype=torch.int8, device=y.device)
+
+
+@torch.library.custom_op("aru::bn_relu_maxpool", mutates_args=())
+def bn_relu_maxpool(y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, kernel_size: int, stride: int,
+                    padding: int) -> tuple[Tensor, Tensor]:
+    """``(out, code)``: ``out = max_pool2d(relu(scale*(y - mean) + shift), kernel_size, stride,
+    padding)`` (channels_last, ``y``'s dtype; fp32 ``[C]`` vectors), and ``code`` ``[N, P, Q, C]``
+    int8, where in its window each maximum lies (``-1`` where the ReLU passes no gradient),
+    all the backward reads of the output side."""
+    out, code = _pooled(y, kernel_size, stride, padding)
+    n, c, h, w = y.shape
+    m = rows(out)
+    block_m, block_c = elementwise_blocks(c)
+    block_m = max(16, block_m // 4)  # K*K loads a pooled element
+    if m and c:
+        launch(bn_relu_maxpool_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
+               y, mean, scale, shift, out, code, m, h, w, out.shape[2], out.shape[3], c,
+               K=kernel_size, STRIDE=stride, PAD=padding, BLOCK_M=block_m, BLOCK_C=block_c,
+               role="bn_relu_maxpool")
+    return out, code
+
+
+@bn_relu_maxpool.register_fake
+def _bn_relu_maxpool_fake(y, mean, scale, shift, kernel_size, stride, padding):
+    return _pooled(y, kernel_size, stride, padding)
+
+
+@torch.library.custom_op("aru::bn_relu_maxpool_backward", mutates_args=())
+def bn_relu_maxpool_backward(dout: Tensor, code: Tensor, y: Tensor, mean: Tensor, scale: Tensor,
+                             kernel_size: int, stride: int, padding: int) -> tuple[Tensor, Tensor]:
+    """``(dy, sums)``: dL/dy of :func:`bn_relu_maxpool` from dL/dout (channels_last) and its
+    ``code``, and the per-channel sums ``[2, C]`` of g and g*(y - mean), g the gradient
+    behind the ReLU (dL/dy = scale*g)."""
+    n, c, h, w = y.shape
+    m = rows(y)
+    block_m, block_c = elementwise_blocks(c)
+    tiles = triton.cdiv(m, block_m)
+    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    part = torch.zeros((2, tiles, c), dtype=torch.float32, device=y.device)
+    if m and c:
+        launch(bn_relu_maxpool_backward_kernel, (tiles, triton.cdiv(c, block_c)),
+               dout, code, y, mean, scale, dy, part, m, h, w, dout.shape[2], dout.shape[3], c, tiles,
+               K=kernel_size, STRIDE=stride, PAD=padding, BLOCK_M=block_m, BLOCK_C=block_c,
+               role="bn_relu_maxpool_bwd")
+    return dy, part.sum(1)  # fixed-order reduction over tiles
+
+
+@bn_relu_maxpool_backward.register_fake
+def _bn_relu_maxpool_backward_fake(dout, code, y, mean, scale, kernel_size, stride, padding):
+    return (torch.empty_like(y, memory_format=torch.channels_last),
+            torch.empty((2, y.shape[1]), dtype=torch.float32, device=y.device))
+
+
+def _setup(ctx, inputs, output):
+    y, mean, scale, _, kernel_size, stride, padding = inputs
+    ctx.window = (kernel_size, stride, padding)
+    ctx.mark_non_differentiable(output[1])
+    ctx.save_for_backward(y, mean, scale, output[1])
+
+
+def _backward(ctx, dout, _d_code):
+    y, mean, scale, code = ctx.saved_tensors
+    dy, sums = torch.ops.aru.bn_relu_maxpool_backward(dout.to(y.dtype).contiguous(memory_format=torch.channels_last),
+                                                      code, y, mean, scale, *ctx.window)
+    d_shift = sums[0]
+    return dy, -scale * d_shift, sums[1], d_shift, None, None, None
+
+
+bn_relu_maxpool.register_autograd(_backward, setup_context=_setup)
