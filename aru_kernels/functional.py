@@ -388,7 +388,6 @@ def bn_add_relu(
         None if branch_scale is None else branch_scale.float().contiguous())
 
 
-
 def bn_relu_maxpool(y: Tensor, scale: Tensor, shift: Tensor, *, mean: Optional[Tensor] = None,
                     kernel_size=3, stride=2, padding=1) -> Tensor:
     """``max_pool2d(relu(scale*(y - mean) + shift), kernel_size, stride, padding)`` in one
@@ -415,6 +414,7 @@ def bn_relu_maxpool(y: Tensor, scale: Tensor, shift: Tensor, *, mean: Optional[T
     check_runnable(op, ("y", y))
     k, s, p = (single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
                                                    (padding, "padding")))
-    mean = torch.zeros(c, dtype=torch.float32, device=y.device) if mean is None else mean.float()
-    out, _ = torch.ops.aru.bn_relu_maxpool(y, mean, scale.float(), shift.float(), k, s, p)
+    mean = torch.zeros(c, dtype=torch.float32, device=y.device) if mean is None else mean
+    mean, scale, shift = (v.float().contiguous() for v in (mean, scale, shift))  # the kernels read unit strides
+    out, _ = torch.ops.aru.bn_relu_maxpool(y, mean, scale, shift, k, s, p)
     return out

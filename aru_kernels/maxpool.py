@@ -145,7 +145,7 @@ def bn_relu_maxpool(y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, kerne
     int8, where in its window each maximum lies (``-1`` where the ReLU passes no gradient),
     all the backward reads of the output side."""
     out, code = _pooled(y, kernel_size, stride, padding)
-    n, c, h, w = y.shape
+    c, h, w = y.shape[1:]
     m = rows(out)
     block_m, block_c = elementwise_blocks(c)
     block_m = max(16, block_m // 4)  # K*K loads a pooled element
@@ -168,7 +168,7 @@ def bn_relu_maxpool_backward(dout: Tensor, code: Tensor, y: Tensor, mean: Tensor
     """``(dy, sums)``: dL/dy of :func:`bn_relu_maxpool` from dL/dout (channels_last) and its
     ``code``, and the per-channel sums ``[2, C]`` of g and g*(y - mean), g the gradient
     behind the ReLU (dL/dy = scale*g)."""
-    n, c, h, w = y.shape
+    c, h, w = y.shape[1:]
     m = rows(y)
     block_m, block_c = elementwise_blocks(c)
     tiles = triton.cdiv(m, block_m)
