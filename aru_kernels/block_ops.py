@@ -4,7 +4,10 @@ A block is ``relu(bn_n(conv_n(... relu(bn_1(conv_1(x))) ...)) + identity)``,
 identity ``x`` or ``bn_d(conv_d(x))``, batch norms with batch statistics. The
 forward is the same operators as one conv at a time (``aru::conv_bn_stats``
 per conv, ``aru::bn_add_relu_mask`` at the end, which also keeps the final
-ReLU's mask as bits); what a node of its own buys is the backward. With one
+ReLU's mask as bits), except that a block starting with a stride-1 1x1
+convolution computes the previous block's end as that convolution loads its
+input (``aru::block_end_conv_bn_stats``): the block output is written once
+and not read back. What a node of its own buys is mostly the backward. With one
 node per conv, autograd holds two gradients of the block input (the residual
 branch's and the first conv's) and adds them in a pass of their own, and the
 end of the block writes dL/dy of the last conv and dL/didentity as two
@@ -36,6 +39,7 @@ from torch import Tensor
 
 from .bn_ops import rows, stats_term
 from .conv_ops import nhwc
+from .plans import WGRAD_GRAM_MAX_CHANNELS, block_end_fuses
 
 __all__ = ["ConvBN", "ResidualBlocksTrain", "PER_CONV"]
 
@@ -84,28 +88,46 @@ def _bn_grads(d_shift: Tensor, d_scale: Tensor, invstd: Tensor, scale: Tensor, b
     return d_weight, d_shift, a, b
 
 
-def _block_forward(configs, has_ds: bool, x: Tensor, convs) -> tuple:
-    """One block's forward: (out, ReLU mask bits, new running statistics, saved per-conv tensors)."""
+def _block_forward(configs, has_ds: bool, x: Optional[Tensor], pending: Optional[tuple], convs) -> tuple:
+    """One block's forward: (its input, the previous block's ReLU mask bits or None,
+    its own end as ``aru::bn_add_relu_mask``'s arguments, new running statistics,
+    saved per-conv tensors).
+
+    With ``pending`` (``x`` None) the previous block's end has not been computed:
+    ``pending`` holds its ``aru::bn_add_relu_mask`` arguments, and this block's first
+    conv computes it as it loads its input (``aru::block_end_conv_bn_stats``), writing
+    the block input and the mask bits on the way."""
     chain = len(configs) - has_ds
     running, saved, stats = [], [], []
-    h, prologue = x, (None, None, None)
+    h, prologue, prev_mask = x, (None, None, None), None
     for k in range(len(configs)):
         if k == chain:  # the downsample branch reads the block input
             h, prologue = x, (None, None, None)
         weight, bn_weight, bn_bias, rm, rv, nbt = convs[k]
         stride, padding, dilation, groups, momentum, eps = configs[k]
-        y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
-            h, weight, *prologue, rm, rv, nbt, stride, padding, dilation, groups,
-            prologue[0] is not None, momentum, eps)
+        if k == 0 and pending is not None:
+            x, prev_mask, y, mean, invstd, new_rm, new_rv = torch.ops.aru.block_end_conv_bn_stats(
+                *pending, weight, rm, rv, nbt, stride, padding, dilation, groups, momentum, eps)
+            a = x.new_empty(0)
+        else:
+            y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
+                h, weight, *prologue, rm, rv, nbt, stride, padding, dilation, groups,
+                prologue[0] is not None, momentum, eps)
         scale, shift = _affine(bn_weight, bn_bias, invstd)
         running += [new_rm, new_rv]
         saved.append((y, mean, invstd, scale, shift, a))
         stats.append((y, mean, scale, shift))
         h, prologue = y, (mean, scale, shift)
-    y, mean, scale, shift = stats[chain - 1]
     identity = stats[chain] if has_ds else (x, None, None, None)
-    out, relu_mask = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, *identity)
-    return out, relu_mask, running, saved
+    return x, prev_mask, (*stats[chain - 1], *identity), running, saved
+
+
+def _end_fuses(convs, config) -> bool:
+    """Whether a block whose first conv is ``convs[0]`` (with ``config``) takes the
+    previous block's end on load (:func:`aru_kernels.plans.block_end_fuses`)."""
+    weight = convs[0][0]
+    stride, padding, dilation, groups, _, _ = config
+    return block_end_fuses(weight.shape[2], weight.shape[3], stride, padding, groups, weight.shape[0])
 
 
 # The largest input (C_in) of a 1x1 convolution whose batch norm's statistics term is
@@ -145,26 +167,38 @@ class ResidualBlocksTrain(torch.autograd.Function):
     norm's new running mean and variance (empty without running statistics;
     ``num_batches_tracked`` must already count this batch), not differentiable.
 
-    Between two blocks of the node, the gradient of the first one's output is
-    never written: the second block's last input-gradient launch applies the
-    first one's final ReLU and takes its batch norms' sums in its epilogue
-    (``aru::conv_input_grad_block_end``)."""
+    Between two blocks of the node, the first one's output is written once: where
+    the second block starts with a stride-1 1x1 convolution, that convolution
+    computes it as it loads its input (``aru::block_end_conv_bn_stats``), and it
+    is never read back. Its gradient is never written: the second block's last
+    input-gradient launch applies the first one's final ReLU and takes its batch
+    norms' sums in its epilogue (``aru::conv_input_grad_block_end``)."""
 
     @staticmethod
     def forward(ctx, layout, x, *tensors):
-        running, saved, h, first = [], [], x, 0
-        inputs, ends = [], []
-        for configs, has_ds in layout:
-            convs = [tensors[first + i * PER_CONV:first + (i + 1) * PER_CONV] for i in range(len(configs))]
+        running, saved, first = [], [], 0
+        convs = []
+        for configs, _ in layout:
+            convs.append([tensors[first + i * PER_CONV:first + (i + 1) * PER_CONV] for i in range(len(configs))])
             first += len(configs) * PER_CONV
-            out, relu_mask, new_running, per = _block_forward(configs, has_ds, h, convs)
+        inputs, ends = [], []
+        h, pending = x, None
+        for b, (configs, has_ds) in enumerate(layout):
+            h, prev_mask, end, new_running, per = _block_forward(configs, has_ds, h, pending, convs[b])
+            if prev_mask is not None:
+                ends[-1] = ends[-1]._replace(relu_mask=prev_mask)
             chain = len(configs) - has_ds
             inputs.append(h)
-            ends.append(_BlockEnd(relu_mask, per[chain - 1][0], per[chain - 1][1],
+            ends.append(_BlockEnd(None, per[chain - 1][0], per[chain - 1][1],
                                   per[chain][0] if has_ds else None, per[chain][1] if has_ds else None))
             running += new_running
             saved += [t for conv in per for t in conv]
-            h = out
+            if b + 1 < len(layout) and _end_fuses(convs[b + 1], layout[b + 1][0][0]):
+                h, pending = None, end  # computed by the next block's first conv as it loads it
+            else:
+                h, relu_mask = torch.ops.aru.bn_add_relu_mask(*end)
+                ends[-1] = ends[-1]._replace(relu_mask=relu_mask)
+                pending = None
         ctx.layout = layout
         # weight, bn weight and bn bias of each conv (not the running statistics: updated in place)
         params = [t for i in range(0, len(tensors), PER_CONV) for t in tensors[i:i + 3]]
@@ -240,9 +274,11 @@ def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, su
         pro = (per[k - 1][1], per[k - 1][3], per[k - 1][4]) if inner else (None, None, None)
         ahead = a.numel() > 0
         fold = need_dx and inner and not ahead and gram_folds(weights[k], configs[k])
+        reads_y = not fold or weights[k].shape[1] > WGRAD_GRAM_MAX_CHANNELS  # else the input's A^T A stands in
         dw, g_stat = torch.ops.aru.conv_weight_grad(
             a if ahead else src, g, weights[k], *((None, None, None) if ahead else pro), stride, padding,
-            dilation, groups, inner and not ahead, y, mean, st_a, st_b, scale if scaled else None, input_sums=fold)
+            dilation, groups, inner and not ahead, y if reads_y else None, mean if reads_y else None, st_a, st_b,
+            scale if scaled else None, input_sums=fold)
         grads[k][0] = dw.to(weights[k].dtype)
         if not need_dx:
             return None, None

@@ -38,6 +38,15 @@ i.e. the previous layer's batch norm applied lazily; padded positions stay
 zero, as in a conv that follows BN + ReLU. Centring first, as batch norm
 does, keeps values equal to the mean exactly at ``in_shift``.
 
+**Block-end prologue** (``PRO_END``, a stride-1 1x1 convolution with
+``groups=1``): the input is the previous residual block's output, computed
+on load from that block's last conv output ``x`` and its identity:
+``relu(in_scale*(x - in_mean) + in_shift + identity')``, identity' the
+identity or (``PRO_END_AFFINE``) its own batch norm. The programs of the
+first block of output channels also store it, rounded as the dot reads it,
+and its ReLU's mask bits (:mod:`aru_kernels.relu_bits`): the block output is
+written once and never read back by this convolution.
+
 **Epilogue**, on the fp32 accumulator::
 
     y = relu?(scale[n] * (acc - mean[n]) / sqrt(var[n] + eps) + shift[n] + residual)
@@ -92,7 +101,7 @@ adds it.
 import triton
 import triton.language as tl
 
-from .relu_bits import load_relu_mask
+from .relu_bits import load_relu_mask, store_relu_mask
 
 
 @triton.jit
@@ -116,6 +125,27 @@ def _prologue(a, ok, ch, ch_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr, PRO_MEA
     if PRO_RELU:
         a = _relu(a)
     return tl.where(ok, a, 0.0)
+
+
+@triton.jit
+def _block_end_input(y, ok, off, ch, ch_ok, rows, row_ok, byte0, write, in_mean_ptr, in_scale_ptr, in_shift_ptr,
+                     id_ptr, id_mean_ptr, id_scale_ptr, id_shift_ptr, out_ptr, mask_ptr, C,
+                     AFFINE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A residual block's output from its last conv's output ``y`` (loaded at
+    ``off``): ``relu(in_scale * (y - in_mean) + in_shift + identity')``, identity'
+    the identity as loaded or (``AFFINE``) its own batch norm, as
+    :func:`aru_kernels.batchnorm.bn_add_relu_kernel` computes and rounds it; where
+    ``write``, stored with its ReLU's mask bits (``rows`` the tile's pixels,
+    ``byte0`` the byte of its first channel). Zero where not ``ok``."""
+    z = _prologue(y, ok, ch, ch_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr, True, False)
+    r = tl.load(id_ptr + off, mask=ok, other=0.0)
+    if AFFINE:
+        r = _prologue(r, ok, ch, ch_ok, id_mean_ptr, id_scale_ptr, id_shift_ptr, True, False)
+    stored = _relu(z + r.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    if write:
+        tl.store(out_ptr + off, stored, mask=ok)
+        store_relu_mask(mask_ptr, stored, ok, rows, row_ok, byte0, C, BLOCK_M, BLOCK_K)
+    return stored
 
 
 @triton.jit
@@ -210,6 +240,14 @@ def conv_bn_act_kernel(
     gram_mean_ptr=None,  # [C_OUT] fp32 the forward input's mean over the batch, after its prologue
     acc_bias_ptr=None,  # [C_OUT] fp32 added to dL/da before the prologue's backward
     GRAM: tl.constexpr = False,
+    # PRO_END (1x1, stride 1, no padding, groups 1): x is the last conv output of the previous
+    # residual block, whose end relu(in_scale * (x - in_mean) + in_shift + identity') is the input
+    pro_id_ptr=None,  # [N, H, W, C_IN] that block's identity: its input, or its downsample conv's output
+    pro_id_mean_ptr=None, pro_id_scale_ptr=None, pro_id_shift_ptr=None,  # [C_IN] fp32 (PRO_END_AFFINE)
+    pro_out_ptr=None,  # [N, H, W, C_IN] out: the block's output, as stored
+    pro_mask_ptr=None,  # [M, ceil(C_IN/8)] uint8 out: its ReLU's gradient mask as bits (relu_bits)
+    PRO_END: tl.constexpr = False,
+    PRO_END_AFFINE: tl.constexpr = False,  # the identity has a batch norm of its own
 ):
     # Output-channel blocks vary fastest, so programs that share an input
     # tile run together and read it from L2.
@@ -320,6 +358,11 @@ def conv_bn_act_kernel(
             if HAS_PROLOGUE:
                 a = _prologue(a, ok, pack * CIN_P + rk, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
                               PRO_MEAN, PRO_RELU)
+            if PRO_END:  # the programs of the first block of N write the block output, each element once
+                a = _block_end_input(a, ok, row[:, None] + rk[None, :], rk, k_ok, rm, m_ok,
+                                     (it % C_BLOCKS) * (BLOCK_K // 8), pid_n == 0, in_mean_ptr, in_scale_ptr,
+                                     in_shift_ptr, pro_id_ptr, pro_id_mean_ptr, pro_id_scale_ptr, pro_id_shift_ptr,
+                                     pro_out_ptr, pro_mask_ptr, C_IN, PRO_END_AFFINE, BLOCK_M, BLOCK_K)
             if C_BLOCKS > 1:
                 b_off, b_ok = _weight_tile_offsets(pack, rk, k_ok, rn, n_ok, sw_o, sw_i,
                                                    CIN_G, COUT_G, CIN_P, COUT_P, TRANSPOSED)
@@ -458,6 +501,8 @@ def conv_wgrad_kernel(
     asum_ptr=None,  # [SPLITS, packs, KH*KW*CIN_P] fp32 out: sums of A over the split's pixels (A_SUMS)
     WRITE_DY: tl.constexpr = True,  # with GRAD_STATS: write dy' for the input-gradient launch
     A_SUMS: tl.constexpr = False,
+    gram_ptr=None,  # [SPLITS, K, K] fp32 out: A^T A over the split's pixels (A_GRAM)
+    A_GRAM: tl.constexpr = False,  # one block of k, BLOCK_N == BLOCK_K: program column N_BLOCKS takes A^T A
 ):
     """Weight gradient: per pack, ``dW[k, n] = sum_m A[m, k] * dy[m, n]``.
 
@@ -476,6 +521,12 @@ def conv_wgrad_kernel(
     input's per-channel sums, for the folded variance term of
     ``conv_bn_act_kernel``'s ``GRAM``), and without ``WRITE_DY`` the
     statistics term is added for this launch's dot only, dy' not written.
+    With ``A_GRAM`` (all of k in one block, ``BLOCK_N == BLOCK_K``) one more
+    column of programs computes ``A^T A`` per split instead of a block of
+    dW: with ``y = A W^T`` (a 1x1 convolution), the statistics term's share
+    of dW, ``sum_m (y[m, n] - mean_n) A[m, k]``, is
+    ``(W (A^T A - s s^T / M))[n, k]`` (``s`` the sums of A), which the
+    launcher adds without y being read.
     """
     K_TOTAL: tl.constexpr = KH * KW * CIN_P
     K_BLOCKS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
@@ -483,8 +534,14 @@ def conv_wgrad_kernel(
     POINTWISE: tl.constexpr = (KH == 1) and (KW == 1) and (STRIDE == 1) and (PAD == 0)
     pid = tl.program_id(0)
     split = tl.program_id(1)
-    n_b = pid % N_BLOCKS
-    t = pid // N_BLOCKS
+    COLUMNS: tl.constexpr = N_BLOCKS + A_GRAM  # A_GRAM: the last column of programs takes A^T A
+    n_b = pid % COLUMNS
+    t = pid // COLUMNS
+    if A_GRAM:
+        tl.static_assert(K_BLOCKS == 1 and BLOCK_N == BLOCK_K and not GRAD_STATS)
+        is_gram = n_b == N_BLOCKS
+    else:
+        is_gram = False
     k_b = t % K_BLOCKS
     pack = t // K_BLOCKS
 
@@ -524,7 +581,11 @@ def conv_wgrad_kernel(
                           PRO_MEAN, PRO_RELU)
         g_off = rm.to(tl.int64)[:, None] * C_OUT + cn[None, :]
         g_ok = m_ok[:, None] & n_ok[None, :]
-        g = tl.load(dy_ptr + g_off, mask=g_ok, other=0.0)
+        if A_GRAM:  # the Gram column's right operand is A itself; it reads no dL/dy
+            g = tl.where(is_gram, a.to(dy_ptr.dtype.element_ty),
+                         tl.load(dy_ptr + g_off, mask=g_ok & (n_b < N_BLOCKS), other=0.0))
+        else:
+            g = tl.load(dy_ptr + g_off, mask=g_ok, other=0.0)
         if GRAD_STATS:
             g = g.to(tl.float32)
             if STAT_SCALE:
@@ -543,8 +604,13 @@ def conv_wgrad_kernel(
             acc += tl.dot(tl.trans(a.to(tl.float32)), g.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
-    slab = part_ptr + (split * (C_OUT // COUT_P) + pack).to(tl.int64) * (K_TOTAL * COUT_P)
-    tl.store(slab + rk[:, None] * COUT_P + rn[None, :], acc, mask=k_ok[:, None] & n_ok[None, :])
+    if is_gram:
+        rg = tl.arange(0, BLOCK_N)
+        tl.store(gram_ptr + split * (K_TOTAL * K_TOTAL) + rk[:, None] * K_TOTAL + rg[None, :], acc,
+                 mask=k_ok[:, None] & (rg < K_TOTAL)[None, :])
+    else:
+        slab = part_ptr + (split * (C_OUT // COUT_P) + pack).to(tl.int64) * (K_TOTAL * COUT_P)
+        tl.store(slab + rk[:, None] * COUT_P + rn[None, :], acc, mask=k_ok[:, None] & n_ok[None, :])
     if A_SUMS:  # one n block's programs cover every k once
         if n_b == 0:
             tl.store(asum_ptr + (split * (C_OUT // COUT_P) + pack) * K_TOTAL + rk, a_sum, mask=k_ok)

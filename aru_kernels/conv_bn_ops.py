@@ -2,7 +2,10 @@
 
 ``aru::conv_bn_stats`` runs the conv with its batch statistics taken in the
 epilogue, then the batch-norm finalize: ``(y, mean, invstd)`` and the
-running-statistics update. Because the conv and its statistics are one
+running-statistics update. ``aru::block_end_conv_bn_stats`` is the same for a
+residual block's first 1x1 convolution whose input is the previous block's
+end, computed as the conv loads it (and written once, with its ReLU mask
+bits): for :mod:`aru_kernels.block_ops`, which owns the backward. Because the conv and its statistics are one
 autograd node, its backward receives dL/dy of the data path together with
 dL/dmean and dL/dinvstd, and folds the statistics' term ``a + b*(y - mean)``
 (:func:`aru_kernels.bn_ops.stats_term`) into the input- and weight-gradient
@@ -20,12 +23,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .bn_ops import finalize_stats, normalize, rows, stats_term
-from .checks import check_conv_inputs
-from .conv_ops import conv_bn_act_into, conv_grads, image_statistics, nhwc, stats_plan
-from .plans import normalizes_ahead
+from .bn_ops import bn_add_relu_mask, finalize_stats, normalize, relu_mask_shape, rows, stats_term
+from .checks import check_activation, check_conv_inputs, check_vector
+from .conv_ops import conv_bn_act_into, conv_grads, image_statistics, nhwc, nhwc_empty, stats_plan
+from .plans import block_end_fuses, normalizes_ahead
 
-__all__ = ["conv_bn_stats_grads", "conv_with_stats", "normalized_input"]
+__all__ = ["conv_bn_stats_grads", "conv_with_stats", "normalized_input", "block_end_conv_bn_stats"]
 
 
 def _ahead(weight: Tensor, in_scale: Optional[Tensor]) -> bool:
@@ -139,3 +142,90 @@ def _backward(ctx, dy, dmean, dinvstd, _d_running_mean, _d_running_var, _d_a, d_
 
 
 _conv_bn_stats_op.register_autograd(_backward, setup_context=_setup)
+
+
+_END_OP = "block_end_conv_bn_stats"
+
+
+def _check_block_end(y_end, end_mean, end_scale, end_shift, identity, id_mean, id_scale, id_shift, weight,
+                     stride, padding, groups) -> None:
+    check_activation(y_end, "y_end", _END_OP)
+    c = y_end.shape[1]
+    if not block_end_fuses(*weight.shape[2:], stride, padding, groups, weight.shape[0]):
+        raise ValueError(f"{_END_OP}: needs a stride-1 1x1 convolution without padding, groups=1, of at most "
+                         f"512 output channels; got a {tuple(weight.shape)} weight, stride={stride}, "
+                         f"padding={padding}, groups={groups}")
+    if identity is None:
+        raise ValueError(f"{_END_OP}: a residual block's end needs its identity")
+    check_activation(identity, "identity", _END_OP)
+    if identity.shape != y_end.shape or identity.dtype != y_end.dtype:
+        raise ValueError(f"{_END_OP}: identity must match y_end ({tuple(y_end.shape)}, {y_end.dtype}); "
+                         f"got {tuple(identity.shape)}, {identity.dtype}")
+    if (id_scale is None) != (id_shift is None) or (id_mean is None) != (id_scale is None):
+        raise ValueError(f"{_END_OP}: id_mean, id_scale and id_shift come together (the identity's batch norm)")
+    for name, v in (("end_mean", end_mean), ("end_scale", end_scale), ("end_shift", end_shift),
+                    ("id_mean", id_mean), ("id_scale", id_scale), ("id_shift", id_shift)):
+        check_vector(v, name, c, "one per channel of the block output", _END_OP)
+
+
+@torch.library.custom_op("aru::block_end_conv_bn_stats", mutates_args=())
+def block_end_conv_bn_stats(
+    y_end: Tensor,
+    end_mean: Tensor,
+    end_scale: Tensor,
+    end_shift: Tensor,
+    identity: Optional[Tensor],
+    id_mean: Optional[Tensor],
+    id_scale: Optional[Tensor],
+    id_shift: Optional[Tensor],
+    weight: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    stride: int,
+    padding: int,
+    dilation: int,
+    groups: int,
+    momentum: Optional[float],
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(x, relu_mask, y, mean, invstd, new running mean, new running var)``:
+    ``x, relu_mask = aru::bn_add_relu_mask(y_end, end_mean, end_scale, end_shift,
+    identity, id_mean, id_scale, id_shift)``, a residual block's output and its
+    ReLU's mask bits, then ``aru::conv_bn_stats(x, weight, ...)`` without a
+    prologue, in one launch: the convolution (stride 1, 1x1, ``groups=1``)
+    computes x as it loads it. Not differentiable itself: for nodes that own
+    their backward."""
+    _check_block_end(y_end, end_mean, end_scale, end_shift, identity, id_mean, id_scale, id_shift, weight,
+                     stride, padding, groups)
+    if weight.shape[0] == 0:  # nothing to convolve: the block end alone
+        x, relu_mask = bn_add_relu_mask(y_end, end_mean, end_scale, end_shift, identity, id_mean, id_scale,
+                                        id_shift)
+        y, tile_mean, tile_m2 = conv_bn_act_into(None, x, weight, stats=True)
+        tile_rows = stats_plan(x, weight, None, None, False, stride, padding, dilation, groups).block_m
+    else:
+        x = nhwc_empty(y_end.shape, y_end)
+        relu_mask = torch.empty(relu_mask_shape(y_end), dtype=torch.uint8, device=y_end.device)
+        y, tile_mean, tile_m2 = conv_bn_act_into(
+            None, y_end, weight, in_mean=end_mean, in_scale=end_scale, in_shift=end_shift, stride=stride,
+            padding=padding, dilation=dilation, groups=groups, stats=True,
+            block_end=(identity, id_mean, id_scale, id_shift, x, relu_mask))
+        tile_rows = stats_plan(y_end, weight, None, None, False, stride, padding, dilation, groups,
+                               block_end=id_scale is not None).block_m
+    stats = finalize_stats(y.shape[1], rows(y), tile_mean, tile_m2, running_mean, running_var,
+                           num_batches_tracked, tile_rows, momentum, eps)
+    return (x, relu_mask, y, *stats)
+
+
+@block_end_conv_bn_stats.register_fake
+def _block_end_conv_bn_stats_fake(y_end, end_mean, end_scale, end_shift, identity, id_mean, id_scale, id_shift,
+                                  weight, running_mean, running_var, num_batches_tracked, stride, padding, dilation,
+                                  groups, momentum, eps):
+    _check_block_end(y_end, end_mean, end_scale, end_shift, identity, id_mean, id_scale, id_shift, weight,
+                     stride, padding, groups)
+    y, mean, invstd, new_rm, new_rv, _, _ = _conv_bn_stats_fake(
+        y_end, weight, None, None, None, running_mean, running_var, num_batches_tracked, stride, padding,
+        dilation, groups, False, momentum, eps)
+    return (torch.empty_like(y_end, memory_format=torch.channels_last),
+            torch.empty(relu_mask_shape(y_end), dtype=torch.uint8, device=y_end.device), y, mean, invstd,
+            new_rm, new_rv)

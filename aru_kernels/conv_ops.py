@@ -26,7 +26,7 @@ from . import conv as _conv
 from .checks import check_conv_inputs, check_runnable
 from .bn_ops import relu_mask_shape
 from .launch import launch
-from .plans import ConvPlan, plan_conv, plan_wgrad
+from .plans import WGRAD_GRAM_MAX_CHANNELS, ConvPlan, plan_conv, plan_wgrad
 from .runtime import interpreting
 
 __all__ = ["conv_bn_act_into", "image_statistics", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
@@ -55,7 +55,8 @@ def _f32(v: Optional[Tensor], fallback: Tensor) -> Tensor:
 def kernel_arguments(plan: ConvPlan, x, weight, out, *, mean=None, var=None, scale=None, shift=None,
                      residual=None, in_mean=None, in_scale=None, in_shift=None, part_a=None, part_b=None,
                      part_c=None, end_mask=None, end_y=None, end_mean=None, end_id=None, end_id_mean=None,
-                     gram=None, gram_mean=None, acc_bias=None, eps: float = 0.0) -> dict:
+                     gram=None, gram_mean=None, acc_bias=None, pro_id=None, pro_id_mean=None, pro_id_scale=None,
+                     pro_id_shift=None, pro_out=None, pro_mask=None, eps: float = 0.0) -> dict:
     """The conv kernel's arguments by name; absent optional tensors point at ``out`` (never read)."""
     sw = weight.stride()
 
@@ -72,6 +73,8 @@ def kernel_arguments(plan: ConvPlan, x, weight, out, *, mean=None, var=None, sca
         end_mask_ptr=t(end_mask), end_y_ptr=t(end_y), end_mean_ptr=_f32(end_mean, out), end_id_ptr=t(end_id),
         end_id_mean_ptr=_f32(end_id_mean, out), part_c_ptr=t(part_c),
         gram_ptr=t(gram), gram_mean_ptr=_f32(gram_mean, out), acc_bias_ptr=_f32(acc_bias, out),
+        pro_id_ptr=t(pro_id), pro_id_mean_ptr=_f32(pro_id_mean, out), pro_id_scale_ptr=_f32(pro_id_scale, out),
+        pro_id_shift_ptr=_f32(pro_id_shift, out), pro_out_ptr=t(pro_out), pro_mask_ptr=t(pro_mask),
     )
 
 
@@ -138,6 +141,7 @@ def conv_bn_act_into(
     in_relu: bool = False,
     stats: bool = False,
     squeeze: bool = False,
+    block_end: Optional[tuple] = None,
 ):
     """Launch the forward kernel, writing into ``out`` (allocated when None).
 
@@ -146,6 +150,12 @@ def conv_bn_act_into(
     (with ``squeeze`` too, tiles of one image each: :func:`image_statistics`);
     with ``squeeze`` alone the pair ``(out, means)``: the fp32 ``[N, C_out]``
     mean of each image's output channel, from the kernel's per-tile sums.
+    With ``block_end = (identity, id_mean, id_scale, id_shift, block_out,
+    relu_mask)`` (a stride-1 1x1 convolution, ``groups=1``; the caller checks
+    the tensors) the input is a residual block's end computed on load:
+    ``relu(in_scale*(x - in_mean) + in_shift + identity')`` (identity' with
+    its own batch norm when ``id_scale`` is given), written to ``block_out``
+    with its mask bits in ``relu_mask``; ``in_relu`` is then ignored.
     No autocast and no autograd: this is the plain launcher under the
     operators. Arguments as in :func:`aru_kernels.conv_bn_act`.
     """
@@ -166,14 +176,19 @@ def conv_bn_act_into(
                          f"{(n, c_out, p, q)} on {x.device}")
     plan = plan_conv(
         x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
-        groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
+        groups=groups, has_prologue=in_scale is not None and block_end is None,
+        pro_mean=in_mean is not None and block_end is None, pro_relu=in_relu and block_end is None,
         has_mean=mean is not None, has_var=var is not None, has_scale=scale is not None,
         has_shift=shift is not None, has_residual=residual is not None, relu=relu, stats=stats, squeeze=squeeze,
+        pro_end=block_end is not None, pro_end_affine=block_end is not None and block_end[2] is not None,
         device=x.device,
     )
     parts = tile_partials(plan, x) if stats or squeeze else (None, None)
+    end = dict(zip(("pro_id", "pro_id_mean", "pro_id_scale", "pro_id_shift", "pro_out", "pro_mask"),
+                   block_end or ()))
     _launch(plan, x, weight, out, mean=mean, var=var, scale=scale, shift=shift, residual=residual,
-            in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, part_a=parts[0], part_b=parts[1], eps=eps)
+            in_mean=in_mean, in_scale=in_scale, in_shift=in_shift, part_a=parts[0], part_b=parts[1], eps=eps,
+            **end)
     if squeeze and not stats:
         pq = p * q
         if pq == 0 or n == 0:
@@ -296,12 +311,15 @@ def image_statistics(tile_mean: Tensor, tile_m2: Tensor, n: int, rows_per_image:
     return mean, (tm2 + counts * (tm - mean.unsqueeze(1)).square()).sum(1)
 
 
-def stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups) -> ConvPlan:
+def stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups,
+               block_end: Optional[bool] = None) -> ConvPlan:
     """The plan of an ``aru::conv_stats`` launch, which fixes its statistics tiles
-    (the batch-norm finalize needs their row count)."""
+    (the batch-norm finalize needs their row count); ``block_end`` (None: no
+    block-end prologue) says whether that prologue's identity has a batch norm."""
+    pro = in_scale is not None and block_end is None
     return plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
-                     groups=groups, has_prologue=in_scale is not None, pro_mean=in_mean is not None, pro_relu=in_relu,
-                     stats=True, device=x.device)
+                     groups=groups, has_prologue=pro, pro_mean=pro and in_mean is not None, pro_relu=pro and in_relu,
+                     stats=True, pro_end=block_end is not None, pro_end_affine=bool(block_end), device=x.device)
 
 
 @_conv_stats_op.register_fake
@@ -506,7 +524,11 @@ def conv_weight_grad(
     With ``input_sums`` (a stride-1 1x1 convolution, ``groups=1``) dy' is not
     written: the second result is instead the fp32 ``[C_in]`` sums over all
     pixels of the input after its prologue, what :func:`conv_input_grad`'s
-    ``gram`` term needs. Without ``write_dy`` (no input gradient to come) dy' is
+    ``gram`` term needs. With ``input_sums``, ``stat_a`` and ``stat_b`` but no
+    ``stat_y`` (at most 128 input channels) y is not read either: ``y = W a``,
+    so the term ``stat_b * (y - mean)`` reaches dW as
+    ``diag(stat_b) W (A^T A - s s^T / M)``, from the input's Gram matrix
+    ``A^T A`` and sums ``s``, which the kernel takes on the side (its ``A_GRAM``). Without ``write_dy`` (no input gradient to come) dy' is
     not written either, and the second result is empty.
 
     Each split of the pixel sum writes its own slab of whole pack blocks; the
@@ -517,6 +539,7 @@ def conv_weight_grad(
     _check_input_sums(input_sums, weight, stride, padding, groups)
     conv = plan_conv(x.shape, weight.shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
                      groups=groups, has_prologue=in_scale is not None)
+    gram = _gram_term(input_sums, stat_y, stat_a, stat_b, stat_sq, weight)
     folded = stat_y is not None
     dy_out = _weight_grad_second(x, dy, folded and write_dy, input_sums)
     if conv.m == 0 or weight.numel() == 0:
@@ -525,10 +548,12 @@ def conv_weight_grad(
         elif folded and write_dy and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
             dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b, stat_c, stat_sq))
         return torch.zeros(weight.shape, dtype=torch.float32, device=x.device), dy_out
-    plan = plan_wgrad(conv, x.device)
+    plan = plan_wgrad(conv, x.device, gram=gram)
     gp, packs, taps = conv.gp, conv.packs, kh * kw
     part = torch.empty((plan.splits, packs, plan.k_total, conv.cout_p), dtype=torch.float32, device=x.device)
     asum = torch.empty((plan.splits, plan.k_total), dtype=torch.float32, device=x.device) if input_sums else part
+    gram_part = torch.empty((plan.splits, plan.k_total, plan.k_total), dtype=torch.float32,
+                            device=x.device) if gram else part
     launch(
         _conv.conv_wgrad_kernel, plan.grid,
         x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
@@ -540,7 +565,7 @@ def conv_weight_grad(
         GRAD_STATS=folded, STAT_SCALE=folded and stat_c is not None,
         SQ_TERM=folded and stat_sq is not None, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
-        asum_ptr=asum, WRITE_DY=write_dy and not input_sums, A_SUMS=input_sums,
+        asum_ptr=asum, WRITE_DY=write_dy and not input_sums, A_SUMS=input_sums, gram_ptr=gram_part, A_GRAM=gram,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps,
     )
@@ -548,7 +573,30 @@ def conv_weight_grad(
         dy_out = asum.sum(0)  # fixed-order reduction over the splits
     full = part.sum(0).reshape(packs, taps, gp, cin_g, gp, cout // groups)
     diag = torch.diagonal(full, dim1=2, dim2=4)  # [packs, taps, cin_g, cout_g, gp]
-    return diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous(), dy_out
+    dw = diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous()
+    if gram:  # c * dW + a s^T + diag(b) W (A^T A - s s^T / M), all [C_out, C_in] (fixed-order sums)
+        s = dy_out
+        centred = gram_part.sum(0) - s[:, None] * (s[None, :] / conv.m)
+        w2 = weight.to(x.dtype).float().flatten(1)  # the weight as the forward's dot read it
+        term = stat_a.float()[:, None] * s[None, :] + stat_b.float()[:, None] * (w2 @ centred)
+        if stat_c is not None:
+            dw = dw * stat_c.float().view(-1, 1, 1, 1)
+        dw = dw + term.view(cout, cin_g, kh, kw)
+    return dw, dy_out
+
+
+def _gram_term(input_sums: bool, stat_y, stat_a, stat_b, stat_sq, weight: Tensor) -> bool:
+    """Whether :func:`conv_weight_grad` takes the statistics term from the input's Gram
+    matrix (``input_sums`` and the term's vectors without ``stat_y``)."""
+    if stat_y is not None or stat_b is None:
+        if stat_y is None and stat_a is not None:
+            raise ValueError("conv_weight_grad: stat_a comes with stat_b (and stat_y, or input_sums)")
+        return False
+    if not input_sums or stat_a is None or stat_sq is not None or weight.shape[1] > WGRAD_GRAM_MAX_CHANNELS:
+        raise ValueError(f"conv_weight_grad: the statistics term without stat_y needs input_sums, stat_a and "
+                         f"stat_b, no stat_sq, and at most {WGRAD_GRAM_MAX_CHANNELS} input channels; got "
+                         f"input_sums={input_sums}, {weight.shape[1]} input channels")
+    return True
 
 
 def _stat_sum(dy: Tensor, y: Tensor, mean: Tensor, a: Tensor, b: Tensor, c: Optional[Tensor],
@@ -582,6 +630,7 @@ def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, p
                            in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None, stat_c=None,
                            stat_sq=None, input_sums=False, write_dy=True):
     _check_input_sums(input_sums, weight, stride, padding, groups)
+    _gram_term(input_sums, stat_y, stat_a, stat_b, stat_sq, weight)
     return (torch.empty(weight.shape, dtype=torch.float32, device=weight.device),
             _weight_grad_second(x, dy, stat_y is not None and write_dy, input_sums))
 

@@ -35,6 +35,7 @@ __all__ = [
     "out_size",
     "elementwise_blocks",
     "normalizes_ahead",
+    "block_end_fuses",
     "finalize_blocks",
     "finalize_chunks",
     "device_block_sizes",
@@ -212,6 +213,8 @@ class ConvPlan:
     end_bwd: bool = False  # input gradient through the previous residual block's end (kernel docstring)
     end_id: bool = False  # ... which had a downsample branch
     gram: bool = False  # input gradient with the next batch norm's variance term folded (kernel docstring)
+    pro_end: bool = False  # the input is the previous residual block's end, computed on load (kernel docstring)
+    pro_end_affine: bool = False  # ... whose identity has a batch norm of its own
     squeeze: bool = False  # per-(image, channel) sums of the output; row tiles never straddle images
     phase: tuple[int, int] | None = None  # strided input gradient: the output phase (h, w) mod stride
     large_blocks: bool = False  # the interpreter's rules (see the module docstring)
@@ -340,6 +343,7 @@ class ConvPlan:
             HAS_RESIDUAL=self.has_residual, RELU=self.relu,
             TRANSPOSED=self.transposed, STATS=self.stats, PRO_BWD=self.pro_bwd, SQUEEZE=self.squeeze,
             END_BWD=self.end_bwd, END_ID=self.end_id, GRAM=self.gram,
+            PRO_END=self.pro_end, PRO_END_AFFINE=self.pro_end_affine,
             PHASED=int(self.phase is not None), PHASE_H=(self.phase or (0, 0))[0], PHASE_W=(self.phase or (0, 0))[1],
             DOT_F32=interpreting(),
             INPUT_PRECISION=input_precision(self.dtype),
@@ -356,7 +360,8 @@ def plan_conv(
     has_mean: bool = False, has_var: bool = False, has_scale: bool = False, has_shift: bool = False,
     has_residual: bool = False, relu: bool = False, stats: bool = False,
     transposed_out_hw: tuple[int, int] | None = None, pro_bwd: bool = False, squeeze: bool = False,
-    end_bwd: bool = False, end_id: bool = False, gram: bool = False, device: torch.device | None = None,
+    end_bwd: bool = False, end_id: bool = False, gram: bool = False, pro_end: bool = False,
+    pro_end_affine: bool = False, device: torch.device | None = None,
 ) -> ConvPlan:
     """The launch plan for input ``x_shape`` [N, C, H, W] and weight
     ``w_shape`` [C_out, C_in/groups, KH, KW], both as the launch sees them:
@@ -380,7 +385,7 @@ def plan_conv(
         has_prologue=has_prologue, pro_mean=pro_mean, pro_relu=pro_relu, has_mean=has_mean,
         has_var=has_var, has_scale=has_scale, has_shift=has_shift, has_residual=has_residual, relu=relu,
         transposed=transposed_out_hw is not None, stats=stats, pro_bwd=pro_bwd, squeeze=squeeze,
-        end_bwd=end_bwd, end_id=end_id, gram=gram,
+        end_bwd=end_bwd, end_id=end_id, gram=gram, pro_end=pro_end, pro_end_affine=pro_end_affine,
         large_blocks=_large_blocks(),
     )
     entry = tuned_table(device).get(plan.key())
@@ -399,6 +404,7 @@ class WgradPlan:
     block_n: int
     splits: int  # splits of the pixel sum, each written to its own slab
     num_warps: int
+    gram: bool = False  # one more column of programs takes A^T A (the kernel's A_GRAM)
 
     @property
     def k_total(self) -> int:
@@ -408,7 +414,7 @@ class WgradPlan:
     @property
     def tiles(self) -> int:
         c = self.conv
-        return c.packs * _cdiv(self.k_total, self.block_k) * _cdiv(c.cout_p, self.block_n)
+        return c.packs * _cdiv(self.k_total, self.block_k) * (_cdiv(c.cout_p, self.block_n) + self.gram)
 
     @property
     def m_per_split(self) -> int:
@@ -419,13 +425,28 @@ class WgradPlan:
         return (self.tiles, self.splits)
 
 
-def plan_wgrad(conv: ConvPlan, device: torch.device) -> WgradPlan:
+# The most input channels of a weight gradient that computes A^T A on the side (plan_wgrad's gram).
+WGRAD_GRAM_MAX_CHANNELS = 128
+
+
+def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False) -> WgradPlan:
     """Weight-gradient tiles of ``conv`` (a forward plan): tensor-core tiles
     (64 or 128 rows of k, up to 128 output channels), the pixel sum split so
-    that about four programs per multiprocessor run."""
+    that about four programs per multiprocessor run. With ``gram`` (a 1x1
+    convolution of at most :data:`WGRAD_GRAM_MAX_CHANNELS` inputs per pack) all of
+    k is one block and the blocks of N are as wide, for the column of programs
+    that computes ``A^T A``."""
     k_total = conv.kh * conv.kw * conv.cin_p
     cap = 256 if _large_blocks() else 128
     block_k = min(cap, max(MIN_DOT, _next_pow2(k_total)))
+    if gram:
+        if k_total > WGRAD_GRAM_MAX_CHANNELS or conv.kh * conv.kw != 1:
+            raise ValueError(f"plan_wgrad: A^T A is taken for 1x1 convolutions of at most "
+                             f"{WGRAD_GRAM_MAX_CHANNELS} input channels; got {conv.kh}x{conv.kw}, {k_total}")
+        block_k = max(MIN_DOT, _next_pow2(k_total))
+        plan = WgradPlan(conv, 256 if _large_blocks() else 64, block_k, block_k, 1,
+                         8 if block_k >= 128 else 4, gram=True)
+        return replace(plan, splits=_wgrad_splits(plan, device))
     if block_k > 64 and k_total % block_k and not _large_blocks():
         block_k = 64  # taps x channels that a larger block would pad by more than it saves
     block_n = min(cap, max(MIN_DOT, _next_pow2(conv.cout_p)))
@@ -439,9 +460,12 @@ def plan_wgrad(conv: ConvPlan, device: torch.device) -> WgradPlan:
     block_m = 256 if _large_blocks() else 64
     warps = 8 if block_k * block_n >= 128 * 128 else 4
     plan = WgradPlan(conv, block_m, block_k, block_n, 1, warps)
+    return replace(plan, splits=_wgrad_splits(plan, device))
+
+
+def _wgrad_splits(plan: WgradPlan, device: torch.device) -> int:
     # at least four pixel blocks per split, so that the per-program setup stays small
-    splits = max(1, min(_cdiv(conv.m, 4 * block_m), _cdiv(4 * _multiprocessors(device), max(1, plan.tiles))))
-    return replace(plan, splits=splits)
+    return max(1, min(_cdiv(plan.conv.m, 4 * plan.block_m), _cdiv(4 * _multiprocessors(device), max(1, plan.tiles))))
 
 
 def normalizes_ahead(kh: int, kw: int, has_prologue: bool) -> bool:
@@ -454,6 +478,22 @@ def normalizes_ahead(kh: int, kw: int, has_prologue: bool) -> bool:
     256, bf16, sm_90 issue-slot floors): forward 415 -> 174 us and weight
     gradient 590 -> 357 us, for a pass of 99 us at the DRAM floor."""
     return has_prologue and kh * kw > 1
+
+
+# The most blocks of output channels a convolution may take the previous residual
+# block's end on load with: each block of N recomputes it from two reads (the last
+# conv output and the identity). Static model, sm_90, resnext50_32x4d at batch 256:
+# stage 4's 1x1 convs (1024 outputs, 4 blocks of 256) would cost 13 us more a block.
+END_PROLOGUE_MAX_N_BLOCKS = 2
+
+
+def block_end_fuses(kh: int, kw: int, stride: int, padding: int, groups: int, c_out: int) -> bool:
+    """Whether a residual block's first convolution computes the previous block's
+    end as it loads its input (the conv kernel's ``PRO_END``): a stride-1 1x1
+    convolution without padding, ``groups=1``, of at most
+    :data:`END_PROLOGUE_MAX_N_BLOCKS` blocks of output channels."""
+    return ((kh, kw, stride, padding, groups) == (1, 1, 1, 0, 1)
+            and _cdiv(c_out, _block_n(c_out)) <= END_PROLOGUE_MAX_N_BLOCKS)
 
 
 def elementwise_blocks(c: int) -> tuple[int, int]:

@@ -11,7 +11,7 @@ import torch
 import aru_kernels
 from aru_kernels import plans
 from aru_kernels import reference as ref
-from helpers import assert_close, rel_error
+from helpers import OpLog, assert_close, rel_error
 from test_conv_op import GROUPINGS, KERNELS, channels_last
 
 # Every buffer an operator allocates starts as NaN: unwritten gradient elements fail.
@@ -208,14 +208,20 @@ def test_residual_block_train_matches_float64(device, kind):
 # Blocks in one node: (chain as (c_out, k, stride, groups), downsample stride or None). Each
 # block's last input gradient takes the previous block's end: a 1x1 after a block with a
 # downsample branch, a 1x1 downsample conv, a strided 1x1 one (phased), a 3x3, and a grouped
-# conv (no fused path: the plain input gradient, then the block end's own pass).
+# conv (no fused path: the plain input gradient, then the block end's own pass). A block
+# starting with a stride-1 1x1 conv computes the previous block's end as it loads its input
+# (blocks 1, 5 and 6: an identity with and without its own batch norm; 136 input channels,
+# two blocks of K, and 264 outputs, two blocks of N, of which only the first writes it).
 SEQUENCE = [
     ([(12, 1, 1, 1), (12, 3, 2, 4), (24, 1, 1, 1)], 2),
     ([(12, 1, 1, 1), (12, 3, 1, 4), (24, 1, 1, 1)], None),
     ([(32, 3, 2, 1), (32, 3, 1, 1)], 2),
     ([(32, 3, 1, 1), (32, 3, 1, 1)], None),
     ([(32, 3, 1, 4)], None),
+    ([(136, 1, 1, 1)], 1),
+    ([(264, 1, 1, 1), (136, 1, 1, 1)], None),
 ]
+FUSED_ENDS = 3  # blocks of SEQUENCE whose first conv computes the previous block's end
 
 
 def test_residual_blocks_train_matches_float64(device):
@@ -243,8 +249,11 @@ def test_residual_blocks_train_matches_float64(device):
                                   c["ours"]["running_var"], c["ours"]["num_batches_tracked"], c["stride"],
                                   c["padding"], 1, c["groups"], 0.1, 1e-5)
 
-    out = aru_kernels.residual_blocks_train(
-        x, [([tup(c) for c in convs[:chain]], tup(convs[-1]) if ds else None) for convs, chain, ds in blocks])
+    with OpLog() as log:
+        out = aru_kernels.residual_blocks_train(
+            x, [([tup(c) for c in convs[:chain]], tup(convs[-1]) if ds else None) for convs, chain, ds in blocks])
+    assert log.ops.count("aru.block_end_conv_bn_stats") == FUSED_ENDS
+    assert log.ops.count("aru.bn_add_relu_mask") == len(SEQUENCE) - FUSED_ENDS
 
     def exact(c, inp, relu):
         c["exact"] = {k: v.clone().double() if v.is_floating_point() else v.clone() for k, v in c["state"].items()}
@@ -358,6 +367,65 @@ def _unpack_bits(bits, c):
     """[M, ceil(C/8)] uint8 -> [M, 8*ceil(C/8)] bool, channel 8j + b from bit b of byte j."""
     shifts = torch.arange(8, device=bits.device, dtype=torch.uint8)
     return ((bits.unsqueeze(-1) >> shifts) & 1).bool().flatten(1)
+
+
+@pytest.mark.parametrize("affine", [False, True], ids=["identity", "identity_bn"])
+def test_block_end_conv_matches_its_two_operators(device, affine):
+    """``aru::block_end_conv_bn_stats`` (the block end computed as the 1x1 conv loads it)
+    gives exactly what ``aru::bn_add_relu_mask`` then ``aru::conv_bn_stats`` give: the
+    block output, its mask bits, the conv output and its batch statistics; over tiles
+    of several blocks of rows, K and N, only the first block of N writing the output."""
+    c, c_out = 72, 264  # two blocks of K (64) and of N (256) under the GPU's rules
+    y = channels_last(torch.randn(3, c, 7, 9, device=device) * 2 + 0.3)
+    idn = channels_last(torch.randn(3, c, 7, 9, device=device))
+    m, s, b = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    idv = (torch.randn(c, device=device), torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)) \
+        if affine else (None, None, None)
+    w = torch.randn(c_out, c, 1, 1, device=device) / c ** 0.5
+    state = _bn_state(c_out, device)
+    with plans.device_block_sizes():
+        got = torch.ops.aru.block_end_conv_bn_stats(y, m, s, b, idn, *idv, w, *state.values(), 1, 0, 1, 1, 0.1,
+                                                    1e-5)
+        out, bits = torch.ops.aru.bn_add_relu_mask(y, m, s, b, idn, *idv)
+        ref_y, mean, invstd, rm, rv, _, _ = torch.ops.aru.conv_bn_stats(out, w, None, None, None, *state.values(),
+                                                                         1, 0, 1, 1, False, 0.1, 1e-5)
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    for name, a, e in zip(("block output", "mask bits", "y", "mean", "invstd", "running mean", "running var"),
+                          got, (out, bits, ref_y, mean, invstd, rm, rv)):
+        assert torch.equal(a, e), f"{name} differs"
+    assert (out > 0).any() and (out == 0).any()
+
+
+def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
+    """Without ``stat_y``, ``conv_weight_grad`` (input_sums, a 1x1 conv) takes the batch-norm
+    term ``stat_b * (y - mean)``'s share of dW from the input's Gram matrix (y = W a): dW of
+    ``c*dy + stat_a + stat_b*(y - mean)`` and the input's sums against float64, over
+    several pixel splits, the Gram column of programs, and two blocks of N."""
+    n, cin, cout, h, w = 3, 24, 40, 14, 13
+    x = channels_last(torch.randn(n, cin, h, w, device=device) * 1.5 + 0.5)
+    m, s, b = torch.randn(cin, device=device), torch.rand(cin, device=device) + 0.5, torch.randn(cin, device=device)
+    weight = torch.randn(cout, cin, 1, 1, device=device) / cin ** 0.5
+    dy = channels_last(torch.randn(n, cout, h, w, device=device))
+    st_a, st_b, c = (torch.randn(cout, device=device) for _ in range(3))
+
+    def v(t):
+        return t.double().view(1, -1, 1, 1)
+    a = torch.relu(v(s) * (x.double() - v(m)) + v(b))
+    y = torch.nn.functional.conv2d(a, weight.double())
+    g = v(c) * dy.double() + v(st_a) + v(st_b) * (y - y.mean((0, 2, 3), keepdim=True))
+    expected = torch.einsum("nkhw,nchw->ck", a, g).view(cout, cin, 1, 1)
+    with plans.device_block_sizes():
+        plan = plans.plan_wgrad(plans.plan_conv(x.shape, weight.shape, x.dtype, has_prologue=True), x.device,
+                                gram=True)
+        assert plan.splits > 1 and plan.block_n < cout
+        dw, sums = torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, st_b,
+                                                  c, None, True)
+    assert_close(dw, expected, torch.float32, what="dW")
+    assert_close(sums, a.sum((0, 2, 3)), torch.float32, what="input sums")
+    with pytest.raises(ValueError, match="without stat_y needs input_sums"):
+        torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, st_b)
+    with pytest.raises(ValueError, match="stat_a comes with stat_b"):
+        torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, None)
 
 
 def test_relu_mask_bits_and_block_end_gradient(device):
@@ -512,6 +580,19 @@ def test_opcheck_training_ops(device):
                           (torch.randn_like(y1), w1, x, m, s, b, 1, 0, 1, 1, True, None, gram, m, b))
     torch.library.opcheck(torch.ops.aru.conv_weight_grad.default,
                           (x, torch.randn_like(y), w, m, s, b, 1, 1, 1, 4, True, y, m, s, b, s, None, False, False))
+    state = _bn_state(24, device)
+    end_args = (y, m, s, b, x, m, s, b, w1, *state.values(), 1, 0, 1, 1, 0.1, 1e-5)
+    torch.library.opcheck(torch.ops.aru.block_end_conv_bn_stats.default, end_args)
+    torch.library.opcheck(torch.ops.aru.block_end_conv_bn_stats.default, (y, m, s, b, x, None, None, None, w1,
+                                                                          None, None, None, 1, 0, 1, 1, 0.1, 1e-5))
+    with pytest.raises(ValueError, match="needs a stride-1 1x1 convolution without padding"):
+        torch.ops.aru.block_end_conv_bn_stats(*end_args[:8], w, *end_args[9:])
+    with pytest.raises(ValueError, match="needs its identity"):
+        torch.ops.aru.block_end_conv_bn_stats(y, m, s, b, None, None, None, None, *end_args[8:])
+    with pytest.raises(ValueError, match="identity must match y_end"):
+        torch.ops.aru.block_end_conv_bn_stats(y, m, s, b, x[:1], m, s, b, *end_args[8:])
+    with pytest.raises(ValueError, match="id_mean, id_scale and id_shift come together"):
+        torch.ops.aru.block_end_conv_bn_stats(y, m, s, b, x, None, s, b, *end_args[8:])
     torch.library.opcheck(torch.ops.aru.bn_relu_maxpool.default, (y, m, s, b, 3, 2, 1))
     pooled, code = torch.ops.aru.bn_relu_maxpool(y, m, s, b, 3, 2, 1)
     torch.library.opcheck(torch.ops.aru.bn_relu_maxpool_backward.default,
