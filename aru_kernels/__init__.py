@@ -14,7 +14,8 @@ Floors, each importing only the ones below it:
   the static cost model ``aot`` can record instead of run);
 * operators: ``conv_ops`` and ``bn_ops`` (launchers, ``torch.library``
   custom ops and their autograd), ``conv_bn_ops`` (the training conv and its
-  batch statistics as one autograd node), ``block_ops`` (training-mode
+  batch statistics as one autograd node), ``pointwise_ops`` (a 1x1 conv's two
+  gradients in one launch), ``block_ops`` (training-mode
   residual blocks as one autograd node), ``sync_bn`` (statistics across
   processes), with ``checks`` for their inputs;
 * the public functions: ``functional``, re-exported here;

@@ -24,7 +24,10 @@ tensors. Here:
 * between two blocks of the node that kernel also applies the previous
   block's final ReLU and takes its batch norms' sums
   (``aru::conv_input_grad_block_end``): the gradient of a block output is
-  never written, and that block's backward starts from its ``dz``.
+  never written, and that block's backward starts from its ``dz``;
+* a stride-1 1x1 conv of at most 256 outputs takes its weight and input
+  gradients in one launch (``aru::pointwise_conv_grads``, the same epilogues):
+  its dL/dy with the statistics term is never written.
 
 Batch-norm vector gradients are formed here from the kernels' per-channel
 sums, by the formulas autograd applies on the one-conv-at-a-time path.
@@ -39,7 +42,7 @@ from torch import Tensor
 
 from .bn_ops import rows, stats_term
 from .conv_ops import nhwc
-from .plans import WGRAD_GRAM_MAX_CHANNELS, block_end_fuses
+from .plans import WGRAD_GRAM_MAX_CHANNELS, block_end_fuses, pointwise_grads_fuse
 
 __all__ = ["ConvBN", "ResidualBlocksTrain", "PER_CONV"]
 
@@ -146,6 +149,13 @@ def gram_folds(weight: Tensor, config) -> bool:
     stride, padding, dilation, groups, _, _ = config
     return (tuple(weight.shape[2:]) == (1, 1) and stride == 1 and padding == 0 and groups == 1
             and weight.shape[1] <= GRAM_MAX_CHANNELS)
+
+
+def _grads_fuse(weight: Tensor, config) -> bool:
+    """Whether a block's first conv takes its weight and input gradients in one launch
+    (``aru::pointwise_conv_grads``; :func:`aru_kernels.plans.pointwise_grads_fuse`)."""
+    stride, padding, dilation, groups, _, _ = config
+    return pointwise_grads_fuse(weight.shape[2], weight.shape[3], stride, padding, groups, weight.shape[0])
 
 
 class _BlockEnd(NamedTuple):
@@ -273,6 +283,15 @@ def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, su
         src = per[k - 1][0] if inner else x
         pro = (per[k - 1][1], per[k - 1][3], per[k - 1][4]) if inner else (None, None, None)
         ahead = a.numel() > 0
+        if need_dx and not ahead and _grads_fuse(weights[k], configs[k]):
+            # one launch for both gradients: dL/dy' never written. The block's last input gradient
+            # (its first conv's, or the downsample conv's) takes the previous block's end.
+            last = prev is not None and not inner and (k == chain if has_ds else k == 0)
+            dw, dx, sums = torch.ops.aru.pointwise_conv_grads(
+                src, g, weights[k], y, mean, st_a, st_b, scale if scaled else None, residual,
+                *(prev if last else (None,) * 5), *pro, inner)
+            grads[k][0] = dw.to(weights[k].dtype)
+            return dx, ((sums[0], sums[1]) if inner else sums if last else None)
         fold = need_dx and inner and not ahead and gram_folds(weights[k], configs[k])
         reads_y = not fold or weights[k].shape[1] > WGRAD_GRAM_MAX_CHANNELS  # else the input's A^T A stands in
         dw, g_stat = torch.ops.aru.conv_weight_grad(

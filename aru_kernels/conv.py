@@ -95,7 +95,9 @@ gradient is the one behind the batch norm, ``dL/dz``, and is first scaled by
 the per-channel ``c``: ``c * dL/dz + a + b * (y - mean)``), and the programs of the first
 k block write the sum once, for the input-gradient launch that follows:
 the statistics' gradient is never a tensor of its own, and no separate pass
-adds it.
+adds it. With ``DGRAD`` (a stride-1 1x1 convolution whose output channels
+fit one block) the same launch also takes the input gradient from each dy'
+tile it forms, so dy' is not written at all.
 """
 
 import triton
@@ -146,6 +148,52 @@ def _block_end_input(y, ok, off, ch, ch_ok, rows, row_ok, byte0, write, in_mean_
         tl.store(out_ptr + off, stored, mask=ok)
         store_relu_mask(mask_ptr, stored, ok, rows, row_ok, byte0, C, BLOCK_M, BLOCK_K)
     return stored
+
+
+@triton.jit
+def _prologue_grad_epilogue(g, x, off, ok, ch, ch_ok, part_off, out_ptr, mean_ptr, scale_ptr, shift_ptr, part_a_ptr,
+                            part_b_ptr, PRO_MEAN: tl.constexpr, PRO_RELU: tl.constexpr):
+    """Store dL/dx = s * dL/da behind a forward prologue ``a = relu?(s*(x - mu) + b)``,
+    from ``g`` = dL/da (fp32) and the tile of x (channels ``ch``, NHWC offsets ``off``),
+    and at ``part_off`` the per-tile sums of dL/db and dL/db * (x - mu), i.e. dL/ds."""
+    xc = x.to(tl.float32)
+    if PRO_MEAN:
+        xc = xc - tl.load(mean_ptr + ch, mask=ch_ok, other=0.0)[None, :]
+    s = tl.load(scale_ptr + ch, mask=ch_ok, other=0.0)[None, :]
+    if PRO_RELU:
+        pre = s * xc + tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)[None, :]
+        g = tl.where(pre <= 0, 0.0, g)  # a NaN pre-activation passes the gradient, as torch.relu's does
+    g = tl.where(ok, g, 0.0)
+    tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=ch_ok)  # -> dL/db
+    tl.store(part_b_ptr + part_off, tl.sum(g * xc, axis=0), mask=ch_ok)  # -> dL/ds
+    tl.store(out_ptr + off, (g * s).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _input_grad_epilogue(g, off, ok, rows, row_ok, ch, ch_ok, byte0, part_off, out_ptr, res_ptr, end_mask_ptr,
+                         end_y_ptr, end_mean_ptr, end_id_ptr, end_id_mean_ptr, part_a_ptr, part_b_ptr, part_c_ptr,
+                         C, HAS_RESIDUAL: tl.constexpr, END_BWD: tl.constexpr, END_ID: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Store an input-gradient tile ``g`` = dL/dx (fp32, rows ``rows``, channels ``ch``;
+    ``off`` their NHWC offsets), plus ``res_ptr``'s tile with ``HAS_RESIDUAL``. With
+    ``END_BWD`` x was a residual block's output ``relu(bn(y_end) + identity')``: store
+    dz behind its ReLU instead (mask bits at ``byte0``), and the per-tile sums its batch
+    norms' gradients take, of dz, dz * (y_end - mean) and (``END_ID``) dz * (y_d - mean_d),
+    at ``part_off``."""
+    if HAS_RESIDUAL:
+        g += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
+    if END_BWD:
+        keep = load_relu_mask(end_mask_ptr, rows, row_ok, byte0, C, BLOCK_M, BLOCK_C)
+        g = tl.where(keep & ok, g, 0.0)
+        yc = (tl.load(end_y_ptr + off, mask=ok, other=0.0).to(tl.float32)
+              - tl.load(end_mean_ptr + ch, mask=ch_ok, other=0.0)[None, :])
+        tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=ch_ok)
+        tl.store(part_b_ptr + part_off, tl.sum(g * yc, axis=0), mask=ch_ok)
+        if END_ID:
+            ic = (tl.load(end_id_ptr + off, mask=ok, other=0.0).to(tl.float32)
+                  - tl.load(end_id_mean_ptr + ch, mask=ch_ok, other=0.0)[None, :])
+            tl.store(part_c_ptr + part_off, tl.sum(g * ic, axis=0), mask=ch_ok)
+    tl.store(out_ptr + off, g.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -402,37 +450,15 @@ def conv_bn_act_kernel(
     part_off = pid_m * C_OUT + co
     if PRO_BWD:
         # acc = dL/da with a = relu?(s * (x - mu) + b) the forward prologue; res_ptr holds x.
-        xc = tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
-        if PRO_MEAN:
-            xc = xc - tl.load(mean_ptr + co, mask=n_ok, other=0.0)[None, :]
-        s = tl.load(scale_ptr + co, mask=n_ok, other=0.0)[None, :]
         g = acc
         if GRAM:
             g += tl.load(acc_bias_ptr + co, mask=n_ok, other=0.0)[None, :]
-        if PRO_RELU:
-            pre = s * xc + tl.load(shift_ptr + co, mask=n_ok, other=0.0)[None, :]
-            g = tl.where(pre <= 0, 0.0, g)  # a NaN pre-activation passes the gradient, as torch.relu's does
-        g = tl.where(ok, g, 0.0)
-        tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=n_ok)  # -> dL/db
-        tl.store(part_b_ptr + part_off, tl.sum(g * xc, axis=0), mask=n_ok)  # -> dL/ds
-        tl.store(out_ptr + out_off, (g * s).to(out_ptr.dtype.element_ty), mask=ok)
-    elif END_BWD:
-        # acc (+ residual) = dL/dx with x = relu(z) the previous block's output: dz behind
-        # its ReLU, and the per-tile sums its batch norms' gradients take (groups = 1: one pack)
-        g = acc
-        if HAS_RESIDUAL:
-            g += tl.load(res_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
-        keep = load_relu_mask(end_mask_ptr, out_row, m_ok, n0 // 8, C_OUT, BLOCK_M, BLOCK_N)
-        g = tl.where(keep & ok, g, 0.0)
-        yc = (tl.load(end_y_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
-              - tl.load(end_mean_ptr + co, mask=n_ok, other=0.0)[None, :])
-        tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=n_ok)
-        tl.store(part_b_ptr + part_off, tl.sum(g * yc, axis=0), mask=n_ok)
-        if END_ID:
-            ic = (tl.load(end_id_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
-                  - tl.load(end_id_mean_ptr + co, mask=n_ok, other=0.0)[None, :])
-            tl.store(part_c_ptr + part_off, tl.sum(g * ic, axis=0), mask=n_ok)
-        tl.store(out_ptr + out_off, g.to(out_ptr.dtype.element_ty), mask=ok)
+        _prologue_grad_epilogue(g, tl.load(res_ptr + out_off, mask=ok, other=0.0), out_off, ok, co, n_ok, part_off,
+                                out_ptr, mean_ptr, scale_ptr, shift_ptr, part_a_ptr, part_b_ptr, PRO_MEAN, PRO_RELU)
+    elif END_BWD:  # groups = 1: one pack, co = n0 + rn
+        _input_grad_epilogue(acc, out_off, ok, out_row, m_ok, co, n_ok, n0 // 8, part_off, out_ptr, res_ptr,
+                             end_mask_ptr, end_y_ptr, end_mean_ptr, end_id_ptr, end_id_mean_ptr, part_a_ptr,
+                             part_b_ptr, part_c_ptr, C_OUT, HAS_RESIDUAL, True, END_ID, BLOCK_M, BLOCK_N)
     else:
         y = acc
         if HAS_MEAN:
@@ -503,6 +529,18 @@ def conv_wgrad_kernel(
     A_SUMS: tl.constexpr = False,
     gram_ptr=None,  # [SPLITS, K, K] fp32 out: A^T A over the split's pixels (A_GRAM)
     A_GRAM: tl.constexpr = False,  # one block of k, BLOCK_N == BLOCK_K: program column N_BLOCKS takes A^T A
+    # DGRAD (a stride-1 1x1 convolution, groups=1, all of N in one block): dL/dx from the same dy tiles
+    w_ptr=None,  # the forward weight [C_OUT, C_IN, 1, 1], strides sw_o, sw_i
+    sw_o=0, sw_i=0,
+    dx_ptr=None,  # [N, H, W, C_IN] out: dL/dx (+ residual); with END_BWD dz behind the input's block end
+    res_ptr=None,  # [N, H, W, C_IN] another gradient of x, added (HAS_RESIDUAL)
+    end_mask_ptr=None, end_y_ptr=None, end_mean_ptr=None,  # the input's block end (END_BWD, as conv_bn_act_kernel)
+    end_id_ptr=None, end_id_mean_ptr=None,  # (END_ID)
+    part_a_ptr=None, part_b_ptr=None, part_c_ptr=None,  # [M / BLOCK_M, C_IN] fp32 out: per-tile sums (END_BWD)
+    DGRAD: tl.constexpr = False,
+    HAS_RESIDUAL: tl.constexpr = False,
+    END_BWD: tl.constexpr = False,
+    END_ID: tl.constexpr = False,
 ):
     """Weight gradient: per pack, ``dW[k, n] = sum_m A[m, k] * dy[m, n]``.
 
@@ -527,6 +565,15 @@ def conv_wgrad_kernel(
     of dW, ``sum_m (y[m, n] - mean_n) A[m, k]``, is
     ``(W (A^T A - s s^T / M))[n, k]`` (``s`` the sums of A), which the
     launcher adds without y being read.
+
+    With ``DGRAD`` (a stride-1 1x1 convolution, ``groups=1``, all output
+    channels in one block) each program also computes the input gradient of
+    its pixels and k block, ``dy' W[:, k]``, from the dy' tile it has just
+    formed: dy' (with the statistics term) is never written and read back.
+    The epilogue is the input-gradient launch's (``HAS_RESIDUAL``,
+    ``END_BWD``, ``END_ID`` as in ``conv_bn_act_kernel``, or with a prologue
+    its backward, ``PRO_BWD``'s), its per-tile sums by tiles of ``BLOCK_M``
+    pixels.
     """
     K_TOTAL: tl.constexpr = KH * KW * CIN_P
     K_BLOCKS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
@@ -539,9 +586,6 @@ def conv_wgrad_kernel(
     t = pid // COLUMNS
     if A_GRAM:
         tl.static_assert(K_BLOCKS == 1 and BLOCK_N == BLOCK_K and not GRAD_STATS)
-        is_gram = n_b == N_BLOCKS
-    else:
-        is_gram = False
     k_b = t % K_BLOCKS
     pack = t // K_BLOCKS
 
@@ -559,6 +603,12 @@ def conv_wgrad_kernel(
 
     acc = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
     a_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    if DGRAD:
+        tl.static_assert(POINTWISE and N_BLOCKS == 1 and COUT_P == C_OUT and not A_GRAM and not WRITE_DY)
+        tl.static_assert(not HAS_PROLOGUE or not (END_BWD or HAS_RESIDUAL))
+        # W[n, k] for this k block, read once: the input gradient's right operand
+        wt = tl.load(w_ptr + cn[:, None] * sw_o + ci[None, :] * sw_i, mask=n_ok[:, None] & k_ok[None, :],
+                     other=0.0).to(dy_ptr.dtype.element_ty)
     m_start = split * M_PER_SPLIT
     for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
@@ -575,14 +625,15 @@ def conv_wgrad_kernel(
             iw = (q * STRIDE)[:, None] + dw[None, :]
             ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
             row = ((img.to(tl.int64) * H + p * STRIDE) * W + q * STRIDE) * C_IN
-        a = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0)
+        x_tile = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0)
+        a = x_tile
         if HAS_PROLOGUE:
             a = _prologue(a, ok, pack * CIN_P + ci, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
                           PRO_MEAN, PRO_RELU)
         g_off = rm.to(tl.int64)[:, None] * C_OUT + cn[None, :]
         g_ok = m_ok[:, None] & n_ok[None, :]
         if A_GRAM:  # the Gram column's right operand is A itself; it reads no dL/dy
-            g = tl.where(is_gram, a.to(dy_ptr.dtype.element_ty),
+            g = tl.where(n_b == N_BLOCKS, a.to(dy_ptr.dtype.element_ty),
                          tl.load(dy_ptr + g_off, mask=g_ok & (n_b < N_BLOCKS), other=0.0))
         else:
             g = tl.load(dy_ptr + g_off, mask=g_ok, other=0.0)
@@ -604,12 +655,29 @@ def conv_wgrad_kernel(
             acc += tl.dot(tl.trans(a.to(tl.float32)), g.to(tl.float32), input_precision="ieee")
         else:
             acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
-    if is_gram:
-        rg = tl.arange(0, BLOCK_N)
-        tl.store(gram_ptr + split * (K_TOTAL * K_TOTAL) + rk[:, None] * K_TOTAL + rg[None, :], acc,
-                 mask=k_ok[:, None] & (rg < K_TOTAL)[None, :])
+        if DGRAD:
+            if DOT_F32:
+                da = tl.dot(g.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+            else:
+                da = tl.dot(g, wt, input_precision=INPUT_PRECISION)
+            if HAS_PROLOGUE:  # dL/da behind the forward prologue, from the x tile loaded above
+                _prologue_grad_epilogue(da, x_tile, row[:, None] + col[None, :], ok, ci, k_ok,
+                                        (m0 // BLOCK_M) * C_IN + ci, dx_ptr, in_mean_ptr, in_scale_ptr, in_shift_ptr,
+                                        part_a_ptr, part_b_ptr, PRO_MEAN, PRO_RELU)
+            else:
+                _input_grad_epilogue(da, row[:, None] + col[None, :], ok, rm, m_ok, ci, k_ok, k_b * (BLOCK_K // 8),
+                                     (m0 // BLOCK_M) * C_IN + ci, dx_ptr, res_ptr, end_mask_ptr, end_y_ptr,
+                                     end_mean_ptr, end_id_ptr, end_id_mean_ptr, part_a_ptr, part_b_ptr, part_c_ptr,
+                                     C_IN, HAS_RESIDUAL, END_BWD, END_ID, BLOCK_M, BLOCK_K)
+    slab = part_ptr + (split * (C_OUT // COUT_P) + pack).to(tl.int64) * (K_TOTAL * COUT_P)
+    if A_GRAM:
+        if n_b == N_BLOCKS:
+            rg = tl.arange(0, BLOCK_N)
+            tl.store(gram_ptr + split * (K_TOTAL * K_TOTAL) + rk[:, None] * K_TOTAL + rg[None, :], acc,
+                     mask=k_ok[:, None] & (rg < K_TOTAL)[None, :])
+        else:
+            tl.store(slab + rk[:, None] * COUT_P + rn[None, :], acc, mask=k_ok[:, None] & n_ok[None, :])
     else:
-        slab = part_ptr + (split * (C_OUT // COUT_P) + pack).to(tl.int64) * (K_TOTAL * COUT_P)
         tl.store(slab + rk[:, None] * COUT_P + rn[None, :], acc, mask=k_ok[:, None] & n_ok[None, :])
     if A_SUMS:  # one n block's programs cover every k once
         if n_b == 0:

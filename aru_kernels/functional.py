@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import bn_ops, conv_bn_ops, conv_ops, maxpool, space_to_depth  # noqa: F401  (registers the aru:: operators)
+from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth  # noqa: F401  (registers the aru:: operators)
 from .block_ops import ConvBN, ResidualBlocksTrain
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
 from .plans import out_size
@@ -377,7 +377,7 @@ def bn_add_relu(
     check_runnable("bn_add_relu", ("y", y))
 
     def f32(v: Optional[Tensor]) -> Optional[Tensor]:
-        return None if v is None else v.float()
+        return None if v is None else v.float().contiguous()  # the kernels read unit strides
 
     zeros = None
     if mean is None or (id_scale is not None and id_mean is None):

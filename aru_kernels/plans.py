@@ -36,6 +36,8 @@ __all__ = [
     "elementwise_blocks",
     "normalizes_ahead",
     "block_end_fuses",
+    "pointwise_grads_fuse",
+    "plan_pointwise_grads",
     "finalize_blocks",
     "finalize_chunks",
     "device_block_sizes",
@@ -468,6 +470,35 @@ def _wgrad_splits(plan: WgradPlan, device: torch.device) -> int:
     return max(1, min(_cdiv(plan.conv.m, 4 * plan.block_m), _cdiv(4 * _multiprocessors(device), max(1, plan.tiles))))
 
 
+# The most output channels of a 1x1 convolution whose weight and input gradients are one
+# launch (plan_pointwise_grads): all of them are one block of N, the weight gradient's
+# accumulator [BLOCK_K, BLOCK_N] (64 x 256 fp32: 64 registers a thread on 8 warps).
+POINTWISE_GRADS_MAX_N = 256
+
+
+def pointwise_grads_fuse(kh: int, kw: int, stride: int, padding: int, groups: int, c_out: int) -> bool:
+    """Whether a convolution's weight and input gradients run as one launch
+    (``aru::pointwise_conv_grads``): a stride-1 1x1 convolution without padding,
+    ``groups=1``, of at most :data:`POINTWISE_GRADS_MAX_N` output channels."""
+    return (kh, kw, stride, padding, groups) == (1, 1, 1, 0, 1) and c_out <= POINTWISE_GRADS_MAX_N
+
+
+def plan_pointwise_grads(conv: ConvPlan, device: torch.device) -> WgradPlan:
+    """Tiles of the weight-gradient kernel that also takes the input gradient
+    (its ``DGRAD``): all output channels in one block of N, 64 pixels a step,
+    and 128 input channels a program (64 with 256 outputs), whose input-gradient
+    tile is as wide. Each program forms the dy' tiles of its pixels again, so
+    wider k blocks cost fewer instructions; the accumulator [BLOCK_K, BLOCK_N]
+    stays at 16384 fp32 (sm_90, resnext50_32x4d at batch 256: stage 1's first
+    convs, 128 outputs, 373 -> 245 us of issue with 128 inputs a program instead
+    of 64; with 256 outputs, 128 inputs on 16 warps spill)."""
+    block_n = max(MIN_DOT, _next_pow2(conv.cout_p))
+    large = _large_blocks()
+    block_k = min(256 if large else (128 if block_n <= 128 else 64), max(MIN_DOT, _next_pow2(conv.cin_p)))
+    plan = WgradPlan(conv, 256 if large else 64, block_k, block_n, 1, 8 if block_k * block_n >= 8192 else 4)
+    return replace(plan, splits=_wgrad_splits(plan, device))
+
+
 def normalizes_ahead(kh: int, kw: int, has_prologue: bool) -> bool:
     """Whether a training conv applies its batch-norm prologue in a pass of its
     own (once per element, into a buffer) rather than on load: where it reads
@@ -476,7 +507,10 @@ def normalizes_ahead(kh: int, kw: int, has_prologue: bool) -> bool:
     it costs a read and a write of the input, and the weight gradient reads
     the normalized input as it is. ResNeXt-50's stage-1 grouped 3x3 (batch
     256, bf16, sm_90 issue-slot floors): forward 415 -> 174 us and weight
-    gradient 590 -> 357 us, for a pass of 99 us at the DRAM floor."""
+    gradient 590 -> 357 us, for a pass of 99 us at the DRAM floor. Strided
+    3x3s too: on load, the three stride-2 grouped 3x3s of resnext50_32x4d
+    would save 1.45 GB a step but turn bound by instructions (forward and weight
+    gradient 124 + 175 -> 178 + 291 us at stage 2), about what the passes cost."""
     return has_prologue and kh * kw > 1
 
 

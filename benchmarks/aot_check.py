@@ -83,13 +83,13 @@ class StepRecorder(TorchDispatchMode):
 
 def _implementation(op):
     """The Python implementation behind an aru:: custom operator."""
-    import aru_kernels.bn_ops as bn_ops
-    import aru_kernels.conv_bn_ops as conv_bn_ops
-    import aru_kernels.conv_ops as conv_ops
-    import aru_kernels.maxpool as maxpool
-    import aru_kernels.space_to_depth as space_to_depth
+    import importlib
+    import pkgutil
 
-    for module in (conv_ops, bn_ops, conv_bn_ops, maxpool, space_to_depth):
+    import aru_kernels
+
+    for info in pkgutil.iter_modules(aru_kernels.__path__):  # every module of the package, so none is missed
+        module = importlib.import_module(f"aru_kernels.{info.name}")
         for value in vars(module).values():
             if isinstance(value, torch._library.custom_ops.CustomOpDef) and op.name() == f"aru::{value._name}":
                 return value._init_fn

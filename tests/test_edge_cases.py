@@ -740,3 +740,20 @@ def test_cpu_autocast_training_ops(device):
     assert_close(y, y_ref, torch.bfloat16, what="conv output")
     expected = torch.relu(F.batch_norm(y_ref, None, None, bn_w.double(), bn_b.double(), training=True) + xb)
     assert_close(out, expected, torch.bfloat16, what="block output")
+
+
+
+def test_bn_add_relu_takes_strided_vectors(device):
+    """Batch-norm vectors that are views with a stride (every other element of a buffer)
+    give what their contiguous copies give."""
+    c = 12
+    y = cl(torch.randn(2, c, 5, 4, device=device))
+    idn = cl(torch.randn(2, c, 5, 4, device=device))
+    buffers = [torch.rand(2 * c, device=device) + 0.5 if i in (0, 3) else torch.randn(2 * c, device=device)
+               for i in range(5)]
+    strided = [b[::2] for b in buffers]  # scale, shift, mean, id_scale, id_shift
+    assert not strided[0].is_contiguous()
+    outs = [aru_kernels.bn_add_relu(y, v[0], v[1], idn, v[3], v[4], mean=v[2])
+            for v in (strided, [t.contiguous() for t in strided])]
+    assert (outs[1] > 0).any()
+    assert torch.equal(outs[0], outs[1])

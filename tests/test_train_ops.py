@@ -210,8 +210,12 @@ def test_residual_block_train_matches_float64(device, kind):
 # downsample branch, a 1x1 downsample conv, a strided 1x1 one (phased), a 3x3, and a grouped
 # conv (no fused path: the plain input gradient, then the block end's own pass). A block
 # starting with a stride-1 1x1 conv computes the previous block's end as it loads its input
-# (blocks 1, 5 and 6: an identity with and without its own batch norm; 136 input channels,
-# two blocks of K, and 264 outputs, two blocks of N, of which only the first writes it).
+# (blocks 1, 5, 6 and 7: an identity with and without its own batch norm; 136 input channels,
+# two blocks of K, and 264 outputs, two blocks of N, of which only the first writes it). A
+# stride-1 1x1 conv of at most 256 outputs takes its weight and input gradients in one launch:
+# the first conv of blocks 0, 1, 5 and 7 (a plain input gradient, through a block end with and
+# without a downsample branch), the last of blocks 0, 1, 6 and 7 (through the prologue) and
+# block 5's stride-1 downsample conv (adding the first conv's input gradient).
 SEQUENCE = [
     ([(12, 1, 1, 1), (12, 3, 2, 4), (24, 1, 1, 1)], 2),
     ([(12, 1, 1, 1), (12, 3, 1, 4), (24, 1, 1, 1)], None),
@@ -220,8 +224,10 @@ SEQUENCE = [
     ([(32, 3, 1, 4)], None),
     ([(136, 1, 1, 1)], 1),
     ([(264, 1, 1, 1), (136, 1, 1, 1)], None),
+    ([(40, 1, 1, 1), (136, 1, 1, 1)], None),
 ]
-FUSED_ENDS = 3  # blocks of SEQUENCE whose first conv computes the previous block's end
+FUSED_ENDS = 4  # blocks of SEQUENCE whose first conv computes the previous block's end
+FUSED_GRADS = 9  # convs of SEQUENCE whose two gradients are one launch
 
 
 def test_residual_blocks_train_matches_float64(device):
@@ -276,7 +282,9 @@ def test_residual_blocks_train_matches_float64(device):
     g = torch.randn_like(o)
     pairs = [(x, xd)] + [(c[a], c[b]) for convs, _, _ in blocks for c in convs
                          for a, b in (("weight", "wd"), ("bn_weight", "gd"), ("bn_bias", "bd"))]
-    grads = torch.autograd.grad(out, [a for a, _ in pairs], g.float())
+    with OpLog() as log:
+        grads = torch.autograd.grad(out, [a for a, _ in pairs], g.float())
+    assert log.ops.count("aru.pointwise_conv_grads") == FUSED_GRADS
     grads_ref = torch.autograd.grad(o, [e for _, e in pairs], g)
     for i, (a, e) in enumerate(zip(grads, grads_ref)):
         assert_close(a, e, torch.float32, what=f"gradient of leaf {i} ({tuple(a.shape)})")
@@ -426,6 +434,79 @@ def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
         torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, st_b)
     with pytest.raises(ValueError, match="stat_a comes with stat_b"):
         torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, None)
+
+
+@pytest.mark.parametrize("case", ["plain", "residual_scaled", "end", "end_id", "prologue"])
+def test_pointwise_conv_grads_match_the_two_launches(device, case):
+    """``aru::pointwise_conv_grads`` (a 1x1 conv's weight and input gradients from the same
+    dL/dy' tiles) gives what ``conv_weight_grad`` then ``conv_input_grad`` (or
+    ``conv_input_grad_block_end``) give, under the GPU's tiles: several splits of the
+    pixels, three blocks of input channels (mask bytes and sums of each), every output."""
+    n, cin, cout, h, w = 3, 136, 200, 14, 13
+    x = channels_last(torch.randn(n, cin, h, w, device=device).relu())
+    dy, y = (channels_last(torch.randn(n, cout, h, w, device=device)) for _ in range(2))
+    weight = torch.randn(cout, cin, 1, 1, device=device) / cin ** 0.5
+    mean, st_a, st_b = (torch.randn(cout, device=device) for _ in range(3))
+    st_c = torch.rand(cout, device=device) + 0.5 if case == "residual_scaled" else None
+    residual = channels_last(torch.randn_like(x)) if case not in ("plain", "prologue") else None
+    pro = (torch.randn(cin, device=device) * 0.1, torch.rand(cin, device=device) + 0.5,
+           torch.randn(cin, device=device)) if case == "prologue" else (None, None, None)
+    end = (None,) * 5
+    if case.startswith("end"):
+        end_y = channels_last(torch.randn_like(x))
+        end_id = channels_last(torch.randn_like(x)) if case == "end_id" else None
+        _, bits = torch.ops.aru.bn_add_relu_mask(end_y, torch.zeros(cin, device=device), torch.ones(cin, device=device),
+                                                 torch.zeros(cin, device=device), x - 0.5, None, None, None)
+        end = (bits, end_y, torch.randn(cin, device=device), end_id,
+               torch.randn(cin, device=device) if end_id is not None else None)
+    with plans.device_block_sizes():
+        plan = plans.plan_pointwise_grads(plans.plan_conv(x.shape, weight.shape, x.dtype), x.device)
+        assert plan.splits > 1 and cin > 2 * plan.block_k
+        dw, dx, sums = torch.ops.aru.pointwise_conv_grads(x, dy, weight, y, mean, st_a, st_b, st_c, residual, *end,
+                                                          *pro, case == "prologue")
+        dw_ref, dy_stat = torch.ops.aru.conv_weight_grad(x, dy, weight, *pro, 1, 0, 1, 1, case == "prologue", y,
+                                                         mean, st_a, st_b, st_c)
+        if end[0] is not None:
+            dx_ref, sums_ref = torch.ops.aru.conv_input_grad_block_end(dy_stat, weight, 1, 0, 1, 1, residual, *end)
+        else:
+            dx_ref, part_shift, part_scale = torch.ops.aru.conv_input_grad(dy_stat, weight, x, *pro, 1, 0, 1, 1,
+                                                                           case == "prologue", residual)
+            if case == "prologue":
+                sums_ref = torch.stack((part_shift.sum(0), part_scale.sum(0)))
+    assert dx.is_contiguous(memory_format=torch.channels_last)
+    assert_close(dw, dw_ref, torch.float32, what="dW")
+    assert_close(dx, dx_ref, torch.float32, what="dx")
+    if end[0] is not None or case == "prologue":
+        assert (dx == 0).any() and (dx != 0).any()  # the ReLU's mask
+        assert_close(sums, sums_ref, torch.float32, what="block-end or prologue sums")
+    else:
+        assert sums.numel() == 0
+    with pytest.raises(ValueError, match="1x1 convolution of x's 136 channels"):
+        torch.ops.aru.pointwise_conv_grads(x, dy, weight[:, :8], y, mean, st_a, st_b)
+
+
+def test_prologue_backward_passes_no_gradient_where_its_relu_input_is_zero(device):
+    """Where a conv's prologue ``relu(s*(x - mu) + b)`` sees exactly 0 (x at its mean, b = 0),
+    torch.relu passes no gradient: the input-gradient launch and the one-launch 1x1
+    gradients against float64 autograd."""
+    n, cin, cout, h, w = 2, 16, 24, 5, 6
+    mu, s, b = torch.randn(cin, device=device), torch.rand(cin, device=device) + 0.5, torch.randn(cin, device=device)
+    b[:8] = 0
+    x = torch.randn(n, cin, h, w, device=device)
+    x[:, :8, :2] = mu[:8].view(1, 8, 1, 1)  # the prologue's ReLU input is exactly 0 there
+    x = channels_last(x)
+    weight = torch.randn(cout, cin, 1, 1, device=device)
+    dy = channels_last(torch.randn(n, cout, h, w, device=device))
+    x64 = x.double().requires_grad_()
+    a = torch.relu(s.double().view(1, -1, 1, 1) * (x64 - mu.double().view(1, -1, 1, 1)) + b.double().view(1, -1, 1, 1))
+    (torch.nn.functional.conv2d(a, weight.double()) * dy.double()).sum().backward()
+    zero = torch.zeros(cout, device=device)
+    _, dx, _ = torch.ops.aru.pointwise_conv_grads(x, dy, weight, dy, zero, zero, zero, None, None, None, None, None,
+                                                  None, None, mu, s, b, True)
+    dx2, _, _ = torch.ops.aru.conv_input_grad(dy, weight, x, mu, s, b, 1, 0, 1, 1, True)
+    for got in (dx, dx2):
+        assert torch.equal(got[:, :8, :2], torch.zeros_like(got[:, :8, :2]))
+        assert_close(got, x64.grad, torch.float32, what="dL/dx")
 
 
 def test_relu_mask_bits_and_block_end_gradient(device):
