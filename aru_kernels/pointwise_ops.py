@@ -123,9 +123,8 @@ def pointwise_conv_grads(
     part = torch.empty((plan.splits, 1, c_in, c_out), **f32)
     dx = nhwc_empty(x.shape, x)
     end = relu_mask is not None
-    sums = torch.empty((3 if end else 2, -(-m // plan.block_m), c_in), **f32) if end or pro else part
-    if end and end_id is None:
-        sums[2].zero_()
+    planes = 3 if end_id is not None else 2  # the third, dz*(end_id - end_id_mean), only with end_id
+    sums = torch.empty((planes, -(-m // plan.block_m), c_in), **f32) if end or pro else part
 
     def vec(v):
         return part if v is None else v.float().contiguous()
@@ -142,13 +141,18 @@ def pointwise_conv_grads(
         end_mask_ptr=relu_mask if end else dx, end_y_ptr=end_y if end else dx, end_mean_ptr=vec(end_mean),
         end_id_ptr=dx if end_id is None else end_id, end_id_mean_ptr=vec(end_id_mean),
         part_a_ptr=sums[0] if end or pro else part, part_b_ptr=sums[1] if end or pro else part,
-        part_c_ptr=sums[2] if end else part,
+        part_c_ptr=sums[2] if end_id is not None else part,
         DGRAD=True, HAS_RESIDUAL=residual is not None, END_BWD=end, END_ID=end_id is not None,
         role="wgrad_dgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps,
     )
     dw = part.sum(0)[0].t().reshape(c_out, c_in, 1, 1).contiguous()  # fixed-order sum over the splits
-    return dw, dx, sums.sum(1) if end or pro else x.new_empty(0, dtype=torch.float32)
+    if not (end or pro):
+        return dw, dx, x.new_empty(0, dtype=torch.float32)
+    sums = sums.sum(1)  # fixed-order reduction over the tiles
+    if end and end_id is None:
+        sums = torch.cat((sums, sums.new_zeros((1, c_in))))
+    return dw, dx, sums
 
 
 @pointwise_conv_grads.register_fake

@@ -97,6 +97,12 @@ def _inputs(plan: ConvPlan, device, dtype, gen):
             t = torch.randn(*shape, generator=gen).to(device, dt)
         return t.contiguous(memory_format=torch.channels_last) if cl else t
 
+    def mask_bits(c):  # a ReLU's mask as bits, [pixels, ceil(c/8)] (relu_bits)
+        shape = (plan.n * plan.h * plan.w if plan.pro_end else plan.n * plan.p * plan.q, -(-c // 8))
+        if gen is None:
+            return torch.empty(shape, dtype=torch.uint8, device=device)
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
+
     x = rnd(plan.n, plan.c_in, plan.h, plan.w, cl=True)
     if plan.transposed:  # the forward weight [C_out_fwd, C_in_fwd/g, KH, KW]; x is dL/dy
         weight = rnd(plan.c_in, plan.cout_g, plan.kh, plan.kw)
@@ -111,6 +117,12 @@ def _inputs(plan: ConvPlan, device, dtype, gen):
             vec = dict(scale=rnd(cv).abs() + 0.5, shift=rnd(cv), residual=rnd(plan.n, cv, plan.p, plan.q, cl=True))
             if plan.pro_mean:
                 vec["mean"] = rnd(cv)
+        if plan.end_bwd:  # through a residual block's end: its mask bits, last conv output and mean
+            vec.update(end_mask=mask_bits(cv), end_y=rnd(plan.n, cv, plan.p, plan.q, cl=True), end_mean=rnd(cv))
+            if plan.end_id:
+                vec.update(end_id=rnd(plan.n, cv, plan.p, plan.q, cl=True), end_id_mean=rnd(cv))
+            if plan.has_residual:
+                vec["residual"] = rnd(plan.n, cv, plan.p, plan.q, cl=True)
     else:
         for flag, name in ((plan.has_mean, "mean"), (plan.has_scale, "scale"), (plan.has_shift, "shift")):
             if flag:
@@ -123,20 +135,29 @@ def _inputs(plan: ConvPlan, device, dtype, gen):
             vec.update(in_scale=rnd(plan.c_in).abs() + 0.5, in_shift=rnd(plan.c_in))
             if plan.pro_mean:
                 vec["in_mean"] = rnd(plan.c_in)
+        if plan.pro_end:  # the input is a residual block's end: its vectors, identity, output and mask bits
+            ci = plan.c_in
+            vec.update(in_mean=rnd(ci), in_scale=rnd(ci).abs() + 0.5, in_shift=rnd(ci),
+                       pro_id=rnd(plan.n, ci, plan.h, plan.w, cl=True),
+                       pro_out=rnd(plan.n, ci, plan.h, plan.w, cl=True), pro_mask=mask_bits(ci))
+            if plan.pro_end_affine:
+                vec.update(pro_id_mean=rnd(ci), pro_id_scale=rnd(ci).abs() + 0.5, pro_id_shift=rnd(ci))
     return x, weight, vec
 
 
 def buffers(plan: ConvPlan, x) -> tuple:
     """NaN-filled output and partial-sum buffers for one launch of ``plan``."""
     out = torch.full((plan.n, plan.c_out, plan.p, plan.q), float("nan"), dtype=x.dtype, device=x.device)
-    parts = (None, None)
-    if plan.stats or plan.pro_bwd:
-        parts = tuple(torch.full((plan.partial_tiles, plan.c_out), float("nan"), device=x.device) for _ in range(2))
+    parts = (None, None, None)
+    if plan.stats or plan.pro_bwd or plan.end_bwd:
+        n = 3 if plan.end_id else 2
+        parts = tuple(torch.full((plan.partial_tiles, plan.c_out), float("nan"), device=x.device)
+                      for _ in range(n)) + (None,) * (3 - n)
     return out.contiguous(memory_format=torch.channels_last), parts
 
 
 def launch_into(plan: ConvPlan, x, weight, vec, out, parts) -> None:
-    conv_ops._launch(plan, x, weight, out, part_a=parts[0], part_b=parts[1], **vec)
+    conv_ops._launch(plan, x, weight, out, part_a=parts[0], part_b=parts[1], part_c=parts[2], **vec)
 
 
 def run_plan(plan: ConvPlan, x, weight, vec) -> tuple:
@@ -156,8 +177,8 @@ def check_candidate(plan: ConvPlan, tiles: Tiles, inputs, reference) -> bool:
     out, parts = run_plan(replace(plan, tiles=tiles), *inputs)
     if not _same(out, reference[0], out.dtype):
         return False
-    if plan.pro_bwd:  # per-tile partial sums: compare their totals (tile counts differ)
-        return all(_same(p.sum(0), r.sum(0), torch.float32) for p, r in zip(parts, reference[1]))
+    if plan.pro_bwd or plan.end_bwd:  # per-tile partial sums: compare their totals (tile counts differ)
+        return all(_same(p.sum(0), r.sum(0), torch.float32) for p, r in zip(parts, reference[1]) if p is not None)
     return True
 
 
@@ -211,9 +232,9 @@ def _compile_job(job) -> str | None:
     x, weight, vec = _inputs(p, "meta", p.dtype, None)
     out = torch.empty((p.n, p.c_out, p.p, p.q), dtype=p.dtype, device="meta")
     parts = {}
-    if p.stats or p.pro_bwd:
+    if p.stats or p.pro_bwd or p.end_bwd:
         part = torch.empty((p.partial_tiles, p.c_out), device="meta")
-        parts = dict(part_a=part, part_b=part)
+        parts = dict(part_a=part, part_b=part, part_c=part)
     try:
         for ph in p.phases():  # a strided input gradient compiles one kernel per output phase
             args = conv_ops.kernel_arguments(ph, x, weight, out.contiguous(memory_format=torch.channels_last),

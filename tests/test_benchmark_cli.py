@@ -174,3 +174,20 @@ def test_gpu_protocol_cpu_mode(tmp_path):
     assert {r["impl"] for r in first["models"]} == {"eager", "fused"}, files
     assert {r["impl"] for r in tuned["models"]} == {"fused"}
     assert all(r["img_per_s"] for r in first["models"] + tuned["models"])
+
+
+@pytest.mark.slow
+def test_tune_dry_run_checks_training_launches():
+    """tune.py --dry-run over resnext29_tiny's training step: every candidate tile of every
+    conv launch (input gradients through a block end, convs computing the previous block's
+    end as they load their input) gives the rules' results, each launch on tensors of its
+    own (no argument aliasing the output)."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1")
+    proc = subprocess.run(
+        [sys.executable, str(RUN_PY.parent / "tune.py"), "--dry-run", "--model", "resnext29_tiny", "--mode", "train",
+         "--img-size", "32", "--batch-size", "2", "--dtype", "float32"],
+        env=env, capture_output=True, text=True, timeout=900, cwd=RUN_PY.parents[1],
+    )
+    assert proc.returncode == 0, f"tune.py exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
+    assert "WRONG" not in proc.stdout and ", 0 wrong" in proc.stdout, proc.stdout[-4000:]
+    assert "dgrad" in proc.stdout
