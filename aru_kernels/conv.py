@@ -536,7 +536,8 @@ def conv_wgrad_kernel(
     res_ptr=None,  # [N, H, W, C_IN] another gradient of x, added (HAS_RESIDUAL)
     end_mask_ptr=None, end_y_ptr=None, end_mean_ptr=None,  # the input's block end (END_BWD, as conv_bn_act_kernel)
     end_id_ptr=None, end_id_mean_ptr=None,  # (END_ID)
-    part_a_ptr=None, part_b_ptr=None, part_c_ptr=None,  # [M / BLOCK_M, C_IN] fp32 out: per-tile sums (END_BWD)
+    # [M / BLOCK_M, C_IN] fp32 out: per-tile sums (END_BWD; with a prologue, its backward's)
+    part_a_ptr=None, part_b_ptr=None, part_c_ptr=None,
     DGRAD: tl.constexpr = False,
     HAS_RESIDUAL: tl.constexpr = False,
     END_BWD: tl.constexpr = False,

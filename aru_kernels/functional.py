@@ -17,7 +17,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth  # noqa: F401  (registers the aru:: operators)
+# (imported to register the aru:: operators)
+from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth  # noqa: F401
 from .block_ops import ConvBN, ResidualBlocksTrain
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
 from .plans import out_size

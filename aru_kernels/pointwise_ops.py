@@ -131,10 +131,12 @@ def pointwise_conv_grads(
     sw = weight.stride()
     launch(
         _conv.conv_wgrad_kernel, plan.grid,
-        x, dy, part, vec(in_mean), vec(in_scale), vec(in_shift), stat_y, vec(stat_mean), vec(stat_a), vec(stat_b), vec(stat_c), part, dy,
+        x, dy, part, vec(in_mean), vec(in_scale), vec(in_shift),
+        stat_y, vec(stat_mean), vec(stat_a), vec(stat_b), vec(stat_c), part, dy,
         m, plan.m_per_split, h, w, h, w, c_in, c_out,
         KH=1, KW=1, STRIDE=1, PAD=0, DIL=1, CIN_P=c_in, COUT_P=c_out,
-        HAS_PROLOGUE=pro, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu, GRAD_STATS=True, STAT_SCALE=stat_c is not None,
+        HAS_PROLOGUE=pro, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
+        GRAD_STATS=True, STAT_SCALE=stat_c is not None,
         SQ_TERM=False, DOT_F32=interpreting(), INPUT_PRECISION=input_precision(x.dtype),
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n, asum_ptr=part, WRITE_DY=False,
         w_ptr=weight, sw_o=sw[0], sw_i=sw[1], dx_ptr=dx, res_ptr=dx if residual is None else residual,
