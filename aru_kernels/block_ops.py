@@ -125,12 +125,11 @@ def _block_forward(configs, has_ds: bool, x: Optional[Tensor], pending: Optional
     return x, prev_mask, (*stats[chain - 1], *identity), running, saved
 
 
-def _end_fuses(convs, config) -> bool:
-    """Whether a block whose first conv is ``convs[0]`` (with ``config``) takes the
-    previous block's end on load (:func:`aru_kernels.plans.block_end_fuses`)."""
-    weight = convs[0][0]
+def _conv_rule(rule, weight: Tensor, config) -> bool:
+    """A plan rule of the conv's shape (``rule(kh, kw, stride, padding, groups, c_out)``:
+    :func:`aru_kernels.plans.block_end_fuses`, :func:`aru_kernels.plans.pointwise_grads_fuse`)."""
     stride, padding, dilation, groups, _, _ = config
-    return block_end_fuses(weight.shape[2], weight.shape[3], stride, padding, groups, weight.shape[0])
+    return rule(weight.shape[2], weight.shape[3], stride, padding, groups, weight.shape[0])
 
 
 # The largest input (C_in) of a 1x1 convolution whose batch norm's statistics term is
@@ -149,13 +148,6 @@ def gram_folds(weight: Tensor, config) -> bool:
     stride, padding, dilation, groups, _, _ = config
     return (tuple(weight.shape[2:]) == (1, 1) and stride == 1 and padding == 0 and groups == 1
             and weight.shape[1] <= GRAM_MAX_CHANNELS)
-
-
-def _grads_fuse(weight: Tensor, config) -> bool:
-    """Whether a block's first conv takes its weight and input gradients in one launch
-    (``aru::pointwise_conv_grads``; :func:`aru_kernels.plans.pointwise_grads_fuse`)."""
-    stride, padding, dilation, groups, _, _ = config
-    return pointwise_grads_fuse(weight.shape[2], weight.shape[3], stride, padding, groups, weight.shape[0])
 
 
 class _BlockEnd(NamedTuple):
@@ -203,7 +195,7 @@ class ResidualBlocksTrain(torch.autograd.Function):
                                   per[chain][0] if has_ds else None, per[chain][1] if has_ds else None))
             running += new_running
             saved += [t for conv in per for t in conv]
-            if b + 1 < len(layout) and _end_fuses(convs[b + 1], layout[b + 1][0][0]):
+            if b + 1 < len(layout) and _conv_rule(block_end_fuses, convs[b + 1][0][0], layout[b + 1][0][0]):
                 h, pending = None, end  # computed by the next block's first conv as it loads it
             else:
                 h, relu_mask = torch.ops.aru.bn_add_relu_mask(*end)
@@ -283,7 +275,7 @@ def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, su
         src = per[k - 1][0] if inner else x
         pro = (per[k - 1][1], per[k - 1][3], per[k - 1][4]) if inner else (None, None, None)
         ahead = a.numel() > 0
-        if need_dx and not ahead and _grads_fuse(weights[k], configs[k]):
+        if need_dx and not ahead and _conv_rule(pointwise_grads_fuse, weights[k], configs[k]):
             # one launch for both gradients: dL/dy' never written. The block's last input gradient
             # (its first conv's, or the downsample conv's) takes the previous block's end.
             last = prev is not None and not inner and (k == chain if has_ds else k == 0)

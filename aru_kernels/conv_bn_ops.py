@@ -26,7 +26,7 @@ from torch import Tensor
 from .bn_ops import bn_add_relu_mask, finalize_stats, normalize, relu_mask_shape, rows, stats_term
 from .checks import check_activation, check_conv_inputs, check_vector
 from .conv_ops import conv_bn_act_into, conv_grads, image_statistics, nhwc, nhwc_empty, stats_plan
-from .plans import block_end_fuses, normalizes_ahead
+from .plans import END_PROLOGUE_MAX_N_BLOCKS, block_end_fuses, normalizes_ahead
 
 __all__ = ["conv_bn_stats_grads", "conv_with_stats", "normalized_input", "block_end_conv_bn_stats"]
 
@@ -153,7 +153,7 @@ def _check_block_end(y_end, end_mean, end_scale, end_shift, identity, id_mean, i
     c = y_end.shape[1]
     if not block_end_fuses(*weight.shape[2:], stride, padding, groups, weight.shape[0]):
         raise ValueError(f"{_END_OP}: needs a stride-1 1x1 convolution without padding, groups=1, of at most "
-                         f"512 output channels; got a {tuple(weight.shape)} weight, stride={stride}, "
+                         f"{END_PROLOGUE_MAX_N_BLOCKS} blocks of output channels; got a {tuple(weight.shape)} weight, stride={stride}, "
                          f"padding={padding}, groups={groups}")
     if identity is None:
         raise ValueError(f"{_END_OP}: a residual block's end needs its identity")

@@ -25,7 +25,7 @@ from .bn_ops import relu_mask_shape
 from .checks import check_activation, check_vector
 from .conv_ops import conv_geometry, conv_input_grad, conv_input_grad_block_end, conv_weight_grad, nhwc_empty
 from .launch import launch
-from .plans import input_precision, plan_conv, plan_pointwise_grads, pointwise_grads_fuse
+from .plans import POINTWISE_GRADS_MAX_N, input_precision, plan_conv, plan_pointwise_grads, pointwise_grads_fuse
 from .runtime import interpreting
 
 __all__ = ["pointwise_conv_grads"]
@@ -41,7 +41,7 @@ def _check(x, dy, weight, stat_y, vectors, residual, relu_mask, end_y, end_mean,
     c_out = weight.shape[0]
     if weight.dim() != 4 or weight.shape[1] != c_in or not pointwise_grads_fuse(*weight.shape[2:], 1, 0, 1, c_out):
         raise ValueError(f"{_OP}: needs the weight of a 1x1 convolution of x's {c_in} channels (groups=1) into at "
-                         f"most 256 channels; got {tuple(weight.shape)}")
+                         f"most {POINTWISE_GRADS_MAX_N} channels; got {tuple(weight.shape)}")
     for name, t, c in (("dy", dy, c_out), ("stat_y", stat_y, c_out), ("residual", residual, c_in),
                        ("end_y", end_y, c_in), ("end_id", end_id, c_in)):
         if t is not None and (tuple(t.shape) != (n, c, h, w) or t.dtype != x.dtype
