@@ -14,6 +14,9 @@
   per-channel sums that the scale, shift and mean gradients need, written per
   tile (no atomics); or (``SCATTER`` off) the gradient behind the ReLU alone,
   once, for a residual block's backward that scales it where it reads it.
+* ``bn_add_relu_pool_kernel``: that end followed by the network's global
+  average pool, the block output never written (the backward kernel's
+  ``POOLED`` spreads the pooled gradient back over the pixels).
 
 Batch norm is applied as ``scale*(v - mean) + shift``, centred first as
 ``nn.BatchNorm2d`` does: a value equal to the mean lands exactly on
@@ -175,18 +178,60 @@ def bn_add_relu_kernel(
         img = rm // HW
         z = z * tl.load(e_ptr + img.to(tl.int64)[:, None] * C + rc[None, :], mask=ok, other=0.0)
     if HAS_IDENTITY:
-        if ID_AFFINE:
-            r = (_centred(id_ptr, off, ok, id_mean_ptr, rc, c_ok) * _vec(id_scale_ptr, rc, c_ok)
-                 + _vec(id_shift_ptr, rc, c_ok))
-        else:
-            r = tl.load(id_ptr + off, mask=ok, other=0.0).to(tl.float32)
-        z = z + r
+        z = z + _identity(id_ptr, off, ok, id_mean_ptr, id_scale_ptr, id_shift_ptr, rc, c_ok, ID_AFFINE)
     if RELU:
         z = _relu(z)
     stored = z.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + off, stored, mask=ok)
     if MASK_OUT:
         store_relu_mask(mask_ptr, stored, ok, rm, rm < M, tl.program_id(1) * (BLOCK_C // 8), C, BLOCK_M, BLOCK_C)
+
+
+@triton.jit
+def _identity(id_ptr, off, ok, id_mean_ptr, id_scale_ptr, id_shift_ptr, rc, c_ok, ID_AFFINE: tl.constexpr):
+    """A block end's identity branch in fp32: ``id_scale*(identity - id_mean) + id_shift``
+    (``ID_AFFINE``: the downsample conv's output through its batch norm), else the identity."""
+    if ID_AFFINE:
+        return (_centred(id_ptr, off, ok, id_mean_ptr, rc, c_ok) * _vec(id_scale_ptr, rc, c_ok)
+                + _vec(id_shift_ptr, rc, c_ok))
+    return tl.load(id_ptr + off, mask=ok, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def bn_add_relu_pool_kernel(
+    y_ptr,  # [M, C] NHWC rows, M = N * HW
+    mean_ptr, scale_ptr, shift_ptr,  # [C] fp32
+    id_ptr,  # [M, C] identity (HAS_IDENTITY)
+    id_mean_ptr, id_scale_ptr, id_shift_ptr,  # [C] fp32 (ID_AFFINE)
+    pool_ptr,  # [N, C] out: each image's mean of relu(scale*(y - mean) + shift + identity') as stored
+    mask_ptr,  # [M, ceil(C/8)] uint8 out: the ReLU's gradient mask as bits
+    HW,  # pixels per image
+    C,
+    HAS_IDENTITY: tl.constexpr,
+    ID_AFFINE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``bn_add_relu_kernel`` (``MASK_OUT``) followed by a global average pool: one
+    program per (image, channel block) walks the image's pixels in order, so the
+    block output is never written and the sum is the same run after run."""
+    n = tl.program_id(0)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for start in range(0, HW, BLOCK_M):
+        pix = start + tl.arange(0, BLOCK_M)
+        row_ok = pix < HW
+        rm = n * HW + pix
+        ok = row_ok[:, None] & c_ok[None, :]
+        off = rm.to(tl.int64)[:, None] * C + rc[None, :]
+        z = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok) * _vec(scale_ptr, rc, c_ok) + _vec(shift_ptr, rc, c_ok)
+        if HAS_IDENTITY:
+            z = z + _identity(id_ptr, off, ok, id_mean_ptr, id_scale_ptr, id_shift_ptr, rc, c_ok, ID_AFFINE)
+        stored = _relu(z).to(pool_ptr.dtype.element_ty)  # the values the unfused pool would read
+        store_relu_mask(mask_ptr, stored, ok, rm, row_ok, tl.program_id(1) * (BLOCK_C // 8), C, BLOCK_M, BLOCK_C)
+        acc += tl.sum(tl.where(ok, stored.to(tl.float32), 0.0), axis=0)
+    tl.store(pool_ptr + n.to(tl.int64) * C + rc, (acc / HW).to(pool_ptr.dtype.element_ty), mask=c_ok)
 
 
 @triton.jit
@@ -209,6 +254,8 @@ def bn_add_relu_backward_kernel(
     BLOCK_C: tl.constexpr,
     SCATTER: tl.constexpr = True,  # write dL/dy and dL/didentity; else dz once, for consumers that scale it
     MASK_BITS: tl.constexpr = False,  # out_ptr holds the ReLU mask as bits (bn_add_relu_kernel's MASK_OUT)
+    POOLED: tl.constexpr = False,  # dout_ptr is [N, C], dL/d(each image's mean over its HW pixels) (MASK_BITS)
+    HW=1,
 ):
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -218,7 +265,12 @@ def bn_add_relu_backward_kernel(
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
     if MASK_BITS:
         keep = load_relu_mask(out_ptr, rm, rm < M, tl.program_id(1) * (BLOCK_C // 8), C, BLOCK_M, BLOCK_C)
-        dz = tl.where(keep, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
+        if POOLED:  # the mean's gradient, spread over the image's pixels
+            img = (rm // HW).to(tl.int64)
+            d = tl.load(dout_ptr + img[:, None] * C + rc[None, :], mask=ok, other=0.0).to(tl.float32) / HW
+        else:
+            d = tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32)
+        dz = tl.where(keep, d, 0.0)
     else:
         dz = _relu_grad(dout_ptr, out_ptr, off, ok)
     yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)

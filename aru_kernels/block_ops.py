@@ -161,13 +161,15 @@ class _BlockEnd(NamedTuple):
 
 
 class ResidualBlocksTrain(torch.autograd.Function):
-    """``forward(ctx, layout, x, *tensors)``: residual blocks one after the other,
+    """``forward(ctx, layout, pool, x, *tensors)``: residual blocks one after the other,
     ``layout`` holding per block ``(configs, has_downsample)``, ``configs`` each
     conv's :meth:`ConvBN.config`, the chain first and the downsample last;
     ``tensors`` their :meth:`ConvBN.tensors`, :data:`PER_CONV` each, in the same
-    order, block after block. Returns the last block's output, then each batch
-    norm's new running mean and variance (empty without running statistics;
-    ``num_batches_tracked`` must already count this batch), not differentiable.
+    order, block after block. Returns the last block's output (with ``pool``, its
+    mean over each image's pixels, ``[N, C, 1, 1]``: the output itself is never
+    written), then each batch norm's new running mean and variance (empty without
+    running statistics; ``num_batches_tracked`` must already count this batch),
+    not differentiable.
 
     Between two blocks of the node, the first one's output is written once: where
     the second block starts with a stride-1 1x1 convolution, that convolution
@@ -177,7 +179,7 @@ class ResidualBlocksTrain(torch.autograd.Function):
     norms' sums in its epilogue (``aru::conv_input_grad_block_end``)."""
 
     @staticmethod
-    def forward(ctx, layout, x, *tensors):
+    def forward(ctx, layout, pool, x, *tensors):
         running, saved, first = [], [], 0
         convs = []
         for configs, _ in layout:
@@ -198,10 +200,10 @@ class ResidualBlocksTrain(torch.autograd.Function):
             if b + 1 < len(layout) and _conv_rule(block_end_fuses, convs[b + 1][0][0], layout[b + 1][0][0]):
                 h, pending = None, end  # computed by the next block's first conv as it loads it
             else:
-                h, relu_mask = torch.ops.aru.bn_add_relu_mask(*end)
+                h, relu_mask = torch.ops.aru.bn_add_relu_mask(*end, pool=pool and b + 1 == len(layout))
                 ends[-1] = ends[-1]._replace(relu_mask=relu_mask)
                 pending = None
-        ctx.layout = layout
+        ctx.layout, ctx.pool = layout, pool
         # weight, bn weight and bn bias of each conv (not the running statistics: updated in place)
         params = [t for i in range(0, len(tensors), PER_CONV) for t in tensors[i:i + 3]]
         ctx.save_for_backward(*inputs, *(t for e in ends for t in e), *params, *saved)
@@ -219,8 +221,9 @@ class ResidualBlocksTrain(torch.autograd.Function):
         n_convs = sum(len(configs) for configs, _ in layout)
         params, saved = flat[:3 * n_convs], flat[3 * n_convs:]
         end = ends[-1]
-        dz, sums = torch.ops.aru.bn_add_relu_grad_sums(nhwc(dout.to(end.y.dtype)), end.relu_mask, end.y, end.mean,
-                                                       end.yd, end.md)
+        dout = dout.to(end.y.dtype)
+        dz, sums = torch.ops.aru.bn_add_relu_grad_sums(dout if ctx.pool else nhwc(dout), end.relu_mask, end.y,
+                                                       end.mean, end.yd, end.md, pooled=ctx.pool)
         first = n_convs
         block_grads = [None] * blocks
         dx = None
@@ -230,12 +233,12 @@ class ResidualBlocksTrain(torch.autograd.Function):
             convs = [params[(first + i) * 3:(first + i + 1) * 3] for i in range(len(configs))]
             per = [saved[(first + i) * 6:(first + i + 1) * 6] for i in range(len(configs))]
             prev = ends[b - 1] if b > 0 else None
-            need_dx = b > 0 or ctx.needs_input_grad[1]
+            need_dx = b > 0 or ctx.needs_input_grad[2]
             block_grads[b], dx, sums_prev = _block_backward(configs, has_ds, inputs[b], convs, per, dz, sums,
                                                              prev, need_dx)
             dz, sums = dx, sums_prev
         flat_grads = [t for g in block_grads for conv in g for t in conv]
-        return (None, dx if ctx.needs_input_grad[1] else None, *flat_grads)
+        return (None, None, dx if ctx.needs_input_grad[2] else None, *flat_grads)
 
 
 def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, sums: Tensor,

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import batchnorm as _bn
 from .launch import launch
-from .plans import elementwise_blocks, finalize_blocks, finalize_chunks
+from .plans import elementwise_blocks, finalize_blocks, finalize_chunks, pool_blocks
 
 __all__ = ["rows", "finalize_stats", "stats_term", "normalize", "relu_mask_shape", "bn_add_relu_mask",
            "bn_add_relu_grad_sums"]
@@ -214,19 +214,38 @@ def bn_add_relu_mask(
     id_mean: Optional[Tensor],
     id_scale: Optional[Tensor],
     id_shift: Optional[Tensor],
+    pool: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``aru::bn_add_relu`` that also writes where its ReLU passes a gradient, one
     bit per element (:func:`relu_mask_shape`): the backward reads that instead of
-    the output. Not differentiable itself: for nodes that own their backward."""
-    relu_mask = torch.empty(relu_mask_shape(y), dtype=torch.uint8, device=y.device)
-    return _bn_add_relu_launch(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, None,
-                               relu_mask), relu_mask
+    the output. With ``pool``, the output is each image's mean over its pixels,
+    ``[N, C, 1, 1]`` (a global average pool after the block end, which is never
+    written). Not differentiable itself: for nodes that own their backward."""
+    out, relu_mask = _bn_add_relu_mask_fake(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, pool)
+    if not pool:
+        return _bn_add_relu_launch(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, None,
+                                   relu_mask), relu_mask
+    n, c, hw = y.shape[0], y.shape[1], y.shape[2] * y.shape[3]
+    if out.numel():
+        if hw == 0:
+            raise ValueError(f"bn_add_relu_mask: the mean over an empty image ({tuple(y.shape)}) is undefined")
+        block_m, block_c = pool_blocks(c, hw)
+        affine = id_scale is not None
+        launch(
+            _bn.bn_add_relu_pool_kernel, (n, -(-c // block_c)),
+            y, mean, scale, shift, y if identity is None else identity,
+            id_mean if affine else mean, id_scale if affine else scale, id_shift if affine else shift,
+            out, relu_mask, hw, c, HAS_IDENTITY=identity is not None, ID_AFFINE=affine,
+            BLOCK_M=block_m, BLOCK_C=block_c, role="bn_add_relu_pool",
+        )
+    return out, relu_mask
 
 
 @bn_add_relu_mask.register_fake
-def _bn_add_relu_mask_fake(y, mean, scale, shift, identity, id_mean, id_scale, id_shift):
-    return (torch.empty_like(y, memory_format=torch.channels_last),
-            torch.empty(relu_mask_shape(y), dtype=torch.uint8, device=y.device))
+def _bn_add_relu_mask_fake(y, mean, scale, shift, identity, id_mean, id_scale, id_shift, pool=False):
+    out = (torch.empty((y.shape[0], y.shape[1], 1, 1), dtype=y.dtype, device=y.device) if pool
+           else torch.empty_like(y, memory_format=torch.channels_last))
+    return out, torch.empty(relu_mask_shape(y), dtype=torch.uint8, device=y.device)
 
 
 def _bn_add_relu_setup(ctx, inputs, output):
@@ -283,14 +302,22 @@ def bn_add_relu_grad_sums(
     mean: Tensor,
     identity: Optional[Tensor],
     id_mean: Optional[Tensor],
+    pooled: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """``(dz, sums)`` for ``out = relu(scale*(y - mean) + shift + identity')`` with
     its ReLU mask ``relu_mask`` as ``aru::bn_add_relu_mask`` wrote it:
     dz = dL/dout behind the ReLU, written once (the consumers scale it as they
     load it), and the per-channel sums ``[3, C]`` of dz, dz*(y - mean) and,
     with ``identity`` (the downsample branch's conv output, its batch norm's
-    mean ``id_mean``), dz*(identity - id_mean); the last row is zero without."""
+    mean ``id_mean``), dz*(identity - id_mean); the last row is zero without.
+    With ``pooled``, ``dout`` is the gradient of ``bn_add_relu_mask(..., pool=True)``'s
+    ``[N, C, 1, 1]`` means (any strides)."""
     m, c = rows(y), y.shape[1]
+    if pooled:
+        if tuple(dout.shape) != (y.shape[0], c, 1, 1):
+            raise ValueError(f"bn_add_relu_grad_sums: a pooled gradient is [{y.shape[0]}, {c}, 1, 1] for "
+                             f"y of shape {tuple(y.shape)}; got {tuple(dout.shape)}")
+        dout = dout.reshape(y.shape[0], c).contiguous()
     block_m, block_c = elementwise_blocks(c)
     tiles = -(-m // block_m)
     dz = torch.empty_like(y, memory_format=torch.channels_last)
@@ -302,13 +329,13 @@ def bn_add_relu_grad_sums(
             dout, relu_mask, y, mean, mean, y if identity is None else identity,
             mean if id_mean is None else id_mean, mean, dz, dz, part, m, c, tiles,
             HAS_IDENTITY=affine, ID_AFFINE=affine, BLOCK_M=block_m, BLOCK_C=block_c, SCATTER=False,
-            MASK_BITS=True, role="bn_add_relu_bwd",
+            MASK_BITS=True, POOLED=pooled, HW=y.shape[2] * y.shape[3], role="bn_add_relu_bwd",
         )
     return dz, part.sum(1)  # fixed-order reduction over tiles
 
 
 @bn_add_relu_grad_sums.register_fake
-def _bn_add_relu_grad_sums_fake(dout, relu_mask, y, mean, identity, id_mean):
+def _bn_add_relu_grad_sums_fake(dout, relu_mask, y, mean, identity, id_mean, pooled=False):
     return (torch.empty_like(y, memory_format=torch.channels_last),
             torch.empty((3, y.shape[1]), dtype=torch.float32, device=y.device))
 

@@ -271,14 +271,16 @@ def residual_block_train(x: Tensor, chain, downsample: Optional[ConvBN] = None) 
     return residual_blocks_train(x, [(chain, downsample)], op="residual_block_train")
 
 
-def residual_blocks_train(x: Tensor, blocks, *, op: str = "residual_blocks_train") -> Tensor:
+def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "residual_blocks_train") -> Tensor:
     """Training-mode residual blocks applied one after the other, as one autograd node:
     ``blocks`` is a sequence of ``(chain, downsample)`` pairs, each as
     :func:`residual_block_train` takes them. Same result, gradients and running
     statistics as those blocks one by one; between two blocks the backward
     writes no gradient of the block output (the next block's input-gradient
     kernel applies the block end's ReLU and takes its sums:
-    :mod:`aru_kernels.block_ops`). Returns a channels_last tensor."""
+    :mod:`aru_kernels.block_ops`). Returns a channels_last tensor; with ``pool``,
+    its mean over each image's pixels, ``[N, C, 1, 1]`` (``adaptive_avg_pool2d(out, 1)``),
+    and the blocks' output itself is never written."""
     blocks = [([ConvBN(*c) for c in chain], None if ds is None else ConvBN(*ds)) for chain, ds in blocks]
     if not blocks:
         raise ValueError(f"{op}: needs at least one block")
@@ -316,7 +318,8 @@ def residual_blocks_train(x: Tensor, blocks, *, op: str = "residual_blocks_train
     for c in everything:
         if c.running_mean is not None and c.num_batches_tracked is not None:
             c.num_batches_tracked.add_(1)
-    out, *running = ResidualBlocksTrain.apply(tuple(layout), x, *(t for c in everything for t in c.tensors()))
+    out, *running = ResidualBlocksTrain.apply(tuple(layout), bool(pool), x,
+                                              *(t for c in everything for t in c.tensors()))
     with torch.no_grad():
         for c, new_mean, new_var in zip(everything, running[0::2], running[1::2]):
             if c.running_mean is not None:

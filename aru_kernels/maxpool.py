@@ -192,10 +192,13 @@ def _setup(ctx, inputs, output):
     y, mean, scale, _, kernel_size, stride, padding = inputs
     ctx.window = (kernel_size, stride, padding)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)  # no zero gradient written for the codes
     ctx.save_for_backward(y, mean, scale, output[1])
 
 
 def _backward(ctx, dout, _d_code):
+    if dout is None:  # the pooled output took no part in the loss
+        return None, None, None, None, None, None, None
     y, mean, scale, code = ctx.saved_tensors
     dy, sums = torch.ops.aru.bn_relu_maxpool_backward(dout.to(y.dtype).contiguous(memory_format=torch.channels_last),
                                                       code, y, mean, scale, *ctx.window)

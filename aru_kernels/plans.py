@@ -34,6 +34,7 @@ __all__ = [
     "pack_factor",
     "out_size",
     "elementwise_blocks",
+    "pool_blocks",
     "normalizes_ahead",
     "block_end_fuses",
     "pointwise_grads_fuse",
@@ -534,6 +535,12 @@ def elementwise_blocks(c: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_C) of the per-pixel batch-norm kernels over ``c`` channels."""
     block_c = min(128, max(16, _next_pow2(c)))
     return (65536 if _large_blocks() else 8192) // block_c, block_c
+
+
+def pool_blocks(c: int, hw: int) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_C) of a block end with the global average pool after it
+    (pixels of one image per step, channels per program): a 7x7 image in one step."""
+    return min(64, max(16, _next_pow2(hw))), elementwise_blocks(c)[1]
 
 
 def finalize_blocks(c: int) -> tuple[int, int]:

@@ -119,8 +119,8 @@ def _torchvision_forward_impl(self, x: Tensor) -> Tensor:
     import torch
 
     x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x, self.maxpool)
-    x = fused.layers_forward(_stages(self), x, _fused_parts)
-    return self.fc(torch.flatten(self.avgpool(x), 1))
+    x = fused.layers_forward(_stages(self), x, _fused_parts, pool=self.avgpool)
+    return self.fc(torch.flatten(x, 1))
 
 
 def _timm_forward_features(self, x: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 from aru_kernels import ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, residual_blocks_train
 from aru_kernels.sync_bn import synchronized
@@ -327,7 +328,7 @@ def _hooked(m: nn.Module) -> bool:
                 or _m._global_backward_pre_hooks)
 
 
-def layers_forward(layers, x: Tensor, parts_of=None) -> Tensor:
+def layers_forward(layers, x: Tensor, parts_of=None, pool: nn.Module | None = None) -> Tensor:
     """``layers`` (stages: ``nn.Sequential`` modules of residual blocks) applied in turn.
     In training, consecutive blocks that each run as one autograd node run as
     one node together, across stage boundaries too
@@ -335,16 +336,18 @@ def layers_forward(layers, x: Tensor, parts_of=None) -> Tensor:
     between them is written). ``parts_of(block)`` gives a block's
     :class:`BlockParts`, or None for a module that is called as it is; blocks
     with hooks are called too, as is a layer that is not a plain Sequential
-    or has hooks of its own."""
+    or has hooks of its own. ``pool``, a module applied to the result (a
+    network's ``avgpool``), is computed by the last blocks' end where it is a
+    global average pool and they run as one node: their output is never written."""
     parts_of = parts_of or _own_parts
     run: list = []
 
-    def flush(x: Tensor) -> Tensor:
-        if len(run) == 1:
+    def flush(x: Tensor, pooled: bool = False) -> Tensor:
+        if len(run) == 1 and not pooled:
             x = run[0][0](x)
         elif run:
             x = residual_blocks_train(x.contiguous(memory_format=torch.channels_last),
-                                      [_node_block(parts) for _, parts in run])
+                                      [_node_block(parts) for _, parts in run], pool=pooled)
         run.clear()
         return x
 
@@ -358,7 +361,17 @@ def layers_forward(layers, x: Tensor, parts_of=None) -> Tensor:
                 run.append((block, parts))
                 continue
             x = block(flush(x))
-    return flush(x)
+    if pool is None:
+        return flush(x)
+    if run and _global_avg_pool(pool):
+        return flush(x, pooled=True)
+    return pool(flush(x))
+
+
+def _global_avg_pool(pool: nn.Module) -> bool:
+    """An ``nn.AdaptiveAvgPool2d`` to 1x1 without hooks: each image's mean over its pixels."""
+    return (type(pool) is nn.AdaptiveAvgPool2d and not _hooked(pool)
+            and tuple(_pair(pool.output_size)) == (1, 1))
 
 
 def layer_forward(layer: nn.Module, x: Tensor, parts_of=None) -> Tensor:
@@ -412,8 +425,7 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     such as :class:`aru_models.cifar.CifarResNeXt`)
     for images ``x``, in any memory format (made channels_last once, here)."""
     x = stem_forward([(model.conv1, model.bn1)], x, getattr(model, "maxpool", None))  # CIFAR networks have none
-    x = layers_forward(_stages(model), x)
-    x = model.avgpool(x)
+    x = layers_forward(_stages(model), x, pool=model.avgpool)
     return model.fc(torch.flatten(x, 1))
 
 

@@ -244,6 +244,12 @@ def test_fused_training_dispatches_no_aten_conv_or_batch_norm(name, device):
     adds = [(op, shapes) for op, shapes in zip(log.ops, log.shapes)
             if op in ("aten.add", "aten.add_") and any(len(s) == 4 and s[0] == x.shape[0] for s in shapes)]
     assert not adds, f"{name}: training on the fused path added activations: {adds}"
+    # nothing else passes over an activation: the head's global average pool is the last block end's
+    # (its output never written), and no zero gradient is written for an output nothing differentiates
+    full = sorted({op for op, shapes in zip(log.ops, log.shapes) if not op.startswith("aru.")
+                   and op not in ("aten.view", "aten.detach")  # (the image itself is made channels_last)
+                   and any(len(s) == 4 and s[0] == x.shape[0] and s != tuple(x.shape) for s in shapes)})
+    assert not full, f"{name}: training on the fused path passed over activations with {full}"
     # the blocks are one node: only the last block's end has a backward pass of its own
     blocks = sum(len(getattr(model, f"layer{i}")) for i in range(1, 5) if hasattr(model, f"layer{i}"))
     assert log.ops.count("aru.bn_add_relu_grad_sums") == 1

@@ -537,6 +537,42 @@ def test_relu_mask_bits_and_block_end_gradient(device):
     assert_close(sums[1][ok], (dz_ref * yc).sum((0, 2, 3))[ok], torch.float32, what="sum of dz*(y - mean)")
 
 
+@pytest.mark.parametrize("identity", ["plain", "affine"])
+def test_block_end_with_global_average_pool(device, identity):
+    """``aru::bn_add_relu_mask(..., pool=True)``: each image's mean of the block end
+    over its pixels (several steps of pixels, two channel blocks, the last partial) and
+    the same ReLU bits, the end itself never written; ``bn_add_relu_grad_sums(...,
+    pooled=True)`` spreads the pooled gradient as the mean's backward: against float64."""
+    n, c, h, w = 2, 136, 9, 11  # 99 pixels: two steps of 64; 136 channels: 128 + 8
+    y, idn = (channels_last(torch.randn(n, c, h, w, device=device)) for _ in range(2))
+    mean, scale, shift = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
+    id_vecs = ((torch.randn(c, device=device), torch.rand(c, device=device) + 0.5, torch.randn(c, device=device))
+               if identity == "affine" else (None, None, None))
+    pooled, bits = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, idn, *id_vecs, pool=True)
+    _, bits_full = torch.ops.aru.bn_add_relu_mask(y, mean, scale, shift, idn, *id_vecs)
+    assert torch.equal(bits, bits_full)
+
+    def v(t):
+        return t.double().view(1, c, 1, 1)
+    r = idn.double() if identity == "plain" else (idn.double() - v(id_vecs[0])) * v(id_vecs[1]) + v(id_vecs[2])
+    z = torch.relu((y.double() - v(mean)) * v(scale) + v(shift) + r)
+    assert pooled.shape == (n, c, 1, 1)
+    assert_close(pooled, z.mean((2, 3), keepdim=True), torch.float32, what="pooled block end")
+
+    dout = torch.randn(n, c, 1, 1, device=device)
+    ident = (idn, id_vecs[0]) if identity == "affine" else (None, None)
+    dz, sums = torch.ops.aru.bn_add_relu_grad_sums(dout, bits, y, mean, *ident, pooled=True)
+    dz_ref = torch.where(z > 0, dout.double() / (h * w), 0.0)
+    assert_close(dz, dz_ref, torch.float32, what="dz from the pooled gradient")
+    assert_close(sums[0], dz_ref.sum((0, 2, 3)), torch.float32, what="sum of dz")
+    assert_close(sums[1], (dz_ref * (y.double() - v(mean))).sum((0, 2, 3)), torch.float32, what="sum of dz*(y - mean)")
+    if identity == "affine":
+        assert_close(sums[2], (dz_ref * (idn.double() - v(id_vecs[0]))).sum((0, 2, 3)), torch.float32,
+                     what="sum of dz*(identity - id_mean)")
+    with pytest.raises(ValueError, match=r"pooled gradient is \[2, 136, 1, 1\]"):
+        torch.ops.aru.bn_add_relu_grad_sums(dout[:1], bits, y, mean, None, None, pooled=True)
+
+
 POOLS = [(3, 2, 1, 13, 11), (2, 2, 0, 9, 8), (3, 1, 1, 7, 10), (5, 3, 2, 11, 12)]
 
 
@@ -641,6 +677,9 @@ def test_opcheck_training_ops(device):
     torch.library.opcheck(torch.ops.aru.bn_add_relu_mask.default, (y, m, s, b, x, m, s, b))
     _, bits = torch.ops.aru.bn_add_relu_mask(y, m, s, b, x, m, s, b)
     torch.library.opcheck(torch.ops.aru.bn_add_relu_grad_sums.default, (torch.randn_like(y), bits, y, m, x, m))
+    torch.library.opcheck(torch.ops.aru.bn_add_relu_mask.default, (y, m, s, b, x, m, s, b, True))
+    torch.library.opcheck(torch.ops.aru.bn_add_relu_grad_sums.default,
+                          (torch.randn(y.shape[0], y.shape[1], 1, 1, device=device), bits, y, m, x, m, True))
     torch.library.opcheck(torch.ops.aru.bn_add_relu.default, (y, m, s, b, x, m, s, b, e))
     torch.library.opcheck(torch.ops.aru.bn_add_relu_scaled_backward.default,
                           (torch.randn_like(y), x, y, m, s, b, e, x, m, s))
