@@ -103,6 +103,7 @@ tile it forms, so dy' is not written at all.
 import triton
 import triton.language as tl
 
+from .pool_window import max_pool_grad
 from .relu_bits import load_relu_mask, store_relu_mask
 
 
@@ -542,6 +543,12 @@ def conv_wgrad_kernel(
     HAS_RESIDUAL: tl.constexpr = False,
     END_BWD: tl.constexpr = False,
     END_ID: tl.constexpr = False,
+    # POOL_GRAD: dy_ptr is [N, PP, PQ, C_OUT], the gradient of a max-pool of this conv's output
+    # after its batch norm and ReLU, and pool_code_ptr its int8 codes (aru_kernels.maxpool)
+    pool_code_ptr=None,
+    POOL_GRAD: tl.constexpr = False,
+    PP: tl.constexpr = 1, PQ: tl.constexpr = 1,
+    POOL_K: tl.constexpr = 1, POOL_STRIDE: tl.constexpr = 1, POOL_PAD: tl.constexpr = 0,
 ):
     """Weight gradient: per pack, ``dW[k, n] = sum_m A[m, k] * dy[m, n]``.
 
@@ -575,6 +582,12 @@ def conv_wgrad_kernel(
     ``END_BWD``, ``END_ID`` as in ``conv_bn_act_kernel``, or with a prologue
     its backward, ``PRO_BWD``'s), its per-tile sums by tiles of ``BLOCK_M``
     pixels.
+
+    With ``POOL_GRAD`` (a ResNet stem: this conv, its batch norm, a ReLU, a
+    max-pool) the dy tile is gathered from the pooled gradient and the pool's
+    codes (:func:`aru_kernels.pool_window.max_pool_grad`: the gradient behind
+    the ReLU), then scaled and given the statistics term (``STAT_SCALE``,
+    ``GRAD_STATS``): the full-resolution dL/dy is never written.
     """
     K_TOTAL: tl.constexpr = KH * KW * CIN_P
     K_BLOCKS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
@@ -633,7 +646,12 @@ def conv_wgrad_kernel(
                           PRO_MEAN, PRO_RELU)
         g_off = rm.to(tl.int64)[:, None] * C_OUT + cn[None, :]
         g_ok = m_ok[:, None] & n_ok[None, :]
-        if A_GRAM:  # the Gram column's right operand is A itself; it reads no dL/dy
+        if POOL_GRAD:
+            tl.static_assert(GRAD_STATS and STAT_SCALE and not WRITE_DY and not DGRAD)
+            t3 = rm // Q
+            g = max_pool_grad(dy_ptr, pool_code_ptr, t3 // P, t3 % P, rm - t3 * Q, m_ok, cn, n_ok, PP, PQ, C_OUT,
+                              POOL_K, POOL_STRIDE, POOL_PAD, BLOCK_M, BLOCK_N)
+        elif A_GRAM:  # the Gram column's right operand is A itself; it reads no dL/dy
             g = tl.where(n_b == N_BLOCKS, a.to(dy_ptr.dtype.element_ty),
                          tl.load(dy_ptr + g_off, mask=g_ok & (n_b < N_BLOCKS), other=0.0))
         else:

@@ -508,6 +508,10 @@ def conv_weight_grad(
     stat_sq: Optional[Tensor] = None,
     input_sums: bool = False,
     write_dy: bool = True,
+    pool_code: Optional[Tensor] = None,
+    pool_kernel: int = 1,
+    pool_stride: int = 1,
+    pool_padding: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """``(dW, dy')``: dL/dW (fp32, ``weight``'s shape) of
     ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
@@ -531,12 +535,19 @@ def conv_weight_grad(
     ``A^T A`` and sums ``s``, which the kernel takes on the side (its ``A_GRAM``). Without ``write_dy`` (no input gradient to come) dy' is
     not written either, and the second result is empty.
 
+    With ``pool_code`` (a ResNet stem: ``max_pool2d(relu(bn(y)))`` follows the
+    conv, ``aru::bn_relu_maxpool`` wrote the codes) ``dy`` is the pooled output's
+    gradient: the gradient behind the ReLU is gathered from it as it is loaded
+    (then ``stat_c * g + stat_a + stat_b * (y - stat_mean)``, all three needed,
+    and ``stat_y``), and dL/dy is never written (``write_dy`` off).
+
     Each split of the pixel sum writes its own slab of whole pack blocks; the
     slabs are added in a fixed order (deterministic) and the diagonal blocks,
     the real groups, kept.
     """
     cout, cin_g, kh, kw = weight.shape
     _check_input_sums(input_sums, weight, stride, padding, groups)
+    _check_pool_grad(pool_code, dy, stat_y, stat_c, write_dy)
     conv = plan_conv(x.shape, weight.shape, dy.dtype, stride=stride, padding=padding, dilation=dilation,
                      groups=groups, has_prologue=in_scale is not None)
     gram = _gram_term(input_sums, stat_y, stat_a, stat_b, stat_sq, weight)
@@ -567,7 +578,9 @@ def conv_weight_grad(
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
         asum_ptr=asum, WRITE_DY=write_dy and not input_sums, A_SUMS=input_sums, gram_ptr=gram_part, A_GRAM=gram,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
-        num_warps=plan.num_warps,
+        num_warps=plan.num_warps, pool_code_ptr=pool_code, POOL_GRAD=pool_code is not None,
+        **({} if pool_code is None else dict(PP=dy.shape[2], PQ=dy.shape[3], POOL_K=pool_kernel,
+                                             POOL_STRIDE=pool_stride, POOL_PAD=pool_padding)),
     )
     if input_sums:
         dy_out = asum.sum(0)  # fixed-order reduction over the splits
@@ -618,6 +631,22 @@ def _check_input_sums(input_sums: bool, weight: Tensor, stride: int, padding: in
                          f"groups={groups}")
 
 
+def _check_pool_grad(pool_code: Optional[Tensor], dy: Tensor, stat_y: Optional[Tensor], stat_c: Optional[Tensor],
+                     write_dy: bool) -> None:
+    if pool_code is None:
+        return
+    if stat_y is None or stat_c is None or write_dy:
+        raise ValueError("conv_weight_grad: a pooled gradient (pool_code) needs stat_y, stat_a, stat_b and stat_c, "
+                         f"and write_dy=False; got stat_y={'set' if stat_y is not None else None}, "
+                         f"stat_c={'set' if stat_c is not None else None}, write_dy={write_dy}")
+    n, c = stat_y.shape[:2]
+    if (tuple(pool_code.shape) != (n, dy.shape[2], dy.shape[3], c) or pool_code.dtype != torch.int8
+            or tuple(dy.shape[:2]) != (n, c)):
+        raise ValueError(f"conv_weight_grad: the pooled gradient [N, C, P, Q] and its int8 codes [N, P, Q, C] "
+                         f"must match y {tuple(stat_y.shape)}; got {tuple(dy.shape)} and {pool_code.dtype} "
+                         f"{tuple(pool_code.shape)}")
+
+
 def _weight_grad_second(x: Tensor, dy: Tensor, folded: bool, input_sums: bool) -> Tensor:
     """The second result of :func:`conv_weight_grad`, allocated."""
     if input_sums:
@@ -628,8 +657,10 @@ def _weight_grad_second(x: Tensor, dy: Tensor, folded: bool, input_sums: bool) -
 @conv_weight_grad.register_fake
 def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups,
                            in_relu, stat_y=None, stat_mean=None, stat_a=None, stat_b=None, stat_c=None,
-                           stat_sq=None, input_sums=False, write_dy=True):
+                           stat_sq=None, input_sums=False, write_dy=True, pool_code=None, pool_kernel=1, pool_stride=1,
+                           pool_padding=0):
     _check_input_sums(input_sums, weight, stride, padding, groups)
+    _check_pool_grad(pool_code, dy, stat_y, stat_c, write_dy)
     _gram_term(input_sums, stat_y, stat_a, stat_b, stat_sq, weight)
     return (torch.empty(weight.shape, dtype=torch.float32, device=weight.device),
             _weight_grad_second(x, dy, stat_y is not None and write_dy, input_sums))

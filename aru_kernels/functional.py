@@ -22,6 +22,7 @@ from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_de
 from .block_ops import ConvBN, ResidualBlocksTrain
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
 from .plans import out_size
+from .stem_ops import StemTrain
 from .sync_bn import SyncConvBatchStats, synchronized
 
 __all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "bn_relu_maxpool", "residual_block_train",
@@ -325,6 +326,42 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
             if c.running_mean is not None:
                 c.running_mean.copy_(new_mean)
                 c.running_var.copy_(new_var)
+    return out
+
+
+def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
+               op: str = "stem_train") -> Tensor:
+    """A ResNet stem in training, ``max_pool2d(relu(bn(conv(x))), kernel_size, stride,
+    padding)`` (``conv`` a :class:`ConvBN`, its batch norm with batch statistics), as one
+    autograd node whose backward never writes the full-resolution dL/dy: the conv's
+    weight gradient gathers it from the pooled gradient (:mod:`aru_kernels.stem_ops`).
+    Same result, gradients and running statistics as :func:`conv_bn_train` followed by
+    :func:`bn_relu_maxpool`; ``x`` (the images) takes no gradient and must not need one.
+    Returns a channels_last tensor."""
+    conv = ConvBN(*conv)
+    (x,) = _autocast(x)
+    check_activation(x, "x", op)
+    if x.requires_grad:
+        raise ValueError(f"{op}: x takes no gradient here (the images); it requires one")
+    geometry = _conv_args(op, x, conv.weight, conv.stride, conv.padding, conv.dilation)
+    check_conv_inputs(x, conv.weight, stride=geometry[0], padding=geometry[1], dilation=geometry[2],
+                      groups=int(conv.groups))
+    _check_running(op, conv.running_mean, conv.running_var, conv.num_batches_tracked, conv.momentum)
+    window = tuple(single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
+                                                         (padding, "padding")))
+    n, _, h, w = x.shape
+    kh, kw = conv.weight.shape[2:]
+    if n * out_size(h, kh, *geometry) * out_size(w, kw, *geometry) == 1:
+        _one_value_per_channel((n, conv.weight.shape[0], 1, 1))
+    if conv.running_mean is not None and conv.num_batches_tracked is not None:
+        conv.num_batches_tracked.add_(1)
+    config = (*geometry, int(conv.groups), None if conv.momentum is None else float(conv.momentum), float(conv.eps),
+              window)
+    out, new_mean, new_var = StemTrain.apply(config, x, *conv.tensors())
+    if conv.running_mean is not None:
+        with torch.no_grad():
+            conv.running_mean.copy_(new_mean)
+            conv.running_var.copy_(new_var)
     return out
 
 

@@ -10,9 +10,10 @@ buffer, which the ReLU's and batch norm's backward read again. Here:
   one, as PyTorch picks it; a NaN wins, the last one as in PyTorch), or -1
   where the ReLU passes no gradient (the maximum is ``<= 0``);
 * ``bn_relu_maxpool_backward_kernel`` gathers, for each input pixel, the
-  gradient of the windows whose maximum it is, and writes dL/dy with the
-  per-channel sums that batch norm's scale, shift and mean gradients need
-  (per tile, added in a fixed order).
+  gradient of the windows whose maximum it is (:mod:`aru_kernels.pool_window`),
+  and writes dL/dy with the per-channel sums that batch norm's scale, shift
+  and mean gradients need (per tile, added in a fixed order); or the sums
+  alone, for a stem whose conv weight gradient gathers the same gradient.
 
 Windows are square (``K`` wide, stride ``STRIDE``, padding ``PAD`` of
 -infinity), no dilation, floor mode: ``nn.MaxPool2d``'s defaults.
@@ -30,6 +31,7 @@ from .bn_ops import rows
 from .conv import _relu
 from .launch import launch
 from .plans import elementwise_blocks
+from .pool_window import max_pool_grad
 
 __all__ = ["pool_size", "bn_relu_maxpool", "bn_relu_maxpool_backward"]
 
@@ -84,6 +86,7 @@ def bn_relu_maxpool_backward_kernel(
     H, W, P, Q, C, T,
     K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    WRITE_DY: tl.constexpr = True,  # else the sums alone (the conv's weight gradient gathers g itself)
 ):
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -93,23 +96,12 @@ def bn_relu_maxpool_backward_kernel(
     t = rm // W
     h = t % H
     n = t // H
-    WIN: tl.constexpr = (K + STRIDE - 1) // STRIDE  # windows covering a pixel, per axis
-    g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(WIN):  # the windows in PyTorch's order: rows, then columns, ascending
-        oh = (h + PAD) // STRIDE - (WIN - 1) + i
-        dh = h + PAD - oh * STRIDE
-        for j in tl.static_range(WIN):
-            ow = (w + PAD) // STRIDE - (WIN - 1) + j
-            dw = w + PAD - ow * STRIDE
-            win = (rm < M) & (oh >= 0) & (oh < P) & (dh < K) & (ow >= 0) & (ow < Q) & (dw < K)
-            ok = win[:, None] & c_ok[None, :]  # whole rows, so that the loads stay vectors
-            off = ((n * P + oh) * Q + ow).to(tl.int64)[:, None] * C + rc[None, :]
-            mine = tl.load(code_ptr + off, mask=ok, other=-1).to(tl.int32) == (dh * K + dw)[:, None]
-            g += tl.where(mine, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
+    g = max_pool_grad(dout_ptr, code_ptr, n, h, w, rm < M, rc, c_ok, P, Q, C, K, STRIDE, PAD, BLOCK_M, BLOCK_C)
     ok = (rm < M)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
     yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
-    tl.store(dy_ptr + off, (g * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
+    if WRITE_DY:
+        tl.store(dy_ptr + off, (g * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
     tl.store(part_ptr + pid_m * C + rc, tl.sum(g, axis=0), mask=c_ok)
     tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(g * yc, axis=0), mask=c_ok)
 
@@ -164,27 +156,28 @@ def _bn_relu_maxpool_fake(y, mean, scale, shift, kernel_size, stride, padding):
 
 @torch.library.custom_op("aru::bn_relu_maxpool_backward", mutates_args=())
 def bn_relu_maxpool_backward(dout: Tensor, code: Tensor, y: Tensor, mean: Tensor, scale: Tensor,
-                             kernel_size: int, stride: int, padding: int) -> tuple[Tensor, Tensor]:
+                             kernel_size: int, stride: int, padding: int,
+                             write_dy: bool = True) -> tuple[Tensor, Tensor]:
     """``(dy, sums)``: dL/dy of :func:`bn_relu_maxpool` from dL/dout (channels_last) and its
     ``code``, and the per-channel sums ``[2, C]`` of g and g*(y - mean), g the gradient
-    behind the ReLU (dL/dy = scale*g)."""
+    behind the ReLU (dL/dy = scale*g). Without ``write_dy`` the sums alone (``dy`` empty)."""
     c, h, w = y.shape[1:]
     m = rows(y)
     block_m, block_c = elementwise_blocks(c)
     tiles = triton.cdiv(m, block_m)
-    dy = torch.empty_like(y, memory_format=torch.channels_last)
+    dy = _bn_relu_maxpool_backward_fake(dout, code, y, mean, scale, kernel_size, stride, padding, write_dy)[0]
     part = torch.zeros((2, tiles, c), dtype=torch.float32, device=y.device)
     if m and c:
         launch(bn_relu_maxpool_backward_kernel, (tiles, triton.cdiv(c, block_c)),
                dout, code, y, mean, scale, dy, part, m, h, w, dout.shape[2], dout.shape[3], c, tiles,
                K=kernel_size, STRIDE=stride, PAD=padding, BLOCK_M=block_m, BLOCK_C=block_c,
-               role="bn_relu_maxpool_bwd")
+               WRITE_DY=write_dy, role="bn_relu_maxpool_bwd")
     return dy, part.sum(1)  # fixed-order reduction over tiles
 
 
 @bn_relu_maxpool_backward.register_fake
-def _bn_relu_maxpool_backward_fake(dout, code, y, mean, scale, kernel_size, stride, padding):
-    return (torch.empty_like(y, memory_format=torch.channels_last),
+def _bn_relu_maxpool_backward_fake(dout, code, y, mean, scale, kernel_size, stride, padding, write_dy=True):
+    return (torch.empty_like(y, memory_format=torch.channels_last) if write_dy else y.new_empty(0),
             torch.empty((2, y.shape[1]), dtype=torch.float32, device=y.device))
 
 

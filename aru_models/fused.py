@@ -47,7 +47,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
-from aru_kernels import ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, residual_blocks_train
+from aru_kernels import (ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, residual_blocks_train,
+                         stem_train)
 from aru_kernels.sync_bn import synchronized
 
 __all__ = ["resnet_forward", "block_forward", "layers_forward", "layer_forward", "parts_forward", "stem_forward",
@@ -399,12 +400,18 @@ def _fusable_pool(pool: nn.Module | None) -> bool:
 def stem_forward(pairs, x: Tensor, pool: nn.Module | None = None) -> Tensor:
     """``pool(relu(bn(conv(...))))`` for each (conv, bn) of ``pairs`` in turn: a stem,
     then its max-pool when given. In training, the last batch norm, its ReLU and an
-    ``nn.MaxPool2d`` run as one pass (:func:`aru_kernels.bn_relu_maxpool`)."""
+    ``nn.MaxPool2d`` run as one pass (:func:`aru_kernels.bn_relu_maxpool`); a stem of
+    one conv whose input takes no gradient is one autograd node with it
+    (:func:`aru_kernels.stem_train`)."""
     x = x.contiguous(memory_format=torch.channels_last)
     modes = {_uses_batch_stats(bn) for _, bn in pairs}
     if len(modes) > 1:
         raise NotImplementedError("impl='fused' needs a stem's batch norms all in training or all in eval mode")
     if modes == {True}:
+        if len(pairs) == 1 and _fusable_pool(pool) and not x.requires_grad and not _synced(pairs[0][1]):
+            # one node: its backward never writes the full-resolution gradient
+            return stem_train(x, _conv_bn_tuple(*pairs[0]), kernel_size=pool.kernel_size, stride=pool.stride,
+                              padding=pool.padding)
         y, prologue = x, None
         for conv, bn in pairs:
             y, *prologue = conv_bn_batch_stats(conv, bn, y, prologue)

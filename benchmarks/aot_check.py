@@ -64,10 +64,12 @@ class StepRecorder(TorchDispatchMode):
         kwargs = kwargs or {}
         name = func.overloadpacket.__name__
         if func.namespace == "aru":
-            with recording() as launches:
+            inner = StepRecorder()  # the torch ops of the implementation (fixed-order reductions of partials ...)
+            with recording() as launches, inner:
                 _implementation(func)(*args, **kwargs)
-            self.launches += launches
-            self.bytes_by_op[f"aru::{name}"] += sum(aot.launch_bytes(x) for x in launches)
+            self.launches += launches + inner.launches
+            self.bytes_by_op[f"aru::{name}"] += (sum(aot.launch_bytes(x) for x in launches)
+                                                 + sum(inner.bytes_by_op.values()))
             return func(*args, **kwargs)
         out = func(*args, **kwargs)
         if func.is_view or name in _NO_TRAFFIC:

@@ -393,9 +393,10 @@ def test_static_cost_model_of_a_training_step(tmp_path):
             "total_floor_ms", "floor_img_per_s", "traffic"} <= set(report)
     rows = report["kernels"]
     # the statistics' gradient is folded into the weight-gradient launch: no pass of its own
-    # (and a 1x1 conv's two gradients are one launch where its outputs fit one block: wgrad_dgrad)
+    # (and a 1x1 conv's two gradients are one launch where its outputs fit one block: wgrad_dgrad;
+    # the last block end takes the head's average pool: bn_add_relu_pool)
     assert {r["pass"] for r in rows} == {"fwd", "dgrad", "wgrad", "wgrad_dgrad", "bn_finalize", "bn_add_relu",
-                                         "bn_add_relu_bwd"}
+                                         "bn_add_relu_pool", "bn_add_relu_bwd"}
     for r in rows:
         assert set(r) == KERNEL_ROW, sorted(set(r) ^ KERNEL_ROW)
         assert r["dyn_instr_per_warp"] > 0 and r["floor_us"] == max(r["issue_floor_us"], r["dram_floor_us"])

@@ -600,6 +600,44 @@ def test_bn_relu_maxpool_matches_float64(device, k, s, p, h, w):
         assert_close(a.grad, e.grad, torch.float32, what=f"gradient of {name}")
 
 
+STEMS = [(7, 2, 3, 3, 2, 1, 19, 15), (3, 1, 1, 2, 2, 0, 9, 12)]  # conv k, s, p; pool k, s, p; h, w
+
+
+@pytest.mark.parametrize("ck,cs,cp,k,s,p,h,w", STEMS, ids=["7x7s2_pool3s2", "3x3s1_pool2s2"])
+def test_stem_train_matches_float64(device, ck, cs, cp, k, s, p, h, w):
+    """``aru_kernels.stem_train``: conv, batch norm, ReLU, max-pool as one node whose
+    weight gradient gathers dL/dy from the pooled gradient (never written): output,
+    the gradients of the weight and the batch norm's vectors, running statistics,
+    against float64 autograd through the operators one at a time."""
+    n, cin, cout = 2, 3, 20  # 20 channels: a partial channel block
+    x = channels_last(torch.randn(n, cin, h, w, device=device))
+    weight = _leaf(torch.randn(cout, cin, ck, ck, device=device) / (cin * ck * ck) ** 0.5)
+    gamma, beta = _leaf(torch.rand(cout, device=device) + 0.5), _leaf(torch.randn(cout, device=device))
+    state = _bn_state(cout, device)
+    ours = {key: v.clone() for key, v in state.items()}
+    exact = {key: v.clone().double() if v.is_floating_point() else v.clone() for key, v in state.items()}
+    conv = aru_kernels.ConvBN(weight, gamma, beta, ours["running_mean"], ours["running_var"],
+                              ours["num_batches_tracked"], cs, cp, 1, 1, 0.1, 1e-5)
+    with OpLog() as log:
+        out = aru_kernels.stem_train(x, conv, kernel_size=k, stride=s, padding=p)
+    wd, gd, bd = _d(weight), _d(gamma), _d(beta)
+    y = ref.conv_bn(x.double(), wd, gd, bd, exact["running_mean"], exact["running_var"],
+                    exact["num_batches_tracked"], training=True, momentum=0.1, stride=cs, padding=cp, relu=True)
+    out_ref = torch.nn.functional.max_pool2d(y, k, s, p)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, out_ref, torch.float32, what="pooled output")
+    g = torch.randn_like(out_ref)
+    with OpLog() as log:
+        grads = torch.autograd.grad(out, [weight, gamma, beta], g.float())
+    assert "aru.conv_input_grad" not in log.ops and log.shapes[log.ops.index("aru.bn_relu_maxpool_backward")][0] == (0,)
+    for name, a, e in zip(["weight", "bn weight", "bn bias"], grads, torch.autograd.grad(out_ref, [wd, gd, bd], g)):
+        assert_close(a, e, torch.float32, what=f"gradient of the {name}")
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        assert_close(ours[key].double(), exact[key].double(), torch.float32, what=key)
+    with pytest.raises(ValueError, match="x takes no gradient here"):
+        aru_kernels.stem_train(_leaf(x), conv)
+
+
 def test_bn_relu_maxpool_ties_nan_and_code(device):
     """Ties go to the window's first maximum and a NaN to its last, as PyTorch's
     max-pool routes them; ``code`` is -1 exactly where the pooled value is <= 0."""
