@@ -559,7 +559,7 @@ def conv_weight_grad(
         elif folded and write_dy and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
             dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b, stat_c, stat_sq))
         return torch.zeros(weight.shape, dtype=torch.float32, device=x.device), dy_out
-    plan = plan_wgrad(conv, x.device, gram=gram)
+    plan = plan_wgrad(conv, x.device, gram=gram, gathered=pool_code is not None)
     gp, packs, taps = conv.gp, conv.packs, kh * kw
     part = torch.empty((plan.splits, packs, plan.k_total, conv.cout_p), dtype=torch.float32, device=x.device)
     asum = torch.empty((plan.splits, plan.k_total), dtype=torch.float32, device=x.device) if input_sums else part

@@ -432,13 +432,15 @@ class WgradPlan:
 WGRAD_GRAM_MAX_CHANNELS = 128
 
 
-def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False) -> WgradPlan:
+def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathered: bool = False) -> WgradPlan:
     """Weight-gradient tiles of ``conv`` (a forward plan): tensor-core tiles
     (64 or 128 rows of k, up to 128 output channels), the pixel sum split so
     that about four programs per multiprocessor run. With ``gram`` (a 1x1
     convolution of at most :data:`WGRAD_GRAM_MAX_CHANNELS` inputs per pack) all of
     k is one block and the blocks of N are as wide, for the column of programs
-    that computes ``A^T A``."""
+    that computes ``A^T A``. With ``gathered`` (dL/dy gathered from a max-pool's
+    gradient as it is loaded) all of k is one block where it fits: the gather runs
+    once per pixel block, not once per block of k."""
     k_total = conv.kh * conv.kw * conv.cin_p
     cap = 256 if _large_blocks() else 128
     block_k = min(cap, max(MIN_DOT, _next_pow2(k_total)))
@@ -453,7 +455,7 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False) -> Wgra
     if block_k > 64 and k_total % block_k and not _large_blocks():
         block_k = 64  # taps x channels that a larger block would pad by more than it saves
     block_n = min(cap, max(MIN_DOT, _next_pow2(conv.cout_p)))
-    if (not conv.has_prologue and conv.cin_p >= MIN_DOT and k_total <= 256
+    if (not conv.has_prologue and (conv.cin_p >= MIN_DOT or gathered) and k_total <= 256
             and _next_pow2(k_total) * block_n <= 16384):
         # All of k in one block: each dy tile (and the statistics term added to it) is
         # loaded once per pixel block. With the input read by asynchronous copies the
