@@ -462,7 +462,9 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         # padding costs little: ResNeXt-50's stage-1 grouped 3x3 (k = 9 x 16 padded to
         # 256), sm_90 issue floor 340 -> 190 us against blocks of 64.
         block_k = _next_pow2(k_total)
-    block_m = 256 if _large_blocks() else 64
+    # a gathered dL/dy (4 max-pool windows an element) holds more registers: 32 pixels, no
+    # spill (ResNet stem, sm_90, triton 3.6: 64 pixels spill 168 bytes, 563 -> 545 us of issue)
+    block_m = 256 if _large_blocks() else 32 if gathered else 64
     warps = 8 if block_k * block_n >= 128 * 128 else 4
     plan = WgradPlan(conv, block_m, block_k, block_n, 1, warps)
     return replace(plan, splits=_wgrad_splits(plan, device))

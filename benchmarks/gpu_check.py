@@ -27,7 +27,8 @@ finished cleanly, 1 otherwise.
 
 Without CUDA the same steps run in a CPU mode that checks the script itself
 in a minute: GPU tests skipped, resnet18 at 16x16 with the fused kernels in
-Triton's interpreter, and ``tune.py --dry-run`` on resnext29_tiny.
+Triton's interpreter, and ``tune.py --dry-run`` on resnext29_tiny (the re-run
+after it: inference, no layers).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     steps_ok.append(rc == 0 and not timed_out)
     print(f"\ntuning: {'finished' if steps_ok[-1] else 'FAILED or TIMED OUT'}\n", flush=True)
 
-    steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_tuned.json", "fused", layers=True,
+    steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_tuned.json", "fused", layers=on_gpu,
                               on_gpu=on_gpu, tag=f"{tag}_tuned", share=1.0))
     print(f"gpu check took {time.monotonic() - start:.0f} s")
     return 0 if tests_ok and all(steps_ok) else 1
@@ -171,7 +172,9 @@ def main(argv: list[str] | None = None) -> int:
 def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, on_gpu: bool, tag: str,
               share: float) -> bool:
     """One benchmarks/run.py call within ``share`` of the budget left; True when it finished cleanly."""
-    bench = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--mode", "both", "--impl", impls,
+    # (on CPU the re-run after tuning checks the plumbing only: inference, no layers)
+    mode = "both" if on_gpu or layers else "infer"
+    bench = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--mode", mode, "--impl", impls,
              "--json", str(json_path), "--layers" if layers else "--no-layers"]
     if on_gpu:
         optional = ["timm:seresnext50_32x4d"] if importlib.util.find_spec("timm") else []  # where timm is installed

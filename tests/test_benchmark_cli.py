@@ -104,16 +104,17 @@ def test_from_json_reprints_without_measuring(cpu_run, run_py, capsys):
 def test_fused_rows_and_a_wrong_result_exits_nonzero(run_py, tmp_path, monkeypatch, capsys):
     """Fused model and layer rows through the interpreter (in-process: the test
     session runs it); a layer whose fused result is planted wrong is marked in
-    the JSON, measured nothing, and the run exits 1."""
+    the JSON, measured nothing, and the run exits 1. (The training rows run in
+    ``test_gpu_protocol_cpu_mode``.)"""
     real = run_py.GroupedConvLayer.fused
     monkeypatch.setattr(run_py.GroupedConvLayer, "fused", lambda layer: real(layer) * 1.5)
     out = tmp_path / "fused.json"
-    code = run_py.main(["--impl", "eager,fused", "--model", "resnet18", "--mode", "both", "--img-size", "16",
+    code = run_py.main(["--impl", "eager,fused", "--model", "resnet18", "--mode", "infer", "--img-size", "16",
                         "--warmup", "0", "--iters", "1", "--json", str(out)])
     assert code == 1, capsys.readouterr().out
     data = json.loads(out.read_text())
     fused_models = [r for r in data["models"] if r["impl"] == "fused"]
-    assert [r["mode"] for r in fused_models] == ["infer", "train"]
+    assert [r["mode"] for r in fused_models] == ["infer"]
     for row in fused_models:  # the models' path is untouched: measured and right
         assert row["img_per_s"] > 0 and not row["failed"] and row["note"] == "", row
     fused_layers = [r for r in data["layers"] if r["impl"] == "fused"]
