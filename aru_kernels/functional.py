@@ -316,17 +316,27 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
         h, w, c_in = h_out, w_out, chain[-1].weight.shape[0]
         layout.append((tuple(configs), downsample is not None))
         everything += convs
-    for c in everything:
-        if c.running_mean is not None and c.num_batches_tracked is not None:
-            c.num_batches_tracked.add_(1)
+    _count_batch(everything)
     out, *running = ResidualBlocksTrain.apply(tuple(layout), bool(pool), x,
                                               *(t for c in everything for t in c.tensors()))
+    _update_running(everything, running)
+    return out
+
+
+def _count_batch(convs) -> None:
+    """``num_batches_tracked += 1`` for each batch norm that keeps running statistics."""
+    for c in convs:
+        if c.running_mean is not None and c.num_batches_tracked is not None:
+            c.num_batches_tracked.add_(1)
+
+
+def _update_running(convs, running) -> None:
+    """Copy a node's new running means and variances (``running``: mean, var per conv) in place."""
     with torch.no_grad():
-        for c, new_mean, new_var in zip(everything, running[0::2], running[1::2]):
+        for c, new_mean, new_var in zip(convs, running[0::2], running[1::2]):
             if c.running_mean is not None:
                 c.running_mean.copy_(new_mean)
                 c.running_var.copy_(new_var)
-    return out
 
 
 def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
@@ -353,15 +363,11 @@ def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
     kh, kw = conv.weight.shape[2:]
     if n * out_size(h, kh, *geometry) * out_size(w, kw, *geometry) == 1:
         _one_value_per_channel((n, conv.weight.shape[0], 1, 1))
-    if conv.running_mean is not None and conv.num_batches_tracked is not None:
-        conv.num_batches_tracked.add_(1)
+    _count_batch([conv])
     config = (*geometry, int(conv.groups), None if conv.momentum is None else float(conv.momentum), float(conv.eps),
               window)
-    out, new_mean, new_var = StemTrain.apply(config, x, *conv.tensors())
-    if conv.running_mean is not None:
-        with torch.no_grad():
-            conv.running_mean.copy_(new_mean)
-            conv.running_var.copy_(new_var)
+    out, *running = StemTrain.apply(config, x, *conv.tensors())
+    _update_running([conv], running)
     return out
 
 
