@@ -41,12 +41,14 @@ class GpuProfile:
     sms: int
     clock_GHz: float
     copy_TBps: float  # measured device-to-device copy bandwidth (read + write)
+    max_shared_bytes: int  # shared memory one block may have (opt-in); a kernel needing more does not launch
 
     def to_json(self) -> dict:
-        return {"sms": self.sms, "clock_GHz": self.clock_GHz, "copy_TBps": self.copy_TBps}
+        return {"sms": self.sms, "clock_GHz": self.clock_GHz, "copy_TBps": self.copy_TBps,
+                "max_shared_bytes": self.max_shared_bytes}
 
 
-H200 = GpuProfile("NVIDIA H200", sms=132, clock_GHz=1.98, copy_TBps=4.144)
+H200 = GpuProfile("NVIDIA H200", sms=132, clock_GHz=1.98, copy_TBps=4.144, max_shared_bytes=232448)  # 227 KiB
 
 _SCHEDULERS_PER_SM = 4
 

@@ -578,7 +578,7 @@ def conv_weight_grad(
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
         asum_ptr=asum, WRITE_DY=write_dy and not input_sums, A_SUMS=input_sums, gram_ptr=gram_part, A_GRAM=gram,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
-        num_warps=plan.num_warps, pool_code_ptr=pool_code, POOL_GRAD=pool_code is not None,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, pool_code_ptr=pool_code, POOL_GRAD=pool_code is not None,
         **({} if pool_code is None else dict(PP=dy.shape[2], PQ=dy.shape[3], POOL_K=pool_kernel,
                                              POOL_STRIDE=pool_stride, POOL_PAD=pool_padding)),
     )

@@ -146,7 +146,7 @@ def pointwise_conv_grads(
         part_c_ptr=sums[2] if end_id is not None else part,
         DGRAD=True, HAS_RESIDUAL=residual is not None, END_BWD=end, END_ID=end_id is not None,
         role="wgrad_dgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
-        num_warps=plan.num_warps,
+        num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
     dw = part.sum(0)[0].t().reshape(c_out, c_in, 1, 1).contiguous()  # fixed-order sum over the splits
     if not (end or pro):

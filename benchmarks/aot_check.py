@@ -148,6 +148,10 @@ def kernel_rows(launches: list[Launch], arch: int, gpu: aot.GpuProfile) -> tuple
         if isinstance(report, str):
             rows.append({**row, "error": report})
             continue
+        if report.shared_bytes > gpu.max_shared_bytes:  # Triton refuses the launch (OutOfResources)
+            errors.append(f"{first.kernel.fn.__name__} {first.role} {first.meta.get('conv')}: needs "
+                          f"{report.shared_bytes} bytes of shared memory, over the {gpu.max_shared_bytes} "
+                          f"a block may have on {gpu.name}: it would not launch")
         issue, dram = report.floors(first, gpu)
         rows.append({**row, "registers": report.registers, "spill_bytes": report.spill_bytes,
                      "shared_bytes": report.shared_bytes, "hgmma": report.hgmma, "hmma": report.hmma,

@@ -373,6 +373,40 @@ def test_static_report_counts_each_launch_loop_trips():
     assert report.with_trips([7]).with_trips([2, 2]).dyn_instr_per_warp == 100 + 10 + 4
 
 
+_WIDEST_POINTWISE_GRADS = """
+import sys, torch
+sys.path.insert(0, "benchmarks")
+import aot_check
+from aru_kernels import aot
+from aru_kernels.launch import recording
+from aru_kernels.pointwise_ops import pointwise_conv_grads
+cl, v = torch.channels_last, torch.empty(256, device="meta")
+x = torch.empty(2, 128, 4, 4, dtype=torch.bfloat16, device="meta").contiguous(memory_format=cl)
+dy = torch.empty(2, 256, 4, 4, dtype=torch.bfloat16, device="meta").contiguous(memory_format=cl)
+w, u = torch.empty(256, 128, 1, 1, dtype=torch.bfloat16, device="meta"), torch.empty(128, device="meta")
+with recording() as launches:  # the widest block of outputs, with the input's batch-norm prologue
+    pointwise_conv_grads._init_fn(x, dy, w, dy, v, v, v, in_mean=u, in_scale=u, in_shift=u, in_relu=True)
+rows, errors = aot_check.kernel_rows(launches, 90, aot.H200)
+print(rows[0]["shared_bytes"], aot.H200.max_shared_bytes)
+for e in errors:
+    print(e)
+"""
+
+
+@pytest.mark.slow
+def test_widest_pointwise_gradients_fit_shared_memory():
+    """A 1x1 convolution's one-launch gradients at 256 outputs (the widest, ResNeXt-50's
+    stage-1 conv3), compiled for sm_90 as the JIT would: the block's shared memory fits
+    the 227 KiB an H200 block may have, so it launches (a three-deep pipeline did not)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _WIDEST_POINTWISE_GRADS], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    shared, limit = map(int, lines[0].split())
+    assert 0 < shared <= limit and lines[1:] == [], proc.stdout
+
+
 @pytest.mark.slow
 def test_static_cost_model_of_a_training_step(tmp_path):
     """benchmarks/aot_check.py on CPU: every kernel a training step of resnext29_tiny
