@@ -26,7 +26,7 @@ what it measured. Exit status: 0 when the tests passed and every step
 finished cleanly, 1 otherwise.
 
 Without CUDA the same steps run in a CPU mode that checks the script itself
-in a minute: GPU tests skipped, resnet18 at 16x16 with the fused kernels in
+in a minute: GPU tests skipped, resnext29_tiny at 16x16 with the fused kernels in
 Triton's interpreter, and ``tune.py --dry-run`` on resnext29_tiny (the re-run
 after it: inference, no layers).
 """
@@ -181,7 +181,7 @@ def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, 
         bench += ["--model", "resnext50_32x4d", "resnet50", *optional, "--batch-size", "256", "--img-size", "224",
                   "--dtype", "bfloat16", "--channels-last", "--warmup", "5", "--iters", "10"]
     else:  # the script itself, in a minute: the fused kernels run in the interpreter
-        bench += ["--model", "resnet18", "--img-size", "16", "--warmup", "0", "--iters", "1", "--interpret"]
+        bench += ["--model", "resnext29_tiny", "--img-size", "16", "--warmup", "0", "--iters", "1", "--interpret"]
     left = (args.budget - (time.monotonic() - start)) * share
     bench += ["--time-limit", str(max(left - _ROW_MARGIN_S, 0))]
     rc, timed_out = run_logged(bench, args.outdir / f"benchmark_{tag}.log", max(left, 1))

@@ -109,7 +109,7 @@ def test_fused_rows_and_a_wrong_result_exits_nonzero(run_py, tmp_path, monkeypat
     real = run_py.GroupedConvLayer.fused
     monkeypatch.setattr(run_py.GroupedConvLayer, "fused", lambda layer: real(layer) * 1.5)
     out = tmp_path / "fused.json"
-    code = run_py.main(["--impl", "eager,fused", "--model", "resnet18", "--mode", "infer", "--img-size", "16",
+    code = run_py.main(["--impl", "eager,fused", "--model", "resnext29_tiny", "--mode", "infer", "--img-size", "16",
                         "--warmup", "0", "--iters", "1", "--json", str(out)])
     assert code == 1, capsys.readouterr().out
     data = json.loads(out.read_text())

@@ -37,16 +37,21 @@ def randomize_norms(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     return model
 
 
+# A quarter of ResNeXt-50's widths: 8 groups of 4, 8, 16 and 32 channels in the four stages
+# (ResNeXt-50's group widths, so every stage takes its packing of groups), 64 to 512 outputs.
+NARROW = dict(channels=(16, 32, 64, 128), cardinality=8, base_width=16)
+
+
 def plain_resnext(**kwargs):
     from timm.models.resnet import Bottleneck, ResNet
 
-    return ResNet(block=Bottleneck, layers=[1, 1, 1, 1], cardinality=32, base_width=4, **kwargs)
+    return ResNet(block=Bottleneck, layers=[1, 1, 1, 1], stem_width=32, **NARROW, **kwargs)
 
 
 def seresnext26d(**kwargs):
     """Squeeze-excitation, the deep stem and the average-pool downsample in one small model
     (one block a stage: every kind of block the 26-layer model has, at half its depth)."""
-    return timm.create_model("seresnext26d_32x4d", pretrained=False, **{"layers": (1, 1, 1, 1), **kwargs})
+    return timm.create_model("seresnext26d_32x4d", pretrained=False, **{"layers": (1, 1, 1, 1), **NARROW, **kwargs})
 
 
 def fpn_body():
