@@ -469,14 +469,14 @@ def conv_input_grad_block_end(
     plan, dz = _block_end_grad_buffers(dy, weight, stride, padding, dilation, groups, residual, relu_mask, end_y,
                                        end_id)
     c = dz.shape[1]
-    part = torch.empty((3, plan.partial_tiles, c), dtype=torch.float32, device=dy.device)
-    if end_id is None:
-        part[2].zero_()
-    _launch(plan, dy, weight, dz, part_a=part[0], part_b=part[1], part_c=part[2], residual=residual,
+    planes = 3 if end_id is not None else 2  # the third only with end_id (no zero plane written and read)
+    part = torch.empty((planes, plan.partial_tiles, c), dtype=torch.float32, device=dy.device)
+    _launch(plan, dy, weight, dz, part_a=part[0], part_b=part[1], part_c=part[planes - 1], residual=residual,
             end_mask=relu_mask, end_y=end_y, end_mean=end_mean, end_id=end_id, end_id_mean=end_id_mean)
     if dz.numel() == 0:
         return dz, torch.zeros((3, c), dtype=torch.float32, device=dy.device)
-    return dz, part.sum(1)  # fixed-order reduction over tiles
+    sums = part.sum(1)  # fixed-order reduction over tiles
+    return dz, sums if end_id is not None else torch.cat((sums, sums.new_zeros((1, c))))
 
 
 @conv_input_grad_block_end.register_fake
