@@ -152,11 +152,11 @@ def _block_end_input(y, ok, off, ch, ch_ok, rows, row_ok, byte0, write, in_mean_
 
 
 @triton.jit
-def _prologue_grad_epilogue(g, x, off, ok, ch, ch_ok, part_off, out_ptr, mean_ptr, scale_ptr, shift_ptr, part_a_ptr,
-                            part_b_ptr, PRO_MEAN: tl.constexpr, PRO_RELU: tl.constexpr):
+def _prologue_grad_epilogue(g, x, off, ok, ch, ch_ok, out_ptr, mean_ptr, scale_ptr, shift_ptr,
+                            PRO_MEAN: tl.constexpr, PRO_RELU: tl.constexpr):
     """Store dL/dx = s * dL/da behind a forward prologue ``a = relu?(s*(x - mu) + b)``,
-    from ``g`` = dL/da (fp32) and the tile of x (channels ``ch``, NHWC offsets ``off``),
-    and at ``part_off`` the per-tile sums of dL/db and dL/db * (x - mu), i.e. dL/ds."""
+    from ``g`` = dL/da (fp32) and the tile of x (channels ``ch``, NHWC offsets ``off``);
+    return the tile's sums of dL/db and dL/db * (x - mu), i.e. dL/ds, per channel."""
     xc = x.to(tl.float32)
     if PRO_MEAN:
         xc = xc - tl.load(mean_ptr + ch, mask=ch_ok, other=0.0)[None, :]
@@ -165,22 +165,24 @@ def _prologue_grad_epilogue(g, x, off, ok, ch, ch_ok, part_off, out_ptr, mean_pt
         pre = s * xc + tl.load(shift_ptr + ch, mask=ch_ok, other=0.0)[None, :]
         g = tl.where(pre <= 0, 0.0, g)  # a NaN pre-activation passes the gradient, as torch.relu's does
     g = tl.where(ok, g, 0.0)
-    tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=ch_ok)  # -> dL/db
-    tl.store(part_b_ptr + part_off, tl.sum(g * xc, axis=0), mask=ch_ok)  # -> dL/ds
     tl.store(out_ptr + off, (g * s).to(out_ptr.dtype.element_ty), mask=ok)
+    return tl.sum(g, axis=0), tl.sum(g * xc, axis=0)  # -> dL/db, dL/ds
 
 
 @triton.jit
-def _input_grad_epilogue(g, off, ok, rows, row_ok, ch, ch_ok, byte0, part_off, out_ptr, res_ptr, end_mask_ptr,
-                         end_y_ptr, end_mean_ptr, end_id_ptr, end_id_mean_ptr, part_a_ptr, part_b_ptr, part_c_ptr,
+def _input_grad_epilogue(g, off, ok, rows, row_ok, ch, ch_ok, byte0, out_ptr, res_ptr, end_mask_ptr,
+                         end_y_ptr, end_mean_ptr, end_id_ptr, end_id_mean_ptr,
                          C, HAS_RESIDUAL: tl.constexpr, END_BWD: tl.constexpr, END_ID: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     """Store an input-gradient tile ``g`` = dL/dx (fp32, rows ``rows``, channels ``ch``;
     ``off`` their NHWC offsets), plus ``res_ptr``'s tile with ``HAS_RESIDUAL``. With
     ``END_BWD`` x was a residual block's output ``relu(bn(y_end) + identity')``: store
-    dz behind its ReLU instead (mask bits at ``byte0``), and the per-tile sums its batch
-    norms' gradients take, of dz, dz * (y_end - mean) and (``END_ID``) dz * (y_d - mean_d),
-    at ``part_off``."""
+    dz behind its ReLU instead (mask bits at ``byte0``), and return the tile's sums its
+    batch norms' gradients take, per channel: of dz, dz * (y_end - mean) and (``END_ID``)
+    dz * (y_d - mean_d). (Zeros for the sums not taken.)"""
+    s_a = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    s_b = s_a
+    s_c = s_a
     if HAS_RESIDUAL:
         g += tl.load(res_ptr + off, mask=ok, other=0.0).to(tl.float32)
     if END_BWD:
@@ -188,13 +190,14 @@ def _input_grad_epilogue(g, off, ok, rows, row_ok, ch, ch_ok, byte0, part_off, o
         g = tl.where(keep & ok, g, 0.0)
         yc = (tl.load(end_y_ptr + off, mask=ok, other=0.0).to(tl.float32)
               - tl.load(end_mean_ptr + ch, mask=ch_ok, other=0.0)[None, :])
-        tl.store(part_a_ptr + part_off, tl.sum(g, axis=0), mask=ch_ok)
-        tl.store(part_b_ptr + part_off, tl.sum(g * yc, axis=0), mask=ch_ok)
+        s_a = tl.sum(g, axis=0)
+        s_b = tl.sum(g * yc, axis=0)
         if END_ID:
             ic = (tl.load(end_id_ptr + off, mask=ok, other=0.0).to(tl.float32)
                   - tl.load(end_id_mean_ptr + ch, mask=ch_ok, other=0.0)[None, :])
-            tl.store(part_c_ptr + part_off, tl.sum(g * ic, axis=0), mask=ch_ok)
+            s_c = tl.sum(g * ic, axis=0)
     tl.store(out_ptr + off, g.to(out_ptr.dtype.element_ty), mask=ok)
+    return s_a, s_b, s_c
 
 
 @triton.jit
@@ -454,12 +457,18 @@ def conv_bn_act_kernel(
         g = acc
         if GRAM:
             g += tl.load(acc_bias_ptr + co, mask=n_ok, other=0.0)[None, :]
-        _prologue_grad_epilogue(g, tl.load(res_ptr + out_off, mask=ok, other=0.0), out_off, ok, co, n_ok, part_off,
-                                out_ptr, mean_ptr, scale_ptr, shift_ptr, part_a_ptr, part_b_ptr, PRO_MEAN, PRO_RELU)
+        s_a, s_b = _prologue_grad_epilogue(g, tl.load(res_ptr + out_off, mask=ok, other=0.0), out_off, ok, co,
+                                           n_ok, out_ptr, mean_ptr, scale_ptr, shift_ptr, PRO_MEAN, PRO_RELU)
+        tl.store(part_a_ptr + part_off, s_a, mask=n_ok)
+        tl.store(part_b_ptr + part_off, s_b, mask=n_ok)
     elif END_BWD:  # groups = 1: one pack, co = n0 + rn
-        _input_grad_epilogue(acc, out_off, ok, out_row, m_ok, co, n_ok, n0 // 8, part_off, out_ptr, res_ptr,
-                             end_mask_ptr, end_y_ptr, end_mean_ptr, end_id_ptr, end_id_mean_ptr, part_a_ptr,
-                             part_b_ptr, part_c_ptr, C_OUT, HAS_RESIDUAL, True, END_ID, BLOCK_M, BLOCK_N)
+        s_a, s_b, s_c = _input_grad_epilogue(acc, out_off, ok, out_row, m_ok, co, n_ok, n0 // 8, out_ptr, res_ptr,
+                                             end_mask_ptr, end_y_ptr, end_mean_ptr, end_id_ptr, end_id_mean_ptr,
+                                             C_OUT, HAS_RESIDUAL, True, END_ID, BLOCK_M, BLOCK_N)
+        tl.store(part_a_ptr + part_off, s_a, mask=n_ok)
+        tl.store(part_b_ptr + part_off, s_b, mask=n_ok)
+        if END_ID:
+            tl.store(part_c_ptr + part_off, s_c, mask=n_ok)
     else:
         y = acc
         if HAS_MEAN:
@@ -537,7 +546,7 @@ def conv_wgrad_kernel(
     res_ptr=None,  # [N, H, W, C_IN] another gradient of x, added (HAS_RESIDUAL)
     end_mask_ptr=None, end_y_ptr=None, end_mean_ptr=None,  # the input's block end (END_BWD, as conv_bn_act_kernel)
     end_id_ptr=None, end_id_mean_ptr=None,  # (END_ID)
-    # [M / BLOCK_M, C_IN] fp32 out: per-tile sums (END_BWD; with a prologue, its backward's)
+    # [SPLITS, C_IN] fp32 out: per-split sums (END_BWD; with a prologue, its backward's)
     part_a_ptr=None, part_b_ptr=None, part_c_ptr=None,
     DGRAD: tl.constexpr = False,
     HAS_RESIDUAL: tl.constexpr = False,
@@ -580,8 +589,8 @@ def conv_wgrad_kernel(
     formed: dy' (with the statistics term) is never written and read back.
     The epilogue is the input-gradient launch's (``HAS_RESIDUAL``,
     ``END_BWD``, ``END_ID`` as in ``conv_bn_act_kernel``, or with a prologue
-    its backward, ``PRO_BWD``'s), its per-tile sums by tiles of ``BLOCK_M``
-    pixels.
+    its backward, ``PRO_BWD``'s); its sums are kept over the program's pixel
+    blocks, in order, and written once per split.
 
     With ``POOL_GRAD`` (a ResNet stem: this conv, its batch norm, a ReLU, a
     max-pool) the dy tile is gathered from the pooled gradient and the pool's
@@ -623,6 +632,9 @@ def conv_wgrad_kernel(
         # W[n, k] for this k block, read once: the input gradient's right operand
         wt = tl.load(w_ptr + cn[:, None] * sw_o + ci[None, :] * sw_i, mask=n_ok[:, None] & k_ok[None, :],
                      other=0.0).to(dy_ptr.dtype.element_ty)
+    d_a = tl.zeros((BLOCK_K,), dtype=tl.float32)  # DGRAD: this split's sums of its epilogue, in pixel order
+    d_b = d_a
+    d_c = d_a
     m_start = split * M_PER_SPLIT
     for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
@@ -680,14 +692,23 @@ def conv_wgrad_kernel(
             else:
                 da = tl.dot(g, wt, input_precision=INPUT_PRECISION)
             if HAS_PROLOGUE:  # dL/da behind the forward prologue, from the x tile loaded above
-                _prologue_grad_epilogue(da, x_tile, row[:, None] + col[None, :], ok, ci, k_ok,
-                                        (m0 // BLOCK_M) * C_IN + ci, dx_ptr, in_mean_ptr, in_scale_ptr, in_shift_ptr,
-                                        part_a_ptr, part_b_ptr, PRO_MEAN, PRO_RELU)
+                t_a, t_b = _prologue_grad_epilogue(da, x_tile, row[:, None] + col[None, :], ok, ci, k_ok, dx_ptr,
+                                                   in_mean_ptr, in_scale_ptr, in_shift_ptr, PRO_MEAN, PRO_RELU)
+                d_a += t_a
+                d_b += t_b
             else:
-                _input_grad_epilogue(da, row[:, None] + col[None, :], ok, rm, m_ok, ci, k_ok, k_b * (BLOCK_K // 8),
-                                     (m0 // BLOCK_M) * C_IN + ci, dx_ptr, res_ptr, end_mask_ptr, end_y_ptr,
-                                     end_mean_ptr, end_id_ptr, end_id_mean_ptr, part_a_ptr, part_b_ptr, part_c_ptr,
-                                     C_IN, HAS_RESIDUAL, END_BWD, END_ID, BLOCK_M, BLOCK_K)
+                t_a, t_b, t_c = _input_grad_epilogue(da, row[:, None] + col[None, :], ok, rm, m_ok, ci, k_ok,
+                                                     k_b * (BLOCK_K // 8), dx_ptr, res_ptr, end_mask_ptr, end_y_ptr,
+                                                     end_mean_ptr, end_id_ptr, end_id_mean_ptr, C_IN, HAS_RESIDUAL,
+                                                     END_BWD, END_ID, BLOCK_M, BLOCK_K)
+                d_a += t_a
+                d_b += t_b
+                d_c += t_c
+    if DGRAD and (HAS_PROLOGUE or END_BWD):  # one row of sums per split, added in a fixed order by the launcher
+        tl.store(part_a_ptr + split * C_IN + ci, d_a, mask=k_ok)
+        tl.store(part_b_ptr + split * C_IN + ci, d_b, mask=k_ok)
+        if END_ID:
+            tl.store(part_c_ptr + split * C_IN + ci, d_c, mask=k_ok)
     slab = part_ptr + (split * (C_OUT // COUT_P) + pack).to(tl.int64) * (K_TOTAL * COUT_P)
     if A_GRAM:
         if n_b == N_BLOCKS:

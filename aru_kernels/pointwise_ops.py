@@ -124,7 +124,7 @@ def pointwise_conv_grads(
     dx = nhwc_empty(x.shape, x)
     end = relu_mask is not None
     planes = 3 if end_id is not None else 2  # the third, dz*(end_id - end_id_mean), only with end_id
-    sums = torch.empty((planes, -(-m // plan.block_m), c_in), **f32) if end or pro else part
+    sums = torch.empty((planes, plan.splits, c_in), **f32) if end or pro else part  # one row a split
 
     def vec(v):
         return part if v is None else v.float().contiguous()
@@ -151,7 +151,7 @@ def pointwise_conv_grads(
     dw = part.sum(0)[0].t().reshape(c_out, c_in, 1, 1).contiguous()  # fixed-order sum over the splits
     if not (end or pro):
         return dw, dx, x.new_empty(0, dtype=torch.float32)
-    sums = sums.sum(1)  # fixed-order reduction over the tiles
+    sums = sums.sum(1)  # fixed-order reduction over the splits
     if end and end_id is None:
         sums = torch.cat((sums, sums.new_zeros((1, c_in))))
     return dw, dx, sums
