@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 
-import torch
-
 __all__ = ["Launch", "launch", "recording"]
 
 
@@ -47,23 +45,9 @@ def recording():
         _records = previous
 
 
-# The kernels address a tensor with 32-bit element offsets (the conv kernels widen some, not all).
-MAX_ELEMENTS = 2**31 - 1
-
-
 def launch(kernel, grid, *args, role: str, meta: dict | None = None, num_warps: int = 4, num_stages: int = 3,
            **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)``, or a record of it under :func:`recording`.
-
-    Raises ``ValueError`` for a tensor argument of more than :data:`MAX_ELEMENTS`
-    elements, whose offsets would wrap (ResNet stage 1 at 224x224 from a batch of
-    about 2,600 images), rather than compute a wrong result."""
-    for a in (*args, *kwargs.values()):
-        if isinstance(a, torch.Tensor) and a.numel() > MAX_ELEMENTS:
-            name = getattr(getattr(kernel, "fn", kernel), "__name__", "kernel")
-            raise ValueError(f"{name}: a tensor argument of shape {tuple(a.shape)} has {a.numel()} elements; "
-                             f"the kernels take at most {MAX_ELEMENTS} (2**31 - 1) per tensor, as they index "
-                             f"with 32-bit offsets. Run a smaller batch (or split it).")
+    """``kernel[grid](*args, **kwargs)``, or a record of it under :func:`recording`."""
     grid = tuple(int(g) for g in grid)
     if _records is not None:
         named = dict(zip(kernel.arg_names, args))

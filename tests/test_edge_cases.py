@@ -157,29 +157,6 @@ def test_empty_batch_forward_and_backward(device):
     assert torch.equal(weight.grad, torch.zeros_like(weight)), "an empty batch has a zero weight gradient"
 
 
-def test_tensors_past_32_bit_offsets_are_refused():
-    """A tensor of more than 2**31 - 1 elements (ResNet stage 1 at 224x224 from a batch
-    of about 2,600) is refused, saying why, before any kernel would index it with
-    wrapped 32-bit offsets; one element less passes (meta tensors: nothing runs)."""
-    from aru_kernels.launch import MAX_ELEMENTS, recording
-    from aru_kernels.pointwise_ops import pointwise_conv_grads
-
-    def grads(h):  # a 1x1 conv's gradients, 64 -> 128 channels, one image of h x 4096 pixels
-        x = torch.empty(1, 64, h, 4096, dtype=torch.bfloat16, device="meta").contiguous(
-            memory_format=torch.channels_last)
-        dy = torch.empty(1, 128, h, 4096, dtype=torch.bfloat16, device="meta").contiguous(
-            memory_format=torch.channels_last)
-        w, v = torch.empty(128, 64, 1, 1, dtype=torch.bfloat16, device="meta"), torch.empty(128, device="meta")
-        with recording() as launches:
-            pointwise_conv_grads._init_fn(x, dy, w, dy, v, v, v)
-        return launches
-
-    rows = MAX_ELEMENTS // (128 * 4096)  # dL/dy, the largest tensor, at most MAX_ELEMENTS
-    assert len(grads(rows)) == 1
-    with pytest.raises(ValueError, match=r"at most 2147483647 \(2\*\*31 - 1\) per tensor.*32-bit offsets"):
-        grads(rows + 1)
-
-
 def test_zero_input_channels(device):
     """F.conv2d's backward takes no input channels: dx and dW are empty."""
     x = leaf(cl(torch.randn(2, 0, 4, 4, device=device)))
