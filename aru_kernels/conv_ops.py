@@ -30,7 +30,8 @@ from .plans import WGRAD_GRAM_MAX_CHANNELS, ConvPlan, plan_conv, plan_wgrad
 from .runtime import interpreting
 
 __all__ = ["conv_bn_act_into", "image_statistics", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
-           "conv_input_grad_block_end", "conv_weight_grad", "conv_grads", "nhwc", "nhwc_empty", "tile_partials"]
+           "conv_input_grad_block_end", "conv_weight_grad", "conv_grads", "nhwc", "nhwc_empty", "tile_partials",
+           "block_end_sums"]
 
 
 def nhwc(t: Tensor) -> Tensor:
@@ -46,6 +47,12 @@ def tile_partials(plan: ConvPlan, like: Tensor) -> tuple[Tensor, Tensor]:
     shape = (plan.partial_tiles, plan.c_out)
     return (torch.empty(shape, dtype=torch.float32, device=like.device),
             torch.empty(shape, dtype=torch.float32, device=like.device))
+
+
+def block_end_sums(sums: Tensor) -> Tensor:
+    """A block end's ``[3, C]`` sums from the reduced planes: without a downsample
+    branch only two were taken, and the third, dz*(end_id - end_id_mean), is zero."""
+    return sums if sums.shape[0] == 3 else torch.cat((sums, sums.new_zeros((1, sums.shape[1]))))
 
 
 def _f32(v: Optional[Tensor], fallback: Tensor) -> Tensor:
@@ -471,12 +478,12 @@ def conv_input_grad_block_end(
     c = dz.shape[1]
     planes = 3 if end_id is not None else 2  # the third only with end_id (no zero plane written and read)
     part = torch.empty((planes, plan.partial_tiles, c), dtype=torch.float32, device=dy.device)
-    _launch(plan, dy, weight, dz, part_a=part[0], part_b=part[1], part_c=part[planes - 1], residual=residual,
-            end_mask=relu_mask, end_y=end_y, end_mean=end_mean, end_id=end_id, end_id_mean=end_id_mean)
+    _launch(plan, dy, weight, dz, part_a=part[0], part_b=part[1], part_c=part[2] if end_id is not None else None,
+            residual=residual, end_mask=relu_mask, end_y=end_y, end_mean=end_mean, end_id=end_id,
+            end_id_mean=end_id_mean)
     if dz.numel() == 0:
         return dz, torch.zeros((3, c), dtype=torch.float32, device=dy.device)
-    sums = part.sum(1)  # fixed-order reduction over tiles
-    return dz, sums if end_id is not None else torch.cat((sums, sums.new_zeros((1, c))))
+    return dz, block_end_sums(part.sum(1))  # fixed-order reduction over tiles
 
 
 @conv_input_grad_block_end.register_fake

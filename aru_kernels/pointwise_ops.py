@@ -23,7 +23,8 @@ from torch import Tensor
 from . import conv as _conv
 from .bn_ops import relu_mask_shape
 from .checks import check_activation, check_vector
-from .conv_ops import conv_geometry, conv_input_grad, conv_input_grad_block_end, conv_weight_grad, nhwc_empty
+from .conv_ops import (block_end_sums, conv_geometry, conv_input_grad, conv_input_grad_block_end,
+                       conv_weight_grad, nhwc_empty)
 from .launch import launch
 from .plans import POINTWISE_GRADS_MAX_N, input_precision, plan_conv, plan_pointwise_grads, pointwise_grads_fuse
 from .runtime import interpreting
@@ -152,9 +153,7 @@ def pointwise_conv_grads(
     if not (end or pro):
         return dw, dx, x.new_empty(0, dtype=torch.float32)
     sums = sums.sum(1)  # fixed-order reduction over the splits
-    if end and end_id is None:
-        sums = torch.cat((sums, sums.new_zeros((1, c_in))))
-    return dw, dx, sums
+    return dw, dx, block_end_sums(sums) if end else sums
 
 
 @pointwise_conv_grads.register_fake
