@@ -31,6 +31,14 @@ tensors. Here:
 
 Batch-norm vector gradients are formed here from the kernels' per-channel
 sums, by the formulas autograd applies on the one-conv-at-a-time path.
+
+The node holds its blocks' activations itself, not through
+``save_for_backward`` (which would keep every block's until the whole
+node's backward ends), and frees each block's as its backward passes it:
+the step's peak is then about what the forward leaves for the backward.
+With ``retain_graph=True`` nothing is freed; under saved-tensor hooks
+(``save_on_cpu``, non-reentrant checkpointing) or ``torch.compile`` they
+go through ``save_for_backward`` as before.
 """
 
 from __future__ import annotations
@@ -206,7 +214,18 @@ class ResidualBlocksTrain(torch.autograd.Function):
         ctx.layout, ctx.pool = layout, pool
         # weight, bn weight and bn bias of each conv (not the running statistics: updated in place)
         params = [t for i in range(0, len(tensors), PER_CONV) for t in tensors[i:i + 3]]
-        ctx.save_for_backward(*inputs, *(t for e in ends for t in e), *params, *saved)
+        if _holds_privately():
+            # The activations are this node's own (no other tensor views them): held here, block by
+            # block, so that the backward frees each block's as soon as it is through it.
+            ctx.save_for_backward(x, *params)
+            ctx.held, first = [], 0
+            for b, (configs, _) in enumerate(layout):
+                n = len(configs) * 6  # (y, mean, invstd, scale, shift, a) per conv
+                ctx.held.append((None if b == 0 else inputs[b], ends[b], tuple(saved[first:first + n])))
+                first += n
+        else:
+            ctx.save_for_backward(*inputs, *(t for e in ends for t in e), *params, *saved)
+            ctx.held = None
         ctx.mark_non_differentiable(*running)
         return (h, *running)
 
@@ -214,16 +233,27 @@ class ResidualBlocksTrain(torch.autograd.Function):
     def backward(ctx, dout, *_running):
         layout = ctx.layout
         blocks = len(layout)
-        flat = ctx.saved_tensors
-        inputs, flat = flat[:blocks], flat[blocks:]
-        ends = [_BlockEnd(*flat[5 * b:5 * (b + 1)]) for b in range(blocks)]
-        flat = flat[5 * blocks:]
         n_convs = sum(len(configs) for configs, _ in layout)
-        params, saved = flat[:3 * n_convs], flat[3 * n_convs:]
-        end = ends[-1]
+        flat = ctx.saved_tensors
+        if ctx.held is not None:
+            params = flat[1:]
+            # Freed block by block unless the graph is kept for another backward.
+            store = ctx.held if not _keeps_graph() else list(ctx.held)
+            store[0] = (flat[0], *store[0][1:])
+        else:
+            inputs, flat = flat[:blocks], flat[blocks:]
+            ends, flat = [_BlockEnd(*flat[5 * b:5 * (b + 1)]) for b in range(blocks)], flat[5 * blocks:]
+            params, saved = flat[:3 * n_convs], flat[3 * n_convs:]
+            store, first = [], 0
+            for b, (configs, _) in enumerate(layout):
+                store.append((inputs[b], ends[b], saved[first * 6:(first + len(configs)) * 6]))
+                first += len(configs)
+        flat = None
+        end = store[-1][1]
         dout = dout.to(end.y.dtype)
         dz, sums = torch.ops.aru.bn_add_relu_grad_sums(dout if ctx.pool else nhwc(dout), end.relu_mask, end.y,
                                                        end.mean, end.yd, end.md, pooled=ctx.pool)
+        end = None
         first = n_convs
         block_grads = [None] * blocks
         dx = None
@@ -231,14 +261,33 @@ class ResidualBlocksTrain(torch.autograd.Function):
             configs, has_ds = layout[b]
             first -= len(configs)
             convs = [params[(first + i) * 3:(first + i + 1) * 3] for i in range(len(configs))]
-            per = [saved[(first + i) * 6:(first + i + 1) * 6] for i in range(len(configs))]
-            prev = ends[b - 1] if b > 0 else None
+            x, _, saved = store[b]
+            per = [saved[i * 6:(i + 1) * 6] for i in range(len(configs))]
+            prev = store[b - 1][1] if b > 0 else None
             need_dx = b > 0 or ctx.needs_input_grad[2]
-            block_grads[b], dx, sums_prev = _block_backward(configs, has_ds, inputs[b], convs, per, dz, sums,
-                                                             prev, need_dx)
+            block_grads[b], dx, sums_prev = _block_backward(configs, has_ds, x, convs, per, dz, sums, prev, need_dx)
+            store[b] = x = saved = per = prev = None  # this block's activations (held privately: freed here)
             dz, sums = dx, sums_prev
         flat_grads = [t for g in block_grads for conv in g for t in conv]
         return (None, None, dx if ctx.needs_input_grad[2] else None, *flat_grads)
+
+
+def _holds_privately() -> bool:
+    """Whether :class:`ResidualBlocksTrain` may hold its activations itself rather than
+    through ``save_for_backward``: not while saved-tensor hooks are set (e.g.
+    ``torch.autograd.graph.save_on_cpu``, non-reentrant checkpointing), which must see
+    them, nor while ``torch.compile`` traces (which manages saved tensors itself)."""
+    if torch.compiler.is_compiling():
+        return False
+    top_hooks = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top_hooks is not None and top_hooks(False) is None
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``): then saved
+    activations must outlive it."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if keep is None else bool(keep())
 
 
 def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, sums: Tensor,

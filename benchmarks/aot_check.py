@@ -14,7 +14,9 @@ step, their sum as milliseconds and as images/s (an H200's figures: 132 SMs
 at 1.98 GHz, 4.144 TB/s measured copy bandwidth). It also counts the bytes
 each dispatched op of the step touches, for ``impl="eager"`` and
 ``impl="fused"`` (each op's tensor operands once; views and tensors taken only
-for their shape excluded; a fused op counts what its kernels read and write).
+for their shape excluded; a fused op counts what its kernels read and write),
+and the peak of the bytes held by the tensors the step creates (activations,
+saved tensors, gradients; the parameters and input excluded).
 
 Exits non-zero if a kernel fails to compile.
 """
@@ -33,6 +35,7 @@ if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET", "0") == "1":
     os.environ["TRITON_INTERPRET"] = "0"
 
 import torch  # noqa: E402
+from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves  # noqa: E402
 
@@ -52,13 +55,28 @@ _OUTPUT_ONLY = {"zeros", "ones", "full", "zeros_like", "ones_like", "full_like",
 
 class StepRecorder(TorchDispatchMode):
     """Records the kernel launches of aru:: operators (by running their
-    implementation on the meta tensors under :func:`recording`) and the bytes
-    each dispatched op touches."""
+    implementation on the meta tensors under :func:`recording`), the bytes
+    each dispatched op touches, and the peak of the bytes held by tensors the
+    step creates (activations, what autograd or an operator keeps for the
+    backward, gradients: not the parameters or the input, made before it; an
+    operator's temporaries inside its own implementation are not seen)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.launches: list[Launch] = []
         self.bytes_by_op: Counter = Counter()
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}  # storage -> (weak reference, bytes)
+        self.peak_bytes = 0  # the most bytes of storages alive at once after an op
+
+    def _track(self, out) -> None:
+        """Add the storages ``out`` created, drop those no tensor holds any more, update the peak."""
+        self.live = {k: v for k, v in self.live.items() if not v[0].expired()}  # (an address may be reused)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                storage = t.untyped_storage()
+                if storage._cdata not in self.live:
+                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
+        self.peak_bytes = max(self.peak_bytes, sum(n for _, n in self.live.values()))
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -67,11 +85,14 @@ class StepRecorder(TorchDispatchMode):
             inner = StepRecorder()  # the torch ops of the implementation (fixed-order reductions of partials ...)
             with recording() as launches, inner:
                 _implementation(func)(*args, **kwargs)
-            self.launches += launches + inner.launches
+            self.launches += _stand_ins(launches + inner.launches)
             self.bytes_by_op[f"aru::{name}"] += (sum(aot.launch_bytes(x) for x in launches)
                                                  + sum(inner.bytes_by_op.values()))
-            return func(*args, **kwargs)
+            out = func(*args, **kwargs)
+            self._track(out)
+            return out
         out = func(*args, **kwargs)
+        self._track(out)
         if func.is_view or name in _NO_TRAFFIC:
             return out
         tensors = {}
@@ -81,6 +102,20 @@ class StepRecorder(TorchDispatchMode):
                 tensors[id(t)] = t.numel() * t.element_size()
         self.bytes_by_op[f"aten::{name}"] += sum(tensors.values())
         return out
+
+
+def _stand_ins(launches: list[Launch]) -> list[Launch]:
+    """``launches``, each tensor argument replaced by a new meta tensor of its shape, strides
+    and dtype (the same one where launches share a tensor): a record must not hold the
+    step's tensors, or the memory count would never see them freed."""
+    memo: dict[int, torch.Tensor] = {}
+    for launch in launches:
+        for name, v in launch.args.items():
+            if isinstance(v, torch.Tensor):
+                if id(v) not in memo:
+                    memo[id(v)] = torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta")
+                launch.args[name] = memo[id(v)]
+    return launches
 
 
 def _implementation(op):
@@ -192,6 +227,9 @@ def print_table(report: dict) -> None:
           f"({t['fused_GB'] / t['eager_GB']:.2f}x)")
     for op, gb in sorted(t["by_op"]["fused"].items(), key=lambda kv: -kv[1])[:8]:
         print(f"  fused {op:40s} {gb:8.2f} GB")
+    m = report["memory"]
+    print(f"peak of the tensors the step creates: eager {m['eager_peak_GiB']:.2f} GiB, fused {m['fused_peak_GiB']:.2f} GiB "
+          f"({m['fused_peak_GiB'] / max(m['eager_peak_GiB'], 1e-9):.2f}x)")
 
 
 def static_report(model: str, mode: str, arch: int, batch: int, img: int, dtype_name: str,
@@ -215,6 +253,8 @@ def static_report(model: str, mode: str, arch: int, batch: int, img: int, dtype_
             "by_op": {"eager": {k: round(v * gb, 4) for k, v in eager.bytes_by_op.items()},
                       "fused": {k: round(v * gb, 4) for k, v in fused.bytes_by_op.items()}},
         },
+        "memory": {"eager_peak_GiB": round(eager.peak_bytes / 2**30, 3),
+                   "fused_peak_GiB": round(fused.peak_bytes / 2**30, 3)},
     }
     return report, errors
 

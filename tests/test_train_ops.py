@@ -305,6 +305,46 @@ def test_residual_blocks_train_errors(device):
         aru_kernels.residual_blocks_train(x, [([wide], None), ([conv], None)])
 
 
+def test_residual_blocks_train_second_backward_and_saved_tensor_hooks(device):
+    """The node holds its blocks' activations itself and frees each block's as the
+    backward passes it: a second backward with ``retain_graph=True`` gives the same
+    gradients, one without it raises PyTorch's error, and saved-tensor hooks
+    (``save_on_cpu``, non-reentrant checkpointing) still see every activation."""
+    torch.manual_seed(0)
+
+    def conv_bn(c_in, c_out, k=1, groups=1):
+        return aru_kernels.ConvBN(_leaf(torch.randn(c_out, c_in // groups, k, k, device=device) / (c_in // groups * k * k) ** 0.5),
+                                  _leaf(torch.rand(c_out, device=device) + 0.5), _leaf(torch.randn(c_out, device=device)),
+                                  padding=k // 2, groups=groups)
+
+    x = _leaf(channels_last(torch.randn(2, 8, 5, 4, device=device)))
+    blocks = [([conv_bn(8, 8), conv_bn(8, 8, 3, 4), conv_bn(8, 16)], conv_bn(8, 16)),
+              ([conv_bn(16, 8), conv_bn(8, 8, 3, 4), conv_bn(8, 16)], None)]
+    leaves = [x] + [t for chain, ds in blocks for c in [*chain, *([ds] if ds else [])]
+                    for t in (c.weight, c.bn_weight, c.bn_bias)]
+    g = torch.randn(2, 16, 5, 4, device=device)
+    out = aru_kernels.residual_blocks_train(x, blocks)
+    first = torch.autograd.grad(out, leaves, g, retain_graph=True)
+    again = torch.autograd.grad(out, leaves, g)
+    for i, (a, b) in enumerate(zip(first, again)):
+        assert torch.equal(a, b), f"leaf {i}: the second backward differs"
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(out, leaves, g)
+    packed = []
+
+    def pack(t):
+        packed.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = aru_kernels.residual_blocks_train(x, blocks)
+    hooked = torch.autograd.grad(out, leaves, g)
+    # the activations went through the hook too, not only the input and the parameters
+    assert (2, 8, 5, 4) in packed[len(leaves):] and len(packed) > len(leaves), packed
+    for i, (a, b) in enumerate(zip(first, hooked)):
+        assert torch.equal(a, b), f"leaf {i}: the backward under saved-tensor hooks differs"
+
+
 def test_residual_block_train_errors(device):
     x = channels_last(torch.randn(1, 8, 1, 1, device=device))
     conv = aru_kernels.ConvBN(torch.randn(8, 8, 1, 1, device=device), None, None)
