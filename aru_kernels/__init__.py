@@ -23,8 +23,8 @@ Floors, each importing only the ones below it:
 """
 
 from . import reference
-from .functional import (ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, residual_block_train,
-                         residual_blocks_train, stem_train)
+from .functional import (ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, recompute_normalized_inputs,
+                         residual_block_train, residual_blocks_train, stem_train)
 from .runtime import default_impl, fused_available, interpreting
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "bn_relu_maxpool",
     "residual_block_train",
     "residual_blocks_train",
+    "recompute_normalized_inputs",
     "stem_train",
     "ConvBN",
     "reference",

@@ -19,14 +19,14 @@ from torch import Tensor
 
 # (imported to register the aru:: operators)
 from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth  # noqa: F401
-from .block_ops import ConvBN, ResidualBlocksTrain
+from .block_ops import ConvBN, ResidualBlocksTrain, recompute_normalized_inputs
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
 from .plans import out_size
 from .stem_ops import StemTrain
 from .sync_bn import SyncConvBatchStats, synchronized
 
 __all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "bn_relu_maxpool", "residual_block_train",
-           "residual_blocks_train", "ConvBN"]
+           "residual_blocks_train", "recompute_normalized_inputs", "ConvBN"]
 
 
 def _autocast_on(x: Tensor) -> bool:

@@ -245,8 +245,11 @@ def _block_eval(parts: BlockParts, x: Tensor) -> Tensor:
     if excite is not None and not _drop_path_active(parts):
         # squeeze from the last conv's epilogue, excitation applied in the block's final pass
         z, means = conv_bn(conv, bn, out, squeeze=True)
+        del out  # not held through the block's last pass
         return _add_relu(z, identity, branch_scale=excite(means.to(z.dtype)))
-    return _add_relu(_tail(parts, conv_bn(conv, bn, out)), identity)
+    z = conv_bn(conv, bn, out)
+    del out
+    return _add_relu(_tail(parts, z), identity)
 
 
 def _one_node(parts: BlockParts) -> bool:

@@ -133,8 +133,11 @@ def _implementation(op):
     raise KeyError(f"no implementation found for {op}")
 
 
-def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dtype: torch.dtype) -> StepRecorder:
-    """Run one inference forward or training step (forward + backward) on the meta device."""
+def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dtype: torch.dtype,
+                recompute_normalized: bool = False) -> StepRecorder:
+    """Run one inference forward or training step (forward + backward) on the meta device
+    (the training forward under ``aru_kernels.recompute_normalized_inputs(recompute_normalized)``)."""
+    import aru_kernels
     import aru_models
 
     with torch.device("meta"):
@@ -155,7 +158,9 @@ def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dty
     else:
         model.train()
         with rec:
-            model(x).float().sum().backward()
+            with aru_kernels.recompute_normalized_inputs(recompute_normalized):
+                loss = model(x).float().sum()
+            loss.backward()
     return rec
 
 
@@ -233,18 +238,19 @@ def print_table(report: dict) -> None:
 
 
 def static_report(model: str, mode: str, arch: int, batch: int, img: int, dtype_name: str,
-                  gpu: aot.GpuProfile = aot.H200) -> tuple[dict, list[str]]:
+                  gpu: aot.GpuProfile = aot.H200, recompute_normalized: bool = False) -> tuple[dict, list[str]]:
     import triton
 
     dtype = DTYPES[dtype_name]
-    fused = record_step(model, "fused", mode, batch, img, dtype)
+    fused = record_step(model, "fused", mode, batch, img, dtype, recompute_normalized)
     eager = record_step(model, "eager", mode, batch, img, dtype)
     rows, errors = kernel_rows(fused.launches, arch, gpu)
     total_us = sum(r["launches"] * r.get("floor_us", 0.0) for r in rows)
     gb = 1e-9
     report = {
         "arch": arch, "triton": triton.__version__, "model": model, "mode": mode, "batch_size": batch,
-        "img_size": img, "dtype": dtype_name, "gpu_profile": gpu.to_json(), "kernels": rows,
+        "img_size": img, "dtype": dtype_name, "recompute_normalized": recompute_normalized,
+        "gpu_profile": gpu.to_json(), "kernels": rows,
         "total_floor_ms": round(total_us / 1e3, 6),
         "floor_img_per_s": round(batch / (total_us * 1e-6), 1) if total_us else None,
         "traffic": {
@@ -270,11 +276,14 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--recompute-normalized", action="store_true",
+                    help="the training forward under aru_kernels.recompute_normalized_inputs")
     ap.add_argument("--json", help="write the report here (default: print only)")
     args = ap.parse_args(argv)
     if not hasattr(aru_models, args.model) and not args.model.startswith("timm:"):
         ap.error(f"unknown model {args.model!r}")
-    report, errors = static_report(args.model, args.mode, args.arch, args.batch_size, args.img_size, args.dtype)
+    report, errors = static_report(args.model, args.mode, args.arch, args.batch_size, args.img_size, args.dtype,
+                                   recompute_normalized=args.recompute_normalized)
     print_table(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -19,7 +19,10 @@ In order, within ``--budget`` seconds (default 540):
    share: the conv tiles of both models, written to
    ``aru_kernels/tuned/<gpu>.json`` after every launch;
 5. the fused rows again, with the tuned table ->
-   ``OUTDIR/gpu_check_<gpu>_<date>_tuned.json``.
+   ``OUTDIR/gpu_check_<gpu>_<date>_tuned.json``;
+6. resnext50_32x4d's fused training step under ``--recompute-normalized``
+   (the 3x3s' normalized inputs recomputed by the backward, not held: its
+   speed and peak memory) -> ``OUTDIR/gpu_check_<gpu>_<date>_recompute.json``.
 
 Every step writes its JSON as it goes, so a run stopped at the budget keeps
 what it measured. Exit status: 0 when the tests passed and every step
@@ -28,7 +31,7 @@ finished cleanly, 1 otherwise.
 Without CUDA the same steps run in a CPU mode that checks the script itself
 in a minute: GPU tests skipped, resnext29_tiny at 16x16 with the fused kernels in
 Triton's interpreter, and ``tune.py --dry-run`` on resnext29_tiny (the re-run
-after it: inference, no layers).
+after it: inference, no layers; no step 6).
 """
 
 from __future__ import annotations
@@ -164,14 +167,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\ntuning: {'finished' if steps_ok[-1] else 'FAILED or TIMED OUT'}\n", flush=True)
 
     steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_tuned.json", "fused", layers=on_gpu,
-                              on_gpu=on_gpu, tag=f"{tag}_tuned", share=1.0))
+                              on_gpu=on_gpu, tag=f"{tag}_tuned", share=0.8 if on_gpu else 1.0))
+    if on_gpu:  # the fused training step holding less (aru_kernels.recompute_normalized_inputs): speed and peak
+        steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_recompute.json", "fused",
+                                  layers=False, on_gpu=True, tag=f"{tag}_recompute", share=1.0,
+                                  extra=["--mode", "train", "--model", "resnext50_32x4d", "--recompute-normalized"]))
     print(f"gpu check took {time.monotonic() - start:.0f} s")
     return 0 if tests_ok and all(steps_ok) else 1
 
 
 def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, on_gpu: bool, tag: str,
-              share: float) -> bool:
-    """One benchmarks/run.py call within ``share`` of the budget left; True when it finished cleanly."""
+              share: float, extra: tuple = ()) -> bool:
+    """One benchmarks/run.py call within ``share`` of the budget left (``extra``: arguments
+    that override the defaults here); True when it finished cleanly."""
     # (on CPU the re-run after tuning checks the plumbing only: inference, no layers)
     mode = "both" if on_gpu or layers else "infer"
     bench = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--mode", mode, "--impl", impls,
@@ -183,7 +191,7 @@ def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, 
     else:  # the script itself, in a minute: the fused kernels run in the interpreter
         bench += ["--model", "resnext29_tiny", "--img-size", "16", "--warmup", "0", "--iters", "1", "--interpret"]
     left = (args.budget - (time.monotonic() - start)) * share
-    bench += ["--time-limit", str(max(left - _ROW_MARGIN_S, 0))]
+    bench += ["--time-limit", str(max(left - _ROW_MARGIN_S, 0)), *extra]
     rc, timed_out = run_logged(bench, args.outdir / f"benchmark_{tag}.log", max(left, 1))
     ok = rc == 0 and not timed_out
     state = "finished" if ok else "TIMED OUT (partial results)" if timed_out else f"FAILED (exit status {rc})"

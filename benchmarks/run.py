@@ -39,7 +39,7 @@ implementations there because inductor's CPU compile takes minutes.
 JSON written by ``--json`` (one file, rewritten after every measured row so an
 interrupted run keeps what it measured)::
 
-    {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "copy_TBps",
+    {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "recompute_normalized", "copy_TBps",
      "models": [{"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "failed", "note"}],
      "layers": [{"layer", "impl", "pass", "us", "frac_of_copy_bw", "failed", "note"}]}
 
@@ -138,6 +138,7 @@ class Config:
     iters: int
     seed: int
     deadline: float | None  # time.monotonic() after which no new row starts
+    recompute_normalized: bool = False  # training forwards under aru_kernels.recompute_normalized_inputs
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -484,7 +485,7 @@ class ModelBench:
 
         def train() -> torch.Tensor:
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(cfg):
+            with _autocast(cfg), aru_kernels.recompute_normalized_inputs(cfg.recompute_normalized):
                 loss = F.cross_entropy(model(x), target)
             if scaler is None:
                 loss.backward()
@@ -582,6 +583,7 @@ def run(args: argparse.Namespace, cfg: Config) -> Results:
         "dtype": args.dtype,
         "batch_size": cfg.batch_size,
         "channels_last": cfg.channels_last,
+        "recompute_normalized": cfg.recompute_normalized,
         "copy_TBps": None,
     })
 
@@ -768,6 +770,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              "(default: bfloat16 on GPU, float32 on CPU)")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                         help="channels_last memory format for inputs and weights (default: on)")
+    parser.add_argument("--recompute-normalized", action="store_true",
+                        help="fused training: the backward recomputes the 3x3s' normalized inputs instead of "
+                             "holding them (aru_kernels.recompute_normalized_inputs: less memory, more traffic)")
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
                         help="measure the grouped 3x3 layer table (default: on)")
     parser.add_argument("--warmup", type=int, default=10 if on_gpu else 1,
@@ -810,7 +815,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cfg = Config(device=device, dtype=DTYPES[args.dtype], batch_size=args.batch_size, img_size=args.img_size,
                  channels_last=args.channels_last, warmup=args.warmup, iters=args.iters, seed=args.seed,
-                 deadline=time.monotonic() + args.time_limit if args.time_limit is not None else None)
+                 deadline=time.monotonic() + args.time_limit if args.time_limit is not None else None,
+                 recompute_normalized=args.recompute_normalized)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         if interpreting():

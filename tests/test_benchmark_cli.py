@@ -19,8 +19,8 @@ import pytest
 
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
-TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "copy_TBps",
-             "models", "layers"}
+TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "recompute_normalized",
+             "copy_TBps", "models", "layers"}
 MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "failed", "note"}
 LAYER_ROW = {"layer", "impl", "pass", "us", "frac_of_copy_bw", "failed", "note"}
 LAYERS = {"s1_g32w4", "s2_g32w8", "s3_g32w16", "s4_g32w32"}
@@ -67,7 +67,33 @@ def test_json_top_level_fields(cpu_run):
     assert data["dtype"] == "float32"
     assert data["batch_size"] == 2
     assert data["channels_last"] is True
+    assert data["recompute_normalized"] is False
     assert data["copy_TBps"] > 0
+
+
+def test_recompute_normalized_applies_to_the_training_forward(run_py):
+    """``--recompute-normalized``: the training step's forward runs under
+    ``aru_kernels.recompute_normalized_inputs`` (the backward then recomputes the
+    3x3s' normalized inputs); without it, not."""
+    import torch
+    from aru_kernels import block_ops
+
+    seen = []
+
+    class Probe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(3, run_py.NUM_CLASSES)
+
+        def forward(self, x):
+            seen.append(getattr(block_ops._options, "recompute", False))
+            return self.fc(x.mean((2, 3)))
+
+    for flag in (True, False):
+        cfg = run_py.Config(device=torch.device("cpu"), dtype=torch.float32, batch_size=2, img_size=8,
+                            channels_last=True, warmup=0, iters=1, seed=0, deadline=None, recompute_normalized=flag)
+        run_py.ModelBench("probe", cfg).step(Probe(), "train")()
+        assert seen.pop() is flag
 
 
 def test_json_model_rows(cpu_run):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import aru_kernels
-from aru_kernels import plans
+from aru_kernels import block_ops, plans
 from aru_kernels import reference as ref
 from helpers import OpLog, assert_close, rel_error
 from test_conv_op import GROUPINGS, KERNELS, channels_last
@@ -309,7 +309,8 @@ def test_residual_blocks_train_second_backward_and_saved_tensor_hooks(device):
     """The node holds its blocks' activations itself and frees each block's as the
     backward passes it: a second backward with ``retain_graph=True`` gives the same
     gradients, one without it raises PyTorch's error, and saved-tensor hooks
-    (``save_on_cpu``, non-reentrant checkpointing) still see every activation."""
+    (``save_on_cpu``, non-reentrant checkpointing) still see every activation. Under
+    ``recompute_normalized_inputs`` the gradients are the same, bit for bit."""
     torch.manual_seed(0)
 
     def conv_bn(c_in, c_out, k=1, groups=1):
@@ -343,6 +344,32 @@ def test_residual_blocks_train_second_backward_and_saved_tensor_hooks(device):
     assert (2, 8, 5, 4) in packed[len(leaves):] and len(packed) > len(leaves), packed
     for i, (a, b) in enumerate(zip(first, hooked)):
         assert torch.equal(a, b), f"leaf {i}: the backward under saved-tensor hooks differs"
+    # a backward that stopped half-way (here: an error in the first block's) freed the later
+    # blocks' activations: another one says so
+    out = aru_kernels.residual_blocks_train(x, blocks)
+    real = block_ops._block_backward
+
+    def fails_at_block_0(*args):
+        if args[2].shape == x.shape:  # the first block's input
+            raise MemoryError("planted")
+        return real(*args)
+
+    block_ops._block_backward = fails_at_block_0
+    try:
+        with pytest.raises(MemoryError, match="planted"):
+            torch.autograd.grad(out, leaves, g, retain_graph=False)
+    finally:
+        block_ops._block_backward = real
+    with pytest.raises(RuntimeError, match="freed by an earlier backward"):
+        torch.autograd.grad(out, leaves, g)
+    # the 3x3s' normalized inputs not kept: the backward writes them again, by the same pass
+    with aru_kernels.recompute_normalized_inputs():
+        out = aru_kernels.residual_blocks_train(x, blocks)
+    with OpLog() as log:
+        recomputed = torch.autograd.grad(out, leaves, g)
+    assert log.ops.count("aru.bn_add_relu") == 2  # one per grouped 3x3
+    for i, (a, b) in enumerate(zip(first, recomputed)):
+        assert torch.equal(a, b), f"leaf {i}: the backward with recomputed normalized inputs differs"
 
 
 def test_residual_block_train_errors(device):
