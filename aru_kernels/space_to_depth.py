@@ -11,10 +11,10 @@ vector load a row and tap. The same products are summed, in another order.
 ``space_to_depth_kernel`` builds X' in one pass; the weight's rewrite is a few
 PyTorch ops on a tiny tensor, differentiable, so autograd maps the rewritten
 weight's gradient back to the user's weight. :func:`aru_kernels.conv_bn_act`
-runs such convolutions this way (inference). Training's stem keeps the direct
-convolution: the summation order decides its fp32 rounding, and at the small
-sizes the parity tests use, a training step's gradients amplify that well past
-eager's own error.
+runs such convolutions this way (inference), and so does the training stem
+(:mod:`aru_kernels.stem_ops`), forward and weight gradient, the latter over the
+X' its forward kept (:func:`weight_grad_back` maps dL/dW' back: each weight's
+gradient is one entry of it).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from .launch import launch
 
-__all__ = ["applies", "rewrite", "space_to_depth"]
+__all__ = ["applies", "rewrite", "rewrite_weight", "space_to_depth", "weight_grad_back"]
 
 CHANNELS = 16  # X' channels: 4 * C_in, padded to the tensor-core width
 
@@ -89,10 +89,25 @@ def rewrite(x: Tensor, weight: Tensor, padding: int, out_hw: tuple[int, int]) ->
     """``(X', W')`` for a stride-2 convolution of ``x`` by ``weight`` with ``padding``
     and output size ``out_hw``: the stride-1, unpadded convolution of X' by W'
     gives the same output (module docstring)."""
+    kk = (weight.shape[2] + 1) // 2
+    x2 = torch.ops.aru.space_to_depth(x, padding, out_hw[0] + kk - 1, out_hw[1] + kk - 1)
+    return x2, rewrite_weight(weight)
+
+
+def rewrite_weight(weight: Tensor) -> Tensor:
+    """:func:`rewrite`'s ``W'``: ``W'[o, (a, b, c), u, v] = W[o, c, 2u + a, 2v + b]``."""
     o, c, k = weight.shape[0], weight.shape[1], weight.shape[2]
     kk = (k + 1) // 2
-    x2 = torch.ops.aru.space_to_depth(x, padding, out_hw[0] + kk - 1, out_hw[1] + kk - 1)
     wp = F.pad(weight, (0, 2 * kk - k, 0, 2 * kk - k))  # [O, C, 2kk, 2kk]
     w2 = wp.reshape(o, c, kk, 2, kk, 2).permute(0, 3, 5, 1, 2, 4).reshape(o, 4 * c, kk, kk)
     w2 = F.pad(w2, (0, 0, 0, 0, 0, CHANNELS - 4 * c))
-    return x2, w2.contiguous(memory_format=torch.channels_last)
+    return w2.contiguous(memory_format=torch.channels_last)
+
+
+def weight_grad_back(d_w2: Tensor, weight_shape) -> Tensor:
+    """dL/dW from dL/dW' (``[O, CHANNELS, kk, kk]``, :func:`rewrite`'s ``W'``): each
+    weight is one entry of W', so this is a gather (W's padded taps and channels dropped)."""
+    o, c, k = weight_shape[0], weight_shape[1], weight_shape[2]
+    kk = (k + 1) // 2
+    d = d_w2[:, :4 * c].reshape(o, 2, 2, c, kk, kk).permute(0, 3, 4, 1, 5, 2).reshape(o, c, 2 * kk, 2 * kk)
+    return d[:, :, :k, :k]

@@ -687,6 +687,8 @@ def test_stem_train_matches_float64(device, ck, cs, cp, k, s, p, h, w):
                               ours["num_batches_tracked"], cs, cp, 1, 1, 0.1, 1e-5)
     with OpLog() as log:
         out = aru_kernels.stem_train(x, conv, kernel_size=k, stride=s, padding=p)
+    # a strided stem reads the image as 2x2 pixel blocks (aru_kernels.space_to_depth), built once
+    assert log.ops.count("aru.space_to_depth") == (cs == 2)
     wd, gd, bd = _d(weight), _d(gamma), _d(beta)
     y = ref.conv_bn(x.double(), wd, gd, bd, exact["running_mean"], exact["running_var"],
                     exact["num_batches_tracked"], training=True, momentum=0.1, stride=cs, padding=cp, relu=True)
@@ -697,6 +699,9 @@ def test_stem_train_matches_float64(device, ck, cs, cp, k, s, p, h, w):
     with OpLog() as log:
         grads = torch.autograd.grad(out, [weight, gamma, beta], g.float())
     assert "aru.conv_input_grad" not in log.ops and log.shapes[log.ops.index("aru.bn_relu_maxpool_backward")][0] == (0,)
+    # ... and so does its weight gradient: dL/dW' of the 4x4 stride-1 conv over 16 channels
+    assert "aru.space_to_depth" not in log.ops
+    assert log.shapes[log.ops.index("aru.conv_weight_grad")][0] == ((cout, 16, 4, 4) if cs == 2 else (cout, cin, ck, ck))
     for name, a, e in zip(["weight", "bn weight", "bn bias"], grads, torch.autograd.grad(out_ref, [wd, gd, bd], g)):
         assert_close(a, e, torch.float32, what=f"gradient of the {name}")
     for key in ("running_mean", "running_var", "num_batches_tracked"):
