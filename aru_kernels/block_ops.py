@@ -148,7 +148,7 @@ def recompute_normalized_inputs(enabled: bool = True):
     own, :func:`aru_kernels.plans.normalizes_ahead`): the backward writes them again, by
     the same pass, just before the weight gradient that reads them, and frees them after.
     Same results, bit for bit. Less memory held (resnext50_32x4d at batch 256: 1.8 GiB of
-    the 11.7 its step holds), one more read and write of each such input (3.9 GB a step).
+    the 11.8 its step holds), one more read and write of each such input (3.9 GB a step).
     Like ``torch.no_grad``, it applies to the forwards run inside it, in this thread."""
     previous = getattr(_options, "recompute", False)
     _options.recompute = bool(enabled)
