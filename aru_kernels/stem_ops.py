@@ -11,8 +11,9 @@ weight-gradient launch gathers the gradient behind the ReLU from the pooled
 gradient and the codes as it loads each tile, scaled and with the statistics
 term (``aru::conv_weight_grad``'s ``pool_code``): dL/dy is never written. Where
 the convolution allows, both the forward and that launch read the image as 2x2
-pixel blocks (:mod:`aru_kernels.space_to_depth`), built once by the forward. The stem's input, the image, takes no
-gradient here; a stem whose input needs one runs its operators one at a time.
+pixel blocks (:mod:`aru_kernels.space_to_depth`), built once by the forward.
+The stem's input, the image, takes no gradient here; a stem whose input needs
+one runs its operators one at a time.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 from . import space_to_depth
 from .block_ops import _affine, _bn_grads
 from .bn_ops import rows
-from .plans import out_size
 from .conv_ops import nhwc
+from .plans import out_size
 
 __all__ = ["StemTrain"]
 

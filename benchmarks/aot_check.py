@@ -233,8 +233,8 @@ def print_table(report: dict) -> None:
     for op, gb in sorted(t["by_op"]["fused"].items(), key=lambda kv: -kv[1])[:8]:
         print(f"  fused {op:40s} {gb:8.2f} GB")
     m = report["memory"]
-    print(f"peak of the tensors the step creates: eager {m['eager_peak_GiB']:.2f} GiB, fused {m['fused_peak_GiB']:.2f} GiB "
-          f"({m['fused_peak_GiB'] / max(m['eager_peak_GiB'], 1e-9):.2f}x)")
+    print(f"peak of the tensors the step creates: eager {m['eager_peak_GiB']:.2f} GiB, "
+          f"fused {m['fused_peak_GiB']:.2f} GiB ({m['fused_peak_GiB'] / max(m['eager_peak_GiB'], 1e-9):.2f}x)")
 
 
 def static_report(model: str, mode: str, arch: int, batch: int, img: int, dtype_name: str,
