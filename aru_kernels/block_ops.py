@@ -57,6 +57,7 @@ from .plans import WGRAD_GRAM_MAX_CHANNELS, block_end_fuses, normalizes_ahead, p
 __all__ = ["ConvBN", "ResidualBlocksTrain", "PER_CONV", "recompute_normalized_inputs"]
 
 PER_CONV = 6  # tensors per conv: weight, bn weight, bn bias, running mean, running var, num_batches_tracked
+SAVED_PER_CONV = 6  # what the backward reads per conv: y, mean, invstd, scale, shift, a (the normalized input)
 
 
 class ConvBN(NamedTuple):
@@ -245,7 +246,7 @@ class ResidualBlocksTrain(torch.autograd.Function):
             ctx.save_for_backward(x, *params)
             ctx.held, first = [], 0
             for b, (configs, _) in enumerate(layout):
-                n = len(configs) * 6  # (y, mean, invstd, scale, shift, a) per conv
+                n = len(configs) * SAVED_PER_CONV
                 ctx.held.append((None if b == 0 else inputs[b], ends[b], tuple(saved[first:first + n])))
                 first += n
         else:
@@ -274,8 +275,9 @@ class ResidualBlocksTrain(torch.autograd.Function):
             params, saved = flat[:3 * n_convs], flat[3 * n_convs:]
             store, first = [], 0
             for b, (configs, _) in enumerate(layout):
-                store.append((inputs[b], ends[b], saved[first * 6:(first + len(configs)) * 6]))
-                first += len(configs)
+                n = len(configs) * SAVED_PER_CONV
+                store.append((inputs[b], ends[b], saved[first:first + n]))
+                first += n
         flat = None
         end = store[-1][1]
         dout = dout.to(end.y.dtype)
@@ -290,7 +292,7 @@ class ResidualBlocksTrain(torch.autograd.Function):
             first -= len(configs)
             convs = [params[(first + i) * 3:(first + i + 1) * 3] for i in range(len(configs))]
             x, _, saved = store[b]
-            per = [saved[i * 6:(i + 1) * 6] for i in range(len(configs))]
+            per = [saved[i * SAVED_PER_CONV:(i + 1) * SAVED_PER_CONV] for i in range(len(configs))]
             prev = store[b - 1][1] if b > 0 else None
             need_dx = b > 0 or ctx.needs_input_grad[2]
             block_grads[b], dx, sums_prev = _block_backward(configs, has_ds, x, convs, per, dz, sums, prev, need_dx)

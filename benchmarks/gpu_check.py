@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     if on_gpu:  # the fused training step holding less (aru_kernels.recompute_normalized_inputs): speed and peak
         steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_recompute.json", "fused",
                                   layers=False, on_gpu=True, tag=f"{tag}_recompute", share=1.0,
-                                  extra=["--mode", "train", "--model", "resnext50_32x4d", "--recompute-normalized"]))
+                                  extra=("--mode", "train", "--model", "resnext50_32x4d", "--recompute-normalized")))
     print(f"gpu check took {time.monotonic() - start:.0f} s")
     return 0 if tests_ok and all(steps_ok) else 1
 

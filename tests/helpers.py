@@ -21,6 +21,18 @@ TOLERANCES = {
 POISON = float("nan")
 
 
+def static_model():
+    """``benchmarks/aot_check.py`` as a module: the static model's recorder and counts."""
+    import importlib
+    import os
+    import sys
+
+    benchmarks = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+    if benchmarks not in sys.path:
+        sys.path.insert(0, benchmarks)
+    return importlib.import_module("aot_check")
+
+
 def tolerance(dtype: torch.dtype) -> float:
     return TOLERANCES[dtype]
 

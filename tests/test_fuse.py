@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import aru_models
-from helpers import OpLog, assert_as_accurate, assert_close, rel_error
+from helpers import OpLog, assert_as_accurate, assert_close, rel_error, static_model
 
 timm = pytest.importorskip("timm", reason="timm is in the test extra: pip install -e .[test]")
 backbone_utils = pytest.importorskip("torchvision.models.detection.backbone_utils")
@@ -260,12 +260,7 @@ def test_fused_squeeze_excitation_inference_holds_no_more_than_eager():
     timm's seresnext50_32x4d at batch 256, inference. The fused block's last pass (the
     excitation, the add and the ReLU) does not run with the middle conv's output still
     held (it did: 1.44 GiB against eager's 1.24)."""
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-    import aot_check
-
+    aot_check = static_model()
     peaks = {impl: aot_check.record_step("timm:seresnext50_32x4d", impl, "infer", 256, 224, torch.bfloat16).peak_bytes
              for impl in ("eager", "fused")}
     print({k: f"{v / 2**30:.3f} GiB" for k, v in peaks.items()})

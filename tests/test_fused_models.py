@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import aru_kernels
 import aru_models
-from helpers import OpLog, assert_as_accurate, assert_close, rel_error
+from helpers import OpLog, assert_as_accurate, assert_close, rel_error, static_model
 from test_models import BUILDERS
 
 tv_models = pytest.importorskip("torchvision.models")
@@ -393,8 +393,7 @@ def test_static_report_counts_each_launch_loop_trips():
 def test_static_memory_count_follows_live_storages():
     """The static model's memory count: storages alive at once, a view not counted again,
     a freed one no longer."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import aot_check
+    aot_check = static_model()
 
     rec = aot_check.StepRecorder()
     with rec:
@@ -414,8 +413,7 @@ def test_fused_training_step_frees_activations_as_its_backward_passes_them():
     leaves for the backward. Its blocks run as one autograd node, which frees each
     block's activations as the backward passes it (held to the node's end, the peak was
     13% over the forward's). ``recompute_normalized_inputs`` holds 1.8 GiB less."""
-    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
-    import aot_check
+    aot_check = static_model()
 
     with torch.device("meta"):
         model = aru_models.resnext50_32x4d(impl="fused").to(torch.bfloat16, memory_format=torch.channels_last)
