@@ -120,19 +120,21 @@ def test_train_parity_with_torchvision(name, device):
     """Train mode: loss, every parameter gradient and the running statistics after one
     forward/backward, against torchvision in float64 (and its float32 run as the yardstick).
 
-    At 37x29 the last stage normalizes over 4 values per channel. There float32's own
-    error on the batch norms' vector gradients is set by the draw, not by the kernels:
-    over three draws eager's error on layer4.2.bn3.weight was 0.35%, 1.4% and 3.8%, and
-    ours 8.7x, 0.5x and 0.04x of it. Those vectors pass within 10% of float64 (a wrong
-    kernel is off by order 1). The stage-4 block test holds the same kernels to 3x of
-    float32's error at 24 values per channel."""
+    At 33x35 the last stage normalizes over 8 values per channel (2x2 pixels, 2 images).
+    Over so few, float32's own error on the batch norms' vector gradients is set by the
+    draw, not by the kernels: at 37x29 (4 values) eager's error on layer4.2.bn3.weight
+    was 0.35%, 1.4% and 3.8% over three draws, ours 8.7x, 0.5x and 0.04x of it, and on a
+    CPU whose BLAS rounds the interpreter's dots differently eager's error on
+    conv1.weight itself reached 3.5%. Stage 4's vectors pass within 10% of float64 (a
+    wrong kernel is off by order 1). The stage-4 block test holds the same kernels to
+    3x of float32's error at 24 values per channel."""
     tv = getattr(tv_models, name)(num_classes=10).train()
     randomize_bn(tv)
     ours = getattr(aru_models, name)(impl="fused", num_classes=10).train()
     ours.load_state_dict(tv.state_dict())
     exact = copy.deepcopy(tv).double()
     tv, ours, exact = tv.to(device), ours.to(device), exact.to(device)
-    x = torch.randn(2, 3, 37, 29, device=device)
+    x = torch.randn(2, 3, 33, 35, device=device)
     labels = torch.randint(0, 10, (2,), device=device)
     losses = []
     for model, inp in ((ours, x), (tv, x), (exact, x.double())):
@@ -141,7 +143,7 @@ def test_train_parity_with_torchvision(name, device):
         losses.append(loss)
     assert_close(losses[0], losses[2], torch.float32, what=f"{name} training loss")
     for (pname, p), q, r in zip(ours.named_parameters(), tv.parameters(), exact.parameters(), strict=True):
-        ill_conditioned = pname.startswith("layer4.") and p.dim() == 1  # batch-norm vectors over 4 values
+        ill_conditioned = pname.startswith("layer4.") and p.dim() == 1  # batch-norm vectors over 8 values
         assert_as_accurate(p.grad, q.grad, r.grad, floor=0.1 if ill_conditioned else 1e-5,
                            what=f"{name} gradient of {pname}")
     for (bname, b), c, r in zip(ours.named_buffers(), tv.buffers(), exact.buffers(), strict=True):
