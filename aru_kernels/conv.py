@@ -108,6 +108,16 @@ from .relu_bits import load_relu_mask, store_relu_mask
 
 
 @triton.jit
+def _dot_f32(a, b):
+    """``a @ b`` as fp32, computed in float64 and rounded once: the interpreter's dot
+    (``DOT_F32``). numpy's float32 matmul can round identical rows differently (on some
+    CPUs its kernels split the sum by row position), so a flat image region would not
+    give equal outputs, and exact ties (a batch-norm input at its batch mean, a ReLU at
+    zero) would break where the GPU keeps them."""
+    return tl.dot(a.to(tl.float64), b.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
 def _relu(v):
     """max(v, 0) that keeps NaN, as ``torch.relu`` does (plain ``tl.maximum`` drops it):
     PTX's ``max.NaN``, one instruction, which a following bf16/fp16 store or
@@ -275,7 +285,7 @@ def conv_bn_act_kernel(
     PRO_BWD: tl.constexpr,  # input-gradient of a conv with a prologue (see module docstring)
     PHASED: tl.constexpr,  # strided input-gradient launch over one output phase (see module docstring)
     PHASE_H: tl.constexpr, PHASE_W: tl.constexpr,
-    DOT_F32: tl.constexpr,  # upcast dot operands to fp32 (the interpreter's bf16 dot is wrong)
+    DOT_F32: tl.constexpr,  # the interpreter's dot, _dot_f32 (its bf16 dot is wrong)
     INPUT_PRECISION: tl.constexpr,  # tl.dot precision for fp32 operands ("ieee" or "tf32")
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     # END_BWD: x was the output of a residual block, relu(bn(y_end) + identity'):
@@ -375,7 +385,7 @@ def conv_bn_act_kernel(
             tap_off = ((tap // KW) * sw_h + (tap % KW) * sw_w)[:, None]
             b = tl.load(w_ptr + b_off + tap_off, mask=b_ok, other=0.0)
             if DOT_F32:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+                acc += _dot_f32(a, b)
             else:
                 acc = tl.dot(a.to(dot_dtype), b.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
     else:
@@ -425,7 +435,7 @@ def conv_bn_act_kernel(
             b = tl.load(w_tap, mask=b_in, other=0.0)
             b = tl.where(b_ok, b, 0.0)
             if DOT_F32:
-                acc += tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+                acc += _dot_f32(a, b)
             else:
                 acc = tl.dot(a.to(dot_dtype), b.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
 
@@ -443,7 +453,7 @@ def conv_bn_act_kernel(
             g2 = tl.load(gram_ptr + rk2[:, None] * C_OUT + rn[None, :], mask=k2_ok[:, None] & n_ok[None, :],
                          other=0.0)
             if DOT_F32:
-                acc += tl.dot(a2, g2, input_precision="ieee")
+                acc += _dot_f32(a2, g2)
             else:
                 acc = tl.dot(a2.to(dot_dtype), g2.to(dot_dtype), acc, input_precision=INPUT_PRECISION)
 
@@ -683,12 +693,12 @@ def conv_wgrad_kernel(
         if A_SUMS:
             a_sum += tl.sum(a.to(tl.float32), axis=0)
         if DOT_F32:
-            acc += tl.dot(tl.trans(a.to(tl.float32)), g.to(tl.float32), input_precision="ieee")
+            acc += _dot_f32(tl.trans(a), g)
         else:
             acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
         if DGRAD:
             if DOT_F32:
-                da = tl.dot(g.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+                da = _dot_f32(g, wt)
             else:
                 da = tl.dot(g, wt, input_precision=INPUT_PRECISION)
             if HAS_PROLOGUE:  # dL/da behind the forward prologue, from the x tile loaded above

@@ -503,6 +503,17 @@ def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
         torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, None)
 
 
+def test_interpreter_dot_keeps_flat_regions_flat(device):
+    """A constant image region gives one output value over its interior, exactly (the
+    kernels' dots must round identical rows alike: what keeps batch-norm ties exact)."""
+    x = torch.randn(1, 16, 1, 1, device=device).expand(2, 16, 24, 24)
+    x = channels_last(x.contiguous())
+    w = torch.randn(32, 16, 3, 3, device=device)
+    y = aru_kernels.conv_bn_act(x, w, padding=1)
+    interior = y[:, :, 1:-1, 1:-1]
+    assert torch.equal(interior, interior[:1, :, :1, :1].expand_as(interior))
+
+
 @pytest.mark.parametrize("case", ["plain", "residual_scaled", "end", "end_id", "prologue"])
 def test_pointwise_conv_grads_match_the_two_launches(device, case):
     """``aru::pointwise_conv_grads`` (a 1x1 conv's weight and input gradients from the same
