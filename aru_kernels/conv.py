@@ -97,7 +97,10 @@ k block write the sum once, for the input-gradient launch that follows:
 the statistics' gradient is never a tensor of its own, and no separate pass
 adds it. With ``DGRAD`` (a stride-1 1x1 convolution whose output channels
 fit one block) the same launch also takes the input gradient from each dy'
-tile it forms, so dy' is not written at all.
+tile it forms, so dy' is not written at all. Each split of the pixel sum
+writes its own fp32 slab; ``wgrad_slab_sum_kernel`` adds the slabs in split
+order and writes dL/dW in the weight's own layout and dtype, keeping only
+each pack's diagonal blocks (the real groups).
 """
 
 import triton
@@ -732,3 +735,48 @@ def conv_wgrad_kernel(
     if A_SUMS:  # one n block's programs cover every k once
         if n_b == 0:
             tl.store(asum_ptr + (split * (C_OUT // COUT_P) + pack) * K_TOTAL + rk, a_sum, mask=k_ok)
+
+
+@triton.jit
+def wgrad_slab_sum_kernel(
+    part_ptr,  # [SPLITS, packs, TAPS*GP*CIN_G, GP*COUT_G] fp32 slabs of conv_wgrad_kernel
+    out_ptr,  # [C_out, CIN_G, KH, KW] out: dL/dW, contiguous, in its own dtype
+    scale_ptr,  # [C_out] fp32: each output channel's sum scaled (HAS_SCALE)
+    term_ptr,  # [C_out, CIN_G * TAPS] fp32 added after the scale (HAS_TERM)
+    SPLITS,
+    SLAB,  # elements of one split's slab: packs * TAPS * CIN_P * COUT_P
+    CIN_G: tl.constexpr,
+    COUT_G: tl.constexpr,
+    GP: tl.constexpr,
+    TAPS: tl.constexpr,
+    HAS_SCALE: tl.constexpr,
+    HAS_TERM: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """``out[co, i, t] = scale[co] * sum_s part[s, pack, t, j, i, c] + term[co, i, t]``
+    for ``co = pack * GP * COUT_G + c`` and ``j = c // COUT_G`` (the diagonal block),
+    the slabs added in split order: bitwise repeatable. Program (pack * TAPS + t,
+    block of c, block of i); loads run along c, stores along i, as the layouts lie."""
+    COUT_P: tl.constexpr = GP * COUT_G
+    CIN_P: tl.constexpr = GP * CIN_G
+    pt = tl.program_id(0)
+    pack = pt // TAPS
+    t = pt % TAPS
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    i = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
+    c_ok = c < COUT_P
+    ok = (i < CIN_G)[:, None] & c_ok[None, :]
+    src = (pt * CIN_P + (c // COUT_G)[None, :] * CIN_G + i[:, None]) * COUT_P + c[None, :]
+    acc = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32)
+    ptrs = part_ptr + src
+    for _ in range(SPLITS):  # pointers advance in 64 bits: no split offset overflows
+        acc += tl.load(ptrs, mask=ok, other=0.0)
+        ptrs += SLAB
+    co = pack * COUT_P + c
+    if HAS_SCALE:
+        acc *= tl.load(scale_ptr + co, mask=c_ok, other=0.0)[None, :]
+    dst = (co[None, :] * CIN_G + i[:, None]) * TAPS + t
+    if HAS_TERM:
+        acc += tl.load(term_ptr + dst, mask=ok, other=0.0)
+    tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok)

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import triton
 from torch import Tensor
 
 from . import conv as _conv
@@ -31,7 +32,7 @@ from .runtime import interpreting
 
 __all__ = ["conv_bn_act_into", "image_statistics", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
            "conv_input_grad_block_end", "conv_weight_grad", "conv_grads", "nhwc", "nhwc_empty", "tile_partials",
-           "block_end_sums"]
+           "block_end_sums", "sum_slabs"]
 
 
 def nhwc(t: Tensor) -> Tensor:
@@ -520,7 +521,7 @@ def conv_weight_grad(
     pool_stride: int = 1,
     pool_padding: int = 0,
 ) -> tuple[Tensor, Tensor]:
-    """``(dW, dy')``: dL/dW (fp32, ``weight``'s shape) of
+    """``(dW, dy')``: dL/dW (``weight``'s shape and dtype, summed in fp32) of
     ``y = conv(relu?(in_scale*(x - in_mean) + in_shift), weight)``.
 
     With ``stat_y`` (the forward output y) and the fp32 ``[C_out]`` vectors
@@ -565,9 +566,9 @@ def conv_weight_grad(
             dy_out.zero_()
         elif folded and write_dy and dy.numel():  # no pixel block to write it: the sum, as the kernel takes it
             dy_out.copy_(_stat_sum(dy, stat_y, stat_mean, stat_a, stat_b, stat_c, stat_sq))
-        return torch.zeros(weight.shape, dtype=torch.float32, device=x.device), dy_out
+        return torch.zeros(weight.shape, dtype=weight.dtype, device=x.device), dy_out
     plan = plan_wgrad(conv, x.device, gram=gram, gathered=pool_code is not None)
-    gp, packs, taps = conv.gp, conv.packs, kh * kw
+    gp, packs = conv.gp, conv.packs
     part = torch.empty((plan.splits, packs, plan.k_total, conv.cout_p), dtype=torch.float32, device=x.device)
     asum = torch.empty((plan.splits, plan.k_total), dtype=torch.float32, device=x.device) if input_sums else part
     gram_part = torch.empty((plan.splits, plan.k_total, plan.k_total), dtype=torch.float32,
@@ -591,18 +592,37 @@ def conv_weight_grad(
     )
     if input_sums:
         dy_out = asum.sum(0)  # fixed-order reduction over the splits
-    full = part.sum(0).reshape(packs, taps, gp, cin_g, gp, cout // groups)
-    diag = torch.diagonal(full, dim1=2, dim2=4)  # [packs, taps, cin_g, cout_g, gp]
-    dw = diag.permute(0, 4, 3, 2, 1).reshape(cout, cin_g, kh, kw).contiguous()
-    if gram:  # c * dW + a s^T + diag(b) W (A^T A - s s^T / M), all [C_out, C_in] (fixed-order sums)
-        s = dy_out
-        centred = gram_part.sum(0) - s[:, None] * (s[None, :] / conv.m)
-        w2 = weight.to(x.dtype).float().flatten(1)  # the weight as the forward's dot read it
-        term = stat_a.float()[:, None] * s[None, :] + stat_b.float()[:, None] * (w2 @ centred)
-        if stat_c is not None:
-            dw = dw * stat_c.float().view(-1, 1, 1, 1)
-        dw = dw + term.view(cout, cin_g, kh, kw)
-    return dw, dy_out
+    if not gram:
+        return sum_slabs(part, weight, gp), dy_out
+    # c * dW + a s^T + diag(b) W (A^T A - s s^T / M), all [C_out, C_in] (fixed-order sums)
+    s = dy_out
+    centred = gram_part.sum(0) - s[:, None] * (s[None, :] / conv.m)
+    w2 = weight.to(x.dtype).float().flatten(1)  # the weight as the forward's dot read it
+    term = stat_a.float()[:, None] * s[None, :] + stat_b.float()[:, None] * (w2 @ centred)
+    return sum_slabs(part, weight, gp, None if stat_c is None else stat_c.float().contiguous(), term), dy_out
+
+
+def sum_slabs(part: Tensor, weight: Tensor, gp: int, scale: Optional[Tensor] = None,
+              term: Optional[Tensor] = None) -> Tensor:
+    """dL/dW in ``weight``'s shape and dtype from the weight-gradient kernel's fp32 slabs
+    ``part`` (``[splits, packs, taps * gp * C_in/groups, gp * C_out/groups]``): the slabs
+    added in split order (bitwise repeatable), each pack's diagonal blocks kept, then
+    times ``scale`` (fp32 ``[C_out]``) plus ``term`` (fp32, ``weight``'s element count),
+    rounded once. One launch."""
+    cout, cin_g, kh, kw = weight.shape
+    splits, packs, _, cout_p = part.shape
+    taps = kh * kw
+    out = torch.empty(weight.shape, dtype=weight.dtype, device=part.device)
+    # about two programs an SM over the whole weight, 128 to 2048 elements each
+    tile = min(2048, max(128, triton.next_power_of_2(-(-out.numel() // 264))))
+    block_i = min(triton.next_power_of_2(cin_g), 32)
+    block_c = min(triton.next_power_of_2(cout_p), max(tile // block_i, 16))
+    grid = (packs * taps, triton.cdiv(cout_p, block_c), triton.cdiv(cin_g, block_i))
+    launch(_conv.wgrad_slab_sum_kernel, grid, part, out, part if scale is None else scale,
+           part if term is None else term, splits, part[0].numel(), CIN_G=cin_g, COUT_G=cout_p // gp, GP=gp,
+           TAPS=taps, HAS_SCALE=scale is not None, HAS_TERM=term is not None, BLOCK_I=block_i, BLOCK_C=block_c,
+           role="wgrad_sum", meta={"elements": out.numel(), "splits": splits}, num_warps=4, num_stages=1)
+    return out
 
 
 def _gram_term(input_sums: bool, stat_y, stat_a, stat_b, stat_sq, weight: Tensor) -> bool:
@@ -669,7 +689,7 @@ def _conv_weight_grad_fake(x, dy, weight, in_mean, in_scale, in_shift, stride, p
     _check_input_sums(input_sums, weight, stride, padding, groups)
     _check_pool_grad(pool_code, dy, stat_y, stat_c, write_dy)
     _gram_term(input_sums, stat_y, stat_a, stat_b, stat_sq, weight)
-    return (torch.empty(weight.shape, dtype=torch.float32, device=weight.device),
+    return (torch.empty(weight.shape, dtype=weight.dtype, device=weight.device),
             _weight_grad_second(x, dy, stat_y is not None and write_dy, input_sums))
 
 

@@ -24,7 +24,7 @@ from . import conv as _conv
 from .bn_ops import relu_mask_shape
 from .checks import check_activation, check_vector
 from .conv_ops import (block_end_sums, conv_geometry, conv_input_grad, conv_input_grad_block_end,
-                       conv_weight_grad, nhwc_empty)
+                       conv_weight_grad, nhwc_empty, sum_slabs)
 from .launch import launch
 from .plans import POINTWISE_GRADS_MAX_N, input_precision, plan_conv, plan_pointwise_grads, pointwise_grads_fuse
 from .runtime import interpreting
@@ -91,8 +91,8 @@ def pointwise_conv_grads(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``(dW, dx, sums)`` of ``y = conv(x, weight)`` (1x1, stride 1, ``groups=1``,
     at most 256 output channels) for ``dL/dy = (stat_c*) dy + stat_a + stat_b *
-    (stat_y - stat_mean)``: dW in fp32; dx = dL/dx + ``residual``, or with
-    ``relu_mask`` (x a residual block's output ``relu(bn(end_y) + identity')``,
+    (stat_y - stat_mean)``: dW in the weight's dtype (summed in fp32); dx = dL/dx +
+    ``residual``, or with ``relu_mask`` (x a residual block's output ``relu(bn(end_y) + identity')``,
     as ``aru::conv_input_grad_block_end`` takes it) dz behind that block's ReLU
     and ``sums`` ``[3, C_in]`` of dz, dz*(end_y - end_mean) and dz*(end_id -
     end_id_mean). With ``in_scale`` and ``in_shift`` the convolution's input was
@@ -149,7 +149,7 @@ def pointwise_conv_grads(
         role="wgrad_dgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
-    dw = part.sum(0)[0].t().reshape(c_out, c_in, 1, 1).contiguous()  # fixed-order sum over the splits
+    dw = sum_slabs(part, weight, 1)  # fixed-order sum over the splits, in the weight's layout and dtype
     if not (end or pro):
         return dw, dx, x.new_empty(0, dtype=torch.float32)
     sums = sums.sum(1)  # fixed-order reduction over the splits
@@ -166,5 +166,5 @@ def _pointwise_conv_grads_fake(x, dy, weight, stat_y, stat_mean, stat_a, stat_b,
     rows = 3 if relu_mask is not None else (2 if in_scale is not None else 0)
     sums = (torch.empty((rows, x.shape[1]), dtype=torch.float32, device=x.device) if rows
             else x.new_empty(0, dtype=torch.float32))
-    return (torch.empty(weight.shape, dtype=torch.float32, device=x.device),
+    return (torch.empty(weight.shape, dtype=weight.dtype, device=x.device),
             torch.empty_like(x, memory_format=torch.channels_last), sums)

@@ -503,6 +503,42 @@ def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
         torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, None)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("splits,packs,gp,cin_g,cout_g,k", [
+    (3, 1, 1, 40, 24, 1),  # a 1x1, groups=1: the slab is dW transposed
+    (2, 2, 4, 4, 4, 3),  # packs of 4 groups: only the diagonal blocks are dW
+    (5, 3, 2, 8, 2, 3),
+    (1, 1, 1, 3, 8, 7),  # one split, a stem
+], ids=["1x1", "packs", "packs_wide", "stem"])
+@pytest.mark.parametrize("extra", ["plain", "scale_term"])
+def test_sum_slabs_adds_in_split_order_into_the_weight_layout(device, splits, packs, gp, cin_g, cout_g, k, dtype,
+                                                             extra):
+    """``sum_slabs``: the weight-gradient kernel's fp32 slabs added in split order, each
+    pack's diagonal blocks moved to ``[C_out, C_in/groups, KH, KW]``, times ``scale`` plus
+    ``term`` and rounded once to the weight's dtype: in fp32 bitwise what the same sums
+    in PyTorch give, every element written."""
+    from aru_kernels.conv_ops import sum_slabs
+
+    taps, cout = k * k, packs * gp * cout_g
+    part = torch.randn(splits, packs, taps * gp * cin_g, gp * cout_g, device=device)
+    weight = torch.empty(cout, cin_g, k, k, dtype=dtype, device=device)
+    scale = torch.rand(cout, device=device) + 0.5 if extra == "scale_term" else None
+    term = torch.randn(cout, cin_g * taps, device=device) if extra == "scale_term" else None
+    total = part[0].clone()
+    for s in range(1, splits):  # split order, in fp32
+        total = total + part[s]
+    full = total.reshape(packs, taps, gp, cin_g, gp, cout_g)
+    expected = torch.diagonal(full, dim1=2, dim2=4).permute(0, 4, 3, 2, 1).reshape(cout, cin_g, k, k)
+    if extra == "scale_term":
+        expected = expected * scale.view(-1, 1, 1, 1) + term.view(cout, cin_g, k, k)
+    out = sum_slabs(part, weight, gp, scale, term)
+    assert out.dtype == dtype and out.shape == weight.shape and out.is_contiguous()
+    if dtype == torch.float32:
+        assert torch.equal(out, expected)
+    else:  # rounded once: within one bf16 step (Triton's interpreter truncates where a GPU rounds to nearest)
+        assert torch.all((out.float() - expected).abs() <= expected.abs() * 2.0 ** -7)
+
+
 def test_interpreter_dot_keeps_flat_regions_flat(device):
     """A constant image region gives one output value over its interior, exactly (the
     kernels' dots must round identical rows alike: what keeps batch-norm ties exact)."""
