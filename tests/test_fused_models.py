@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import aru_kernels
 import aru_models
-from helpers import OpLog, assert_as_accurate, assert_close, rel_error, static_model
+from helpers import OpLog, assert_as_accurate, assert_close, rel_error, static_model, tolerance
 from test_models import BUILDERS
 
 tv_models = pytest.importorskip("torchvision.models")
@@ -208,10 +208,16 @@ def test_three_sgd_steps_follow_eager_trajectory(device):
             opt.step()
             losses.append(loss.detach())
         trajectories.append(torch.stack(losses))
-    # Batch norm centred as eager's, the fused path takes eager's ReLU decisions at
-    # ties (values equal to their batch mean) and so follows eager float32 where
-    # both drift from float64 (a few pixels per channel in the last stage).
-    assert_close(trajectories[1], trajectories[0], torch.float32, what="fused loss trajectory over three SGD steps")
+    # A ReLU input equal to its batch mean is a tie that float32 may decide either way
+    # (a few pixels per channel in the last stage); one decided otherwise moves the third
+    # loss by about 0.3%. Eager's own decisions depend on the CPU (its convolutions'
+    # summation order): on one the fused path takes eager's and both drift from float64 alike,
+    # on another eager drifts and the fused path stays on float64's. Either way the fused
+    # trajectory is float32-close to one of the two, and no farther from float64 than eager.
+    fused_to = [rel_error(trajectories[1], t) for t in (trajectories[0], trajectories[2].float())]
+    assert min(fused_to) <= tolerance(torch.float32), (
+        f"fused loss trajectory {trajectories[1].tolist()} is {fused_to[0]:.2e} from eager's "
+        f"{trajectories[0].tolist()} and {fused_to[1]:.2e} from float64's {trajectories[2].tolist()}")
     assert_as_accurate(trajectories[1], trajectories[0], trajectories[2], what="fused loss trajectory")
     for (name, a), b, r in zip(eager.state_dict().items(), fused.state_dict().values(), exact.state_dict().values()):
         if name.endswith("num_batches_tracked"):
@@ -496,9 +502,12 @@ def test_static_cost_model_of_a_training_step(tmp_path):
     rows = report["kernels"]
     # the statistics' gradient is folded into the weight-gradient launch: no pass of its own
     # (and a 1x1 conv's two gradients are one launch where its outputs fit one block: wgrad_dgrad;
-    # the last block end takes the head's average pool: bn_add_relu_pool)
-    assert {r["pass"] for r in rows} == {"fwd", "dgrad", "wgrad", "wgrad_dgrad", "bn_finalize", "bn_add_relu",
-                                         "bn_add_relu_pool", "bn_add_relu_bwd"}
+    # the last block end takes the head's average pool: bn_add_relu_pool; a weight gradient
+    # computed in slabs over the pixels is summed into the weight by one launch: wgrad_sum)
+    assert {r["pass"] for r in rows} == {"fwd", "dgrad", "wgrad", "wgrad_dgrad", "wgrad_sum", "bn_finalize",
+                                         "bn_add_relu", "bn_add_relu_pool", "bn_add_relu_bwd"}
+    weight_grads = sum(r["launches"] for r in rows if r["pass"] in ("wgrad", "wgrad_dgrad"))
+    assert 0 < sum(r["launches"] for r in rows if r["pass"] == "wgrad_sum") <= weight_grads
     for r in rows:
         assert set(r) == KERNEL_ROW, sorted(set(r) ^ KERNEL_ROW)
         assert r["dyn_instr_per_warp"] > 0 and r["floor_us"] == max(r["issue_floor_us"], r["dram_floor_us"])
