@@ -509,7 +509,8 @@ def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
     (2, 2, 4, 4, 4, 3),  # packs of 4 groups: only the diagonal blocks are dW
     (5, 3, 2, 8, 2, 3),
     (1, 1, 1, 3, 8, 7),  # one split, a stem
-], ids=["1x1", "packs", "packs_wide", "stem"])
+    (2, 1, 1, 300, 200, 1),  # 128-element tiles, partial along C_in
+], ids=["1x1", "packs", "packs_wide", "stem", "1x1_wide"])
 @pytest.mark.parametrize("extra", ["plain", "scale_term"])
 def test_sum_slabs_adds_in_split_order_into_the_weight_layout(device, splits, packs, gp, cin_g, cout_g, k, dtype,
                                                              extra):
@@ -537,6 +538,29 @@ def test_sum_slabs_adds_in_split_order_into_the_weight_layout(device, splits, pa
         assert torch.equal(out, expected)
     else:  # rounded once: within one bf16 step (Triton's interpreter truncates where a GPU rounds to nearest)
         assert torch.all((out.float() - expected).abs() <= expected.abs() * 2.0 ** -7)
+
+
+@pytest.mark.parametrize("splits,packs,gp,cin_g,cout_g,k", [
+    (2, 1, 1, 1024, 2048, 1),  # resnext50_32x4d's widest 1x1
+    (8, 1, 1, 64, 256, 1),  # stage 1's conv3
+    (4, 8, 4, 4, 4, 3),  # stage 1's grouped 3x3: 4608 elements
+    (2, 1, 1, 12, 64, 4),  # the stem over 2x2 pixel blocks
+])
+def test_sum_slabs_fills_the_gpu(splits, packs, gp, cin_g, cout_g, k):
+    """A slab-sum launch runs at least two programs per SM of an H200 (132) for the
+    weights of resnext50_32x4d, none with over 2048 elements (recorded on the meta device)."""
+    from aru_kernels.conv_ops import sum_slabs
+    from aru_kernels.launch import recording
+
+    part = torch.empty(splits, packs, k * k * gp * cin_g, gp * cout_g, device="meta")
+    weight = torch.empty(packs * gp * cout_g, cin_g, k, k, dtype=torch.bfloat16, device="meta")
+    with recording() as launches:
+        sum_slabs(part, weight, gp)
+    (launch,) = launches
+    programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
+    tile = launch.args["BLOCK_I"] * launch.args["BLOCK_C"]
+    assert programs >= 264 and tile <= 2048 and launch.args["BLOCK_C"] >= 8, (launch.grid, launch.args["BLOCK_I"],
+                                                                              launch.args["BLOCK_C"])
 
 
 def test_interpreter_dot_keeps_flat_regions_flat(device):
