@@ -27,7 +27,7 @@ from . import conv as _conv
 from .checks import check_conv_inputs, check_runnable
 from .bn_ops import relu_mask_shape
 from .launch import launch
-from .plans import WGRAD_GRAM_MAX_CHANNELS, ConvPlan, plan_conv, plan_wgrad
+from .plans import WGRAD_GRAM_MAX_CHANNELS, ConvPlan, plan_conv, plan_wgrad, slab_sum_blocks
 from .runtime import interpreting
 
 __all__ = ["conv_bn_act_into", "image_statistics", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
@@ -602,10 +602,6 @@ def conv_weight_grad(
     return sum_slabs(part, weight, gp, None if stat_c is None else stat_c.float().contiguous(), term), dy_out
 
 
-def _prev_power_of_2(n: int) -> int:
-    return 1 << max(n, 1).bit_length() - 1
-
-
 def sum_slabs(part: Tensor, weight: Tensor, gp: int, scale: Optional[Tensor] = None,
               term: Optional[Tensor] = None) -> Tensor:
     """dL/dW in ``weight``'s shape and dtype from the weight-gradient kernel's fp32 slabs
@@ -617,14 +613,8 @@ def sum_slabs(part: Tensor, weight: Tensor, gp: int, scale: Optional[Tensor] = N
     splits, packs, _, cout_p = part.shape
     taps = kh * kw
     out = torch.empty(weight.shape, dtype=weight.dtype, device=part.device)
-    # at least two programs an SM where the weight has 16 elements for each (the split
-    # loop's latency, not bandwidth, sets a small weight's time), at most 2048 elements
-    # each; 8 output channels a row at least, so the slabs are read in whole 32-byte sectors
-    tile = max(16, min(2048, _prev_power_of_2(out.numel() // 264)))
-    block_i = min(triton.next_power_of_2(cin_g), 32, max(1, tile // 8))
-    block_c = min(triton.next_power_of_2(cout_p), max(tile // block_i, 8))
+    block_i, block_c, num_warps = slab_sum_blocks(out.numel(), cin_g, cout_p)
     grid = (packs * taps, triton.cdiv(cout_p, block_c), triton.cdiv(cin_g, block_i))
-    num_warps = min(4, max(1, block_i * block_c // 128))
     launch(_conv.wgrad_slab_sum_kernel, grid, part, out, part if scale is None else scale,
            part if term is None else term, splits, part[0].numel(), CIN_G=cin_g, COUT_G=cout_p // gp, GP=gp,
            TAPS=taps, HAS_SCALE=scale is not None, HAS_TERM=term is not None, BLOCK_I=block_i, BLOCK_C=block_c,

@@ -5,6 +5,8 @@ The cases of other projects' grids (geometry, NaN, ``nn.BatchNorm2d``'s
 options, several tiles) are in ``test_edge_cases.py``.
 """
 
+import contextlib
+
 import pytest
 import torch
 
@@ -512,12 +514,14 @@ def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
     (2, 1, 1, 300, 200, 1),  # 128-element tiles, partial along C_in
 ], ids=["1x1", "packs", "packs_wide", "stem", "1x1_wide"])
 @pytest.mark.parametrize("extra", ["plain", "scale_term"])
+@pytest.mark.parametrize("rules", ["gpu_tiles", "interpreter_tiles"])
 def test_sum_slabs_adds_in_split_order_into_the_weight_layout(device, splits, packs, gp, cin_g, cout_g, k, dtype,
-                                                             extra):
+                                                             extra, rules):
     """``sum_slabs``: the weight-gradient kernel's fp32 slabs added in split order, each
     pack's diagonal blocks moved to ``[C_out, C_in/groups, KH, KW]``, times ``scale`` plus
     ``term`` and rounded once to the weight's dtype: in fp32 bitwise what the same sums
-    in PyTorch give, every element written."""
+    in PyTorch give, every element written; with a GPU's tiles (16 to 2048 elements) and
+    the interpreter's (whole packs)."""
     from aru_kernels.conv_ops import sum_slabs
 
     taps, cout = k * k, packs * gp * cout_g
@@ -532,7 +536,8 @@ def test_sum_slabs_adds_in_split_order_into_the_weight_layout(device, splits, pa
     expected = torch.diagonal(full, dim1=2, dim2=4).permute(0, 4, 3, 2, 1).reshape(cout, cin_g, k, k)
     if extra == "scale_term":
         expected = expected * scale.view(-1, 1, 1, 1) + term.view(cout, cin_g, k, k)
-    out = sum_slabs(part, weight, gp, scale, term)
+    with plans.device_block_sizes() if rules == "gpu_tiles" else contextlib.nullcontext():
+        out = sum_slabs(part, weight, gp, scale, term)
     assert out.dtype == dtype and out.shape == weight.shape and out.is_contiguous()
     if dtype == torch.float32:
         assert torch.equal(out, expected)
@@ -554,7 +559,7 @@ def test_sum_slabs_fills_the_gpu(splits, packs, gp, cin_g, cout_g, k):
 
     part = torch.empty(splits, packs, k * k * gp * cin_g, gp * cout_g, device="meta")
     weight = torch.empty(packs * gp * cout_g, cin_g, k, k, dtype=torch.bfloat16, device="meta")
-    with recording() as launches:
+    with recording() as launches, plans.device_block_sizes():
         sum_slabs(part, weight, gp)
     (launch,) = launches
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
