@@ -751,24 +751,25 @@ def wgrad_slab_sum_kernel(
     TAPS: tl.constexpr,
     HAS_SCALE: tl.constexpr,
     HAS_TERM: tl.constexpr,
-    BLOCK_I: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     """``out[co, i, t] = scale[co] * sum_s part[s, pack, t, j, i, c] + term[co, i, t]``
     for ``co = pack * GP * COUT_G + c`` and ``j = c // COUT_G`` (the diagonal block),
-    the slabs added in split order: bitwise repeatable. Program (pack * TAPS + t,
-    block of c, block of i); loads run along c, stores along i, as the layouts lie."""
+    the slabs added in split order: bitwise repeatable. Program (pack, block of c,
+    block of rows ``r = i * TAPS + t``); loads run along c, stores along r, as the
+    layouts lie: a row of the weight is contiguous."""
     COUT_P: tl.constexpr = GP * COUT_G
     CIN_P: tl.constexpr = GP * CIN_G
-    pt = tl.program_id(0)
-    pack = pt // TAPS
-    t = pt % TAPS
+    pack = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    i = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
+    r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
+    i = r // TAPS
+    t = r - i * TAPS
     c_ok = c < COUT_P
-    ok = (i < CIN_G)[:, None] & c_ok[None, :]
-    src = (pt * CIN_P + (c // COUT_G)[None, :] * CIN_G + i[:, None]) * COUT_P + c[None, :]
-    acc = tl.zeros((BLOCK_I, BLOCK_C), dtype=tl.float32)
+    ok = (r < TAPS * CIN_G)[:, None] & c_ok[None, :]
+    src = (((pack * TAPS + t) * CIN_P + i)[:, None] + (c // COUT_G)[None, :] * CIN_G) * COUT_P + c[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     ptrs = part_ptr + src
     for _ in range(SPLITS):  # pointers advance in 64 bits: no split offset overflows
         acc += tl.load(ptrs, mask=ok, other=0.0)
@@ -776,7 +777,7 @@ def wgrad_slab_sum_kernel(
     co = pack * COUT_P + c
     if HAS_SCALE:
         acc *= tl.load(scale_ptr + co, mask=c_ok, other=0.0)[None, :]
-    dst = (co[None, :] * CIN_G + i[:, None]) * TAPS + t
+    dst = co[None, :] * (CIN_G * TAPS) + r[:, None]
     if HAS_TERM:
         acc += tl.load(term_ptr + dst, mask=ok, other=0.0)
     tl.store(out_ptr + dst, acc.to(out_ptr.dtype.element_ty), mask=ok)

@@ -613,11 +613,11 @@ def sum_slabs(part: Tensor, weight: Tensor, gp: int, scale: Optional[Tensor] = N
     splits, packs, _, cout_p = part.shape
     taps = kh * kw
     out = torch.empty(weight.shape, dtype=weight.dtype, device=part.device)
-    block_i, block_c, num_warps = slab_sum_blocks(out.numel(), cin_g, cout_p)
-    grid = (packs * taps, triton.cdiv(cout_p, block_c), triton.cdiv(cin_g, block_i))
+    block_r, block_c, num_warps = slab_sum_blocks(out.numel(), taps * cin_g, cout_p)
+    grid = (packs, triton.cdiv(cout_p, block_c), triton.cdiv(taps * cin_g, block_r))
     launch(_conv.wgrad_slab_sum_kernel, grid, part, out, part if scale is None else scale,
            part if term is None else term, splits, part[0].numel(), CIN_G=cin_g, COUT_G=cout_p // gp, GP=gp,
-           TAPS=taps, HAS_SCALE=scale is not None, HAS_TERM=term is not None, BLOCK_I=block_i, BLOCK_C=block_c,
+           TAPS=taps, HAS_SCALE=scale is not None, HAS_TERM=term is not None, BLOCK_R=block_r, BLOCK_C=block_c,
            role="wgrad_sum", meta={"elements": out.numel(), "splits": splits}, num_warps=num_warps, num_stages=1)
     return out
 

@@ -564,21 +564,23 @@ def elementwise_blocks(c: int) -> tuple[int, int]:
     return (65536 if _large_blocks() else 8192) // block_c, block_c
 
 
-def slab_sum_blocks(elements: int, cin_g: int, cout_p: int) -> tuple[int, int, int]:
-    """(BLOCK_I, BLOCK_C, num_warps) of the weight-gradient slab sum over a weight of
-    ``elements`` (``cin_g`` input channels a group, ``cout_p`` output channels a pack).
+def slab_sum_blocks(elements: int, rows: int, cout_p: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_C, num_warps) of the weight-gradient slab sum over a weight of
+    ``elements``, ``rows`` (taps x input channels a group) by ``cout_p`` (output channels
+    a pack) a pack.
 
     On a GPU, at least two programs an SM where the weight has 16 elements for each (the
     split loop's latency, not bandwidth, sets a small weight's time), at most 2048
     elements each, and 8 output channels a row at least, so that the fp32 slabs are read
     in whole 32-byte sectors; a warp per 128 elements, up to 4. The interpreter takes
-    whole packs (up to 512 x 512) a program: its cost is per program, not per element."""
+    a whole pack (up to 256K elements) a program: its cost is per program, not per element."""
     if _large_blocks():
-        return min(_next_pow2(cin_g), 512), min(_next_pow2(cout_p), 512), 4
+        block_c = min(_next_pow2(cout_p), 512)
+        return min(_next_pow2(rows), max(16, (1 << 18) // block_c)), block_c, 4
     tile = max(16, min(2048, 1 << (max(1, elements // (2 * H200_MULTIPROCESSORS)).bit_length() - 1)))
-    block_i = min(_next_pow2(cin_g), 32, max(1, tile // 8))
-    block_c = min(_next_pow2(cout_p), max(tile // block_i, 8))
-    return block_i, block_c, min(4, max(1, block_i * block_c // 128))
+    block_r = min(_next_pow2(rows), 32, max(1, tile // 8))
+    block_c = min(_next_pow2(cout_p), max(tile // block_r, 8))
+    return block_r, block_c, min(4, max(1, block_r * block_c // 128))
 
 
 def pool_blocks(c: int, hw: int) -> tuple[int, int]:

@@ -563,8 +563,8 @@ def test_sum_slabs_fills_the_gpu(splits, packs, gp, cin_g, cout_g, k):
         sum_slabs(part, weight, gp)
     (launch,) = launches
     programs = launch.grid[0] * launch.grid[1] * launch.grid[2]
-    tile = launch.args["BLOCK_I"] * launch.args["BLOCK_C"]
-    assert programs >= 264 and tile <= 2048 and launch.args["BLOCK_C"] >= 8, (launch.grid, launch.args["BLOCK_I"],
+    tile = launch.args["BLOCK_R"] * launch.args["BLOCK_C"]
+    assert programs >= 264 and tile <= 2048 and launch.args["BLOCK_C"] >= 8, (launch.grid, launch.args["BLOCK_R"],
                                                                               launch.args["BLOCK_C"])
 
 
