@@ -437,6 +437,10 @@ class WgradPlan:
 WGRAD_GRAM_MAX_CHANNELS = 128
 
 
+# Rows of k a program of a wide 1x1 weight gradient takes (plan_wgrad).
+WIDE_WGRAD_BLOCK_K = 256
+
+
 def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathered: bool = False) -> WgradPlan:
     """Weight-gradient tiles of ``conv`` (a forward plan): tensor-core tiles
     (64 or 128 rows of k, up to 128 output channels), the pixel sum split so
@@ -467,6 +471,13 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         # padding costs little: ResNeXt-50's stage-1 grouped 3x3 (k = 9 x 16 padded to
         # 256), sm_90 issue floor 340 -> 190 us against blocks of 64.
         block_k = _next_pow2(k_total)
+    if (conv.kh * conv.kw == 1 and k_total % WIDE_WGRAD_BLOCK_K == 0 and conv.cout_p >= 128
+            and not _large_blocks() and not gathered):
+        # A wide 1x1: 256 rows of k, so that dL/dy' (dL/dy and the batch norm's statistics
+        # term) is formed for half as many blocks of k; 32 pixels a step and two stages keep
+        # the 256 x 128 fp32 accumulator (128 registers a thread on 8 warps) from spilling.
+        plan = WgradPlan(conv, 32, WIDE_WGRAD_BLOCK_K, 128, 1, 8, num_stages=2)
+        return replace(plan, splits=_wgrad_splits(plan, device))
     # a gathered dL/dy (4 max-pool windows an element) holds more registers: 32 pixels, no
     # spill (ResNet stem, sm_90, triton 3.6: 64 pixels spill 168 bytes, 563 -> 545 us of issue)
     block_m = 256 if _large_blocks() else 32 if gathered else 64
@@ -475,21 +486,36 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
     return replace(plan, splits=_wgrad_splits(plan, device))
 
 
+# How much later than the soonest a weight gradient's splits may finish, to take fewer of them (and
+# fewer fp32 slabs): up to 4 of 132 multiprocessors idle for one wave.
+WGRAD_SPLIT_SLACK = 1.035
+
+
 def _wgrad_splits(plan: WgradPlan, device: torch.device) -> int:
-    """Splits of the pixel sum: one wave of one program per multiprocessor where the
-    tiles divide the multiprocessors, else as many programs as fit two waves (at least
-    one wave); and at least four pixel blocks a split.
+    """Splits of the pixel sum; at least four pixel blocks a split.
 
     Every split writes an fp32 slab of its tiles that a fixed-order sum reads again,
-    so the splits cost memory traffic; a program per multiprocessor at a time is what
-    these kernels' shared memory allows (1x1: 131-181 KiB a block on sm_90), so whole
-    waves keep every multiprocessor busy as four did. resnext50_32x4d, batch 256: the
-    step's slabs 1.39 -> 0.58 GB, each written once and read once."""
+    so the splits cost memory traffic. A program of 8 warps (more than 128 registers a
+    thread) runs alone on its multiprocessor, so a launch of ``s`` splits takes
+    ``ceil(s * tiles / SMs)`` waves of ``1 / s`` of a tile's work each: one wave, or two
+    where two finish sooner by more than :data:`WGRAD_SPLIT_SLACK`. 16 tiles take 8 splits
+    (one wave of 128 programs), not 16 (two waves): the same time, half the slabs; 8 tiles
+    take 16 rather than 33 (two waves, 3% sooner, twice the slabs). Programs of 4 warps
+    (the grouped 3x3s': about 109 KiB of shared memory and 128 registers) run two a
+    multiprocessor: one program each where the tiles divide the multiprocessors, else as
+    many as fill two (at least one wave). resnext50_32x4d, batch 256: the step's slabs
+    1.39 -> 0.58 GB with the second rule alone, each written once and read once."""
     sms, tiles = _multiprocessors(device), max(1, plan.tiles)
-    if sms % tiles == 0:
-        splits = sms // tiles
-    else:  # whole waves where the tiles allow
-        splits = max(_cdiv(sms, tiles), 2 * sms // tiles)
+    most = max(_cdiv(sms, tiles), 2 * sms // tiles)
+    if plan.num_warps < 8:
+        splits = sms // tiles if sms % tiles == 0 else most
+    else:
+        one = max(1, sms // tiles)  # the most splits that run as one wave
+
+        def finish(s: int) -> float:
+            return _cdiv(s * tiles, sms) / s
+
+        splits = one if finish(one) <= finish(most) * WGRAD_SPLIT_SLACK else most
     return max(1, min(_cdiv(plan.conv.m, 4 * plan.block_m), splits))
 
 

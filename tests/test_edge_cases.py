@@ -534,6 +534,28 @@ def _check_training_conv(device, case, block_m=None):
     grads_match(ours, refs, out, out_ref, "training conv")
 
 
+# 1x1 convs whose weight gradient takes the wide tiles (plans.WIDE_WGRAD_BLOCK_K rows of k, 32 pixels a
+# step): two blocks of k and three of N where the input and weight gradients are separate launches
+# (more than 256 outputs), and a strided downsample conv.
+WIDE_WGRAD_GEOMETRY = {
+    "pointwise_wide": (1, 1, 1, 0, 1, 1, 512, 384, 16, 16),
+    "pointwise_wide_s2": (1, 1, 2, 0, 1, 1, 256, 128, 32, 30),
+}
+
+
+@pytest.mark.usefixtures("device_blocks")
+@pytest.mark.parametrize("case", WIDE_WGRAD_GEOMETRY.values(), ids=WIDE_WGRAD_GEOMETRY.keys())
+def test_training_conv_gradients_with_wide_weight_gradient_tiles(device, case):
+    """The wide 1x1 weight gradient's tiles, as resnext50_32x4d's stages 2-4 take them,
+    with the prologue and the statistics term on load, over several splits; every
+    gradient against float64."""
+    x, weight, geo = _conv_case(device, *case)
+    wplan = plans.plan_wgrad(plans.plan_conv(x.shape, weight.shape, x.dtype, has_prologue=True, **geo), x.device)
+    assert (wplan.block_k, wplan.block_m, wplan.num_stages) == (plans.WIDE_WGRAD_BLOCK_K, 32, 2), wplan
+    assert wplan.splits >= 2, wplan
+    _check_training_conv(device, case)
+
+
 @pytest.mark.usefixtures("device_blocks")
 def test_training_conv_with_a_frozen_weight(device):
     """Without a weight gradient to take, dL/dx still gets the statistics term."""

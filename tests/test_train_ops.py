@@ -505,6 +505,41 @@ def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
         torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, None)
 
 
+def test_weight_gradient_splits_take_the_fewest_for_the_soonest_finish():
+    """Splits of the pixel sum of 8-warp programs, one a multiprocessor at a time: a launch
+    of s splits over t tiles takes ceil(s t / 132) waves of 1/s of a tile's work. The rule
+    takes the soonest finish up to two waves (within plans.WGRAD_SPLIT_SLACK), and no fewer
+    splits (fp32 slabs) would finish as soon. 4-warp programs (two a multiprocessor) keep
+    two programs a multiprocessor where the tiles do not divide them."""
+    def time(s, t):
+        return -(-s * t // 132) / s
+
+    conv = plans.plan_conv((256, 64, 56, 56), (64, 64, 1, 1), torch.bfloat16)
+    for t in range(1, 300):
+        plan = type("P", (), {"tiles": t, "conv": conv, "block_m": 64, "num_warps": 8})()
+        with plans.device_block_sizes():
+            s = plans._wgrad_splits(plan, torch.device("meta"))
+        most = max(-(-132 // t), 2 * 132 // t)
+        best = min(time(c, t) for c in range(1, most + 1))
+        assert 1 <= s <= most and time(s, t) <= best * plans.WGRAD_SPLIT_SLACK, (t, s)
+        assert all(time(c, t) > time(s, t) for c in range(1, s)), (t, s)
+        if 132 % t == 0:
+            assert s == 132 // t, (t, s)  # one program a multiprocessor, one wave
+    # resnext50_32x4d's stage-3 last conv at batch 256: 16 tiles of 256 x 128, one wave of 8 splits
+    with plans.device_block_sizes():
+        wide = plans.plan_wgrad(plans.plan_conv((256, 512, 14, 14), (1024, 512, 1, 1), torch.bfloat16,
+                                                has_prologue=True), torch.device("meta"))
+    assert (wide.tiles, wide.splits, wide.block_k, wide.block_n) == (16, 8, plans.WIDE_WGRAD_BLOCK_K, 128)
+    with plans.device_block_sizes():  # the stage-1 grouped 3x3: 8 tiles of 4 warps, 33 splits, two a multiprocessor
+        grouped = plans.plan_wgrad(plans.plan_conv((256, 128, 56, 56), (128, 4, 3, 3), torch.bfloat16, padding=1,
+                                                   groups=32), torch.device("meta"))
+    assert (grouped.tiles, grouped.num_warps, grouped.splits) == (8, 4, 33)
+    with plans.device_block_sizes():  # resnet50's 256 -> 1024: 8 tiles, one wave of 16 splits, not two of 33
+        eight = plans.plan_wgrad(plans.plan_conv((256, 256, 14, 14), (1024, 256, 1, 1), torch.bfloat16,
+                                                 has_prologue=True), torch.device("meta"))
+    assert (eight.tiles, eight.splits) == (8, 16)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("splits,packs,gp,cin_g,cout_g,k", [
     (3, 1, 1, 40, 24, 1),  # a 1x1, groups=1: the slab is dW transposed
