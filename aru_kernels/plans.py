@@ -443,10 +443,10 @@ WIDE_WGRAD_BLOCK_K = 256
 
 def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathered: bool = False) -> WgradPlan:
     """Weight-gradient tiles of ``conv`` (a forward plan): tensor-core tiles
-    (64 or 128 rows of k, up to 128 output channels), the pixel sum split so
-    that about four programs per multiprocessor run. With ``gram`` (a 1x1
-    convolution of at most :data:`WGRAD_GRAM_MAX_CHANNELS` inputs per pack) all of
-    k is one block and the blocks of N are as wide, for the column of programs
+    (64 or 128 rows of k, up to 128 output channels; :data:`WIDE_WGRAD_BLOCK_K` rows
+    for a 1x1 whose k it divides), the pixel sum split as :func:`_wgrad_splits` says.
+    With ``gram`` (a 1x1 convolution of at most :data:`WGRAD_GRAM_MAX_CHANNELS` inputs
+    per pack) all of k is one block and the blocks of N are as wide, for the column of programs
     that computes ``A^T A``. With ``gathered`` (dL/dy gathered from a max-pool's
     gradient as it is loaded) all of k is one block where it fits: the gather runs
     once per pixel block, not once per block of k."""
@@ -461,6 +461,13 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         plan = WgradPlan(conv, 256 if _large_blocks() else 64, block_k, block_k, 1,
                          8 if block_k >= 128 else 4, gram=True)
         return replace(plan, splits=_wgrad_splits(plan, device))
+    if (conv.kh * conv.kw == 1 and k_total % WIDE_WGRAD_BLOCK_K == 0 and conv.cout_p >= 128
+            and not _large_blocks() and not gathered):
+        # A wide 1x1: 256 rows of k, so that dL/dy' (dL/dy and the batch norm's statistics
+        # term) is formed for half as many blocks of k; 32 pixels a step and two stages keep
+        # the 256 x 128 fp32 accumulator (128 registers a thread on 8 warps) from spilling.
+        plan = WgradPlan(conv, 32, WIDE_WGRAD_BLOCK_K, 128, 1, 8, num_stages=2)
+        return replace(plan, splits=_wgrad_splits(plan, device))
     if block_k > 64 and k_total % block_k and not _large_blocks():
         block_k = 64  # taps x channels that a larger block would pad by more than it saves
     block_n = min(cap, max(MIN_DOT, _next_pow2(conv.cout_p)))
@@ -471,13 +478,6 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         # padding costs little: ResNeXt-50's stage-1 grouped 3x3 (k = 9 x 16 padded to
         # 256), sm_90 issue floor 340 -> 190 us against blocks of 64.
         block_k = _next_pow2(k_total)
-    if (conv.kh * conv.kw == 1 and k_total % WIDE_WGRAD_BLOCK_K == 0 and conv.cout_p >= 128
-            and not _large_blocks() and not gathered):
-        # A wide 1x1: 256 rows of k, so that dL/dy' (dL/dy and the batch norm's statistics
-        # term) is formed for half as many blocks of k; 32 pixels a step and two stages keep
-        # the 256 x 128 fp32 accumulator (128 registers a thread on 8 warps) from spilling.
-        plan = WgradPlan(conv, 32, WIDE_WGRAD_BLOCK_K, 128, 1, 8, num_stages=2)
-        return replace(plan, splits=_wgrad_splits(plan, device))
     # a gathered dL/dy (4 max-pool windows an element) holds more registers: 32 pixels, no
     # spill (ResNet stem, sm_90, triton 3.6: 64 pixels spill 168 bytes, 563 -> 545 us of issue)
     block_m = 256 if _large_blocks() else 32 if gathered else 64
@@ -504,7 +504,7 @@ def _wgrad_splits(plan: WgradPlan, device: torch.device) -> int:
     (the grouped 3x3s': about 109 KiB of shared memory and 128 registers) run two a
     multiprocessor: one program each where the tiles divide the multiprocessors, else as
     many as fill two (at least one wave). resnext50_32x4d, batch 256: the step's slabs
-    1.39 -> 0.58 GB with the second rule alone, each written once and read once."""
+    1.39 -> 0.58 GB with that rule for all, each written once and read once."""
     sms, tiles = _multiprocessors(device), max(1, plan.tiles)
     most = max(_cdiv(sms, tiles), 2 * sms // tiles)
     if plan.num_warps < 8:
@@ -592,8 +592,8 @@ def elementwise_blocks(c: int) -> tuple[int, int]:
 
 def slab_sum_blocks(elements: int, rows: int, cout_p: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_C, num_warps) of the weight-gradient slab sum over a weight of
-    ``elements``, ``rows`` (taps x input channels a group) by ``cout_p`` (output channels
-    a pack) a pack.
+    ``elements``; each pack is ``rows`` (taps x input channels of a group) by ``cout_p``
+    (its output channels).
 
     On a GPU, at least two programs an SM where the weight has 16 elements for each (the
     split loop's latency, not bandwidth, sets a small weight's time), at most 2048
