@@ -512,7 +512,19 @@ def conv_bn_act_kernel(
                 count = tl.minimum(P * Q - (pid_m % TILES_PER_IMG) * BLOCK_M, BLOCK_M).to(tl.float32)
             else:
                 count = tl.minimum(M - pid_m * BLOCK_M, BLOCK_M).to(tl.float32)
-            v = tl.where(ok, y.to(tl.float32), 0.0)
+            if BLOCK_N >= 64:
+                # Read back what the program stored, in the store's layout, where a
+                # thread holds several rows of 8 adjacent channels and the warps split
+                # the rows: the sums over rows are mostly adds in a thread. In the
+                # accumulator's layout each thread holds 2 rows a channel and the sums
+                # take 3 shuffle levels for every channel a thread holds (static
+                # floors: the notes of 2026-12-05). Narrow tiles (16 channels, 2 a
+                # thread) keep the accumulator's layout. The barrier makes the other
+                # threads' stores visible, whatever layout the load takes.
+                tl.debug_barrier()
+                v = tl.load(out_ptr + out_off, mask=ok, other=0.0).to(tl.float32)
+            else:
+                v = tl.where(ok, y.to(tl.float32), 0.0)
             mean = tl.sum(v, axis=0) / count
             d = tl.where(ok, v - mean[None, :], 0.0)
             tl.store(part_a_ptr + part_off, mean, mask=n_ok)

@@ -674,15 +674,19 @@ def test_bn_add_relu_with_a_branch_scale(device, affine):
 
 
 @pytest.mark.usefixtures("device_blocks")
-def test_batch_statistics_over_more_tiles_than_one_finalize_block(device):
+@pytest.mark.parametrize("c_out", [32, 96])
+def test_batch_statistics_over_more_tiles_than_one_finalize_block(device, c_out):
     """More statistics tiles than the finalize reads at once, channels with a large mean:
-    batch mean, 1/std, running statistics and the gradient through them."""
+    batch mean, 1/std, running statistics and the gradient through them. 32 outputs: the
+    tile statistics summed in the accumulator's layout; 96 (a 128-wide block, 32 of it
+    masked): read back from the stored tile. The last tile of rows is partial."""
     x = cl(torch.randn(2, 4, 66, 66, device=device) * 0.5 + 100.0)
-    weight = torch.randn(32, 4, 1, 1, device=device) / 2  # (32 outputs: 128-row tiles)
+    weight = torch.randn(c_out, 4, 1, 1, device=device) / 2
     plan = plans.plan_conv(x.shape, weight.shape, x.dtype, stats=True)
-    block_t, _ = plans.finalize_blocks(32)
+    block_t, _ = plans.finalize_blocks(c_out)
     assert plan.m_tiles > block_t, (plan.m_tiles, block_t)
-    state = dict(running_mean=torch.zeros(32, device=device), running_var=torch.ones(32, device=device),
+    assert (plan.block_n >= 64) == (c_out > 64) and plan.m_tiles * plan.block_m > 2 * 66 * 66, plan
+    state = dict(running_mean=torch.zeros(c_out, device=device), running_var=torch.ones(c_out, device=device),
                  num_batches_tracked=torch.tensor(0, device=device))
     state_ref = {k: v.double() if v.is_floating_point() else v.clone() for k, v in state.items()}
     xo, xr = leaf(x), exact(x)
