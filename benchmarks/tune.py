@@ -73,12 +73,14 @@ def _pow2_at_least_16(n: int) -> int:
 
 def candidates(plan: ConvPlan) -> list[Tiles]:
     """Tiles around the rules' choice that the kernel accepts (dots >= 16 wide,
-    accumulator <= 16K fp32 elements), the rules' own first."""
+    accumulator <= 16K fp32 elements, or the rules' own if larger), the rules' own first."""
     rule = plan.default_tiles()
     ns = sorted({rule.block_n, max(16, rule.block_n // 2), min(128, 2 * rule.block_n)}
                 & set(range(16, _pow2_at_least_16(plan.cout_p) + 1)))
     ks = sorted({rule.block_k, max(16, rule.block_k // 2)} if not plan.fold_taps else {16, 32, 64})
     ks = [k for k in ks if k <= max(_pow2_at_least_16(plan.cin_p), 32 if plan.fold_taps else 16)]
+    if plan.wide_forward:  # the rule's 128 x 256 x 32 against the 64-channel steps it replaced
+        ks = [32, 64]
     out = [rule]
     for m, n, k, warps, stages in itertools.product((64, 128), ns, ks, (4, 8), (1, 3, 4)):
         t = Tiles(m, n, k, warps, stages)

@@ -505,6 +505,37 @@ def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
         torch.ops.aru.conv_weight_grad(x, dy, weight, m, s, b, 1, 0, 1, 1, True, None, None, st_a, None)
 
 
+def test_wide_forward_tiles_only_where_they_were_measured():
+    """128 x 256 tiles, 32 input channels a step (plans.ConvPlan.wide_forward): training forwards
+    of 1x1s with 256 outputs a program and at least 256 inputs, whose statistics epilogue they
+    amortize; not inference (spills with the residual epilogue), a block-end prologue, grouped
+    or input-gradient launches, nor squeeze tiles that would pad an image's rows further."""
+    bf16 = torch.bfloat16
+    with plans.device_block_sizes():
+        def tiles(x, w, **kw):
+            p = plans.plan_conv(x, w, bf16, **kw)
+            return p.block_m, p.block_n, p.block_k, p.num_warps
+
+        assert tiles((256, 512, 14, 14), (1024, 512, 1, 1), has_prologue=True, stats=True) == (128, 256, 32, 8)
+        assert tiles((256, 512, 28, 28), (1024, 512, 1, 1), stride=2, stats=True) == (128, 256, 32, 8)
+        assert tiles((256, 512, 14, 14), (1024, 512, 1, 1), stats=True, squeeze=True)[0] == 128  # 196 rows
+        others = [
+            dict(x=(256, 512, 14, 14), w=(1024, 512, 1, 1)),  # inference
+            dict(x=(256, 512, 14, 14), w=(1024, 512, 1, 1), has_residual=True, stats=True),
+            dict(x=(256, 128, 56, 56), w=(256, 128, 1, 1), stats=True),  # 128 inputs
+            dict(x=(256, 512, 14, 14), w=(128, 512, 1, 1), stats=True),  # 128 outputs
+            dict(x=(256, 1024, 7, 7), w=(2048, 1024, 1, 1), stats=True, squeeze=True),  # 49 rows an image
+            dict(x=(256, 1024, 14, 14), w=(512, 1024, 1, 1), stats=True, pro_end=True),
+            dict(x=(256, 512, 14, 14), w=(512, 16, 3, 3), padding=1, groups=32, stats=True),
+            dict(x=(256, 1024, 14, 14), w=(512, 1024, 1, 1), transposed_out_hw=(14, 14)),
+        ]
+        for case in others:
+            x, w = case.pop("x"), case.pop("w")
+            assert tiles(x, w, **case)[:3] != (128, 256, 32), case
+    # the interpreter's own rules (large blocks) are not the GPU's
+    assert not plans.plan_conv((256, 512, 14, 14), (1024, 512, 1, 1), bf16, stats=True).wide_forward
+
+
 def test_weight_gradient_splits_take_the_fewest_for_the_soonest_finish():
     """Splits of the pixel sum of 8-warp programs, one a multiprocessor at a time: a launch
     of s splits over t tiles takes ceil(s t / 132) waves of 1/s of a tile's work. The rule
