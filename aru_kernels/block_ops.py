@@ -27,7 +27,10 @@ tensors. Here:
   never written, and that block's backward starts from its ``dz``;
 * a stride-1 1x1 conv of at most 256 outputs takes its weight and input
   gradients in one launch (``aru::pointwise_conv_grads``, the same epilogues):
-  its dL/dy with the statistics term is never written.
+  its dL/dy with the statistics term is never written;
+* so does a stride-1 grouped 3x3 inside the chain (``aru::tap_conv_grads``),
+  which recomputes its normalized input from the previous conv's output: the
+  forward then frees the normalized input once the 3x3 has read it.
 
 Batch-norm vector gradients are formed here from the kernels' per-channel
 sums, by the formulas autograd applies on the one-conv-at-a-time path.
@@ -52,7 +55,7 @@ from torch import Tensor
 
 from .bn_ops import rows, stats_term
 from .conv_ops import nhwc
-from .plans import WGRAD_GRAM_MAX_CHANNELS, block_end_fuses, normalizes_ahead, pointwise_grads_fuse
+from .plans import WGRAD_GRAM_MAX_CHANNELS, block_end_fuses, normalizes_ahead, pointwise_grads_fuse, tap_grads_fuse
 
 __all__ = ["ConvBN", "ResidualBlocksTrain", "PER_CONV", "recompute_normalized_inputs"]
 
@@ -129,8 +132,8 @@ def _block_forward(configs, has_ds: bool, x: Optional[Tensor], pending: Optional
                 prologue[0] is not None, momentum, eps)
         scale, shift = _affine(bn_weight, bn_bias, invstd)
         running += [new_rm, new_rv]
-        if getattr(_options, "recompute", False):
-            a = a.new_empty(0)  # written again by the backward (recompute_normalized_inputs)
+        if getattr(_options, "recompute", False) or (0 < k < chain and _tap_grads(weight, configs[k])):
+            a = a.new_empty(0)  # written again by the backward (recompute_normalized_inputs), or not read
         saved.append((y, mean, invstd, scale, shift, a))
         stats.append((y, mean, scale, shift))
         h, prologue = y, (mean, scale, shift)
@@ -157,6 +160,15 @@ def recompute_normalized_inputs(enabled: bool = True):
         yield
     finally:
         _options.recompute = previous
+
+
+def _tap_grads(weight: Tensor, config) -> bool:
+    """Whether an inner conv of a chain (input normalized by the previous batch norm) takes
+    both gradients from ``aru::tap_conv_grads``, which recomputes the normalized input:
+    then the forward does not keep it."""
+    stride, padding, dilation, groups, _, _ = config
+    return tap_grads_fuse(weight.shape[2], weight.shape[3], stride, padding, dilation, groups,
+                          weight.shape[1] * groups, weight.shape[0])
 
 
 def _conv_rule(rule, weight: Tensor, config) -> bool:
@@ -357,6 +369,14 @@ def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, su
         src = per[k - 1][0] if inner else x
         pro = (per[k - 1][1], per[k - 1][3], per[k - 1][4]) if inner else (None, None, None)
         ahead = normalizes_ahead(weights[k].shape[2], weights[k].shape[3], inner)  # as aru::conv_bn_stats
+        if need_dx and inner and _tap_grads(weights[k], configs[k]):
+            # one launch for both gradients from the input before its batch norm: dL/dy' never
+            # written, the normalized input not read
+            dw, dx, sums = torch.ops.aru.tap_conv_grads(
+                src, g, weights[k], y, mean, st_a, st_b, scale if scaled else None, *pro, True,
+                configs[k][1], configs[k][2], configs[k][3])
+            grads[k][0] = dw.to(weights[k].dtype)
+            return dx, (sums[0], sums[1])
         if ahead and a.numel() == 0:  # not kept (recompute_normalized_inputs): the forward's pass again
             a = torch.ops.aru.bn_add_relu(src, *pro, None, None, None, None)
         if need_dx and not ahead and _conv_rule(pointwise_grads_fuse, weights[k], configs[k]):

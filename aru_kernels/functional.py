@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 # (imported to register the aru:: operators)
-from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth  # noqa: F401
+from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth, tap_ops  # noqa: F401
 from .block_ops import ConvBN, ResidualBlocksTrain, recompute_normalized_inputs
 from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
 from .plans import out_size

@@ -645,3 +645,45 @@ def finalize_chunks(tiles: int, c: int, device: torch.device) -> int:
     block_t, block_c = finalize_blocks(c)
     want = _cdiv(2 * _multiprocessors(device), _cdiv(c, block_c))
     return max(block_t, _cdiv(tiles, want))
+
+
+# The widest pack whose both gradients a stride-1 3x3 convolution takes in one launch
+# (tap_grads_fuse): nine fp32 weight-gradient accumulators [CIN_P, COUT_P] a program and
+# nine weight tiles. Static model, sm_90, triton 3.8: packs of 32 (resnext50_32x4d's stage 4)
+# spill 376-1936 bytes at every tile and warp count tried.
+TAP_GRADS_MAX_PACK = 16
+
+
+def tap_grads_fuse(kh: int, kw: int, stride: int, padding: int, dilation: int, groups: int, c_in: int,
+                   c_out: int) -> bool:
+    """Whether a convolution with a batch-norm prologue takes its weight and input gradients
+    as one launch (``aru::tap_conv_grads``): 3x3, stride 1, the output as large as the
+    input (padding = dilation), packs (:func:`pack_factor`) of :data:`MIN_DOT` to
+    :data:`TAP_GRADS_MAX_PACK` channels each way."""
+    if (kh, kw, stride) != (3, 3, 1) or padding != dilation or groups < 1 or c_in % groups or c_out % groups:
+        return False
+    gp = pack_factor(groups, c_in // groups, c_out // groups)
+    return all(MIN_DOT <= gp * c // groups <= TAP_GRADS_MAX_PACK for c in (c_in, c_out))
+
+
+def plan_tap_grads(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
+    """Tiles of ``tap_grads_kernel`` and the rows of its dy' ring: 64 pixels a step on
+    2 warps (the interpreter: 256), splits for about four programs a multiprocessor,
+    each of at least four steps; the ring holds two steps and the taps' reach. Static
+    model, sm_90, triton 3.8, resnext50_32x4d's stage-1 grouped 3x3 at batch 256: issue
+    floor 182 us (255 registers, 8 bytes spilled) against 223 us at 128 pixels on 4
+    warps (48 bytes spilled) and 300 us on 8; the launch is bound by its DRAM floor
+    (201 us) either way."""
+    block_m = 256 if _large_blocks() else 64
+    want = _cdiv(4 * _multiprocessors(device), conv.packs)
+    splits = max(1, min(want, _cdiv(conv.m, 4 * block_m)))
+    reach = 2 * (conv.padding * conv.w + conv.padding)
+    plan = WgradPlan(conv, block_m, conv.kh * conv.kw * conv.cin_p, conv.cout_p, splits, 4 if _large_blocks() else 2,
+                     num_stages=1)
+    return plan, _next_pow2(2 * block_m + reach)
+
+
+def plan_tap_forward(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
+    """Tiles of ``tap_forward_kernel`` (the grid and splits as :func:`plan_tap_grads`) and the
+    rows of its ring of normalized input rows."""
+    return plan_tap_grads(conv, device)

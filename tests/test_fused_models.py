@@ -420,7 +420,10 @@ def test_fused_training_step_frees_activations_as_its_backward_passes_them():
     resnext50_32x4d at batch 256 holds at its peak no more than 5% over what its forward
     leaves for the backward. Its blocks run as one autograd node, which frees each
     block's activations as the backward passes it (held to the node's end, the peak was
-    13% over the forward's). ``recompute_normalized_inputs`` holds 1.8 GiB less."""
+    13% over the forward's). The stride-1 grouped 3x3s of 16-channel packs recompute their
+    normalized inputs in their gradient launch (``aru::tap_conv_grads``), so the forward
+    does not hold them; ``recompute_normalized_inputs`` holds the others' (the strided
+    3x3s' and stage 4's, 0.72 GiB) no more either."""
     aot_check = static_model()
 
     with torch.device("meta"):
@@ -438,12 +441,13 @@ def test_fused_training_step_frees_activations_as_its_backward_passes_them():
     print(f"forward {forward.peak_bytes / 2**30:.2f} GiB, step {step.peak_bytes / 2**30:.2f} GiB")
     assert forward.peak_bytes > 10 * 2**30  # (the activations of batch 256 are counted)
     assert step.peak_bytes <= 1.05 * forward.peak_bytes
-    # the grouped 3x3s' normalized inputs, 1.8 GiB, recomputed by the backward instead of held
+    assert step.peak_bytes < 11 * 2**30  # 11.84 GiB while every grouped 3x3's normalized input was held
+    # the other grouped 3x3s' normalized inputs, 0.72 GiB, recomputed by the backward instead of held
     lean = aot_check.StepRecorder()
     with aru_kernels.recompute_normalized_inputs(), lean:
         model(x).float().sum().backward()
     print(f"step with recomputed normalized inputs {lean.peak_bytes / 2**30:.2f} GiB")
-    assert lean.peak_bytes <= step.peak_bytes - 1.7 * 2**30
+    assert lean.peak_bytes <= step.peak_bytes - 0.7 * 2**30
 
 
 _WIDEST_POINTWISE_GRADS = """

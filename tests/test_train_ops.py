@@ -694,6 +694,88 @@ def test_pointwise_conv_grads_match_the_two_launches(device, case):
         torch.ops.aru.pointwise_conv_grads(x, dy, weight[:, :8], y, mean, st_a, st_b)
 
 
+def _tap_grads_reference(x, dy, weight, y, mean, st_a, st_b, st_c, pro, relu, dil, groups, dtype):
+    """float64 (dW, dx, sums) of a 3x3 conv behind a batch-norm prologue, its dL/dy
+    ``(st_c*) dy + st_a + st_b*(y - mean)``, the normalized input and dL/dy' rounded to
+    ``dtype`` as the kernel's dots read them."""
+    v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    mu, s, b = pro
+    xc = x.double() - (v(mu) if mu is not None else 0)
+    pre = v(s) * xc + v(b)
+    a = (pre.relu() if relu else pre).to(dtype).double()
+    g = (v(st_c) * dy.double() if st_c is not None else dy.double()) + v(st_a) + v(st_b) * (y.double() - v(mean))
+    g = g.to(dtype).double()
+    w = weight.to(dtype).double()
+    dw = torch.nn.grad.conv2d_weight(a, weight.shape, g, padding=dil, dilation=dil, groups=groups)
+    da = torch.nn.grad.conv2d_input(a.shape, w, g, padding=dil, dilation=dil, groups=groups)
+    if relu:
+        da = torch.where(pre <= 0, 0.0, da)
+    return dw, da * v(s), torch.stack((da.sum((0, 2, 3)), (da * xc).sum((0, 2, 3))))
+
+
+@pytest.mark.parametrize("rules", ["gpu", "interpreter"])
+@pytest.mark.parametrize("case", ["gw4", "gw8_scaled", "gw2_no_mean_no_relu", "dense16_dil2", "bf16"])
+def test_tap_conv_grads_match_float64(device, case, rules):
+    """``aru::tap_conv_grads`` (a stride-1 grouped 3x3's weight and input gradients from one
+    ring of dL/dy' rows a program) against float64: packs of 4, 8 and 2 groups, a dense
+    16-channel conv at dilation 2, the statistics term scaled or not, the prologue with
+    and without its mean and ReLU. Under the GPU's rules the pixels run in several
+    splits of several steps each, so the ring wraps and the taps reach across steps,
+    splits and images; unwritten outputs read NaN."""
+    groups, cg, dil = {"gw4": (32, 4, 1), "gw8_scaled": (8, 8, 1), "gw2_no_mean_no_relu": (4, 8, 1),
+                       "dense16_dil2": (1, 16, 2), "bf16": (8, 4, 1)}[case]
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    c = groups * cg
+    n, h, w = 3, 17, 19
+    x = channels_last(torch.randn(n, c, h, w, device=device)).to(dtype)
+    dy, y = (channels_last(torch.randn(n, c, h, w, device=device)).to(dtype) for _ in range(2))
+    weight = torch.randn(c, cg, 3, 3, device=device) / (3 * cg ** 0.5)
+    mean = torch.randn(c, device=device) * 0.1
+    st_a, st_b = torch.randn(c, device=device) * 0.1, torch.randn(c, device=device) * 0.1
+    st_c = torch.rand(c, device=device) + 0.5 if case == "gw8_scaled" else None
+    plain = case == "gw2_no_mean_no_relu"
+    pro = (None if plain else torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5,
+           torch.randn(c, device=device) * 0.5)
+    with plans.device_block_sizes() if rules == "gpu" else contextlib.nullcontext():
+        conv = plans.plan_conv(x.shape, weight.shape, dtype, padding=dil, dilation=dil, groups=groups,
+                               has_prologue=True)
+        plan, ring = plans.plan_tap_grads(conv, x.device)
+        if rules == "gpu":  # several steps a split, more rows of dL/dy' formed a split than the ring holds
+            assert plan.splits > 1 and plan.m_per_split >= 4 * plan.block_m
+            assert ring < plan.m_per_split + 2 * dil * (w + 1)
+        dw, dx, sums = torch.ops.aru.tap_conv_grads(x, dy, weight, y, mean, st_a, st_b, st_c, *pro, not plain,
+                                                    dil, dil, groups)
+    dw_ref, dx_ref, sums_ref = _tap_grads_reference(x, dy, weight, y, mean, st_a, st_b, st_c, pro, not plain, dil,
+                                                    groups, dtype)
+    assert dx.is_contiguous(memory_format=torch.channels_last) and dx.dtype == dtype and dw.dtype == weight.dtype
+    assert_close(dw, dw_ref, dtype, what="dW")
+    assert_close(dx, dx_ref, dtype, what="dx")
+    assert_close(sums, sums_ref, dtype, what="prologue sums")
+    if not plain:
+        assert (dx == 0).any() and (dx != 0).any()  # the prologue's ReLU
+
+
+def test_tap_conv_grads_errors(device):
+    x = channels_last(torch.randn(2, 64, 6, 6, device=device))
+    w = torch.randn(64, 4, 3, 3, device=device)
+    v = torch.randn(64, device=device)
+    with pytest.raises(ValueError, match="packs of groups hold 16 to 16 channels each way.*64 -> 64 channels in 2"):
+        torch.ops.aru.tap_conv_grads(x, x, torch.randn(64, 32, 3, 3, device=device), x, v, v, v, None, v, v, v,
+                                     True, 1, 1, 2)
+    with pytest.raises(ValueError, match="padding=2, dilation=1"):
+        torch.ops.aru.tap_conv_grads(x, x, w, x, v, v, v, None, v, v, v, True, 2, 1, 16)
+    with pytest.raises(ValueError, match=r"dy must be a torch.float32 tensor of shape \(2, 64, 6, 6\)"):
+        torch.ops.aru.tap_conv_grads(x, x[:, :, :5].contiguous(memory_format=torch.channels_last), w, x, v, v, v,
+                                     None, v, v, v, True, 1, 1, 16)
+    with pytest.raises(ValueError, match="stat_b must be a 1-D tensor of 64"):
+        torch.ops.aru.tap_conv_grads(x, x, w, x, v, v, v[:8], None, v, v, v, True, 1, 1, 16)
+    with pytest.raises(ValueError, match="channels_last"):
+        torch.ops.aru.tap_conv_grads(x.contiguous(), x, w, x, v, v, v, None, v, v, v, True, 1, 1, 16)
+    assert not plans.tap_grads_fuse(3, 3, 2, 1, 1, 32, 128, 128)  # strided: two launches, by phase
+    assert not plans.tap_grads_fuse(3, 3, 1, 1, 1, 32, 1024, 1024)  # packs of 32: spill
+    assert plans.tap_grads_fuse(3, 3, 1, 1, 1, 32, 512, 512) and not plans.tap_grads_fuse(1, 1, 1, 0, 1, 1, 16, 16)
+
+
 def test_prologue_backward_passes_no_gradient_where_its_relu_input_is_zero(device):
     """Where a conv's prologue ``relu(s*(x - mu) + b)`` sees exactly 0 (x at its mean, b = 0),
     torch.relu passes no gradient: the input-gradient launch and the one-launch 1x1
