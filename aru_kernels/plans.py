@@ -666,24 +666,32 @@ def tap_grads_fuse(kh: int, kw: int, stride: int, padding: int, dilation: int, g
     return all(MIN_DOT <= gp * c // groups <= TAP_GRADS_MAX_PACK for c in (c_in, c_out))
 
 
-def plan_tap_grads(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
-    """Tiles of ``tap_grads_kernel`` and the rows of its dy' ring: 64 pixels a step on
-    2 warps (the interpreter: 256), splits for about four programs a multiprocessor,
-    each of at least four steps; the ring holds two steps and the taps' reach. Static
-    model, sm_90, triton 3.8, resnext50_32x4d's stage-1 grouped 3x3 at batch 256: issue
-    floor 182 us (255 registers, 8 bytes spilled) against 223 us at 128 pixels on 4
-    warps (48 bytes spilled) and 300 us on 8; the launch is bound by its DRAM floor
-    (201 us) either way."""
-    block_m = 256 if _large_blocks() else 64
+def _tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int) -> tuple[WgradPlan, int]:
+    """The grid of the two tap kernels: splits for about four programs a multiprocessor,
+    each of at least four steps of ``block_m`` pixels; and the rows of the program's ring,
+    which holds two steps and the taps' reach either way."""
     want = _cdiv(4 * _multiprocessors(device), conv.packs)
     splits = max(1, min(want, _cdiv(conv.m, 4 * block_m)))
     reach = 2 * (conv.padding * conv.w + conv.padding)
-    plan = WgradPlan(conv, block_m, conv.kh * conv.kw * conv.cin_p, conv.cout_p, splits, 4 if _large_blocks() else 2,
-                     num_stages=1)
+    plan = WgradPlan(conv, block_m, conv.kh * conv.kw * conv.cin_p, conv.cout_p, splits, num_warps, num_stages=1)
     return plan, _next_pow2(2 * block_m + reach)
 
 
+def plan_tap_grads(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
+    """Tiles of ``tap_grads_kernel`` and the rows of its dy' ring: 64 pixels a step on
+    2 warps (the interpreter: 256). Static model, sm_90, triton 3.8, resnext50_32x4d's
+    stage-1 grouped 3x3 at batch 256: issue floor 182 us (255 registers, 8 bytes
+    spilled) against 223 us at 128 pixels on 4 warps (48 bytes spilled) and 300 us on
+    8; the launch is bound by its DRAM floor (201 us) either way."""
+    block_m, warps = (256, 4) if _large_blocks() else (64, 2)
+    return _tap_plan(conv, device, block_m, warps)
+
+
 def plan_tap_forward(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
-    """Tiles of ``tap_forward_kernel`` (the grid and splits as :func:`plan_tap_grads`) and the
-    rows of its ring of normalized input rows."""
-    return plan_tap_grads(conv, device)
+    """Tiles of ``tap_forward_kernel`` and the rows of its ring of normalized input rows:
+    256 pixels a step on 4 warps, one warpgroup's wgmma. Static model, sm_90, triton 3.8,
+    resnext50_32x4d at batch 256, issue floors of stages 1, 2, 3: 112.0, 56.5, 29.6 us
+    (138 registers, DRAM floors 104.1, 54.2, 29.4); 128 pixels on 2 warps (mma.sync,
+    190 registers) 107.5, 54.1, 28.1; 128 on 4 warps 127.2, 64.1, 33.4; 64 on 2 warps
+    118.1, 59.5, 30.2."""
+    return _tap_plan(conv, device, 256, 4)

@@ -1,4 +1,5 @@
-"""Both gradients of a stride-1 grouped 3x3 convolution in one launch (NHWC).
+"""Both gradients of a stride-1 grouped 3x3 convolution in one launch (NHWC),
+and its training forward with the input's batch norm applied once an element.
 
 For ``y = conv(a, W)``, ``a = relu?(s * (x - mu) + b)`` the previous batch
 norm applied on the way in, and a batch norm with batch statistics after the
@@ -32,6 +33,13 @@ fp32 slab of dW (``[splits, packs, taps * CIN_P, COUT_P]``, tap-major as the
 weight-gradient kernel writes them, added in split order by
 ``wgrad_slab_sum_kernel``) and one row per split of the prologue backward's
 sums. Runs are bitwise repeatable.
+
+The forward (``tap_forward_kernel``) is the same walk the other way round:
+output pixel ``m`` reads input pixel ``m + d_t`` through tap ``t``, so the
+program normalizes each input row once into its ring, one tile ahead, and
+the nine taps read their windows from there. The normalized input is never a
+tensor; each tile's batch statistics come from the same epilogue as the
+convolution kernel's.
 """
 
 import triton

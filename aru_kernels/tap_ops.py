@@ -8,7 +8,9 @@ reading the normalized input, then :func:`aru_kernels.conv_ops.conv_input_grad`)
 write dL/dy with the statistics term and read it back; here it is formed once per
 element into a ring private to each program, both gradients take it from there, and
 the normalized input is recomputed from ``x`` where the input gradient's epilogue
-reads ``x`` anyway.
+reads ``x`` anyway. :func:`tap_forward_stats` is the same convolution's training
+forward, the batch norm of its input applied once an element inside the launch:
+what ``aru::conv_bn_stats`` runs when the caller does not keep the normalized input.
 """
 
 from __future__ import annotations

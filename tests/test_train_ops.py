@@ -776,6 +776,63 @@ def test_tap_conv_grads_errors(device):
     assert plans.tap_grads_fuse(3, 3, 1, 1, 1, 32, 512, 512) and not plans.tap_grads_fuse(1, 1, 1, 0, 1, 1, 16, 16)
 
 
+@pytest.mark.parametrize("case", ["gw4", "gw2_no_mean_no_relu", "dense16_dil2", "bf16"])
+def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case):
+    """``aru::conv_bn_stats`` without ``keep_normalized`` on a grouped 3x3 that
+    ``tap_grads_fuse`` takes (``tap_forward_kernel``: the input's batch norm applied once
+    into a ring of rows a program, each tile's statistics of the stored y) against
+    float64: y, the batch mean and invstd, the running statistics; the normalized input
+    is not returned, and the op's own backward (the prologue applied on load) matches
+    float64 autograd. Under the GPU's rules the pixels run in several splits of several
+    steps each, so the ring wraps and the taps reach across
+    steps, splits and images."""
+    groups, cg, dil = {"gw4": (32, 4, 1), "gw2_no_mean_no_relu": (4, 8, 1), "dense16_dil2": (1, 16, 2),
+                       "bf16": (8, 4, 1)}[case]
+    dtype = torch.bfloat16 if case == "bf16" else torch.float32
+    plain = case == "gw2_no_mean_no_relu"
+    c, n, h, w, eps, momentum = groups * cg, 3, 29, 33, 1e-5, 0.1  # tiles and splits start mid-row
+    x = channels_last(torch.randn(n, c, h, w, device=device)).to(dtype)
+    weight = torch.randn(c, cg, 3, 3, device=device) / (3 * cg ** 0.5)
+    pro = (None if plain else torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5,
+           torch.randn(c, device=device) * 0.5)
+    rm, rv = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5
+    nbt = torch.tensor(1, device=device)
+    xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    with plans.device_block_sizes():  # the GPU's splits
+        conv = plans.plan_conv(x.shape, weight.shape, dtype, padding=dil, dilation=dil, groups=groups,
+                               has_prologue=True)
+        plan, ring = plans.plan_tap_forward(conv, x.device)
+        assert plan.splits > 1 and plan.m_per_split >= 4 * plan.block_m  # several steps a split, more rows
+        assert ring < plan.m_per_split + 2 * dil * (w + 1)  # formed a split than the ring holds
+        y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
+            xg, wg, *pro, rm, rv, nbt, 1, dil, dil, groups, not plain, momentum, eps, False, False)
+    assert a.numel() == 0 and y.is_contiguous(memory_format=torch.channels_last) and y.dtype == dtype
+    v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
+    x64, w64 = x.double().requires_grad_(), weight.to(dtype).double().requires_grad_()
+    pre = v(pro[1]) * (x64 - (v(pro[0]) if not plain else 0)) + v(pro[2])
+    a64 = pre if plain else pre.relu()
+    y64 = torch.nn.functional.conv2d(a64, w64, padding=dil, dilation=dil, groups=groups)
+    assert_close(y, y64, dtype, what="y")
+    stored = y.detach().double()  # the statistics are of y as stored
+    var = stored.var((0, 2, 3), unbiased=False)
+    assert_close(mean, stored.mean((0, 2, 3)), torch.float32, what="mean")
+    assert_close(invstd, (var + eps).rsqrt(), torch.float32, what="invstd")
+    count = n * h * w
+    assert_close(new_rm, (1 - momentum) * rm.double() + momentum * stored.mean((0, 2, 3)), torch.float32,
+                 what="running mean")
+    assert_close(new_rv, (1 - momentum) * rv.double() + momentum * var * count / (count - 1), torch.float32,
+                 what="running var")
+    if dtype == torch.float32:  # the backward against float64 autograd (bf16: the forward only)
+        gy, gm, gi = torch.randn_like(y), torch.randn_like(mean), torch.randn_like(invstd)
+        torch.autograd.backward((y, mean, invstd), (gy, gm, gi))
+        var64 = y64.var((0, 2, 3), unbiased=False)
+        loss = (y64 * gy.double()).sum() + (y64.mean((0, 2, 3)) * gm.double()).sum() + \
+            ((var64 + eps).rsqrt() * gi.double()).sum()
+        dx64, dw64 = torch.autograd.grad(loss, (x64, w64))
+        assert_close(xg.grad, dx64, dtype, what="dx")
+        assert_close(wg.grad, dw64, dtype, what="dW")
+
+
 def test_prologue_backward_passes_no_gradient_where_its_relu_input_is_zero(device):
     """Where a conv's prologue ``relu(s*(x - mu) + b)`` sees exactly 0 (x at its mean, b = 0),
     torch.relu passes no gradient: the input-gradient launch and the one-launch 1x1
