@@ -30,8 +30,8 @@ tensors. Here:
   its dL/dy with the statistics term is never written;
 * so does a stride-1 grouped 3x3 inside the chain (``aru::tap_conv_grads``),
   which recomputes its normalized input from the previous conv's output; its
-  forward (``aru::conv_bn_stats`` without ``keep_normalized``) normalizes the
-  input inside the conv's launch too: the normalized input is never written.
+  forward (``aru::conv_bn_stats``) normalizes the input inside the conv's
+  launch too: the normalized input is never written.
 
 Batch-norm vector gradients are formed here from the kernels' per-channel
 sums, by the formulas autograd applies on the one-conv-at-a-time path.
@@ -128,11 +128,9 @@ def _block_forward(configs, has_ds: bool, x: Optional[Tensor], pending: Optional
                 *pending, weight, rm, rv, nbt, stride, padding, dilation, groups, momentum, eps)
             a = x.new_empty(0)
         else:
-            # an inner grouped 3x3 whose gradients recompute its normalized input
-            # (aru::tap_conv_grads) normalizes it inside its forward launch too
             y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
                 h, weight, *prologue, rm, rv, nbt, stride, padding, dilation, groups,
-                prologue[0] is not None, momentum, eps, False, not (0 < k < chain and _tap_grads(weight, configs[k])))
+                prologue[0] is not None, momentum, eps)
         scale, shift = _affine(bn_weight, bn_bias, invstd)
         running += [new_rm, new_rv]
         if getattr(_options, "recompute", False) or (0 < k < chain and _tap_grads(weight, configs[k])):

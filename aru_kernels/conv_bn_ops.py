@@ -37,11 +37,13 @@ def _ahead(weight: Tensor, in_scale: Optional[Tensor]) -> bool:
     return normalizes_ahead(weight.shape[2], weight.shape[3], in_scale is not None)
 
 
-def _tap_forward(weight: Tensor, in_scale: Optional[Tensor], stride: int, padding: int, dilation: int, groups: int,
-                 squeeze: bool, keep_normalized: bool) -> bool:
+def _tap_forward(weight: Tensor, in_scale: Optional[Tensor], in_shift: Optional[Tensor], stride: int, padding: int,
+                 dilation: int, groups: int, squeeze: bool) -> bool:
     """Whether the conv runs as ``tap_forward_kernel`` (:func:`aru_kernels.tap_ops.tap_forward_stats`):
-    a grouped 3x3 whose normalized input nobody keeps, normalized once inside the launch."""
-    return (not keep_normalized and not squeeze and in_scale is not None and
+    a grouped 3x3 behind a batch norm that :func:`aru_kernels.plans.tap_grads_fuse` takes,
+    its input normalized once inside the launch and not kept (its backward,
+    :func:`aru_kernels.conv_ops.conv_grads`, recomputes it in ``aru::tap_conv_grads``)."""
+    return (not squeeze and in_scale is not None and in_shift is not None and
             tap_grads_fuse(weight.shape[2], weight.shape[3], stride, padding, dilation, groups,
                            weight.shape[1] * groups, weight.shape[0]))
 
@@ -55,15 +57,14 @@ def normalized_input(x: Tensor, weight: Tensor, in_mean, in_scale, in_shift, in_
 
 
 def conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride, padding, dilation, groups, in_relu,
-                    squeeze: bool = False, keep_normalized: bool = True):
+                    squeeze: bool = False):
     """``(y, tile_mean, tile_m2, tile_rows, a)``: the training conv with its per-tile
     statistics; ``a`` is the normalized input it read when normalized ahead, else None.
     With ``squeeze`` the tiles are whole images (``tile_mean`` is then each image's
     mean, squeeze-excitation's squeeze, and ``tile_rows`` the pixels of an image).
-    Without ``keep_normalized`` the caller does not need ``a``: a grouped 3x3 that
-    :func:`aru_kernels.plans.tap_grads_fuse` takes then normalizes its input inside the
-    launch, and ``a`` is None."""
-    if _tap_forward(weight, in_scale, stride, padding, dilation, groups, squeeze, keep_normalized):
+    A grouped 3x3 that :func:`aru_kernels.plans.tap_grads_fuse` takes normalizes its
+    input inside the launch, and ``a`` is None."""
+    if _tap_forward(weight, in_scale, in_shift, stride, padding, dilation, groups, squeeze):
         return (*tap_forward_stats(x, weight, in_mean, in_scale, in_shift, in_relu, padding, dilation, groups), None)
     a = normalized_input(x, weight, in_mean, in_scale, in_shift, in_relu)
     src, pro = (x, (in_mean, in_scale, in_shift, in_relu)) if a is None else (a, (None, None, None, False))
@@ -95,7 +96,6 @@ def _conv_bn_stats_op(
     momentum: Optional[float],
     eps: float,
     squeeze: bool = False,
-    keep_normalized: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(y, mean, invstd, new running mean, new running var, a, squeeze)`` of
     ``y = conv(a, weight)``, ``a = relu?(in_scale*(x - in_mean) + in_shift)``,
@@ -104,11 +104,11 @@ def _conv_bn_stats_op(
     this batch). ``a`` is the normalized input when the prologue ran ahead of
     the conv (kept for the weight gradient), empty when it ran on load. With
     ``squeeze``, ``squeeze`` is the fp32 ``[N, C]`` mean of each image's channel
-    of y (squeeze-excitation's squeeze, from the same epilogue), else empty. Without
-    ``keep_normalized`` (the caller takes the gradients itself and recomputes ``a``) a
-    grouped 3x3 may normalize its input inside the conv's launch and return ``a`` empty."""
+    of y (squeeze-excitation's squeeze, from the same epilogue), else empty. A stride-1
+    grouped 3x3 (:func:`aru_kernels.plans.tap_grads_fuse`) normalizes its input inside the
+    conv's launch and returns ``a`` empty: its backward recomputes it."""
     y, tile_mean, tile_m2, tile_rows, a = conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride, padding,
-                                                          dilation, groups, in_relu, squeeze, keep_normalized)
+                                                          dilation, groups, in_relu, squeeze)
     stats = finalize_stats(y.shape[1], rows(y), tile_mean, tile_m2, running_mean, running_var,
                            num_batches_tracked, tile_rows, momentum, eps)
     return (y, *stats, x.new_empty(0) if a is None else a, tile_mean if squeeze else x.new_empty(0))
@@ -116,14 +116,13 @@ def _conv_bn_stats_op(
 
 @_conv_bn_stats_op.register_fake
 def _conv_bn_stats_fake(x, weight, in_mean, in_scale, in_shift, running_mean, running_var, num_batches_tracked,
-                        stride, padding, dilation, groups, in_relu, momentum, eps, squeeze=False,
-                        keep_normalized=True):
+                        stride, padding, dilation, groups, in_relu, momentum, eps, squeeze=False):
     p, q = check_conv_inputs(x, weight, stride=stride, padding=padding, dilation=dilation, groups=groups)
     c = weight.shape[0]
     y = torch.empty((x.shape[0], c, p, q), dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
     vec = torch.empty(c, dtype=torch.float32, device=x.device)
-    kept = _ahead(weight, in_scale) and not _tap_forward(weight, in_scale, stride, padding, dilation, groups,
-                                                         squeeze, keep_normalized)
+    kept = _ahead(weight, in_scale) and not _tap_forward(weight, in_scale, in_shift, stride, padding, dilation,
+                                                         groups, squeeze)
     a = torch.empty_like(x, memory_format=torch.channels_last) if kept else x.new_empty(0)
     sq = vec.new_empty((x.shape[0], c)) if squeeze else x.new_empty(0)
     if running_mean is None:
@@ -139,9 +138,7 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[3], output[4], output[5])
     ctx.set_materialize_grads(False)  # no zero gradients written for the outputs nothing differentiates
     y, mean, invstd = output[:3]
-    squeeze, keep_normalized = inputs[15:17]
-    ctx.ahead = _ahead(weight, in_scale) and not _tap_forward(weight, in_scale, stride, padding, dilation, groups,
-                                                              squeeze, keep_normalized)
+    ctx.ahead = output[5].numel() > 0  # the normalized input, when the forward wrote it
     ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd, output[5])
 
 
@@ -161,7 +158,7 @@ def conv_bn_stats_grads(ctx, dy, dmean, dinvstd, count: int, d_squeeze=None):
 
 
 def _backward(ctx, dy, dmean, dinvstd, _d_running_mean, _d_running_var, _d_a, d_squeeze):
-    return (*conv_bn_stats_grads(ctx, dy, dmean, dinvstd, rows(ctx.saved_tensors[5]), d_squeeze),) + (None,) * 12
+    return (*conv_bn_stats_grads(ctx, dy, dmean, dinvstd, rows(ctx.saved_tensors[5]), d_squeeze),) + (None,) * 11
 
 
 _conv_bn_stats_op.register_autograd(_backward, setup_context=_setup)

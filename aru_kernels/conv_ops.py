@@ -27,7 +27,7 @@ from . import conv as _conv
 from .checks import check_conv_inputs, check_runnable
 from .bn_ops import relu_mask_shape
 from .launch import launch
-from .plans import WGRAD_GRAM_MAX_CHANNELS, ConvPlan, plan_conv, plan_wgrad, slab_sum_blocks
+from .plans import WGRAD_GRAM_MAX_CHANNELS, ConvPlan, plan_conv, plan_wgrad, slab_sum_blocks, tap_grads_fuse
 from .runtime import interpreting
 
 __all__ = ["conv_bn_act_into", "image_statistics", "kernel_arguments", "conv_geometry", "stats_plan", "conv_input_grad",
@@ -706,6 +706,18 @@ def conv_grads(ctx, g: Tensor, x, weight, in_mean, in_scale, in_shift, stat=(), 
     need_x, need_w = ctx.needs_input_grad[i_x], ctx.needs_input_grad[i_w]
     need_pro = in_scale is not None and any(ctx.needs_input_grad[i] for i in i_pro)
     dx = dw = d_in_mean = d_in_scale = d_in_shift = None
+    if (normalized is None and in_scale is not None and in_shift is not None and len(stat) == 4
+            and (need_x or need_w or need_pro)
+            and tap_grads_fuse(weight.shape[2], weight.shape[3], stride, padding, dilation, groups, x.shape[1],
+                               weight.shape[0])):
+        # a stride-1 grouped 3x3: both gradients in one launch (aru::tap_conv_grads), dL/dy with
+        # the statistics term never written, the normalized input recomputed from x
+        dw, dx, sums = torch.ops.aru.tap_conv_grads(x, g, weight, *stat, None, in_mean, in_scale, in_shift, in_relu,
+                                                    padding, dilation, groups)
+        d_in_shift, d_in_scale = sums[0], sums[1]
+        if in_mean is not None:
+            d_in_mean = -in_scale.float() * d_in_shift
+        return dx if need_x else None, dw.to(weight.dtype) if need_w else None, d_in_mean, d_in_scale, d_in_shift
     if need_w or (stat and (need_x or need_pro)):  # the weight-gradient launch writes dL/dy with the statistics term
         write_dy = bool(stat) and (need_x or need_pro)
         if normalized is None:

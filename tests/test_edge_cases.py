@@ -479,7 +479,9 @@ def test_gradients_over_several_tiles_and_weight_gradient_splits(device, stride)
 # (kh, kw, stride, padding, dilation, groups, cin, cout, h, w): the training conv's paths: the
 # weight gradient (stride-1 1x1 read without decoding, taps x channels in one or several k blocks,
 # few input channels) with the statistics term added to dL/dy as it loads it, the prologue on
-# load (1x1) or in a pass ahead (3x3, 7x7), the strided input gradient by output phase.
+# load (1x1) or in a pass ahead (strided 3x3, 7x7), the strided input gradient by output phase;
+# a stride-1 grouped 3x3 of 16-channel packs takes the ring kernels (tap_forward_kernel,
+# aru::tap_conv_grads) instead.
 TRAIN_GEOMETRY = {
     "pointwise": (1, 1, 1, 0, 1, 1, 32, 48, 16, 16),
     "pointwise_s2": (1, 1, 2, 0, 1, 1, 16, 32, 32, 32),
@@ -499,10 +501,12 @@ def test_training_conv_gradients_over_several_tiles(device, case):
 
 
 @pytest.mark.usefixtures("device_blocks")
-@pytest.mark.parametrize("name", ["grouped_s1", "grouped_s2"])
+@pytest.mark.parametrize("name", ["grouped_s2"])
 def test_training_conv_gradients_with_256_row_tiles(device, name, monkeypatch):
     """The 16-channel packs' 256-row tiles (which the rules give launches with programs
-    enough, e.g. every grouped 3x3 of resnext50_32x4d at batch 256), on a small shape."""
+    enough, e.g. every grouped 3x3 of resnext50_32x4d at batch 256), on a small shape.
+    Strided: behind a batch norm, the stride-1 ones train through the ring kernels
+    (``aru::tap_conv_grads``, tested in test_train_ops)."""
     big = plans.plan_conv((256, 128, 56, 56), (128, 4, 3, 3), torch.bfloat16, padding=1, groups=32)
     small = plans.plan_conv((2, 128, 16, 16), (128, 4, 3, 3), torch.bfloat16, padding=1, groups=32)
     assert (big.block_m, big.block_n, big.num_warps, small.block_m) == (256, 16, 4, 128)

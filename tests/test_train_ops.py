@@ -778,12 +778,12 @@ def test_tap_conv_grads_errors(device):
 
 @pytest.mark.parametrize("case", ["gw4", "gw2_no_mean_no_relu", "dense16_dil2", "bf16"])
 def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case):
-    """``aru::conv_bn_stats`` without ``keep_normalized`` on a grouped 3x3 that
-    ``tap_grads_fuse`` takes (``tap_forward_kernel``: the input's batch norm applied once
-    into a ring of rows a program, each tile's statistics of the stored y) against
-    float64: y, the batch mean and invstd, the running statistics; the normalized input
-    is not returned, and the op's own backward (the prologue applied on load) matches
-    float64 autograd. Under the GPU's rules the pixels run in several splits of several
+    """``aru::conv_bn_stats`` on a grouped 3x3 that ``tap_grads_fuse`` takes
+    (``tap_forward_kernel``: the input's batch norm applied once into a ring of rows a
+    program, each tile's statistics of the stored y) against float64: y, the batch mean
+    and invstd, the running statistics; the normalized input is not returned, and the
+    op's own backward (``aru::tap_conv_grads``, which recomputes it) matches float64
+    autograd. Under the GPU's rules the pixels run in several splits of several
     steps each, so the ring wraps and the taps reach across
     steps, splits and images."""
     groups, cg, dil = {"gw4": (32, 4, 1), "gw2_no_mean_no_relu": (4, 8, 1), "dense16_dil2": (1, 16, 2),
@@ -805,7 +805,7 @@ def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case):
         assert plan.splits > 1 and plan.m_per_split >= 4 * plan.block_m  # several steps a split, more rows
         assert ring < plan.m_per_split + 2 * dil * (w + 1)  # formed a split than the ring holds
         y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
-            xg, wg, *pro, rm, rv, nbt, 1, dil, dil, groups, not plain, momentum, eps, False, False)
+            xg, wg, *pro, rm, rv, nbt, 1, dil, dil, groups, not plain, momentum, eps)
     assert a.numel() == 0 and y.is_contiguous(memory_format=torch.channels_last) and y.dtype == dtype
     v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
     x64, w64 = x.double().requires_grad_(), weight.to(dtype).double().requires_grad_()
@@ -824,7 +824,9 @@ def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case):
                  what="running var")
     if dtype == torch.float32:  # the backward against float64 autograd (bf16: the forward only)
         gy, gm, gi = torch.randn_like(y), torch.randn_like(mean), torch.randn_like(invstd)
-        torch.autograd.backward((y, mean, invstd), (gy, gm, gi))
+        with OpLog() as log, plans.device_block_sizes():
+            torch.autograd.backward((y, mean, invstd), (gy, gm, gi))
+        assert "aru.tap_conv_grads" in log.ops and "aru.conv_weight_grad" not in log.ops, log.ops
         var64 = y64.var((0, 2, 3), unbiased=False)
         loss = (y64 * gy.double()).sum() + (y64.mean((0, 2, 3)) * gm.double()).sum() + \
             ((var64 + eps).rsqrt() * gi.double()).sum()
