@@ -11,8 +11,11 @@ tensor-core instruction counts, the widths of global loads and stores, and
 the dynamic instruction count per warp (each loop's body times its trip
 count, which the launch knows). From those:
 
-* issue-slot floor = programs x warps x instructions per warp / (SMs x 4
-  schedulers x clock): the time the instructions alone need at full issue rate;
+* issue-slot floor = the instructions of the busiest warp scheduler / clock:
+  the programs spread over the SMs, the busiest SM runs ``ceil(programs /
+  SMs)`` of them (128 programs leave 4 of 132 SMs idle; 133 take a second
+  round on one), its warps shared by its 4 schedulers; the time the
+  instructions alone need at full issue rate;
 * DRAM floor = the bytes of the launch's distinct tensors / copy bandwidth;
 
 and a kernel's floor is the larger of the two. Triton must not be in
@@ -32,7 +35,7 @@ import torch
 
 from .launch import Launch
 
-__all__ = ["GpuProfile", "H200", "KernelReport", "compile_launch", "analyze", "launch_bytes", "launch_key"]
+__all__ = ["GpuProfile", "H200", "KernelReport", "compile_launch", "analyze", "launch_bytes", "launch_key", "loop_extra"]
 
 
 @dataclass(frozen=True)
@@ -68,18 +71,37 @@ class KernelReport:
     loops: int  # loops found in the SASS
     dyn_instr_per_warp: int
     loop_sizes: tuple = ()  # instructions in each outer loop's body, in program order
+    nested_sizes: tuple = ()  # of those, the instructions in loops nested inside each
 
-    def with_trips(self, loop_trips: list[int]) -> "KernelReport":
-        """The same compiled code at other loop trip counts (another launch of it)."""
-        extra = sum((max(1, t) - 1) * n for n, t in zip(self.loop_sizes, loop_trips))
-        return replace(self, dyn_instr_per_warp=self.static_instr + extra)
+    def with_trips(self, loop_trips: list) -> "KernelReport":
+        """The same compiled code at other loop trip counts (another launch of it).
+
+        An entry per outer loop: its trip count, or ``(trips, inner)`` for a loop with
+        loops nested inside, ``inner`` the trips of those summed over the outer loop's.
+        """
+        return replace(self, dyn_instr_per_warp=self.static_instr + loop_extra(
+            self.loop_sizes, self.nested_sizes or (0,) * len(self.loop_sizes), loop_trips))
 
     def floors(self, launch: Launch, gpu: GpuProfile) -> tuple[float, float]:
         """(issue-slot floor, DRAM floor) of one launch, in microseconds."""
-        slots = gpu.sms * _SCHEDULERS_PER_SM * gpu.clock_GHz * 1e3  # warp-instructions per microsecond
-        issue = launch.programs * launch.num_warps * self.dyn_instr_per_warp / slots
+        per_sm = -(-launch.programs // gpu.sms)  # the busiest multiprocessor's programs
+        per_scheduler = -(-per_sm * launch.num_warps // _SCHEDULERS_PER_SM)  # its busiest scheduler's warps
+        issue = per_scheduler * self.dyn_instr_per_warp / (gpu.clock_GHz * 1e3)
         dram = launch_bytes(launch) / (gpu.copy_TBps * 1e6)
         return issue, dram
+
+
+def loop_extra(loop_sizes, nested_sizes, loop_trips) -> int:
+    """Instructions a warp runs beyond the straight-line count, from each outer loop's body
+    size, the size of the loops nested in it and its trips (as :meth:`KernelReport.with_trips`);
+    a loop run at most once counts its body once."""
+    extra = 0
+    for n, inner, t in zip(loop_sizes, nested_sizes, loop_trips):
+        t_out, t_in = (t, t) if isinstance(t, int) else t
+        if isinstance(t, int):
+            inner = 0  # the nested loops run with the outer one: its whole body repeats
+        extra += (max(1, t_out) - 1) * (n - inner) + (max(1, t_in) - 1) * inner
+    return extra
 
 
 def _tool(name: str) -> str:
@@ -182,8 +204,13 @@ def analyze(compiled, loop_trips: list[int]) -> KernelReport:
         if t and int(t.group(1), 16) < addr and int(t.group(1), 16) in index:
             loops.append((index[int(t.group(1), 16)], i))
     loops.sort()
-    # keep the outermost loops (our kernels do not nest): drop loops inside another
-    outer = [lp for lp in loops if not any(o != lp and o[0] <= lp[0] and lp[1] <= o[1] for o in loops)]
+    def inside(lp, o):
+        return o != lp and o[0] <= lp[0] and lp[1] <= o[1]
+
+    # the outermost loops, and for each the loops directly inside it
+    outer = [lp for lp in loops if not any(inside(lp, o) for o in loops)]
+    nested = [[lp for lp in loops if inside(lp, o) and not any(inside(lp, m) and inside(m, o) for m in loops)]
+              for o in outer]
     ops = Counter(op for _, op, _ in body)
     regs, spills = _resource_usage(cubin)
     report = KernelReport(
@@ -194,5 +221,6 @@ def analyze(compiled, loop_trips: list[int]) -> KernelReport:
         stores={op: n for op, n in sorted(ops.items()) if op.startswith("STG")},
         static_instr=len(body), loops=len(outer), dyn_instr_per_warp=len(body),
         loop_sizes=tuple(end - start + 1 for start, end in outer),
+        nested_sizes=tuple(sum(end - start + 1 for start, end in inner) for inner in nested),
     )
     return report.with_trips(loop_trips)

@@ -504,9 +504,26 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
     return replace(plan, splits=_wgrad_splits(plan, device))
 
 
-# How much later than the soonest a weight gradient's splits may finish, to take fewer of them (and
+# How much later than the soonest a launch of equal splits may finish, to take fewer of them (and
 # fewer fp32 slabs): up to 4 of 132 multiprocessors idle for one wave.
 WGRAD_SPLIT_SLACK = 1.035
+
+
+def _even_splits(tiles: int, sms: int, resident: int, near: int, cap: int) -> int:
+    """Splits of each of ``tiles`` tiles of work: s of them put ``ceil(s * tiles / SMs)``
+    programs of ``1 / s`` of a tile's work on the busiest multiprocessor, whose time the
+    launch takes (its programs share its issue slots). Of the counts up to two fills of
+    the ``resident`` programs a multiprocessor holds (and at most ``cap``), those that
+    finish within :data:`WGRAD_SPLIT_SLACK` of the soonest; of them the nearest ``near``,
+    the fewer on a tie."""
+    def finish(s: int) -> float:
+        return _cdiv(s * tiles, sms) / s
+
+    slots = resident * sms
+    most = max(1, min(cap, max(_cdiv(slots, tiles), 2 * slots // tiles)))
+    best = min(finish(s) for s in range(1, most + 1))
+    return min((s for s in range(1, most + 1) if finish(s) <= best * WGRAD_SPLIT_SLACK),
+               key=lambda s: (abs(s - near), s))
 
 
 def _wgrad_splits(plan: WgradPlan, device: torch.device) -> int:
@@ -514,27 +531,22 @@ def _wgrad_splits(plan: WgradPlan, device: torch.device) -> int:
 
     Every split writes an fp32 slab of its tiles that a fixed-order sum reads again,
     so the splits cost memory traffic. A program of 8 warps (more than 128 registers a
-    thread) runs alone on its multiprocessor, so a launch of ``s`` splits takes
-    ``ceil(s * tiles / SMs)`` waves of ``1 / s`` of a tile's work each: one wave, or two
-    where two finish sooner by more than :data:`WGRAD_SPLIT_SLACK`. 16 tiles take 8 splits
+    thread) runs alone on its multiprocessor: one wave, or two where two finish sooner
+    by more than :data:`WGRAD_SPLIT_SLACK` (:func:`_even_splits`). 16 tiles take 8 splits
     (one wave of 128 programs), not 16 (two waves): the same time, half the slabs; 8 tiles
     take 16 rather than 33 (two waves, 3% sooner, twice the slabs). Programs of 4 warps
     (the grouped 3x3s': about 109 KiB of shared memory and 128 registers) run two a
     multiprocessor: one program each where the tiles divide the multiprocessors, else as
-    many as fill two (at least one wave). resnext50_32x4d, batch 256: the step's slabs
-    1.39 -> 0.58 GB with that rule for all, each written once and read once."""
+    many as fill two, unless a count near it leaves fewer programs on the busiest
+    multiprocessor (160 tiles: 3 splits, 4 programs of a third of a tile, not 1 split
+    and 2 whole tiles). resnext50_32x4d, batch 256: the step's slabs 1.39 -> 0.58 GB with
+    that rule for all, each written once and read once."""
     sms, tiles = _multiprocessors(device), max(1, plan.tiles)
-    most = max(_cdiv(sms, tiles), 2 * sms // tiles)
+    cap = _cdiv(plan.conv.m, 4 * plan.block_m)
     if plan.num_warps < 8:
-        splits = sms // tiles if sms % tiles == 0 else most
-    else:
-        one = max(1, sms // tiles)  # the most splits that run as one wave
-
-        def finish(s: int) -> float:
-            return _cdiv(s * tiles, sms) / s
-
-        splits = one if finish(one) <= finish(most) * WGRAD_SPLIT_SLACK else most
-    return max(1, min(_cdiv(plan.conv.m, 4 * plan.block_m), splits))
+        near = sms // tiles if sms % tiles == 0 else max(_cdiv(sms, tiles), 2 * sms // tiles)
+        return _even_splits(tiles, sms, 2, min(near, cap), cap)
+    return _even_splits(tiles, sms, 1, min(max(1, sms // tiles), cap), cap)
 
 
 # The most output channels of a 1x1 convolution whose weight and input gradients are one
@@ -638,13 +650,19 @@ def finalize_blocks(c: int) -> tuple[int, int]:
     return 64, 256 if _large_blocks() else 32
 
 
+# The fewest statistics tiles one program of the parallel finalize's first pass combines.
+FINALIZE_MIN_CHUNK = 8
+
+
 def finalize_chunks(tiles: int, c: int, device: torch.device) -> int:
     """Tiles per chunk of the parallel finalize: enough chunks that the first
-    pass runs about two programs per multiprocessor, each at least one BLOCK_T
-    of tiles; ``tiles`` itself (one chunk: a single pass) when that is all."""
-    block_t, block_c = finalize_blocks(c)
-    want = _cdiv(2 * _multiprocessors(device), _cdiv(c, block_c))
-    return max(block_t, _cdiv(tiles, want))
+    pass runs at most two programs a multiprocessor (its ``c / BLOCK_C`` columns
+    of programs times the chunks), each of at least :data:`FINALIZE_MIN_CHUNK`
+    tiles; ``tiles`` itself (one chunk: a single pass, the finalize's own
+    columns of programs) where those chunks would not fill the multiprocessors."""
+    sms, columns = _multiprocessors(device), _cdiv(c, finalize_blocks(c)[1])
+    per_chunk = max(FINALIZE_MIN_CHUNK, _cdiv(tiles, max(1, 2 * sms // columns)))
+    return tiles if _cdiv(tiles, per_chunk) * columns < sms else per_chunk
 
 
 # The widest pack whose both gradients a stride-1 3x3 convolution takes in one launch
@@ -667,11 +685,13 @@ def tap_grads_fuse(kh: int, kw: int, stride: int, padding: int, dilation: int, g
 
 
 def _tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int) -> tuple[WgradPlan, int]:
-    """The grid of the two tap kernels: splits for about four programs a multiprocessor,
-    each of at least four steps of ``block_m`` pixels; and the rows of the program's ring,
-    which holds two steps and the taps' reach either way."""
-    want = _cdiv(4 * _multiprocessors(device), conv.packs)
-    splits = max(1, min(want, _cdiv(conv.m, 4 * block_m)))
+    """The grid of the two tap kernels: splits for about four programs a multiprocessor
+    (:func:`_even_splits`: 32 packs take 16 splits, 512 programs, not 17 and a fifth
+    program on 16 multiprocessors), each of at least four steps of ``block_m`` pixels;
+    and the rows of the program's ring, which holds two steps and the taps' reach either way."""
+    sms = _multiprocessors(device)
+    cap = _cdiv(conv.m, 4 * block_m)
+    splits = _even_splits(conv.packs, sms, 4, min(_cdiv(4 * sms, conv.packs), cap), cap)
     reach = 2 * (conv.padding * conv.w + conv.padding)
     plan = WgradPlan(conv, block_m, conv.kh * conv.kw * conv.cin_p, conv.cout_p, splits, num_warps, num_stages=1)
     return plan, _next_pow2(2 * block_m + reach)

@@ -168,7 +168,7 @@ def kernel_rows(launches: list[Launch], arch: int, gpu: aot.GpuProfile) -> tuple
     """One row per distinct compiled kernel and launch shape; and the compile errors."""
     groups: dict[tuple, list[Launch]] = defaultdict(list)
     for launch in launches:
-        trips = tuple(launch.meta.get("loop_trips", []))
+        trips = tuple(t if isinstance(t, int) else tuple(t) for t in launch.meta.get("loop_trips", []))
         groups[(aot.launch_key(launch, arch), launch.grid, trips)].append(launch)
     reports: dict[tuple, aot.KernelReport | str] = {}  # one compile per specialization
     rows, errors = [], []
@@ -197,6 +197,7 @@ def kernel_rows(launches: list[Launch], arch: int, gpu: aot.GpuProfile) -> tuple
                      "shared_bytes": report.shared_bytes, "hgmma": report.hgmma, "hmma": report.hmma,
                      "loads": report.loads, "stores": report.stores, "loops": report.loops,
                      "static_instr": report.static_instr, "loop_sizes": list(report.loop_sizes),
+                     "nested_sizes": list(report.nested_sizes),
                      "loop_trips": list(trips), "dyn_instr_per_warp": report.dyn_instr_per_warp, "issue_floor_us": round(issue, 3),
                      "dram_floor_us": round(dram, 3), "floor_us": round(max(issue, dram), 3)})
     return rows, errors

@@ -569,6 +569,28 @@ def test_weight_gradient_splits_take_the_fewest_for_the_soonest_finish():
         eight = plans.plan_wgrad(plans.plan_conv((256, 256, 14, 14), (1024, 256, 1, 1), torch.bfloat16,
                                                  has_prologue=True), torch.device("meta"))
     assert (eight.tiles, eight.splits) == (8, 16)
+    with plans.device_block_sizes():  # the stage-4 grouped 3x3: 160 tiles of 4 warps; 1 split put 2 on 28 SMs
+        wide_packs = plans.plan_wgrad(plans.plan_conv((256, 1024, 7, 7), (1024, 32, 3, 3), torch.bfloat16, padding=1,
+                                                      groups=32), torch.device("meta"))
+    assert (wide_packs.tiles, wide_packs.num_warps) == (160, 4)
+    assert time(wide_packs.splits, 160) <= 160 / 132 * 1.1, wide_packs.splits
+
+
+@pytest.mark.parametrize("plan_tap", ["plan_tap_grads", "plan_tap_forward"])
+def test_tap_kernel_splits_keep_the_busiest_multiprocessor_even(plan_tap):
+    """The ring kernels' grid (packs x splits, about four programs a multiprocessor) on an
+    H200: the busiest multiprocessor takes within plans.WGRAD_SPLIT_SLACK of an even share of
+    the work, for resnext50_32x4d's stride-1 grouped 3x3s (8, 16 and 32 packs at batch 256;
+    17 splits of 32 packs put a fifth program on 16 multiprocessors)."""
+    for c, hw in ((128, 56), (256, 28), (512, 14)):
+        with plans.device_block_sizes():
+            conv = plans.plan_conv((256, c, hw, hw), (c, c // 32, 3, 3), torch.bfloat16, padding=1, groups=32,
+                                   has_prologue=True)
+            plan, _ = getattr(plans, plan_tap)(conv, torch.device("meta"))
+        packs, splits = plan.conv.packs, plan.splits
+        busiest = -(-packs * splits // 132) / splits
+        assert 4 * 132 <= 1.1 * packs * splits, (packs, splits)
+        assert busiest <= packs / 132 * plans.WGRAD_SPLIT_SLACK, (packs, splits)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
