@@ -133,8 +133,8 @@ def _block_forward(configs, has_ds: bool, x: Optional[Tensor], pending: Optional
                 prologue[0] is not None, momentum, eps)
         scale, shift = _affine(bn_weight, bn_bias, invstd)
         running += [new_rm, new_rv]
-        if getattr(_options, "recompute", False) or (0 < k < chain and _tap_grads(weight, configs[k])):
-            a = a.new_empty(0)  # written again by the backward (recompute_normalized_inputs), or not read
+        if getattr(_options, "recompute", False):
+            a = a.new_empty(0)  # written again by the backward (recompute_normalized_inputs)
         saved.append((y, mean, invstd, scale, shift, a))
         stats.append((y, mean, scale, shift))
         h, prologue = y, (mean, scale, shift)

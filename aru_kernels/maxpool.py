@@ -10,7 +10,8 @@ buffer, which the ReLU's and batch norm's backward read again. Here:
   one, as PyTorch picks it; a NaN wins, the last one as in PyTorch), or -1
   where the ReLU passes no gradient (the maximum is ``<= 0``);
 * ``bn_relu_maxpool_backward_kernel`` gathers, for each input pixel, the
-  gradient of the windows whose maximum it is (:mod:`aru_kernels.pool_window`),
+  gradient of the windows whose maximum it is, a class of pixels (the same
+  place in their windows) at a time (:mod:`aru_kernels.pool_window`),
   and writes dL/dy with the per-channel sums that batch norm's scale, shift
   and mean gradients need (per tile, added in a fixed order); or the sums
   alone, for a stem whose conv weight gradient gathers the same gradient.
@@ -31,7 +32,7 @@ from .bn_ops import rows
 from .conv import _relu
 from .launch import launch
 from .plans import elementwise_blocks
-from .pool_window import max_pool_grad
+from .pool_window import max_pool_grad_class
 
 __all__ = ["pool_size", "bn_relu_maxpool", "bn_relu_maxpool_backward"]
 
@@ -46,7 +47,16 @@ def bn_relu_maxpool_kernel(
     H, W, P, Q, C,
     K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    NAN_ABOVE: tl.constexpr = 0,  # 16-bit outputs: the bits of +inf; their NaN lie above (0: fp32)
 ):
+    """Each element of a window is compared as stored (rounded to the output's dtype),
+    so ties resolve as PyTorch's max-pool over the stored ReLU output does.
+
+    For 16-bit outputs (``NAN_ABOVE``) an element is one int32 key: its stored bits
+    (non-negative after the ReLU, so ordered as integers; NaN above +inf) over 7 bits
+    of its position, ``127 - pos`` so that the first of equal values wins, ``pos`` for
+    NaN so that the last does. One integer maximum a window element takes the place
+    of two comparisons and two selects."""
     rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
@@ -57,21 +67,34 @@ def bn_relu_maxpool_kernel(
     n = t // P
     best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
     pos = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
+    key = tl.full((BLOCK_M, BLOCK_C), -1, tl.int32)
     for dh in tl.static_range(K):
         h = p * STRIDE - PAD + dh
         for dw in tl.static_range(K):
             w = q * STRIDE - PAD + dw
             ok = ((rm < M) & (h >= 0) & (h < H) & (w >= 0) & (w < W))[:, None] & c_ok[None, :]
             v = tl.load(y_ptr + ((n * H + h) * W + w).to(tl.int64)[:, None] * C + rc[None, :], mask=ok, other=0.0)
-            # compared as stored: ties resolve as PyTorch's max-pool over the stored ReLU output does
-            z = _relu((v.to(tl.float32) - mean) * scale + shift).to(out_ptr.dtype.element_ty).to(tl.float32)
-            take = ok & ((z > best) | (z != z))  # the first maximum; a NaN replaces whatever came before
-            best = tl.where(take, z, best)
-            pos = tl.where(take, dh * K + dw, pos)
+            z = _relu((v.to(tl.float32) - mean) * scale + shift).to(out_ptr.dtype.element_ty)
+            if NAN_ABOVE:
+                bits = z.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # (a -0 as +0)
+                low = tl.where(bits > NAN_ABOVE, dh * K + dw, 127 - (dh * K + dw))
+                key = tl.maximum(key, tl.where(ok, (bits << 7) | low, -1))
+            else:
+                z = z.to(tl.float32)
+                take = ok & ((z > best) | (z != z))  # the first maximum; a NaN replaces whatever came before
+                best = tl.where(take, z, best)
+                pos = tl.where(take, dh * K + dw, pos)
     ok = (rm < M)[:, None] & c_ok[None, :]
     off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    tl.store(out_ptr + off, best.to(out_ptr.dtype.element_ty), mask=ok)
-    tl.store(code_ptr + off, tl.where(best <= 0, -1, pos).to(tl.int8), mask=ok)
+    if NAN_ABOVE:
+        bits = key >> 7
+        low = key & 127
+        pos = tl.where(bits > NAN_ABOVE, low, 127 - low)
+        tl.store(out_ptr + off, bits.to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True), mask=ok)
+        tl.store(code_ptr + off, tl.where(bits == 0, -1, pos).to(tl.int8), mask=ok)
+    else:
+        tl.store(out_ptr + off, best.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(code_ptr + off, tl.where(best <= 0, -1, pos).to(tl.int8), mask=ok)
 
 
 @triton.jit
@@ -82,28 +105,44 @@ def bn_relu_maxpool_backward_kernel(
     mean_ptr, scale_ptr,  # [C] fp32
     dy_ptr,  # [N, H, W, C] out: dL/dy = scale * g, g the gradient behind the ReLU
     part_ptr,  # [2, T, C] fp32 out: per-tile sums of g and g*(y - mean)
-    M,  # N * H * W input pixels
-    H, W, P, Q, C, T,
+    M,  # N * HJ * WL blocks of STRIDE x STRIDE input pixels
+    H, W, P, Q, C, T, HJ, WL,
     K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
     WRITE_DY: tl.constexpr = True,  # else the sums alone (the conv's weight gradient gathers g itself)
 ):
+    """A program takes BLOCK_M blocks ``(n, j, l)`` of STRIDE x STRIDE input pixels, one
+    class of pixels at a time (:func:`aru_kernels.pool_window.max_pool_grad_class`):
+    ``(j * STRIDE + rh - PAD, l * STRIDE + rw - PAD)`` for each ``(rh, rw)``."""
     pid_m = tl.program_id(0)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
-    w = rm % W
-    t = rm // W
-    h = t % H
-    n = t // H
-    g = max_pool_grad(dout_ptr, code_ptr, n, h, w, rm < M, rc, c_ok, P, Q, C, K, STRIDE, PAD, BLOCK_M, BLOCK_C)
-    ok = (rm < M)[:, None] & c_ok[None, :]
-    off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    yc = _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
-    if WRITE_DY:
-        tl.store(dy_ptr + off, (g * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
-    tl.store(part_ptr + pid_m * C + rc, tl.sum(g, axis=0), mask=c_ok)
-    tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(g * yc, axis=0), mask=c_ok)
+    l = rm % WL
+    t = rm // WL
+    j = t % HJ
+    n = t // HJ
+    s_g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)  # summed over the rows once, at the end
+    s_gy = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for rh in tl.static_range(STRIDE):
+        h = j * STRIDE + rh - PAD
+        for rw in tl.static_range(STRIDE):
+            w = l * STRIDE + rw - PAD
+            row_ok = (rm < M) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
+            g = max_pool_grad_class(dout_ptr, code_ptr, n, j, l, row_ok, rc, c_ok, P, Q, C, rh, rw, K, STRIDE,
+                                    BLOCK_M, BLOCK_C)
+            ok = row_ok[:, None] & c_ok[None, :]
+            off = ((n * H + h) * W + w).to(tl.int64)[:, None] * C + rc[None, :]
+            if WRITE_DY:
+                tl.store(dy_ptr + off, (g * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
+            s_g += g
+            s_gy += g * _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
+    tl.store(part_ptr + pid_m * C + rc, tl.sum(s_g, axis=0), mask=c_ok)
+    tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(s_gy, axis=0), mask=c_ok)
+
+
+# The bits of +inf of the 16-bit dtypes, whose pooled maximum is taken as an integer key.
+_INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
 
 def pool_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
@@ -145,7 +184,7 @@ def bn_relu_maxpool(y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, kerne
         launch(bn_relu_maxpool_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
                y, mean, scale, shift, out, code, m, h, w, out.shape[2], out.shape[3], c,
                K=kernel_size, STRIDE=stride, PAD=padding, BLOCK_M=block_m, BLOCK_C=block_c,
-               role="bn_relu_maxpool")
+               NAN_ABOVE=_INF_BITS.get(y.dtype, 0), role="bn_relu_maxpool")
     return out, code
 
 
@@ -161,15 +200,19 @@ def bn_relu_maxpool_backward(dout: Tensor, code: Tensor, y: Tensor, mean: Tensor
     """``(dy, sums)``: dL/dy of :func:`bn_relu_maxpool` from dL/dout (channels_last) and its
     ``code``, and the per-channel sums ``[2, C]`` of g and g*(y - mean), g the gradient
     behind the ReLU (dL/dy = scale*g). Without ``write_dy`` the sums alone (``dy`` empty)."""
-    c, h, w = y.shape[1:]
-    m = rows(y)
+    n, c, h, w = y.shape
+    hj, wl = (h - 1 + padding) // stride + 1, (w - 1 + padding) // stride + 1  # blocks of stride x stride pixels
+    m = n * hj * wl if rows(y) else 0
     block_m, block_c = elementwise_blocks(c)
+    # two fp32 tiles of sums held over the classes: a quarter of the rows (a ResNet stem's,
+    # sm_90: triton 3.6 spills 96 bytes at half; issue floor 174 us, 3.8 182)
+    block_m = max(16, block_m // 4)
     tiles = triton.cdiv(m, block_m)
     dy = _bn_relu_maxpool_backward_fake(dout, code, y, mean, scale, kernel_size, stride, padding, write_dy)[0]
     part = torch.zeros((2, tiles, c), dtype=torch.float32, device=y.device)
     if m and c:
         launch(bn_relu_maxpool_backward_kernel, (tiles, triton.cdiv(c, block_c)),
-               dout, code, y, mean, scale, dy, part, m, h, w, dout.shape[2], dout.shape[3], c, tiles,
+               dout, code, y, mean, scale, dy, part, m, h, w, dout.shape[2], dout.shape[3], c, tiles, hj, wl,
                K=kernel_size, STRIDE=stride, PAD=padding, BLOCK_M=block_m, BLOCK_C=block_c,
                WRITE_DY=write_dy, role="bn_relu_maxpool_bwd")
     return dy, part.sum(1)  # fixed-order reduction over tiles

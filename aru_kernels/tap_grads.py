@@ -287,11 +287,11 @@ def tap_forward_kernel(
     rn = tl.arange(0, COUT_P)
     ch = pack * CIN_P + ci
     cn = pack * COUT_P + rn
-    mu = tl.load(in_scale_ptr + ch)
-    if PRO_MEAN:
-        mu = tl.load(in_mean_ptr + ch)
     s = tl.load(in_scale_ptr + ch)
     b = tl.load(in_shift_ptr + ch)
+    mu = s  # (read only with PRO_MEAN)
+    if PRO_MEAN:
+        mu = tl.load(in_mean_ptr + ch)
     wt0 = tl.trans(_weight_tap(w_ptr, x_ptr, pack, rn, ci, sw_o, sw_i, sw_h, sw_w, 0, 0, CIN_G, COUT_G, COUT_P))
     wt1 = tl.trans(_weight_tap(w_ptr, x_ptr, pack, rn, ci, sw_o, sw_i, sw_h, sw_w, 0, 1, CIN_G, COUT_G, COUT_P))
     wt2 = tl.trans(_weight_tap(w_ptr, x_ptr, pack, rn, ci, sw_o, sw_i, sw_h, sw_w, 0, 2, CIN_G, COUT_G, COUT_P))

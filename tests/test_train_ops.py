@@ -945,7 +945,7 @@ def test_block_end_with_global_average_pool(device, identity):
         torch.ops.aru.bn_add_relu_grad_sums(dout[:1], bits, y, mean, None, None, pooled=True)
 
 
-POOLS = [(3, 2, 1, 13, 11), (2, 2, 0, 9, 8), (3, 1, 1, 7, 10), (5, 3, 2, 11, 12)]
+POOLS = [(3, 2, 1, 13, 11), (2, 2, 0, 9, 8), (3, 1, 1, 7, 10), (5, 3, 2, 11, 12), (2, 3, 1, 10, 11)]
 
 
 def _bn_relu_pool_ref(y, mean, scale, shift, k, s, p):
@@ -1015,26 +1015,57 @@ def test_stem_train_matches_float64(device, ck, cs, cp, k, s, p, h, w):
         aru_kernels.stem_train(_leaf(x), conv)
 
 
-def test_bn_relu_maxpool_ties_nan_and_code(device):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_bn_relu_maxpool_ties_nan_and_code(device, dtype):
     """Ties go to the window's first maximum and a NaN to its last, as PyTorch's
-    max-pool routes them; ``code`` is -1 exactly where the pooled value is <= 0."""
+    max-pool routes them; ``code`` is -1 exactly where the pooled value is <= 0.
+    (16-bit outputs take the maximum of integer keys: bits over position.)"""
     n, c, h, w = 2, 16, 9, 9
-    y = channels_last(torch.randint(-2, 3, (n, c, h, w), device=device).float())  # many equal values
+    y = channels_last(torch.randint(-2, 3, (n, c, h, w), device=device).to(dtype))  # many equal values
     y[0, 3, 4, 4] = float("nan")
     y[1, 5, 2, 3] = float("nan")
     y[1, 5, 3, 3] = float("nan")  # two NaN in one window
     ones, zeros = torch.ones(c, device=device), torch.zeros(c, device=device)
     out, code = torch.ops.aru.bn_relu_maxpool(y, zeros, ones, zeros, 3, 2, 1)
-    yr = _leaf(y)
+    yr = _leaf(y.float())  # (the same values; its gradient summed in fp32, as ours)
     out_ref = torch.nn.functional.max_pool2d(torch.relu(yr), 3, 2, 1)
     assert torch.equal(torch.isnan(out), torch.isnan(out_ref))
-    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(out_ref.detach()))
+    assert torch.equal(torch.nan_to_num(out.float()), torch.nan_to_num(out_ref.detach()))
     assert torch.equal(code.permute(0, 3, 1, 2) == -1, out_ref.detach() <= 0), "code's -1 is not where out <= 0"
-    dout = channels_last(torch.randn_like(out_ref))
-    out_ref.backward(dout)
+    dout = channels_last(torch.randn_like(out_ref).to(dtype))
+    out_ref.backward(dout.float())
     dy, sums = torch.ops.aru.bn_relu_maxpool_backward(dout, code, y, zeros, ones, 3, 2, 1)
-    assert torch.equal(dy, yr.grad), "the gradient went to another element of a window than PyTorch's"
+    assert torch.equal(dy != 0, yr.grad != 0), "the gradient went to another element of a window than PyTorch's"
+    assert_close(dy, yr.grad, dtype, what="dL/dy")  # (sums of up to 4 values, rounded once)
     assert_close(sums[0], yr.grad.sum((0, 2, 3)), torch.float32, what="sum of g")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("k,s,p,h,w", POOLS, ids=[f"k{k}s{s}p{p}" for k, s, p, _, _ in POOLS])
+def test_bn_relu_maxpool_16bit_takes_pytorchs_maximum(device, dtype, k, s, p, h, w):
+    """16-bit outputs: the pooled value, and the position ``code`` names, are PyTorch's
+    max-pool (its first maximum) over the stored normalized values. Inputs are quarters,
+    means, scales (some negative) and shifts dyadic, so every normalized value is exact
+    in 16 bits (the interpreter truncates fp32 to bf16 where a GPU rounds) and many tie."""
+    c = 24
+    y = channels_last((torch.randint(-12, 13, (2, c, h, w), device=device) / 4).to(dtype))
+    g = torch.Generator().manual_seed(0)
+
+    def pick(values):
+        return torch.tensor(values)[torch.randint(len(values), (c,), generator=g)].to(device)
+
+    mean, scale, shift = pick([0.0, 0.125, -0.25]), pick([0.5, 1.0, 2.0, -1.0, -2.0]), pick([-0.5, 0.0, 0.25, 0.5])
+    out, code = torch.ops.aru.bn_relu_maxpool(y, mean, scale, shift, k, s, p)
+    v = mean.view(1, -1, 1, 1), scale.view(1, -1, 1, 1), shift.view(1, -1, 1, 1)
+    z = torch.relu((y.float() - v[0]) * v[1] + v[2]).to(dtype)
+    out_ref, index = torch.nn.functional.max_pool2d(z.cpu().float(), k, s, p, return_indices=True)
+    assert torch.equal(out.cpu().float(), out_ref), "pooled values differ from PyTorch's"
+    code = code.permute(0, 3, 1, 2).cpu().long()  # [N, C, P, Q]
+    pp, qq = torch.meshgrid(torch.arange(out.shape[2]), torch.arange(out.shape[3]), indexing="ij")
+    flat = (pp * s - p + code // k) * w + (qq * s - p + code % k)
+    live = out_ref > 0
+    assert torch.equal(code == -1, ~live)
+    assert live.float().mean() > 0.3 and torch.equal(flat[live], index[live]), "another maximum than PyTorch's"
 
 
 def test_bn_relu_maxpool_errors(device):
