@@ -106,7 +106,7 @@ each pack's diagonal blocks (the real groups).
 import triton
 import triton.language as tl
 
-from .pool_window import max_pool_grad
+from .pool_window import max_pool_grad_class
 from .relu_bits import load_relu_mask, store_relu_mask
 
 
@@ -619,9 +619,13 @@ def conv_wgrad_kernel(
 
     With ``POOL_GRAD`` (a ResNet stem: this conv, its batch norm, a ReLU, a
     max-pool) the dy tile is gathered from the pooled gradient and the pool's
-    codes (:func:`aru_kernels.pool_window.max_pool_grad`: the gradient behind
+    codes (:mod:`aru_kernels.pool_window`: the gradient behind
     the ReLU), then scaled and given the statistics term (``STAT_SCALE``,
-    ``GRAD_STATS``): the full-resolution dL/dy is never written.
+    ``GRAD_STATS``): the full-resolution dL/dy is never written. ``M`` then
+    counts blocks of POOL_STRIDE x POOL_STRIDE pixels, and the pixel loop runs
+    once for each stride class of the pool (``(p + POOL_PAD) % POOL_STRIDE``, the
+    same of q), so it reads only the windows that cover its pixels, at positions
+    known when compiled (:func:`aru_kernels.pool_window.max_pool_grad_class`).
     """
     K_TOTAL: tl.constexpr = KH * KW * CIN_P
     K_BLOCKS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
@@ -660,75 +664,90 @@ def conv_wgrad_kernel(
     d_a = tl.zeros((BLOCK_K,), dtype=tl.float32)  # DGRAD: this split's sums of its epilogue, in pixel order
     d_b = d_a
     d_c = d_a
+    CLASSES: tl.constexpr = POOL_STRIDE * POOL_STRIDE if POOL_GRAD else 1
     m_start = split * M_PER_SPLIT
-    for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
-        rm = m0 + tl.arange(0, BLOCK_M)
-        m_ok = rm < M
-        if POINTWISE:
-            row = rm.to(tl.int64) * C_IN
-            ok = m_ok[:, None] & k_ok[None, :]
-        else:
-            t2 = rm // Q  # (no %: see conv_bn_act_kernel)
-            q = rm - t2 * Q
-            img = t2 // P
-            p = t2 - img * P
-            ih = (p * STRIDE)[:, None] + dh[None, :]
-            iw = (q * STRIDE)[:, None] + dw[None, :]
-            ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            row = ((img.to(tl.int64) * H + p * STRIDE) * W + q * STRIDE) * C_IN
-        x_tile = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0)
-        a = x_tile
-        if HAS_PROLOGUE:
-            a = _prologue(a, ok, pack * CIN_P + ci, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
-                          PRO_MEAN, PRO_RELU)
-        g_off = rm.to(tl.int64)[:, None] * C_OUT + cn[None, :]
-        g_ok = m_ok[:, None] & n_ok[None, :]
-        if POOL_GRAD:
-            tl.static_assert(GRAD_STATS and STAT_SCALE and not WRITE_DY and not DGRAD)
-            t3 = rm // Q
-            g = max_pool_grad(dy_ptr, pool_code_ptr, t3 // P, t3 % P, rm - t3 * Q, m_ok, cn, n_ok, PP, PQ, C_OUT,
-                              POOL_K, POOL_STRIDE, POOL_PAD, BLOCK_M, BLOCK_N)
-        elif A_GRAM:  # the Gram column's right operand is A itself; it reads no dL/dy
-            g = tl.where(n_b == N_BLOCKS, a.to(dy_ptr.dtype.element_ty),
-                         tl.load(dy_ptr + g_off, mask=g_ok & (n_b < N_BLOCKS), other=0.0))
-        else:
-            g = tl.load(dy_ptr + g_off, mask=g_ok, other=0.0)
-        if GRAD_STATS:
-            g = g.to(tl.float32)
-            if STAT_SCALE:
-                g = g * tl.load(st_c_ptr + cn, mask=n_ok, other=0.0)[None, :]
-            g = g + _prologue(tl.load(y_ptr + g_off, mask=g_ok, other=0.0), g_ok, cn, n_ok,
-                              st_mean_ptr, st_b_ptr, st_a_ptr, True, False)
-            if SQ_TERM:
-                g_img = (rm // (P * Q)).to(tl.int64)
-                g += tl.load(st_sq_ptr + g_img[:, None] * C_OUT + cn[None, :], mask=g_ok, other=0.0)
-            g = g.to(dy_ptr.dtype.element_ty)
-            if WRITE_DY and k_b == 0:  # one k block's programs cover every (pixel, channel) once
-                tl.store(dy_out_ptr + g_off, g, mask=g_ok)
-        if A_SUMS:
-            a_sum += tl.sum(a.to(tl.float32), axis=0)
-        if DOT_F32:
-            acc += _dot_f32(tl.trans(a), g)
-        else:
-            acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
-        if DGRAD:
+    for cls in tl.static_range(CLASSES):  # POOL_GRAD: one loop a stride class of the pool (docstring)
+        for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
+            rm = m0 + tl.arange(0, BLOCK_M)
+            m_ok = rm < M
+            if POOL_GRAD:  # rm: blocks of POOL_STRIDE x POOL_STRIDE pixels; this loop's class of them
+                HJ: tl.constexpr = (P - 1 + POOL_PAD) // POOL_STRIDE + 1
+                WL: tl.constexpr = (Q - 1 + POOL_PAD) // POOL_STRIDE + 1
+                rh = cls // POOL_STRIDE
+                rw = cls % POOL_STRIDE
+                t3 = rm // WL
+                pl = rm - t3 * WL
+                img = t3 // HJ
+                pj = t3 - img * HJ
+                p = pj * POOL_STRIDE + rh - POOL_PAD
+                q = pl * POOL_STRIDE + rw - POOL_PAD
+                m_ok = (rm < M) & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+                rm = (img * P + p) * Q + q  # the pixel itself
+            if POINTWISE:
+                row = rm.to(tl.int64) * C_IN
+                ok = m_ok[:, None] & k_ok[None, :]
+            else:
+                if not POOL_GRAD:
+                    t2 = rm // Q  # (no %: see conv_bn_act_kernel)
+                    q = rm - t2 * Q
+                    img = t2 // P
+                    p = t2 - img * P
+                ih = (p * STRIDE)[:, None] + dh[None, :]
+                iw = (q * STRIDE)[:, None] + dw[None, :]
+                ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                row = ((img.to(tl.int64) * H + p * STRIDE) * W + q * STRIDE) * C_IN
+            x_tile = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0)
+            a = x_tile
+            if HAS_PROLOGUE:
+                a = _prologue(a, ok, pack * CIN_P + ci, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
+                              PRO_MEAN, PRO_RELU)
+            g_off = rm.to(tl.int64)[:, None] * C_OUT + cn[None, :]
+            g_ok = m_ok[:, None] & n_ok[None, :]
+            if POOL_GRAD:
+                tl.static_assert(GRAD_STATS and STAT_SCALE and not WRITE_DY and not DGRAD)
+                g = max_pool_grad_class(dy_ptr, pool_code_ptr, img, pj, pl, m_ok, cn, n_ok, PP, PQ, C_OUT, rh, rw,
+                                        POOL_K, POOL_STRIDE, BLOCK_M, BLOCK_N)
+            elif A_GRAM:  # the Gram column's right operand is A itself; it reads no dL/dy
+                g = tl.where(n_b == N_BLOCKS, a.to(dy_ptr.dtype.element_ty),
+                             tl.load(dy_ptr + g_off, mask=g_ok & (n_b < N_BLOCKS), other=0.0))
+            else:
+                g = tl.load(dy_ptr + g_off, mask=g_ok, other=0.0)
+            if GRAD_STATS:
+                g = g.to(tl.float32)
+                if STAT_SCALE:
+                    g = g * tl.load(st_c_ptr + cn, mask=n_ok, other=0.0)[None, :]
+                g = g + _prologue(tl.load(y_ptr + g_off, mask=g_ok, other=0.0), g_ok, cn, n_ok,
+                                  st_mean_ptr, st_b_ptr, st_a_ptr, True, False)
+                if SQ_TERM:
+                    g_img = (rm // (P * Q)).to(tl.int64)
+                    g += tl.load(st_sq_ptr + g_img[:, None] * C_OUT + cn[None, :], mask=g_ok, other=0.0)
+                g = g.to(dy_ptr.dtype.element_ty)
+                if WRITE_DY and k_b == 0:  # one k block's programs cover every (pixel, channel) once
+                    tl.store(dy_out_ptr + g_off, g, mask=g_ok)
+            if A_SUMS:
+                a_sum += tl.sum(a.to(tl.float32), axis=0)
             if DOT_F32:
-                da = _dot_f32(g, wt)
+                acc += _dot_f32(tl.trans(a), g)
             else:
-                da = tl.dot(g, wt, input_precision=INPUT_PRECISION)
-            if HAS_PROLOGUE:  # dL/da behind the forward prologue, from the x tile loaded above
-                t_a, t_b = _prologue_grad_epilogue(da, x_tile, row[:, None] + col[None, :], ok, ci, k_ok, dx_ptr,
-                                                   in_mean_ptr, in_scale_ptr, in_shift_ptr, PRO_MEAN, PRO_RELU)
-                d_a += t_a
-                d_b += t_b
-            else:
-                t_a, t_b, t_c = _input_grad_epilogue(da, row[:, None] + col[None, :], ok, rm, m_ok, ci, k_ok,
-                                                     k_b * (BLOCK_K // 8), dx_ptr, res_ptr, end_mask_ptr, end_y_ptr,
-                                                     end_mean_ptr, end_id_ptr, end_id_mean_ptr, C_IN, HAS_RESIDUAL,
-                                                     END_BWD, END_ID, BLOCK_M, BLOCK_K)
-                d_a += t_a
-                d_b += t_b
-                d_c += t_c
+                acc = tl.dot(tl.trans(a.to(g.dtype)), g, acc, input_precision=INPUT_PRECISION)
+            if DGRAD:
+                if DOT_F32:
+                    da = _dot_f32(g, wt)
+                else:
+                    da = tl.dot(g, wt, input_precision=INPUT_PRECISION)
+                if HAS_PROLOGUE:  # dL/da behind the forward prologue, from the x tile loaded above
+                    t_a, t_b = _prologue_grad_epilogue(da, x_tile, row[:, None] + col[None, :], ok, ci, k_ok, dx_ptr,
+                                                       in_mean_ptr, in_scale_ptr, in_shift_ptr, PRO_MEAN, PRO_RELU)
+                    d_a += t_a
+                    d_b += t_b
+                else:
+                    t_a, t_b, t_c = _input_grad_epilogue(da, row[:, None] + col[None, :], ok, rm, m_ok, ci, k_ok,
+                                                         k_b * (BLOCK_K // 8), dx_ptr, res_ptr, end_mask_ptr, end_y_ptr,
+                                                         end_mean_ptr, end_id_ptr, end_id_mean_ptr, C_IN, HAS_RESIDUAL,
+                                                         END_BWD, END_ID, BLOCK_M, BLOCK_K)
+                    d_a += t_a
+                    d_b += t_b
+                    d_c += t_c
     if DGRAD and (HAS_PROLOGUE or END_BWD):  # one row of sums per split, added in a fixed order by the launcher
         tl.store(part_a_ptr + split * C_IN + ci, d_a, mask=k_ok)
         tl.store(part_b_ptr + split * C_IN + ci, d_b, mask=k_ok)

@@ -573,22 +573,28 @@ def conv_weight_grad(
     asum = torch.empty((plan.splits, plan.k_total), dtype=torch.float32, device=x.device) if input_sums else part
     gram_part = torch.empty((plan.splits, plan.k_total, plan.k_total), dtype=torch.float32,
                             device=x.device) if gram else part
+    m, m_per_split, loops, pool = conv.m, plan.m_per_split, 1, {}
+    if pool_code is not None:  # blocks of stride x stride pixels, a loop a stride class (conv_wgrad_kernel)
+        m = conv.n * ((conv.p - 1 + pool_padding) // pool_stride + 1) * ((conv.q - 1 + pool_padding) // pool_stride + 1)
+        m_per_split = -(-m // (plan.splits * plan.block_m)) * plan.block_m
+        loops = pool_stride * pool_stride
+        pool = dict(PP=dy.shape[2], PQ=dy.shape[3], POOL_K=pool_kernel, POOL_STRIDE=pool_stride,
+                    POOL_PAD=pool_padding)
     launch(
         _conv.conv_wgrad_kernel, plan.grid,
         x, dy, part, _f32(in_mean, part), _f32(in_scale, part), _f32(in_shift, part),
         dy if stat_y is None else stat_y, _f32(stat_mean, part), _f32(stat_a, part), _f32(stat_b, part),
         _f32(stat_c, part), _f32(stat_sq, part), dy_out if folded and write_dy and not input_sums else dy,
-        conv.m, plan.m_per_split, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out,
+        m, m_per_split, conv.h, conv.w, conv.p, conv.q, conv.c_in, conv.c_out,
         KH=kh, KW=kw, STRIDE=stride, PAD=padding, DIL=dilation, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
         HAS_PROLOGUE=in_scale is not None, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
         GRAD_STATS=folded, STAT_SCALE=folded and stat_c is not None,
         SQ_TERM=folded and stat_sq is not None, DOT_F32=interpreting(), INPUT_PRECISION=conv.constexprs()["INPUT_PRECISION"],
         BLOCK_M=plan.block_m, BLOCK_K=plan.block_k, BLOCK_N=plan.block_n,
         asum_ptr=asum, WRITE_DY=write_dy and not input_sums, A_SUMS=input_sums, gram_ptr=gram_part, A_GRAM=gram,
-        role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [plan.m_per_split // plan.block_m]},
+        role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [m_per_split // plan.block_m] * loops},
         num_warps=plan.num_warps, num_stages=plan.num_stages, pool_code_ptr=pool_code, POOL_GRAD=pool_code is not None,
-        **({} if pool_code is None else dict(PP=dy.shape[2], PQ=dy.shape[3], POOL_K=pool_kernel,
-                                             POOL_STRIDE=pool_stride, POOL_PAD=pool_padding)),
+        **pool,
     )
     if input_sums:
         dy_out = asum.sum(0)  # fixed-order reduction over the splits

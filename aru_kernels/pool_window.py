@@ -4,18 +4,18 @@ from the windows whose maximum it is.
 ``bn_relu_maxpool_kernel`` (:mod:`aru_kernels.maxpool`) keeps, per pooled
 element, an int8 code: where in its window the maximum lies, ``-1`` where the
 ReLU before the pool passes no gradient. The backward gathers from those codes
-instead of scattering: each input pixel visits the few windows that cover it,
-in PyTorch's order (rows, then columns, ascending), and sums the gradients of
+instead of scattering: each input pixel visits the windows that cover it, in
+PyTorch's order (rows, then columns, ascending), and sums the gradients of
 those whose code names it. The max-pool's backward kernel writes that sum; the
 weight gradient of the convolution before a ResNet stem's pool
 (``conv_wgrad_kernel``'s ``POOL_GRAD``) computes it as it loads its dL/dy tile,
 so the full-resolution gradient is never written.
 
 :func:`max_pool_grad_class` takes the input pixels a class at a time: those
-whose ``(h + PAD) % STRIDE`` and ``(w + PAD) % STRIDE`` are the same cover the
+whose ``(h + PAD) % STRIDE`` and ``(w + PAD) % STRIDE`` are the same lie at the
 same positions of their windows, so each visits only the windows that cover it
 (for a ResNet stem's 3x3 windows of stride 2: 1, 2, 2 or 4 a pixel, 9 for 4
-pixels, where :func:`max_pool_grad` tests 16).
+pixels, where testing every window that could cover a pixel takes 16).
 
 Windows are square (``K`` wide, stride ``STRIDE``, padding ``PAD``), no
 dilation, floor mode: ``nn.MaxPool2d``'s defaults.
@@ -26,49 +26,30 @@ import triton.language as tl
 
 
 @triton.jit
-def max_pool_grad(dout_ptr, code_ptr, n, h, w, row_ok, rc, c_ok, P, Q, C,
-                  K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """fp32 ``[BLOCK_M, BLOCK_C]``: for input pixels ``(n, h, w)`` (``row_ok``) and
-    channels ``rc`` (``c_ok``) of a max-pool with a ``[N, P, Q, C]`` output, the sum of
-    ``dout`` over the windows whose maximum each is (``code`` as the forward wrote it)."""
-    WIN: tl.constexpr = (K + STRIDE - 1) // STRIDE  # windows covering a pixel, per axis
+def max_pool_grad_class(dout_ptr, code_ptr, n, j, l, row_ok, rc, c_ok, P, Q, C, RH, RW,
+                        K: tl.constexpr, STRIDE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """fp32 ``[BLOCK_M, BLOCK_C]``: for input pixels ``(n, j * STRIDE + RH - PAD,
+    l * STRIDE + RW - PAD)`` (``row_ok``) and channels ``rc`` (``c_ok``) of a max-pool with
+    a ``[N, P, Q, C]`` output, the sum of ``dout`` over the windows whose maximum each is
+    (``code`` as the forward wrote it): the windows ``(j - i, l - i2)`` whose rows
+    ``RH + i * STRIDE`` and columns ``RW + i2 * STRIDE`` lie inside ``K``, summed in
+    PyTorch's order (rows, then columns, ascending). The class ``(RH, RW)`` is a
+    constant when compiled, or the same for the whole block when run: a window that
+    does not cover it is then skipped by a branch every thread takes alike."""
+    WIN: tl.constexpr = (K + STRIDE - 1) // STRIDE
     g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for i in tl.static_range(WIN):
-        oh = (h + PAD) // STRIDE - (WIN - 1) + i
-        dh = h + PAD - oh * STRIDE
-        for j in tl.static_range(WIN):
-            ow = (w + PAD) // STRIDE - (WIN - 1) + j
-            dw = w + PAD - ow * STRIDE
-            win = row_ok & (oh >= 0) & (oh < P) & (dh < K) & (ow >= 0) & (ow < Q) & (dw < K)
-            ok = win[:, None] & c_ok[None, :]  # whole rows, so that the loads stay vectors
-            off = ((n * P + oh) * Q + ow).to(tl.int64)[:, None] * C + rc[None, :]
-            mine = tl.load(code_ptr + off, mask=ok, other=-1).to(tl.int32) == (dh * K + dw)[:, None]
-            g += tl.where(mine, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
-    return g
-
-
-@triton.jit
-def max_pool_grad_class(dout_ptr, code_ptr, n, j, l, row_ok, rc, c_ok, P, Q, C,
-                        RH: tl.constexpr, RW: tl.constexpr, K: tl.constexpr, STRIDE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    """As :func:`max_pool_grad`, for the input pixels ``(n, j * STRIDE + RH - PAD,
-    l * STRIDE + RW - PAD)`` (``row_ok``): the windows ``(j - i, l - i2)`` whose rows
-    ``RH + i * STRIDE`` and columns ``RW + i2 * STRIDE`` lie inside ``K``, each
-    position known when compiled; summed in PyTorch's order (rows, then columns, ascending)."""
-    NI: tl.constexpr = (K - RH + STRIDE - 1) // STRIDE  # windows covering these pixels, per axis
-    NJ: tl.constexpr = (K - RW + STRIDE - 1) // STRIDE
-    g = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for a in tl.static_range(NI):
-        i = NI - 1 - a
-        oh = j - i
-        for b in tl.static_range(NJ):
-            i2 = NJ - 1 - b
-            ow = l - i2
-            win = row_ok & (oh >= 0) & (oh < P) & (ow >= 0) & (ow < Q)
-            ok = win[:, None] & c_ok[None, :]
-            off = ((n * P + oh) * Q + ow).to(tl.int64)[:, None] * C + rc[None, :]
-            here = (RH + i * STRIDE) * K + RW + i2 * STRIDE
-            mine = tl.load(code_ptr + off, mask=ok, other=-1).to(tl.int32) == here
-            g += tl.where(mine, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
+    for a in tl.static_range(WIN):
+        i = WIN - 1 - a
+        if RH + i * STRIDE < K:
+            oh = j - i
+            for b in tl.static_range(WIN):
+                i2 = WIN - 1 - b
+                if RW + i2 * STRIDE < K:
+                    ow = l - i2
+                    win = row_ok & (oh >= 0) & (oh < P) & (ow >= 0) & (ow < Q)
+                    ok = win[:, None] & c_ok[None, :]
+                    off = ((n * P + oh) * Q + ow).to(tl.int64)[:, None] * C + rc[None, :]
+                    here = (RH + i * STRIDE) * K + RW + i2 * STRIDE
+                    mine = tl.load(code_ptr + off, mask=ok, other=-1).to(tl.int32) == here
+                    g += tl.where(mine, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
     return g

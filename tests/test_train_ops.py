@@ -972,10 +972,11 @@ def test_bn_relu_maxpool_matches_float64(device, k, s, p, h, w):
         assert_close(a.grad, e.grad, torch.float32, what=f"gradient of {name}")
 
 
-STEMS = [(7, 2, 3, 3, 2, 1, 19, 15), (3, 1, 1, 2, 2, 0, 9, 12)]  # conv k, s, p; pool k, s, p; h, w
+# conv k, s, p; pool k, s, p; h, w (a 2-wide pool of stride 3 leaves pixels in no window)
+STEMS = [(7, 2, 3, 3, 2, 1, 19, 15), (3, 1, 1, 2, 2, 0, 9, 12), (3, 1, 1, 2, 3, 1, 11, 10)]
 
 
-@pytest.mark.parametrize("ck,cs,cp,k,s,p,h,w", STEMS, ids=["7x7s2_pool3s2", "3x3s1_pool2s2"])
+@pytest.mark.parametrize("ck,cs,cp,k,s,p,h,w", STEMS, ids=["7x7s2_pool3s2", "3x3s1_pool2s2", "3x3s1_pool2s3"])
 def test_stem_train_matches_float64(device, ck, cs, cp, k, s, p, h, w):
     """``aru_kernels.stem_train``: conv, batch norm, ReLU, max-pool as one node whose
     weight gradient gathers dL/dy from the pooled gradient (never written): output,
