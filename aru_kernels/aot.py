@@ -97,10 +97,11 @@ def loop_extra(loop_sizes, nested_sizes, loop_trips) -> int:
     a loop run at most once counts its body once."""
     extra = 0
     for n, inner, t in zip(loop_sizes, nested_sizes, loop_trips):
-        t_out, t_in = (t, t) if isinstance(t, int) else t
-        if isinstance(t, int):
-            inner = 0  # the nested loops run with the outer one: its whole body repeats
-        extra += (max(1, t_out) - 1) * (n - inner) + (max(1, t_in) - 1) * inner
+        if isinstance(t, int):  # its whole body, nested loops and all, repeats t times
+            extra += (max(1, t) - 1) * n
+        else:
+            t_out, t_in = t
+            extra += (max(1, t_out) - 1) * (n - inner) + (max(1, t_in) - 1) * inner
     return extra
 
 

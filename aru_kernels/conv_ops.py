@@ -27,6 +27,7 @@ from . import conv as _conv
 from .checks import check_conv_inputs, check_runnable
 from .bn_ops import relu_mask_shape
 from .launch import launch
+from .maxpool import stride_blocks
 from .plans import WGRAD_GRAM_MAX_CHANNELS, ConvPlan, plan_conv, plan_wgrad, slab_sum_blocks, tap_grads_fuse
 from .runtime import interpreting
 
@@ -575,7 +576,7 @@ def conv_weight_grad(
                             device=x.device) if gram else part
     m, m_per_split, loops, pool = conv.m, plan.m_per_split, 1, {}
     if pool_code is not None:  # blocks of stride x stride pixels, a loop a stride class (conv_wgrad_kernel)
-        m = conv.n * ((conv.p - 1 + pool_padding) // pool_stride + 1) * ((conv.q - 1 + pool_padding) // pool_stride + 1)
+        m = conv.n * stride_blocks(conv.p, pool_stride, pool_padding) * stride_blocks(conv.q, pool_stride, pool_padding)
         m_per_split = -(-m // (plan.splits * plan.block_m)) * plan.block_m
         loops = pool_stride * pool_stride
         pool = dict(PP=dy.shape[2], PQ=dy.shape[3], POOL_K=pool_kernel, POOL_STRIDE=pool_stride,

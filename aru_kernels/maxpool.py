@@ -34,7 +34,7 @@ from .launch import launch
 from .plans import elementwise_blocks
 from .pool_window import max_pool_grad_class
 
-__all__ = ["pool_size", "bn_relu_maxpool", "bn_relu_maxpool_backward"]
+__all__ = ["pool_size", "stride_blocks", "bn_relu_maxpool", "bn_relu_maxpool_backward"]
 
 
 @triton.jit
@@ -150,6 +150,12 @@ def pool_size(size: int, kernel_size: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel_size) // stride + 1
 
 
+def stride_blocks(size: int, stride: int, padding: int) -> int:
+    """Blocks of ``stride`` pixels that hold the ``size`` pixels of an axis, block ``j``
+    pixels ``j * stride - padding + r`` (``r`` the class, :mod:`aru_kernels.pool_window`)."""
+    return (size - 1 + padding) // stride + 1
+
+
 def _check_window(kernel_size: int, stride: int, padding: int) -> None:
     if not 1 <= kernel_size <= 11 or stride < 1 or not 0 <= padding <= kernel_size // 2:
         raise ValueError("bn_relu_maxpool: needs 1 <= kernel_size <= 11, stride >= 1 and "
@@ -201,7 +207,7 @@ def bn_relu_maxpool_backward(dout: Tensor, code: Tensor, y: Tensor, mean: Tensor
     ``code``, and the per-channel sums ``[2, C]`` of g and g*(y - mean), g the gradient
     behind the ReLU (dL/dy = scale*g). Without ``write_dy`` the sums alone (``dy`` empty)."""
     n, c, h, w = y.shape
-    hj, wl = (h - 1 + padding) // stride + 1, (w - 1 + padding) // stride + 1  # blocks of stride x stride pixels
+    hj, wl = stride_blocks(h, stride, padding), stride_blocks(w, stride, padding)
     m = n * hj * wl if rows(y) else 0
     block_m, block_c = elementwise_blocks(c)
     # two fp32 tiles of sums held over the classes: a quarter of the rows (a ResNet stem's,

@@ -521,6 +521,7 @@ def _even_splits(tiles: int, sms: int, resident: int, near: int, cap: int) -> in
 
     slots = resident * sms
     most = max(1, min(cap, max(_cdiv(slots, tiles), 2 * slots // tiles)))
+    near = min(near, cap)
     best = min(finish(s) for s in range(1, most + 1))
     return min((s for s in range(1, most + 1) if finish(s) <= best * WGRAD_SPLIT_SLACK),
                key=lambda s: (abs(s - near), s))
@@ -545,8 +546,8 @@ def _wgrad_splits(plan: WgradPlan, device: torch.device) -> int:
     cap = _cdiv(plan.conv.m, 4 * plan.block_m)
     if plan.num_warps < 8:
         near = sms // tiles if sms % tiles == 0 else max(_cdiv(sms, tiles), 2 * sms // tiles)
-        return _even_splits(tiles, sms, 2, min(near, cap), cap)
-    return _even_splits(tiles, sms, 1, min(max(1, sms // tiles), cap), cap)
+        return _even_splits(tiles, sms, 2, near, cap)
+    return _even_splits(tiles, sms, 1, max(1, sms // tiles), cap)
 
 
 # The most output channels of a 1x1 convolution whose weight and input gradients are one
@@ -691,7 +692,7 @@ def _tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int
     and the rows of the program's ring, which holds two steps and the taps' reach either way."""
     sms = _multiprocessors(device)
     cap = _cdiv(conv.m, 4 * block_m)
-    splits = _even_splits(conv.packs, sms, 4, min(_cdiv(4 * sms, conv.packs), cap), cap)
+    splits = _even_splits(conv.packs, sms, 4, _cdiv(4 * sms, conv.packs), cap)
     reach = 2 * (conv.padding * conv.w + conv.padding)
     plan = WgradPlan(conv, block_m, conv.kh * conv.kw * conv.cin_p, conv.cout_p, splits, num_warps, num_stages=1)
     return plan, _next_pow2(2 * block_m + reach)
