@@ -9,7 +9,9 @@ Triton's own binder (``triton.runtime.jit``): pointers and ints divisible by
 launch. The cubin's SASS then gives registers, spills, shared memory,
 tensor-core instruction counts, the widths of global loads and stores, and
 the dynamic instruction count per warp (each loop's body times its trip
-count, which the launch knows). From those:
+count, which the launch knows), and the same for the multiply-adds of its
+tensor-core instructions (each ``HGMMA.MxNxK`` or ``HMMA.MNK`` by its shape).
+From those:
 
 * issue-slot floor = the instructions of the busiest warp scheduler / clock:
   the programs spread over the SMs, the busiest SM runs ``ceil(programs /
@@ -17,8 +19,13 @@ count, which the launch knows). From those:
   round on one), its warps shared by its 4 schedulers; the time the
   instructions alone need at full issue rate;
 * DRAM floor = the bytes of the launch's distinct tensors / copy bandwidth;
+* tensor floor = the busiest SM's tensor-core FLOPs / its share of the
+  measured dense matrix-multiply rate: what the compiled code multiplies,
+  padded blocks and masked tiles included (a TF32 FLOP counts two, at half
+  the rate); ``mma.sync`` is charged at ``wgmma``'s rate, so for it the floor
+  is optimistic;
 
-and a kernel's floor is the larger of the two. Triton must not be in
+and a kernel's floor is the largest of the three. Triton must not be in
 interpreter mode in this process.
 """
 
@@ -35,7 +42,8 @@ import torch
 
 from .launch import Launch
 
-__all__ = ["GpuProfile", "H200", "KernelReport", "compile_launch", "analyze", "launch_bytes", "launch_key", "loop_extra"]
+__all__ = ["GpuProfile", "H200", "KernelReport", "compile_launch", "analyze", "launch_bytes", "launch_key", "loop_extra",
+           "mma_flops"]
 
 
 @dataclass(frozen=True)
@@ -45,13 +53,16 @@ class GpuProfile:
     clock_GHz: float
     copy_TBps: float  # measured device-to-device copy bandwidth (read + write)
     max_shared_bytes: int  # shared memory one block may have (opt-in); a kernel needing more does not launch
+    mm_TFLOPs: float  # measured dense bf16 matrix-multiply rate (a large torch.mm)
 
     def to_json(self) -> dict:
         return {"sms": self.sms, "clock_GHz": self.clock_GHz, "copy_TBps": self.copy_TBps,
-                "max_shared_bytes": self.max_shared_bytes}
+                "max_shared_bytes": self.max_shared_bytes, "mm_TFLOPs": self.mm_TFLOPs}
 
 
-H200 = GpuProfile("NVIDIA H200", sms=132, clock_GHz=1.98, copy_TBps=4.144, max_shared_bytes=232448)  # 227 KiB
+# shared/anchors of this project: copy and matrix rates measured on an H200 (benchmarks/NOTES.md)
+H200 = GpuProfile("NVIDIA H200", sms=132, clock_GHz=1.98, copy_TBps=4.144, max_shared_bytes=232448,  # 227 KiB
+                  mm_TFLOPs=714.8)
 
 _SCHEDULERS_PER_SM = 4
 
@@ -72,6 +83,11 @@ class KernelReport:
     dyn_instr_per_warp: int
     loop_sizes: tuple = ()  # instructions in each outer loop's body, in program order
     nested_sizes: tuple = ()  # of those, the instructions in loops nested inside each
+    # the same three counts for tensor-core FLOPs a warp issues (bf16 rate: a TF32 FLOP counts two)
+    static_mma_flops: int = 0
+    loop_mma_flops: tuple = ()
+    nested_mma_flops: tuple = ()
+    mma_flops_per_warp: int = 0  # dynamic, at the launch's trips
 
     def with_trips(self, loop_trips: list) -> "KernelReport":
         """The same compiled code at other loop trip counts (another launch of it).
@@ -79,16 +95,22 @@ class KernelReport:
         An entry per outer loop: its trip count, or ``(trips, inner)`` for a loop with
         loops nested inside, ``inner`` the trips of those summed over the outer loop's.
         """
-        return replace(self, dyn_instr_per_warp=self.static_instr + loop_extra(
-            self.loop_sizes, self.nested_sizes or (0,) * len(self.loop_sizes), loop_trips))
+        def dynamic(static, sizes, nested):
+            sizes = sizes or (0,) * len(self.loop_sizes)
+            return static + loop_extra(sizes, nested or (0,) * len(sizes), loop_trips)
 
-    def floors(self, launch: Launch, gpu: GpuProfile) -> tuple[float, float]:
-        """(issue-slot floor, DRAM floor) of one launch, in microseconds."""
+        return replace(self, dyn_instr_per_warp=dynamic(self.static_instr, self.loop_sizes, self.nested_sizes),
+                       mma_flops_per_warp=dynamic(self.static_mma_flops, self.loop_mma_flops,
+                                                  self.nested_mma_flops))
+
+    def floors(self, launch: Launch, gpu: GpuProfile) -> tuple[float, float, float]:
+        """(issue-slot floor, DRAM floor, tensor floor) of one launch, in microseconds."""
         per_sm = -(-launch.programs // gpu.sms)  # the busiest multiprocessor's programs
         per_scheduler = -(-per_sm * launch.num_warps // _SCHEDULERS_PER_SM)  # its busiest scheduler's warps
         issue = per_scheduler * self.dyn_instr_per_warp / (gpu.clock_GHz * 1e3)
         dram = launch_bytes(launch) / (gpu.copy_TBps * 1e6)
-        return issue, dram
+        tensor = per_sm * launch.num_warps * self.mma_flops_per_warp / (gpu.mm_TFLOPs * 1e6 / gpu.sms)
+        return issue, dram, tensor
 
 
 def loop_extra(loop_sizes, nested_sizes, loop_trips) -> int:
@@ -167,6 +189,23 @@ def launch_bytes(launch: Launch) -> int:
 
 _SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
 _BRANCH_TARGET = re.compile(r"0x([0-9a-f]+)")
+# warpgroup MMA: "HGMMA.64x128x16.F32.BF16" (the opcode pattern above stops at the "x"); warp MMA: "HMMA.16816.F32.BF16"
+_HGMMA_SHAPE = re.compile(r"^HGMMA\.(\d+)x(\d+)x(\d+)\.\w+\.(\w+)")
+_HMMA_SHAPE = re.compile(r"^HMMA\.16(8)(\d+)\.\w+\.(\w+)")
+_RATE = {"BF16": 1, "F16": 1, "TF32": 2, "E4M3": 0.5, "E5M2": 0.5}  # FLOP cost against a bf16 FLOP
+
+
+def mma_flops(text: str) -> int:
+    """The FLOPs (2 per multiply-add, at the bf16 rate) that one warp's issue of the SASS
+    instruction ``text`` (opcode and operands) computes: a ``wgmma`` tile is the 4 warps of its
+    warpgroup's together; 0 for anything else (``HFMA2.MMA`` is not a tensor-core op)."""
+    m = _HGMMA_SHAPE.match(text)
+    if m:
+        return int(2 * int(m[1]) * int(m[2]) * int(m[3]) * _RATE.get(m[4], 1) // 4)
+    m = _HMMA_SHAPE.match(text)
+    if m:
+        return int(2 * 16 * int(m[1]) * int(m[2]) * _RATE.get(m[3], 1))
+    return 0
 
 
 def _sass(cubin: bytes) -> str:
@@ -197,6 +236,7 @@ def analyze(compiled, loop_trips: list[int]) -> KernelReport:
         m = _SASS_LINE.search(line)
         if m:
             instrs.append((int(m.group(1), 16), m.group(3), m.group(4)))
+    flops = [mma_flops(op + rest) for _, op, rest in instrs if op != "NOP"]
     body = [(a, op, rest) for a, op, rest in instrs if op != "NOP"]
     index = {a: i for i, (a, _, _) in enumerate(body)}
     loops = []  # (first, last) instruction index of each backward branch's range
@@ -223,5 +263,8 @@ def analyze(compiled, loop_trips: list[int]) -> KernelReport:
         static_instr=len(body), loops=len(outer), dyn_instr_per_warp=len(body),
         loop_sizes=tuple(end - start + 1 for start, end in outer),
         nested_sizes=tuple(sum(end - start + 1 for start, end in inner) for inner in nested),
+        static_mma_flops=sum(flops),
+        loop_mma_flops=tuple(sum(flops[start:end + 1]) for start, end in outer),
+        nested_mma_flops=tuple(sum(sum(flops[start:end + 1]) for start, end in inner) for inner in nested),
     )
     return report.with_trips(loop_trips)

@@ -8,10 +8,11 @@ launch of the fused path, forward and, with ``--mode train``, backward. Each
 distinct kernel specialization is compiled for ``sm_<arch>`` exactly as
 Triton's JIT compiles it at launch (:mod:`aru_kernels.aot`), and its SASS
 read: registers, spills, shared memory, tensor-core instructions, load and
-store widths, dynamic instructions per warp. Per kernel and launch shape it
-prints the issue-slot floor, the DRAM floor and the larger of the two; per
-step, their sum as milliseconds and as images/s (an H200's figures: 132 SMs
-at 1.98 GHz, 4.144 TB/s measured copy bandwidth). It also counts the bytes
+store widths, dynamic instructions and tensor-core FLOPs per warp. Per kernel
+and launch shape it prints the issue-slot floor, the DRAM floor, the tensor
+floor and the largest of the three; per step, their sum as milliseconds and
+as images/s (an H200's figures: 132 SMs at 1.98 GHz, 4.144 TB/s measured
+copy bandwidth, 714.8 TFLOP/s measured bf16 matrix multiply). It also counts the bytes
 each dispatched op of the step touches, for ``impl="eager"`` and
 ``impl="fused"`` (each op's tensor operands once; views and tensors taken only
 for their shape excluded; a fused op counts what its kernels read and write),
@@ -192,14 +193,16 @@ def kernel_rows(launches: list[Launch], arch: int, gpu: aot.GpuProfile) -> tuple
             errors.append(f"{first.kernel.fn.__name__} {first.role} {first.meta.get('conv')}: needs "
                           f"{report.shared_bytes} bytes of shared memory, over the {gpu.max_shared_bytes} "
                           f"a block may have on {gpu.name}: it would not launch")
-        issue, dram = report.floors(first, gpu)
+        issue, dram, tensor = report.floors(first, gpu)
         rows.append({**row, "registers": report.registers, "spill_bytes": report.spill_bytes,
                      "shared_bytes": report.shared_bytes, "hgmma": report.hgmma, "hmma": report.hmma,
                      "loads": report.loads, "stores": report.stores, "loops": report.loops,
                      "static_instr": report.static_instr, "loop_sizes": list(report.loop_sizes),
                      "nested_sizes": list(report.nested_sizes),
-                     "loop_trips": list(trips), "dyn_instr_per_warp": report.dyn_instr_per_warp, "issue_floor_us": round(issue, 3),
-                     "dram_floor_us": round(dram, 3), "floor_us": round(max(issue, dram), 3)})
+                     "loop_trips": list(trips), "dyn_instr_per_warp": report.dyn_instr_per_warp,
+                     "mma_flops_per_warp": report.mma_flops_per_warp, "issue_floor_us": round(issue, 3),
+                     "dram_floor_us": round(dram, 3), "tensor_floor_us": round(tensor, 3),
+                     "floor_us": round(max(issue, dram, tensor), 3)})
     return rows, errors
 
 
@@ -212,7 +215,7 @@ def _conv_label(conv: dict | None) -> str:
 
 def print_table(report: dict) -> None:
     print(f"{'kernel':28s} {'pass':15s} {'conv':34s} {'n':>3s} {'progs':>7s} {'w':>2s} {'regs':>4s} {'spill':>5s} "
-          f"{'smem':>6s} {'mma':>4s} {'instr/warp':>10s} {'issue us':>9s} {'dram us':>8s}  loads")
+          f"{'smem':>6s} {'mma':>4s} {'instr/warp':>10s} {'issue us':>9s} {'dram us':>8s} {'mma us':>7s}  loads")
     for r in report["kernels"]:
         progs = 1
         for g in r["grid"]:
@@ -224,7 +227,7 @@ def print_table(report: dict) -> None:
         print(f"{r['kernel']:28s} {r['pass']:15s} {_conv_label(r['conv']):34s} {r['launches']:3d} {progs:7d} "
               f"{r['num_warps']:2d} {r['registers']!s:>4s} {r['spill_bytes']!s:>5s} {r['shared_bytes']:6d} "
               f"{r['hgmma'] + r['hmma']:4d} {r['dyn_instr_per_warp']:10d} {r['issue_floor_us']:9.1f} "
-              f"{r['dram_floor_us']:8.1f}  {loads}")
+              f"{r['dram_floor_us']:8.1f} {r['tensor_floor_us']:7.1f}  {loads}")
     t = report["traffic"]
     print(f"\nstep floor: {report['total_floor_ms']:.3f} ms = {report['floor_img_per_s']:.0f} images/s "
           f"({report['model']} {report['mode']}, batch {report['batch_size']}, {report['dtype']}, sm_{report['arch']}, "

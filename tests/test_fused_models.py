@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -383,8 +384,8 @@ def test_torch_compile_fullgraph_traces_fused_model(device):
 
 
 KERNEL_ROW = {"kernel", "pass", "conv", "launches", "grid", "num_warps", "registers", "spill_bytes",
-              "shared_bytes", "hgmma", "hmma", "dyn_instr_per_warp", "issue_floor_us", "dram_floor_us",
-              "floor_us", "loads", "stores", "loops", "static_instr", "loop_sizes", "nested_sizes", "loop_trips"}
+              "shared_bytes", "hgmma", "hmma", "dyn_instr_per_warp", "mma_flops_per_warp", "issue_floor_us",
+              "dram_floor_us", "tensor_floor_us", "floor_us", "loads", "stores", "loops", "static_instr", "loop_sizes", "nested_sizes", "loop_trips"}
 
 
 def test_static_report_counts_each_launch_loop_trips():
@@ -424,6 +425,33 @@ def test_static_issue_floor_is_the_busiest_scheduler():
     assert issue(133, 8) == pytest.approx(2 * one) and issue(264, 8) == pytest.approx(2 * one)
     assert issue(132, 2) == pytest.approx(one / 2) and issue(264, 2) == pytest.approx(one / 2)
     assert issue(4 * 132, 4) == pytest.approx(2 * one)
+
+
+def test_static_tensor_floor_counts_each_mma_by_its_shape():
+    """A warpgroup MMA is shared by its 4 warps, a warp MMA is the warp's own, a TF32 FLOP
+    costs two bf16 ones; loops repeat them as they repeat instructions, and the floor is the
+    busiest multiprocessor's FLOPs at its share of the matrix rate."""
+    from aru_kernels.aot import H200, KernelReport, mma_flops
+    from aru_kernels.launch import Launch
+
+    assert mma_flops("HGMMA.64x128x16.F32.BF16 R24, gdesc[UR4], RZ, !UPT") == 2 * 64 * 128 * 16 // 4
+    assert mma_flops("HGMMA.64x32x8.F32.TF32 R24, gdesc[UR4], R24") == 2 * 64 * 32 * 8 * 2 // 4
+    assert mma_flops("HMMA.16816.F32.BF16 R4, R8, R12, R4") == 2 * 16 * 8 * 16
+    assert mma_flops("HMMA.1688.F32.F16 R4, R8, R12, R4") == 2 * 16 * 8 * 8
+    assert mma_flops("HFMA2.MMA R0, -RZ, RZ, 0, 0") == 0 and mma_flops("IMAD R1, R2, R3, R4") == 0
+    report = KernelReport(registers=32, spill_bytes=0, shared_bytes=0, hgmma=1, hmma=0, loads={}, stores={},
+                          static_instr=100, loops=1, dyn_instr_per_warp=100, loop_sizes=(10,),
+                          static_mma_flops=5000, loop_mma_flops=(4000,))
+    assert report.with_trips([3]).mma_flops_per_warp == 5000 + 2 * 4000
+    x = torch.empty(0, device="meta")
+
+    def tensor(programs, warps, trips):
+        launch = Launch(kernel=None, grid=(programs,), args={"x": x}, num_warps=warps, num_stages=1, role="t", meta={})
+        return report.with_trips([trips]).floors(launch, H200)[2]
+
+    one = 8 * 13000 / (H200.mm_TFLOPs * 1e6 / H200.sms)  # µs: one program of 8 warps, 13000 FLOPs each
+    assert tensor(128, 8, 3) == pytest.approx(one) and tensor(133, 8, 3) == pytest.approx(2 * one)
+    assert tensor(132, 4, 3) == pytest.approx(one / 2) and tensor(132, 8, 1) == pytest.approx(one * 5000 / 13000)
 
 
 def test_training_step_launches_fill_the_multiprocessors():
@@ -565,7 +593,8 @@ def test_static_cost_model_of_a_training_step(tmp_path):
     assert 0 < sum(r["launches"] for r in rows if r["pass"] == "wgrad_sum") <= weight_grads
     for r in rows:
         assert set(r) == KERNEL_ROW, sorted(set(r) ^ KERNEL_ROW)
-        assert r["dyn_instr_per_warp"] > 0 and r["floor_us"] == max(r["issue_floor_us"], r["dram_floor_us"])
+        assert r["dyn_instr_per_warp"] > 0
+        assert r["floor_us"] == max(r["issue_floor_us"], r["dram_floor_us"], r["tensor_floor_us"])
         # each row counts its own launches' loop trips (one compile serves launches of other trips)
         assert r["dyn_instr_per_warp"] == r["static_instr"] + loop_extra(
             r["loop_sizes"], r["nested_sizes"], r["loop_trips"]), r
@@ -573,6 +602,14 @@ def test_static_cost_model_of_a_training_step(tmp_path):
         if r["conv"] is not None and any(r["loop_trips"]):  # (an output phase no tap reaches has no K loop)
             # wgmma, or mma.sync for tiles under 64 rows
             assert r["hgmma"] + r["hmma"] > 0, f"{r['pass']} {r['conv']}: no tensor-core instruction"
+        c = r["conv"]
+        if r["pass"] == "fwd" and c["kh"] == c["kw"] == 1 and c["groups"] == 1:
+            # the tensor-core FLOPs the code issues: the conv's own, its channels padded to the
+            # smallest tile (16) and at most the pixel tiles' padding more
+            programs = int(np.prod(r["grid"]))
+            issued = r["mma_flops_per_warp"] * r["num_warps"] * programs
+            pixels = report["batch_size"] * -(-c["h"] // c["stride"]) * -(-c["w"] // c["stride"])
+            assert 1 <= issued / (2 * pixels * max(16, c["c_in"]) * max(16, c["c_out"])) < 2, r
     assert all(r["hgmma"] > 0 for r in rows if r["pass"] == "fwd" and r["conv"]["groups"] > 1), \
         "grouped convs should use Hopper's wgmma on sm_90"
     total = sum(r["launches"] * r["floor_us"] for r in rows) / 1e3
