@@ -52,19 +52,27 @@ MIN_DOT = 16
 H200_MULTIPROCESSORS = 132
 
 _device_rules = False
+# The multiprocessors the rules plan for where they cannot ask a device: ConvPlan's tile
+# rules (ConvPlan.wide_forward) and, without a GPU, the split counts.
+_assumed_multiprocessors = H200_MULTIPROCESSORS
 
 
 @contextlib.contextmanager
-def device_block_sizes():
+def device_block_sizes(multiprocessors: int = H200_MULTIPROCESSORS):
     """Within this context the interpreter plans launches with the GPU's block
-    sizes (and an H200's 132 multiprocessors): many small programs, as on a
-    GPU, so that small test shapes span several tiles."""
-    global _device_rules
-    previous, _device_rules = _device_rules, True
+    sizes, for a GPU of ``multiprocessors`` multiprocessors (an H200's 132):
+    many small programs, as on a GPU, so that small test shapes span several
+    tiles. Fewer multiprocessors let a small shape take the tiles a large one
+    takes on the full GPU."""
+    global _device_rules, _assumed_multiprocessors
+    if int(multiprocessors) < 1:
+        raise ValueError(f"device_block_sizes: multiprocessors must be at least 1, got {multiprocessors}")
+    previous = _device_rules, _assumed_multiprocessors
+    _device_rules, _assumed_multiprocessors = True, int(multiprocessors)
     try:
         yield
     finally:
-        _device_rules = previous
+        _device_rules, _assumed_multiprocessors = previous
 
 
 def _large_blocks() -> bool:
@@ -74,7 +82,7 @@ def _large_blocks() -> bool:
 def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2 if _large_blocks() else H200_MULTIPROCESSORS
+    return 2 if _large_blocks() else _assumed_multiprocessors
 
 
 def _next_pow2(n: int) -> int:
@@ -282,13 +290,25 @@ class ConvPlan:
         Twice the rows share each B tile and the epilogue's per-program work, and the shallower
         k step keeps the 3 stages in 74 KiB (sm_90, triton 3.8: resnext50_32x4d's stage-3
         512 -> 1024 issues 70.5 -> 57.8 us, 165 -> 228 registers; 3.6 compiles it to 224).
+        A block-end prologue too (``pro_end``: 213 -> 248 registers, no spill on 3.6 or 3.8;
+        stage 3's 1024 -> 512 issues 89.2 -> 78.8 us). Not where halving the programs leaves
+        the busiest multiprocessor (of an H200's 132: :func:`device_block_sizes`) more rows than
+        64-row tiles do: resnet50's stage-4 2048 -> 512 at 7x7, 392 programs of 64 rows (3 a
+        multiprocessor) against 196 of 128 (2, twice the rows): issue 44.4 -> 54.5 us.
         Inference launches (with a residual epilogue, 600+ bytes spilled) keep 64 x 256."""
-        return (not self.tiles and not self.large_blocks and self.kh * self.kw == 1 and self.groups == 1
+        if not (not self.tiles and not self.large_blocks and self.kh * self.kw == 1 and self.groups == 1
                 and self.stats and not self.has_residual
-                and not (self.transposed or self.pro_end or self.pro_bwd or self.end_bwd or self.gram)
-                and self.block_n == 256 and self.cin_p >= 256
-                # squeeze tiles stay in one image: no more padded rows than 64-row tiles have
-                and (not self.squeeze or _cdiv(self.p * self.q, 128) * 2 == _cdiv(self.p * self.q, 64)))
+                and not (self.transposed or self.pro_bwd or self.end_bwd or self.gram)
+                and self.block_n == 256 and self.cin_p >= 256):
+            return False
+        # squeeze tiles stay in one image: no more padded rows than 64-row tiles have
+        if self.squeeze and _cdiv(self.p * self.q, 128) * 2 != _cdiv(self.p * self.q, 64):
+            return False
+        columns = self.packs * _cdiv(self.cout_p, self.block_n)
+        narrow, wide = (columns * (self.n * _cdiv(self.p * self.q, rows) if self.squeeze else _cdiv(self.m, rows))
+                        for rows in (64, 128))
+        sms = _assumed_multiprocessors
+        return 2 * _cdiv(wide, sms) <= _cdiv(narrow, sms)
 
     @property
     def block_m(self) -> int:
@@ -602,8 +622,10 @@ def normalizes_ahead(kh: int, kw: int, has_prologue: bool) -> bool:
 # The most blocks of output channels a convolution may take the previous residual
 # block's end on load with: each block of N recomputes it from two reads (the last
 # conv output and the identity). Static model, sm_90, resnext50_32x4d at batch 256:
-# stage 4's 1x1 convs (1024 outputs, 4 blocks of 256) would cost 13 us more a block.
-END_PROLOGUE_MAX_N_BLOCKS = 2
+# stage 4's 1x1 convs (1024 outputs, 4 blocks of 256) are bound by their multiply-adds
+# (74.4 us), and the end's recomputation stays nearly under them (issue 74.2 us at 7x7,
+# 157.5 against 148.7 at 14x14), where a pass of its own costs 38-76 us.
+END_PROLOGUE_MAX_N_BLOCKS = 4
 
 
 def block_end_fuses(kh: int, kw: int, stride: int, padding: int, groups: int, c_out: int) -> bool:

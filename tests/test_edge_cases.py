@@ -545,21 +545,26 @@ WIDE_WGRAD_GEOMETRY = {
     "pointwise_wide": (1, 1, 1, 0, 1, 1, 512, 384, 16, 16),
     "pointwise_wide_s2": (1, 1, 2, 0, 1, 1, 256, 128, 32, 30),
 }
+# A GPU small enough that these shapes plan as resnext50_32x4d's do on an H200: several
+# weight-gradient splits, and the 512 -> 384 forward's 8 wide programs one wave against the
+# 16 narrow ones' two (plans.ConvPlan.wide_forward).
+WIDE_TILES_MULTIPROCESSORS = 12
 
 
-@pytest.mark.usefixtures("device_blocks")
 @pytest.mark.parametrize("case", WIDE_WGRAD_GEOMETRY.values(), ids=WIDE_WGRAD_GEOMETRY.keys())
 def test_training_conv_gradients_with_wide_weight_gradient_tiles(device, case):
     """The wide 1x1 weight gradient's tiles, as resnext50_32x4d's stages 2-4 take them,
     with the prologue and the statistics term on load, over several splits; every
     gradient against float64. The 512 -> 384 forward runs the wide forward tiles."""
-    x, weight, geo = _conv_case(device, *case)
-    wplan = plans.plan_wgrad(plans.plan_conv(x.shape, weight.shape, x.dtype, has_prologue=True, **geo), x.device)
-    assert (wplan.block_k, wplan.block_m, wplan.num_stages) == (plans.WIDE_WGRAD_BLOCK_K, 32, 2), wplan
-    assert wplan.splits >= 2, wplan
-    fplan = plans.plan_conv(x.shape, weight.shape, x.dtype, has_prologue=True, stats=True, **geo)
-    assert fplan.wide_forward == (weight.shape[0] > 256), fplan  # the forward's 128 x 256 tiles too
-    _check_training_conv(device, case)
+    with plans.device_block_sizes(WIDE_TILES_MULTIPROCESSORS):
+        x, weight, geo = _conv_case(device, *case)
+        wplan = plans.plan_wgrad(plans.plan_conv(x.shape, weight.shape, x.dtype, has_prologue=True, **geo),
+                                 x.device)
+        assert (wplan.block_k, wplan.block_m, wplan.num_stages) == (plans.WIDE_WGRAD_BLOCK_K, 32, 2), wplan
+        assert wplan.splits >= 2, wplan
+        fplan = plans.plan_conv(x.shape, weight.shape, x.dtype, has_prologue=True, stats=True, **geo)
+        assert fplan.wide_forward == (weight.shape[0] > 256), fplan  # the forward's 128 x 256 tiles too
+        _check_training_conv(device, case)
 
 
 @pytest.mark.usefixtures("device_blocks")

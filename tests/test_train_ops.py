@@ -447,20 +447,29 @@ def _unpack_bits(bits, c):
 
 
 @pytest.mark.parametrize("affine", [False, True], ids=["identity", "identity_bn"])
-def test_block_end_conv_matches_its_two_operators(device, affine):
+@pytest.mark.parametrize("c,c_out", [
+    (72, 264),  # two blocks of K (64) and of N (256) under the GPU's rules
+    (264, 520),  # 128 x 256 tiles, 32 input channels a step (wide_forward): 9 blocks of K, 3 of N
+])
+def test_block_end_conv_matches_its_two_operators(device, affine, c, c_out):
     """``aru::block_end_conv_bn_stats`` (the block end computed as the 1x1 conv loads it)
     gives exactly what ``aru::bn_add_relu_mask`` then ``aru::conv_bn_stats`` give: the
     block output, its mask bits, the conv output and its batch statistics; over tiles
     of several blocks of rows, K and N, only the first block of N writing the output."""
-    c, c_out = 72, 264  # two blocks of K (64) and of N (256) under the GPU's rules
-    y = channels_last(torch.randn(3, c, 7, 9, device=device) * 2 + 0.3)
-    idn = channels_last(torch.randn(3, c, 7, 9, device=device))
+    shape = (2, c, 8, 16)
+    # on one multiprocessor, halving the programs costs the busiest one no rows: the 264-channel
+    # input takes the wide tiles (ConvPlan.wide_forward), as stage 3 does on an H200's 132
+    with plans.device_block_sizes(multiprocessors=1):
+        plan = plans.plan_conv(shape, (c_out, c, 1, 1), torch.float32, stats=True, pro_end=True)
+        assert plan.wide_forward == (c >= 256)
+    y = channels_last(torch.randn(shape, device=device) * 2 + 0.3)
+    idn = channels_last(torch.randn(shape, device=device))
     m, s, b = torch.randn(c, device=device), torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)
     idv = (torch.randn(c, device=device), torch.rand(c, device=device) + 0.5, torch.randn(c, device=device)) \
         if affine else (None, None, None)
     w = torch.randn(c_out, c, 1, 1, device=device) / c ** 0.5
     state = _bn_state(c_out, device)
-    with plans.device_block_sizes():
+    with plans.device_block_sizes(multiprocessors=1):
         got = torch.ops.aru.block_end_conv_bn_stats(y, m, s, b, idn, *idv, w, *state.values(), 1, 0, 1, 1, 0.1,
                                                     1e-5)
         out, bits = torch.ops.aru.bn_add_relu_mask(y, m, s, b, idn, *idv)
@@ -508,8 +517,9 @@ def test_weight_gradient_takes_the_statistics_term_from_the_input_gram(device):
 def test_wide_forward_tiles_only_where_they_were_measured():
     """128 x 256 tiles, 32 input channels a step (plans.ConvPlan.wide_forward): training forwards
     of 1x1s with 256 outputs a program and at least 256 inputs, whose statistics epilogue they
-    amortize; not inference (spills with the residual epilogue), a block-end prologue, grouped
-    or input-gradient launches, nor squeeze tiles that would pad an image's rows further."""
+    amortize, a block-end prologue's too; not inference (spills with the residual epilogue), grouped
+    or input-gradient launches, squeeze tiles that would pad an image's rows further, nor where half
+    the programs would leave the busiest multiprocessor more rows."""
     bf16 = torch.bfloat16
     with plans.device_block_sizes():
         def tiles(x, w, **kw):
@@ -519,19 +529,26 @@ def test_wide_forward_tiles_only_where_they_were_measured():
         assert tiles((256, 512, 14, 14), (1024, 512, 1, 1), has_prologue=True, stats=True) == (128, 256, 32, 8)
         assert tiles((256, 512, 28, 28), (1024, 512, 1, 1), stride=2, stats=True) == (128, 256, 32, 8)
         assert tiles((256, 512, 14, 14), (1024, 512, 1, 1), stats=True, squeeze=True)[0] == 128  # 196 rows
+        assert tiles((256, 2048, 7, 7), (1024, 2048, 1, 1), stats=True, pro_end=True) == (128, 256, 32, 8)
         others = [
             dict(x=(256, 512, 14, 14), w=(1024, 512, 1, 1)),  # inference
             dict(x=(256, 512, 14, 14), w=(1024, 512, 1, 1), has_residual=True, stats=True),
             dict(x=(256, 128, 56, 56), w=(256, 128, 1, 1), stats=True),  # 128 inputs
             dict(x=(256, 512, 14, 14), w=(128, 512, 1, 1), stats=True),  # 128 outputs
             dict(x=(256, 1024, 7, 7), w=(2048, 1024, 1, 1), stats=True, squeeze=True),  # 49 rows an image
-            dict(x=(256, 1024, 14, 14), w=(512, 1024, 1, 1), stats=True, pro_end=True),
+            # 392 programs of 64 rows, 3 a multiprocessor, against 196 of 128, 2 of twice the rows
+            dict(x=(256, 2048, 7, 7), w=(512, 2048, 1, 1), stats=True, pro_end=True),
             dict(x=(256, 512, 14, 14), w=(512, 16, 3, 3), padding=1, groups=32, stats=True),
             dict(x=(256, 1024, 14, 14), w=(512, 1024, 1, 1), transposed_out_hw=(14, 14)),
         ]
         for case in others:
             x, w = case.pop("x"), case.pop("w")
             assert tiles(x, w, **case)[:3] != (128, 256, 32), case
+    with plans.device_block_sizes(multiprocessors=98):  # 196 programs of 128 rows, 2 each; 392 of 64, 4
+        assert tiles((256, 2048, 7, 7), (512, 2048, 1, 1), stats=True, pro_end=True)[0] == 128
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        with plans.device_block_sizes(multiprocessors=0):
+            pass
     # the interpreter's own rules (large blocks) are not the GPU's
     assert not plans.plan_conv((256, 512, 14, 14), (1024, 512, 1, 1), bf16, stats=True).wide_forward
 
