@@ -304,11 +304,8 @@ class ConvPlan:
         # squeeze tiles stay in one image: no more padded rows than 64-row tiles have
         if self.squeeze and _cdiv(self.p * self.q, 128) * 2 != _cdiv(self.p * self.q, 64):
             return False
-        columns = self.packs * _cdiv(self.cout_p, self.block_n)
-        narrow, wide = (columns * (self.n * _cdiv(self.p * self.q, rows) if self.squeeze else _cdiv(self.m, rows))
-                        for rows in (64, 128))
-        sms = _assumed_multiprocessors
-        return 2 * _cdiv(wide, sms) <= _cdiv(narrow, sms)
+        columns, sms = self.packs * _cdiv(self.cout_p, self.block_n), _assumed_multiprocessors
+        return 2 * _cdiv(columns * self._row_tiles(128), sms) <= _cdiv(columns * self._row_tiles(64), sms)
 
     @property
     def block_m(self) -> int:
@@ -345,11 +342,14 @@ class ConvPlan:
             return [self]
         return [replace(self, phase=(ph, pw)) for ph in range(self.stride) for pw in range(self.stride)]
 
+    def _row_tiles(self, block_m: int) -> int:
+        if self.squeeze:  # tiles never straddle images
+            return self.n * _cdiv(self.p * self.q, block_m)
+        return _cdiv(self.m, block_m)
+
     @property
     def m_tiles(self) -> int:
-        if self.squeeze:
-            return self.n * _cdiv(self.p * self.q, self.block_m)
-        return _cdiv(self.m, self.block_m)
+        return self._row_tiles(self.block_m)
 
     @property
     def partial_tiles(self) -> int:
