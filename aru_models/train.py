@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import itertools
 import math
 import os
@@ -580,6 +581,11 @@ class Trainer:
             try:
                 dist.barrier()
             finally:
+                # DistributedDataParallel's reducer holds the group: let it go now, while the
+                # interpreter is whole, and not at its finalization, where a gloo group's last
+                # release can abort the process from its worker threads.
+                self.net = self.model
+                gc.collect()
                 dist.destroy_process_group()
         self._owns_group = False
 
