@@ -138,10 +138,15 @@ def _block_m(block_n: int, rows: int = 0, column_programs: int = 1) -> int:
     # where the launch still has LARGE_TILE_PROGRAMS programs: the per-tap address and mask
     # work is shared by twice the rows (sm_90 SASS: 25% fewer instructions per output for the
     # grouped forward and input gradient, 87-128 registers).
+    # So do tiles of up to 64 columns (on 8 warps): a ResNet stem's 64 outputs, whose 16 taps'
+    # waits and statistics epilogue twice the rows share (batch 256, sm_90, triton 3.8: issue
+    # 232.5 -> 166.0 us, 64 -> 108 registers), and the 32-channel groups of resnext50_32x4d's
+    # stage 4 (the 7x7 grouped 3x3's forward 24.5 -> 17.6 us, input gradient 26.3 -> 19.5; no
+    # spill on triton 3.6 or 3.8).
     # 128 rows up to 128 columns: the 1x1 input gradients (128-column blocks) and forwards of
     # 128 outputs (resnext50_32x4d at batch 256, sm_90, triton 3.8: issue 1652 -> 1359 us over
     # the step's 1x1 input gradients, no spill; fewer rows of per-tile statistics).
-    if block_n <= MIN_DOT and _cdiv(rows, 256) * column_programs >= LARGE_TILE_PROGRAMS:
+    if block_n <= 64 and _cdiv(rows, 256) * column_programs >= LARGE_TILE_PROGRAMS:
         return 256
     return 128 if block_n <= 128 else 64
 
@@ -517,10 +522,13 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         # 256), sm_90 issue floor 340 -> 190 us against blocks of 64.
         block_k = _next_pow2(k_total)
     # a gathered dL/dy (4 max-pool windows an element) holds more registers: 32 pixels, no
-    # spill (ResNet stem, sm_90, triton 3.6: 64 pixels spill 168 bytes, 563 -> 545 us of issue)
+    # spill (ResNet stem, sm_90, triton 3.6: 64 pixels spill 168 bytes, 563 -> 545 us of issue),
+    # and a two-deep pipeline, whose buffers the gather's work per pixel hides as well as three
+    # (stem of resnext50_32x4d at batch 256, sm_90, triton 3.8: issue 339.6 -> 327.4 us, 110 -> 64
+    # KiB of shared memory, 255 -> 249 registers; 64 pixels still spill 96 bytes)
     block_m = 256 if _large_blocks() else 32 if gathered else 64
     warps = 8 if block_k * block_n >= 128 * 128 else 4
-    plan = WgradPlan(conv, block_m, block_k, block_n, 1, warps)
+    plan = WgradPlan(conv, block_m, block_k, block_n, 1, warps, num_stages=2 if gathered else 3)
     return replace(plan, splits=_wgrad_splits(plan, device))
 
 

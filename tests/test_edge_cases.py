@@ -514,6 +514,30 @@ def test_training_conv_gradients_with_256_row_tiles(device, name, monkeypatch):
     _check_training_conv(device, TRAIN_GEOMETRY[name], block_m=256)
 
 
+# (case, block_n): tiles of 256 rows and up to 64 columns
+WIDE_ROW_GEOMETRY = {
+    "64_columns": ((3, 3, 1, 1, 1, 1, 16, 64, 12, 11), 64),
+    "grouped_32_columns": ((3, 3, 1, 1, 1, 2, 64, 64, 12, 11), 32),
+}
+
+
+@pytest.mark.usefixtures("device_blocks")
+@pytest.mark.parametrize("name", WIDE_ROW_GEOMETRY, ids=WIDE_ROW_GEOMETRY.keys())
+def test_training_conv_gradients_with_256_rows_of_up_to_64_columns(device, name, monkeypatch):
+    """Tiles of 256 rows and 32 or 64 output channels, which the rules give launches with
+    programs enough (a ResNet stem at batch 256: its 7x7 stride-2 conv as a 4x4 over 2x2 pixel
+    blocks; the 32-channel groups of resnext50_32x4d's stage 4), on a small shape."""
+    stem = plans.plan_conv((256, 16, 115, 115), (64, 16, 4, 4), torch.bfloat16, stats=True)
+    stage4 = plans.plan_conv((256, 1024, 7, 7), (1024, 32, 3, 3), torch.bfloat16, padding=1, groups=32)
+    assert [(p.block_m, p.block_n, p.num_warps) for p in (stem, stage4)] == [(256, 64, 8), (256, 32, 8)]
+    case, block_n = WIDE_ROW_GEOMETRY[name]
+    x, weight, geo = _conv_case(device, *case)
+    assert plans.plan_conv(x.shape, weight.shape, x.dtype, **geo).block_m == 128
+    monkeypatch.setattr(plans, "LARGE_TILE_PROGRAMS", 1)
+    assert plans.plan_conv(x.shape, weight.shape, x.dtype, **geo).block_n == block_n
+    _check_training_conv(device, case, block_m=256)
+
+
 def _check_training_conv(device, case, block_m=None):
     x, weight, geo = _conv_case(device, *case)
     plan = plans.plan_conv(x.shape, weight.shape, x.dtype, **geo)
