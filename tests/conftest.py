@@ -5,6 +5,7 @@ set here, before any test module imports :mod:`aru_kernels`: on a machine
 without CUDA every kernel runs on CPU tensors through Triton's interpreter.
 """
 
+import dataclasses
 import os
 import random
 
@@ -16,6 +17,27 @@ if not HAS_CUDA:  # run every kernel on CPU tensors through Triton's interpreter
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+
+def _interpret_without_overflow_checks():
+    """The interpreter checks every 32-bit integer add, subtract and multiply for overflow: it
+    casts both operands to 64 bits, computes again, compares with the limits and asserts, about
+    half of its time in this suite (cProfile of the whole-model training test). A compiled kernel
+    has no such check (it is a device assert, compiled in only in debug mode), and no test shape
+    comes near 32-bit limits, so the suite runs without it. Triton offers no switch for this:
+    where its interpreter's builder does not look as expected, the checks stay on."""
+    try:
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "interpreter_builder", None)
+    options = getattr(builder, "options", None)
+    if dataclasses.is_dataclass(options) and "sanitize_overflow" in {f.name for f in dataclasses.fields(options)}:
+        builder.options = dataclasses.replace(options, sanitize_overflow=False)
+
+
+if not HAS_CUDA:
+    _interpret_without_overflow_checks()
 
 
 @pytest.fixture(autouse=True)
