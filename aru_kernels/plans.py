@@ -486,7 +486,7 @@ WIDE_WGRAD_BLOCK_K = 256
 
 def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathered: bool = False) -> WgradPlan:
     """Weight-gradient tiles of ``conv`` (a forward plan): tensor-core tiles
-    (64 or 128 rows of k, up to 128 output channels; :data:`WIDE_WGRAD_BLOCK_K` rows
+    (up to 128 rows of k and 128 output channels; :data:`WIDE_WGRAD_BLOCK_K` rows
     for a 1x1 whose k it divides), the pixel sum split as :func:`_wgrad_splits` says.
     With ``gram`` (a 1x1 convolution of at most :data:`WGRAD_GRAM_MAX_CHANNELS` inputs
     per pack) all of k is one block and the blocks of N are as wide, for the column of programs
@@ -511,8 +511,9 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         # the 256 x 128 fp32 accumulator (128 registers a thread on 8 warps) from spilling.
         plan = WgradPlan(conv, 32, WIDE_WGRAD_BLOCK_K, 128, 1, 8, num_stages=2)
         return replace(plan, splits=_wgrad_splits(plan, device))
-    if block_k > 64 and k_total % block_k and not _large_blocks():
-        block_k = 64  # taps x channels that a larger block would pad by more than it saves
+    # (128 rows of k also where they pad k more than 64 would: resnext50_32x4d's stage-4 grouped
+    # 3x3s, k = 9 x 32 padded to 384 rather than 320, issue 51.9 -> 38.8 us; resnet50's 64 -> 64
+    # 3x3, 576 to 640, 229.8 -> 160.1. sm_90, triton 3.8, batch 256, no spill)
     block_n = min(cap, max(MIN_DOT, _next_pow2(conv.cout_p)))
     if (not conv.has_prologue and (conv.cin_p >= MIN_DOT or gathered) and k_total <= 256
             and _next_pow2(k_total) * block_n <= 16384):
@@ -522,13 +523,17 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         # 256), sm_90 issue floor 340 -> 190 us against blocks of 64.
         block_k = _next_pow2(k_total)
     # a gathered dL/dy (4 max-pool windows an element) holds more registers: 32 pixels, no
-    # spill (ResNet stem, sm_90, triton 3.6: 64 pixels spill 168 bytes, 563 -> 545 us of issue),
-    # and a two-deep pipeline, whose buffers the gather's work per pixel hides as well as three
-    # (stem of resnext50_32x4d at batch 256, sm_90, triton 3.8: issue 339.6 -> 327.4 us, 110 -> 64
-    # KiB of shared memory, 255 -> 249 registers; 64 pixels still spill 96 bytes)
+    # spill (ResNet stem, sm_90, triton 3.6: 64 pixels spill 168 bytes, 563 -> 545 us of issue;
+    # 3.8, two stages: still 96 bytes)
     block_m = 256 if _large_blocks() else 32 if gathered else 64
     warps = 8 if block_k * block_n >= 128 * 128 else 4
-    plan = WgradPlan(conv, block_m, block_k, block_n, 1, warps, num_stages=2 if gathered else 3)
+    # A two-deep pipeline where the A tile is gathered over taps: fewer registers, instructions
+    # and buffers than three, the loads' latency left to the per-pixel address and mask work
+    # and the other programs of the multiprocessor to hide (batch 256, sm_90, triton 3.6 and 3.8, no spill: the ResNet stem's, gathered from the pool,
+    # issue 339.6 -> 327.4 us, 110 -> 64 KiB of shared memory; resnet50's 3x3s 6-8% fewer, e.g.
+    # 256 -> 256 at 14x14 118.5 -> 111.6 us; resnext50_32x4d's stage-4 grouped 3x3 38.8 -> 36.6)
+    stages = 2 if conv.kh * conv.kw > 1 else 3
+    plan = WgradPlan(conv, block_m, block_k, block_n, 1, warps, num_stages=stages)
     return replace(plan, splits=_wgrad_splits(plan, device))
 
 
@@ -541,14 +546,18 @@ def _even_splits(tiles: int, sms: int, resident: int, near: int, cap: int) -> in
     """Splits of each of ``tiles`` tiles of work: s of them put ``ceil(s * tiles / SMs)``
     programs of ``1 / s`` of a tile's work on the busiest multiprocessor, whose time the
     launch takes (its programs share its issue slots). Of the counts up to two fills of
-    the ``resident`` programs a multiprocessor holds (and at most ``cap``), those that
-    finish within :data:`WGRAD_SPLIT_SLACK` of the soonest; of them the nearest ``near``,
-    the fewer on a tie."""
+    the ``resident`` programs a multiprocessor holds (four where the tiles alone more than
+    fill them; at most ``cap``), those that finish within :data:`WGRAD_SPLIT_SLACK` of the
+    soonest; of them the nearest ``near``, the fewer on a tie. (resnet50's stage-4 3x3s,
+    144 tiles of 8 warps on 132 multiprocessors: 1 split left 12 of them a second whole tile;
+    3 splits, 4 programs of a third of a tile: issue 199.2 -> 135.7 us at batch 256, for
+    9.4 MB more of slabs a split.)"""
     def finish(s: int) -> float:
         return _cdiv(s * tiles, sms) / s
 
     slots = resident * sms
-    most = max(1, min(cap, max(_cdiv(slots, tiles), 2 * slots // tiles)))
+    fills = 2 if tiles <= slots else 4
+    most = max(1, min(cap, max(_cdiv(slots, tiles), fills * slots // tiles)))
     near = min(near, cap)
     best = min(finish(s) for s in range(1, most + 1))
     return min((s for s in range(1, most + 1) if finish(s) <= best * WGRAD_SPLIT_SLACK),

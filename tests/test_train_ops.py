@@ -556,9 +556,10 @@ def test_wide_forward_tiles_only_where_they_were_measured():
 def test_weight_gradient_splits_take_the_fewest_for_the_soonest_finish():
     """Splits of the pixel sum of 8-warp programs, one a multiprocessor at a time: a launch
     of s splits over t tiles takes ceil(s t / 132) waves of 1/s of a tile's work. The rule
-    takes the soonest finish up to two waves (within plans.WGRAD_SPLIT_SLACK), and no fewer
-    splits (fp32 slabs) would finish as soon. 4-warp programs (two a multiprocessor) keep
-    two programs a multiprocessor where the tiles do not divide them."""
+    takes the soonest finish up to two waves (four where the tiles alone take more than one;
+    within plans.WGRAD_SPLIT_SLACK), and no fewer splits (fp32 slabs) would finish as soon.
+    4-warp programs (two a multiprocessor) keep two programs a multiprocessor where the
+    tiles do not divide them."""
     def time(s, t):
         return -(-s * t // 132) / s
 
@@ -567,7 +568,7 @@ def test_weight_gradient_splits_take_the_fewest_for_the_soonest_finish():
         plan = type("P", (), {"tiles": t, "conv": conv, "block_m": 64, "num_warps": 8})()
         with plans.device_block_sizes():
             s = plans._wgrad_splits(plan, torch.device("meta"))
-        most = max(-(-132 // t), 2 * 132 // t)
+        most = max(-(-132 // t), (2 if t <= 132 else 4) * 132 // t)
         best = min(time(c, t) for c in range(1, most + 1))
         assert 1 <= s <= most and time(s, t) <= best * plans.WGRAD_SPLIT_SLACK, (t, s)
         assert all(time(c, t) > time(s, t) for c in range(1, s)), (t, s)
@@ -586,11 +587,15 @@ def test_weight_gradient_splits_take_the_fewest_for_the_soonest_finish():
         eight = plans.plan_wgrad(plans.plan_conv((256, 256, 14, 14), (1024, 256, 1, 1), torch.bfloat16,
                                                  has_prologue=True), torch.device("meta"))
     assert (eight.tiles, eight.splits) == (8, 16)
-    with plans.device_block_sizes():  # the stage-4 grouped 3x3: 160 tiles of 4 warps; 1 split put 2 on 28 SMs
+    with plans.device_block_sizes():  # the stage-4 grouped 3x3: 96 tiles of 4 warps (k = 9 x 32 in 3 blocks of 128)
         wide_packs = plans.plan_wgrad(plans.plan_conv((256, 1024, 7, 7), (1024, 32, 3, 3), torch.bfloat16, padding=1,
                                                       groups=32), torch.device("meta"))
-    assert (wide_packs.tiles, wide_packs.num_warps) == (160, 4)
-    assert time(wide_packs.splits, 160) <= 160 / 132 * 1.1, wide_packs.splits
+    assert (wide_packs.tiles, wide_packs.num_warps, wide_packs.block_k) == (96, 4, 128)
+    assert time(wide_packs.splits, 96) <= 96 / 132 * 1.1, wide_packs.splits
+    with plans.device_block_sizes():  # resnet50's stage-4 3x3: 144 tiles of 8 warps; 1 split put 2 on 12 SMs
+        dense = plans.plan_wgrad(plans.plan_conv((256, 512, 7, 7), (512, 512, 3, 3), torch.bfloat16, padding=1),
+                                 torch.device("meta"))
+    assert (dense.tiles, dense.num_warps, dense.splits) == (144, 8, 3)
 
 
 @pytest.mark.parametrize("plan_tap", ["plan_tap_grads", "plan_tap_forward"])
