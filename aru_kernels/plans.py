@@ -480,14 +480,14 @@ class WgradPlan:
 WGRAD_GRAM_MAX_CHANNELS = 128
 
 
-# Rows of k a program of a wide 1x1 weight gradient takes (plan_wgrad).
+# Rows of k a program of a wide weight gradient takes (plan_wgrad).
 WIDE_WGRAD_BLOCK_K = 256
 
 
 def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathered: bool = False) -> WgradPlan:
     """Weight-gradient tiles of ``conv`` (a forward plan): tensor-core tiles
     (up to 128 rows of k and 128 output channels; :data:`WIDE_WGRAD_BLOCK_K` rows
-    for a 1x1 whose k it divides), the pixel sum split as :func:`_wgrad_splits` says.
+    where they divide k), the pixel sum split as :func:`_wgrad_splits` says.
     With ``gram`` (a 1x1 convolution of at most :data:`WGRAD_GRAM_MAX_CHANNELS` inputs
     per pack) all of k is one block and the blocks of N are as wide, for the column of programs
     that computes ``A^T A``. With ``gathered`` (dL/dy gathered from a max-pool's
@@ -504,11 +504,13 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         plan = WgradPlan(conv, 256 if _large_blocks() else 64, block_k, block_k, 1,
                          8 if block_k >= 128 else 4, gram=True)
         return replace(plan, splits=_wgrad_splits(plan, device))
-    if (conv.kh * conv.kw == 1 and k_total % WIDE_WGRAD_BLOCK_K == 0 and conv.cout_p >= 128
-            and not _large_blocks() and not gathered):
-        # A wide 1x1: 256 rows of k, so that dL/dy' (dL/dy and the batch norm's statistics
-        # term) is formed for half as many blocks of k; 32 pixels a step and two stages keep
-        # the 256 x 128 fp32 accumulator (128 registers a thread on 8 warps) from spilling.
+    if k_total % WIDE_WGRAD_BLOCK_K == 0 and conv.cout_p >= 128 and not _large_blocks() and not gathered:
+        # Wide: 256 rows of k, so that dL/dy' (dL/dy and the batch norm's statistics term) is
+        # formed for half as many blocks of k; 32 pixels a step and two stages keep the 256 x 128
+        # fp32 accumulator (128 registers a thread on 8 warps) from spilling. A 1x1, or taps whose
+        # k it divides: resnet50's 3x3s of 256 and 512 channels (batch 256, sm_90, triton 3.6 and
+        # 3.8: issue 111.6 -> 74.5 and 135.7 -> 91.0 us a launch, under their tensor floors, 86.8
+        # and 101.5; 217-220 registers, no spill).
         plan = WgradPlan(conv, 32, WIDE_WGRAD_BLOCK_K, 128, 1, 8, num_stages=2)
         return replace(plan, splits=_wgrad_splits(plan, device))
     # (128 rows of k also where they pad k more than 64 would: resnext50_32x4d's stage-4 grouped
