@@ -504,14 +504,20 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         plan = WgradPlan(conv, 256 if _large_blocks() else 64, block_k, block_k, 1,
                          8 if block_k >= 128 else 4, gram=True)
         return replace(plan, splits=_wgrad_splits(plan, device))
-    if k_total % WIDE_WGRAD_BLOCK_K == 0 and conv.cout_p >= 128 and not _large_blocks() and not gathered:
+    taps = conv.kh * conv.kw > 1
+    if not _large_blocks() and not gathered and (
+            (k_total % WIDE_WGRAD_BLOCK_K == 0 and conv.cout_p >= 128)
+            or (taps and k_total >= 2 * WIDE_WGRAD_BLOCK_K and conv.cout_p >= 64)):
         # Wide: 256 rows of k, so that dL/dy' (dL/dy and the batch norm's statistics term) is
         # formed for half as many blocks of k; 32 pixels a step and two stages keep the 256 x 128
-        # fp32 accumulator (128 registers a thread on 8 warps) from spilling. A 1x1, or taps whose
-        # k it divides: resnet50's 3x3s of 256 and 512 channels (batch 256, sm_90, triton 3.6 and
-        # 3.8: issue 111.6 -> 74.5 and 135.7 -> 91.0 us a launch, under their tensor floors, 86.8
-        # and 101.5; 217-220 registers, no spill).
-        plan = WgradPlan(conv, 32, WIDE_WGRAD_BLOCK_K, 128, 1, 8, num_stages=2)
+        # fp32 accumulator (128 registers a thread on 8 warps) from spilling (64 pixels for 64
+        # outputs). A 1x1 whose k it divides, or taps over at least two blocks of it: resnet50's
+        # 3x3s (batch 256, sm_90, triton 3.6 and 3.8, 152-220 registers, no spill), issue a launch
+        # 256 and 512 channels 111.6 -> 74.5 and 135.7 -> 91.0 us, under their tensor floors, 86.8
+        # and 101.5; 128 channels (k = 1152 padded to 1280) 108.5 -> 80.6, tensor 93.7; 64
+        # channels (576 padded to 768) 154.2 -> 130.1.
+        block_n = 128 if conv.cout_p >= 128 else 64
+        plan = WgradPlan(conv, 32 if block_n == 128 else 64, WIDE_WGRAD_BLOCK_K, block_n, 1, 8, num_stages=2)
         return replace(plan, splits=_wgrad_splits(plan, device))
     # (128 rows of k also where they pad k more than 64 would: resnext50_32x4d's stage-4 grouped
     # 3x3s, k = 9 x 32 padded to 384 rather than 320, issue 51.9 -> 38.8 us; resnet50's 64 -> 64

@@ -564,29 +564,32 @@ def _check_training_conv(device, case, block_m=None):
 
 # Convs whose weight gradient takes the wide tiles (plans.WIDE_WGRAD_BLOCK_K rows of k, 32 pixels a
 # step): 1x1s with two blocks of k and three of N where the input and weight gradients are separate
-# launches (more than 256 outputs), a strided downsample conv, and a 3x3 (9 blocks of k); each with
-# a GPU small enough that the shape plans as resnext50_32x4d's and resnet50's do on an H200: several
-# weight-gradient splits, and the 512 -> 384 forward's 8 wide programs one wave against the 16
-# narrow ones' two (plans.ConvPlan.wide_forward).
+# launches (more than 256 outputs), a strided downsample conv, and 3x3s (9 blocks of k; 3 for 64
+# outputs, k = 576 padded to 768); each with a GPU small enough that the shape plans as
+# resnext50_32x4d's and resnet50's do on an H200: several weight-gradient splits, and the
+# 512 -> 384 forward's 8 wide programs one wave against the 16 narrow ones' two
+# (plans.ConvPlan.wide_forward).
 WIDE_TILES_MULTIPROCESSORS = 12
 WIDE_WGRAD_GEOMETRY = {
     "pointwise_wide": ((1, 1, 1, 0, 1, 1, 512, 384, 16, 16), WIDE_TILES_MULTIPROCESSORS),
     "pointwise_wide_s2": ((1, 1, 2, 0, 1, 1, 256, 128, 32, 30), WIDE_TILES_MULTIPROCESSORS),
     "taps_wide": ((3, 3, 1, 1, 1, 1, 256, 128, 12, 11), 3 * WIDE_TILES_MULTIPROCESSORS),
+    "taps_wide_64": ((3, 3, 1, 1, 1, 1, 64, 64, 12, 11), 3 * WIDE_TILES_MULTIPROCESSORS),
 }
 
 
 @pytest.mark.parametrize("case,multiprocessors", WIDE_WGRAD_GEOMETRY.values(), ids=WIDE_WGRAD_GEOMETRY.keys())
 def test_training_conv_gradients_with_wide_weight_gradient_tiles(device, case, multiprocessors):
     """The wide weight gradient's tiles, as resnext50_32x4d's 1x1s of stages 2-4 and
-    resnet50's 3x3s of 256 and 512 channels take them, with the statistics term on load
+    resnet50's 3x3s take them (64 pixels a step for 64 outputs), with the statistics term on load
     (and the prologue, 1x1), over several splits; every gradient against float64. The
     512 -> 384 forward runs the wide forward tiles."""
     with plans.device_block_sizes(multiprocessors):
         x, weight, geo = _conv_case(device, *case)
         wplan = plans.plan_wgrad(plans.plan_conv(x.shape, weight.shape, x.dtype, has_prologue=True, **geo),
                                  x.device)
-        assert (wplan.block_k, wplan.block_m, wplan.num_stages) == (plans.WIDE_WGRAD_BLOCK_K, 32, 2), wplan
+        assert (wplan.block_k, wplan.num_stages, wplan.num_warps) == (plans.WIDE_WGRAD_BLOCK_K, 2, 8), wplan
+        assert (wplan.block_n, wplan.block_m) == ((128, 32) if weight.shape[0] >= 128 else (64, 64)), wplan
         assert wplan.splits >= 2, wplan
         fplan = plans.plan_conv(x.shape, weight.shape, x.dtype, has_prologue=True, stats=True, **geo)
         assert fplan.wide_forward == (weight.shape[0] > 256), fplan  # the forward's 128 x 256 tiles too
