@@ -141,7 +141,7 @@ def _block_m(block_n: int, rows: int = 0, column_programs: int = 1) -> int:
     # So do tiles of up to 64 columns (on 8 warps): a ResNet stem's 64 outputs, whose 16 taps'
     # waits and statistics epilogue twice the rows share (batch 256, sm_90, triton 3.8: issue
     # 232.5 -> 166.0 us, 64 -> 108 registers), and the 32-channel groups of resnext50_32x4d's
-    # stage 4 (the 7x7 grouped 3x3's forward 24.5 -> 17.6 us, input gradient 26.3 -> 19.5; no
+    # stage 4 (the 7x7 grouped 3x3's forward 24.5 -> 17.5 us, input gradient 26.3 -> 19.5; no
     # spill on triton 3.6 or 3.8).
     # 128 rows up to 128 columns: the 1x1 input gradients (128-column blocks) and forwards of
     # 128 outputs (resnext50_32x4d at batch 256, sm_90, triton 3.8: issue 1652 -> 1359 us over
@@ -520,8 +520,8 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         plan = WgradPlan(conv, 32 if block_n == 128 else 64, WIDE_WGRAD_BLOCK_K, block_n, 1, 8, num_stages=2)
         return replace(plan, splits=_wgrad_splits(plan, device))
     # (128 rows of k also where they pad k more than 64 would: resnext50_32x4d's stage-4 grouped
-    # 3x3s, k = 9 x 32 padded to 384 rather than 320, issue 51.9 -> 38.8 us; resnet50's 64 -> 64
-    # 3x3, 576 to 640, 229.8 -> 160.1. sm_90, triton 3.8, batch 256, no spill)
+    # 3x3s, k = 9 x 32 padded to 384 rather than 320, issue 51.9 -> 38.8 us; sm_90, triton 3.8,
+    # batch 256, no spill)
     block_n = min(cap, max(MIN_DOT, _next_pow2(conv.cout_p)))
     if (not conv.has_prologue and (conv.cin_p >= MIN_DOT or gathered) and k_total <= 256
             and _next_pow2(k_total) * block_n <= 16384):
@@ -536,10 +536,11 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
     block_m = 256 if _large_blocks() else 32 if gathered else 64
     warps = 8 if block_k * block_n >= 128 * 128 else 4
     # A two-deep pipeline where the A tile is gathered over taps: fewer registers, instructions
-    # and buffers than three, the loads' latency left to the per-pixel address and mask work
-    # and the other programs of the multiprocessor to hide (batch 256, sm_90, triton 3.6 and 3.8, no spill: the ResNet stem's, gathered from the pool,
-    # issue 339.6 -> 327.4 us, 110 -> 64 KiB of shared memory; resnet50's 3x3s 6-8% fewer, e.g.
-    # 256 -> 256 at 14x14 118.5 -> 111.6 us; resnext50_32x4d's stage-4 grouped 3x3 38.8 -> 36.6)
+    # and buffers than three, the loads' latency left to the per-pixel address and mask work and
+    # the other programs of the multiprocessor to hide (batch 256, sm_90, triton 3.6 and 3.8, no
+    # spill: the ResNet stem's, gathered from the pool, issue 339.6 -> 327.4 us, 110 -> 64 KiB of
+    # shared memory; resnext50_32x4d's stage-4 grouped 3x3 38.8 -> 36.6; resnet50's 3x3s in
+    # 128 x 128 tiles 6-8% fewer)
     stages = 2 if conv.kh * conv.kw > 1 else 3
     plan = WgradPlan(conv, block_m, block_k, block_n, 1, warps, num_stages=stages)
     return replace(plan, splits=_wgrad_splits(plan, device))
@@ -556,10 +557,10 @@ def _even_splits(tiles: int, sms: int, resident: int, near: int, cap: int) -> in
     launch takes (its programs share its issue slots). Of the counts up to two fills of
     the ``resident`` programs a multiprocessor holds (four where the tiles alone more than
     fill them; at most ``cap``), those that finish within :data:`WGRAD_SPLIT_SLACK` of the
-    soonest; of them the nearest ``near``, the fewer on a tie. (resnet50's stage-4 3x3s,
-    144 tiles of 8 warps on 132 multiprocessors: 1 split left 12 of them a second whole tile;
-    3 splits, 4 programs of a third of a tile: issue 199.2 -> 135.7 us at batch 256, for
-    9.4 MB more of slabs a split.)"""
+    soonest; of them the nearest ``near``, the fewer on a tie. (resnet50's stage-4 3x3s in
+    128 x 128 tiles, 144 of 8 warps on 132 multiprocessors: 1 split left 12 of them a second
+    whole tile; 3 splits, 4 programs of a third of a tile: issue 199.2 -> 135.7 us at batch
+    256, for 9.4 MB more of slabs a split. Their wide tiles since, 72, take 3 splits anyway.)"""
     def finish(s: int) -> float:
         return _cdiv(s * tiles, sms) / s
 
