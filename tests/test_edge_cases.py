@@ -500,36 +500,36 @@ def test_training_conv_gradients_over_several_tiles(device, case):
     _check_training_conv(device, case)
 
 
-@pytest.mark.usefixtures("device_blocks")
-@pytest.mark.parametrize("name", ["grouped_s2"])
-def test_training_conv_gradients_with_256_row_tiles(device, name, monkeypatch):
-    """The 16-channel packs' 256-row tiles (which the rules give launches with programs
-    enough, e.g. every grouped 3x3 of resnext50_32x4d at batch 256), on a small shape.
-    Strided: behind a batch norm, the stride-1 ones train through the ring kernels
-    (``aru::tap_conv_grads``, tested in test_train_ops)."""
-    big = plans.plan_conv((256, 128, 56, 56), (128, 4, 3, 3), torch.bfloat16, padding=1, groups=32)
-    small = plans.plan_conv((2, 128, 16, 16), (128, 4, 3, 3), torch.bfloat16, padding=1, groups=32)
-    assert (big.block_m, big.block_n, big.num_warps, small.block_m) == (256, 16, 4, 128)
-    monkeypatch.setattr(plans, "LARGE_TILE_PROGRAMS", 1)
-    _check_training_conv(device, TRAIN_GEOMETRY[name], block_m=256)
-
-
-# (case, block_n): tiles of 256 rows and up to 64 columns
+# Small shapes of the 256-row tiles, with their block of N: 16-channel packs (strided: behind a
+# batch norm, the stride-1 ones train through the ring kernels, aru::tap_conv_grads, tested in
+# test_train_ops), 64 output channels, and 32-channel groups.
 WIDE_ROW_GEOMETRY = {
+    "grouped_s2": (TRAIN_GEOMETRY["grouped_s2"], 16),
     "64_columns": ((3, 3, 1, 1, 1, 1, 16, 64, 12, 11), 64),
     "grouped_32_columns": ((3, 3, 1, 1, 1, 2, 64, 64, 12, 11), 32),
 }
 
 
+def test_256_row_tiles_where_the_rules_give_them():
+    """The rules give 256-row tiles to launches with programs enough and at most 64 columns:
+    every grouped 3x3 of resnext50_32x4d at batch 256 (16-channel packs, 4 warps; stage 4's
+    32-channel groups, 8 warps) and a ResNet stem (its 7x7 stride-2 conv as a 4x4 over 2x2
+    pixel blocks, 64 outputs); not a small shape of the same conv."""
+    with plans.device_block_sizes():
+        big = plans.plan_conv((256, 128, 56, 56), (128, 4, 3, 3), torch.bfloat16, padding=1, groups=32)
+        stage4 = plans.plan_conv((256, 1024, 7, 7), (1024, 32, 3, 3), torch.bfloat16, padding=1, groups=32)
+        stem = plans.plan_conv((256, 16, 115, 115), (64, 16, 4, 4), torch.bfloat16, stats=True)
+        small = plans.plan_conv((2, 128, 16, 16), (128, 4, 3, 3), torch.bfloat16, padding=1, groups=32)
+    assert [(p.block_m, p.block_n, p.num_warps) for p in (big, stage4, stem)] == [(256, 16, 4), (256, 32, 8),
+                                                                                    (256, 64, 8)]
+    assert small.block_m == 128
+
+
 @pytest.mark.usefixtures("device_blocks")
 @pytest.mark.parametrize("name", WIDE_ROW_GEOMETRY, ids=WIDE_ROW_GEOMETRY.keys())
-def test_training_conv_gradients_with_256_rows_of_up_to_64_columns(device, name, monkeypatch):
-    """Tiles of 256 rows and 32 or 64 output channels, which the rules give launches with
-    programs enough (a ResNet stem at batch 256: its 7x7 stride-2 conv as a 4x4 over 2x2 pixel
-    blocks; the 32-channel groups of resnext50_32x4d's stage 4), on a small shape."""
-    stem = plans.plan_conv((256, 16, 115, 115), (64, 16, 4, 4), torch.bfloat16, stats=True)
-    stage4 = plans.plan_conv((256, 1024, 7, 7), (1024, 32, 3, 3), torch.bfloat16, padding=1, groups=32)
-    assert [(p.block_m, p.block_n, p.num_warps) for p in (stem, stage4)] == [(256, 64, 8), (256, 32, 8)]
+def test_training_conv_gradients_with_256_row_tiles(device, name, monkeypatch):
+    """The 256-row tiles (test_256_row_tiles_where_the_rules_give_them) on small shapes,
+    given them by lowering the launch size the rule asks for; every gradient against float64."""
     case, block_n = WIDE_ROW_GEOMETRY[name]
     x, weight, geo = _conv_case(device, *case)
     assert plans.plan_conv(x.shape, weight.shape, x.dtype, **geo).block_m == 128
