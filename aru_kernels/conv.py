@@ -215,18 +215,33 @@ def _input_grad_epilogue(g, off, ok, rows, row_ok, ch, ch_ok, byte0, out_ptr, re
 
 @triton.jit
 def _tap_coord(o, k, size, STRIDE: tl.constexpr, PAD: tl.constexpr, DIL: tl.constexpr,
-               TRANSPOSED: tl.constexpr):
+               TRANSPOSED: tl.constexpr, INSIDE: tl.constexpr = False):
     """The input coordinate that output coordinate ``o`` reads at kernel offset
     ``k``, and whether it exists. Transposed (input-gradient) launches invert
-    the forward map ``o_fwd = (i_fwd + PAD - k * DIL) / STRIDE``."""
+    the forward map ``o_fwd = (i_fwd + PAD - k * DIL) / STRIDE``. ``INSIDE``
+    (:func:`_inside`): every tap of every output lies inside the input, so
+    nothing is tested."""
     if TRANSPOSED:
         num = o + PAD - k * DIL
         i = num // STRIDE
         ok = (num >= 0) & (num % STRIDE == 0) & (i < size)
     else:
         i = o * STRIDE - PAD + k * DIL
-        ok = (i >= 0) & (i < size)
+        if INSIDE:
+            ok = True
+        else:
+            ok = (i >= 0) & (i < size)
     return i, ok
+
+
+@triton.constexpr_function
+def _inside(H, W, P, Q, KH, KW, STRIDE, PAD, DIL) -> bool:
+    """Whether every tap of every output pixel of a (forward) convolution lies
+    inside its input, so that its launches test no input bounds per element:
+    without padding, the input ends where the last output's last tap does or
+    later (checked too). The ResNet stem, whose image is padded ahead by its
+    space-to-depth, and the strided 1x1s."""
+    return PAD == 0 and (P - 1) * STRIDE + (KH - 1) * DIL < H and (Q - 1) * STRIDE + (KW - 1) * DIL < W
 
 
 @triton.jit
@@ -344,6 +359,7 @@ def conv_bn_act_kernel(
     P_PH: tl.constexpr = (P - PHASE_H + STRIDE - 1) // STRIDE
     Q_PH: tl.constexpr = (Q - PHASE_W + STRIDE - 1) // STRIDE
     TAPS: tl.constexpr = PHASED * NKH * NKW + (1 - PHASED) * KH * KW
+    INSIDE: tl.constexpr = _inside(H, W, P, Q, KH, KW, STRIDE, PAD, DIL)  # (forward launches only)
     if PHASED:
         t = rm // Q_PH
         j = rm - t * Q_PH
@@ -376,8 +392,8 @@ def conv_bn_act_kernel(
             k_ok = rk < K_TOTAL
             c = rk % CIN_P
             tap = rk // CIN_P
-            ih, h_ok = _tap_coord(p[:, None], (tap // KW)[None, :], H, STRIDE, PAD, DIL, TRANSPOSED)
-            iw, w_ok = _tap_coord(q[:, None], (tap % KW)[None, :], W, STRIDE, PAD, DIL, TRANSPOSED)
+            ih, h_ok = _tap_coord(p[:, None], (tap // KW)[None, :], H, STRIDE, PAD, DIL, TRANSPOSED, INSIDE)
+            iw, w_ok = _tap_coord(q[:, None], (tap % KW)[None, :], W, STRIDE, PAD, DIL, TRANSPOSED, INSIDE)
             ok = m_ok[:, None] & k_ok[None, :] & h_ok & w_ok
             a = tl.load(x_ptr + img_base[:, None] + (ih * W + iw) * C_IN + c[None, :], mask=ok, other=0.0)
             if HAS_PROLOGUE:
@@ -414,8 +430,8 @@ def conv_bn_act_kernel(
             else:
                 kh = tap // KW
                 kw = tap % KW
-                ih, h_ok = _tap_coord(p, kh, H, STRIDE, PAD, DIL, TRANSPOSED)
-                iw, w_ok = _tap_coord(q, kw, W, STRIDE, PAD, DIL, TRANSPOSED)
+                ih, h_ok = _tap_coord(p, kh, H, STRIDE, PAD, DIL, TRANSPOSED, INSIDE)
+                iw, w_ok = _tap_coord(q, kw, W, STRIDE, PAD, DIL, TRANSPOSED, INSIDE)
             row_ok = m_ok & h_ok & w_ok
             ok = row_ok[:, None] & k_ok[None, :]
             row = img_base + (ih * W + iw) * C_IN
@@ -631,6 +647,7 @@ def conv_wgrad_kernel(
     K_BLOCKS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
     N_BLOCKS: tl.constexpr = (COUT_P + BLOCK_N - 1) // BLOCK_N
     POINTWISE: tl.constexpr = (KH == 1) and (KW == 1) and (STRIDE == 1) and (PAD == 0)
+    INSIDE: tl.constexpr = _inside(H, W, P, Q, KH, KW, STRIDE, PAD, DIL)  # no input bounds to test
     pid = tl.program_id(0)
     split = tl.program_id(1)
     COLUMNS: tl.constexpr = N_BLOCKS + A_GRAM  # A_GRAM: the last column of programs takes A^T A
@@ -692,9 +709,12 @@ def conv_wgrad_kernel(
                     q = rm - t2 * Q
                     img = t2 // P
                     p = t2 - img * P
-                ih = (p * STRIDE)[:, None] + dh[None, :]
-                iw = (q * STRIDE)[:, None] + dw[None, :]
-                ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                if INSIDE:
+                    ok = m_ok[:, None] & k_ok[None, :]
+                else:
+                    ih = (p * STRIDE)[:, None] + dh[None, :]
+                    iw = (q * STRIDE)[:, None] + dw[None, :]
+                    ok = m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
                 row = ((img.to(tl.int64) * H + p * STRIDE) * W + q * STRIDE) * C_IN
             x_tile = tl.load(x_ptr + row[:, None] + col[None, :], mask=ok, other=0.0)
             a = x_tile
