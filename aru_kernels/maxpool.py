@@ -8,13 +8,15 @@ buffer, which the ReLU's and batch norm's backward read again. Here:
 * ``bn_relu_maxpool_kernel`` reads ``y`` once and writes the pooled output and
   one int8 per pooled element: the position of the window's maximum (the first
   one, as PyTorch picks it; a NaN wins, the last one as in PyTorch), or -1
-  where the ReLU passes no gradient (the maximum is ``<= 0``);
+  where the ReLU passes no gradient (the maximum is ``<= 0``). Its programs walk
+  down the pooled rows, so an input row two windows share is normalized once;
 * ``bn_relu_maxpool_backward_kernel`` gathers, for each input pixel, the
   gradient of the windows whose maximum it is, a class of pixels (the same
   place in their windows) at a time (:mod:`aru_kernels.pool_window`),
   and writes dL/dy with the per-channel sums that batch norm's scale, shift
-  and mean gradients need (per tile, added in a fixed order); or the sums
-  alone, for a stem whose conv weight gradient gathers the same gradient.
+  and mean gradients need (per tile, added in a fixed order);
+* ``bn_relu_maxpool_sums_kernel`` takes those sums alone, for a stem whose conv
+  weight gradient gathers the same gradient, from the pooled elements' side.
 
 Windows are square (``K`` wide, stride ``STRIDE``, padding ``PAD`` of
 -infinity), no dilation, floor mode: ``nn.MaxPool2d``'s defaults.
@@ -31,10 +33,50 @@ from .batchnorm import _centred, _vec
 from .bn_ops import rows
 from .conv import _relu
 from .launch import launch
-from .plans import elementwise_blocks
+from .plans import elementwise_blocks, max_pool_blocks
 from .pool_window import max_pool_grad_class
 
 __all__ = ["pool_size", "stride_blocks", "bn_relu_maxpool", "bn_relu_maxpool_backward"]
+
+
+@triton.jit
+def _row_max(y_ptr, n, h, q, q_ok, rc, c_ok, mean, scale, shift, H, W, C, out_dtype: tl.constexpr,
+             K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, NAN_ABOVE: tl.constexpr,
+             BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Input row ``h``'s share of the windows of pooled columns ``q``: the maximum
+    of ``relu(scale*(y - mean) + shift)`` over each window's ``K`` columns, compared
+    as stored (rounded to ``out_dtype``), and its column ``dw`` in the window.
+
+    16-bit (``NAN_ABOVE``): one int32 key, the stored bits (non-negative after the
+    ReLU, so ordered as integers; NaN above +inf) over 7 bits, ``127 - dw`` so that
+    the first of equal values wins, ``dw`` for NaN so that the last does; 0 for an
+    element outside the image, below every element's key. Returned twice.
+    fp32: ``(value, dw)``, ``-inf`` where the row has no element inside."""
+    h_ok = (h >= 0) & (h < H)
+    base = (n * H + h) * W
+    best = tl.full((BLOCK_Q, BLOCK_C), float("-inf"), tl.float32)
+    pos = tl.zeros((BLOCK_Q, BLOCK_C), dtype=tl.int32)
+    key = tl.full((BLOCK_Q, BLOCK_C), -1, tl.int32)
+    for dw in tl.static_range(K):
+        w = q * STRIDE - PAD + dw
+        inside = q_ok & h_ok & (w >= 0) & (w < W)
+        ok = inside[:, None] & c_ok[None, :]
+        v = tl.load(y_ptr + (base + w).to(tl.int64)[:, None] * C + rc[None, :], mask=ok, other=0.0)
+        z = _relu((v.to(tl.float32) - mean) * scale + shift).to(out_dtype)
+        if NAN_ABOVE:
+            bits = z.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # (a -0 as +0)
+            low = tl.where(bits > NAN_ABOVE, dw, 127 - dw)
+            # outside the image a key of 0: the row's mask ANDed in, not a select per element
+            key = tl.maximum(key, ((bits << 7) | low) & tl.where(inside, -1, 0)[:, None])
+        else:
+            z = z.to(tl.float32)
+            take = ok & ((z > best) | (z != z))  # the first maximum; a NaN replaces whatever came before
+            best = tl.where(take, z, best)
+            pos = tl.where(take, dw, pos)
+    if NAN_ABOVE:
+        return key, key
+    else:
+        return best, pos
 
 
 @triton.jit
@@ -43,62 +85,73 @@ def bn_relu_maxpool_kernel(
     mean_ptr, scale_ptr, shift_ptr,  # [C] fp32
     out_ptr,  # [N, P, Q, C] out
     code_ptr,  # [N, P, Q, C] int8 out: the maximum's position in its window, -1 where no gradient passes
-    M,  # N * P * Q pooled pixels
     H, W, P, Q, C,
+    ROW_BLOCKS, COL_BLOCKS,  # blocks of ROWS pooled rows, of BLOCK_Q pooled columns
     K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_C: tl.constexpr,
     NAN_ABOVE: tl.constexpr = 0,  # 16-bit outputs: the bits of +inf; their NaN lie above (0: fp32)
 ):
-    """Each element of a window is compared as stored (rounded to the output's dtype),
-    so ties resolve as PyTorch's max-pool over the stored ReLU output does.
+    """A program walks ``ROWS`` pooled rows of one image down a strip of ``BLOCK_Q``
+    pooled columns. Each window is the maximum of its ``K`` input rows' shares
+    (:func:`_row_max`), taken in order, so ties and NaN resolve as PyTorch's max-pool
+    over the stored ReLU output does (the first maximum; the last NaN). Where windows
+    overlap by one row (``K == STRIDE + 1``, a ResNet stem's 3x3 windows of stride 2)
+    a window's last row is the next one's first, normalized once: 2 rows of 3 for
+    each pooled row instead of 3.
 
-    For 16-bit outputs (``NAN_ABOVE``) an element is one int32 key: its stored bits
-    (non-negative after the ReLU, so ordered as integers; NaN above +inf) over 7 bits
-    of its position, ``127 - pos`` so that the first of equal values wins, ``pos`` for
-    NaN so that the last does. One integer maximum a window element takes the place
-    of two comparisons and two selects."""
-    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    A row's 16-bit key counts the column ``dw``; in the window it counts
+    ``dh * K + dw``, ``127 - (dh * K + dw)`` for a number: the row's key less
+    ``dh * K``, or more for a NaN (``K <= 11`` keeps it within 7 bits)."""
+    pid = tl.program_id(0)
+    col_b = pid % COL_BLOCKS
+    t = pid // COL_BLOCKS
+    p0 = (t % ROW_BLOCKS) * ROWS
+    n = t // ROW_BLOCKS
+    q = col_b * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    q_ok = q < Q
     rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = rc < C
     mean, scale, shift = _vec(mean_ptr, rc, c_ok), _vec(scale_ptr, rc, c_ok), _vec(shift_ptr, rc, c_ok)
-    q = rm % Q
-    t = rm // Q
-    p = t % P
-    n = t // P
-    best = tl.full((BLOCK_M, BLOCK_C), float("-inf"), tl.float32)
-    pos = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.int32)
-    key = tl.full((BLOCK_M, BLOCK_C), -1, tl.int32)
-    for dh in tl.static_range(K):
-        h = p * STRIDE - PAD + dh
-        for dw in tl.static_range(K):
-            w = q * STRIDE - PAD + dw
-            inside = (rm < M) & (h >= 0) & (h < H) & (w >= 0) & (w < W)
-            ok = inside[:, None] & c_ok[None, :]
-            v = tl.load(y_ptr + ((n * H + h) * W + w).to(tl.int64)[:, None] * C + rc[None, :], mask=ok, other=0.0)
-            z = _relu((v.to(tl.float32) - mean) * scale + shift).to(out_ptr.dtype.element_ty)
-            if NAN_ABOVE:
-                bits = z.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF  # (a -0 as +0)
-                low = tl.where(bits > NAN_ABOVE, dh * K + dw, 127 - (dh * K + dw))
-                # outside the image a key of 0, below every element's (low > 0 with K <= 11): the
-                # row's mask ANDed in, not a select per element (sm_90: 195.9 -> 190.8 us of issue
-                # for a ResNet stem at batch 256)
-                key = tl.maximum(key, ((bits << 7) | low) & tl.where(inside, -1, 0)[:, None])
+    dtype: tl.constexpr = out_ptr.dtype.element_ty
+    CARRY: tl.constexpr = K == STRIDE + 1
+    if CARRY:  # the first window's first row; then each window's last
+        carry_a, carry_b = _row_max(y_ptr, n, p0 * STRIDE - PAD, q, q_ok, rc, c_ok, mean, scale, shift, H, W, C,
+                                    dtype, K, STRIDE, PAD, NAN_ABOVE, BLOCK_Q, BLOCK_C)
+    off = ((n * P + p0) * Q + q).to(tl.int64)[:, None] * C + rc[None, :]
+    for i in range(ROWS):
+        p = p0 + i
+        for dh in tl.static_range(K):
+            if CARRY and dh == 0:
+                ra, rb = carry_a, carry_b
             else:
-                z = z.to(tl.float32)
-                take = ok & ((z > best) | (z != z))  # the first maximum; a NaN replaces whatever came before
-                best = tl.where(take, z, best)
-                pos = tl.where(take, dh * K + dw, pos)
-    ok = (rm < M)[:, None] & c_ok[None, :]
-    off = rm.to(tl.int64)[:, None] * C + rc[None, :]
-    if NAN_ABOVE:
-        bits = key >> 7
-        low = key & 127
-        pos = tl.where(bits > NAN_ABOVE, low, 127 - low)
-        tl.store(out_ptr + off, bits.to(tl.int16).to(out_ptr.dtype.element_ty, bitcast=True), mask=ok)
-        tl.store(code_ptr + off, tl.where(bits == 0, -1, pos).to(tl.int8), mask=ok)
-    else:
-        tl.store(out_ptr + off, best.to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(code_ptr + off, tl.where(best <= 0, -1, pos).to(tl.int8), mask=ok)
+                ra, rb = _row_max(y_ptr, n, p * STRIDE - PAD + dh, q, q_ok, rc, c_ok, mean, scale, shift, H, W,
+                                  C, dtype, K, STRIDE, PAD, NAN_ABOVE, BLOCK_Q, BLOCK_C)
+            if CARRY and dh == K - 1:
+                carry_a, carry_b = ra, rb
+            if NAN_ABOVE:
+                if dh == 0:
+                    key = ra
+                else:  # (a row wholly outside the image, key 0, falls below every other)
+                    key = tl.maximum(key, ra + tl.where((ra >> 7) > NAN_ABOVE, dh * K, -dh * K))
+            else:
+                if dh == 0:
+                    best = ra
+                    pos = rb
+                else:
+                    take = (ra > best) | (ra != ra)
+                    best = tl.where(take, ra, best)
+                    pos = tl.where(take, dh * K + rb, pos)
+        ok = (q_ok & (p < P))[:, None] & c_ok[None, :]
+        if NAN_ABOVE:
+            bits = key >> 7
+            low = key & 127
+            pos = tl.where(bits > NAN_ABOVE, low, 127 - low)
+            tl.store(out_ptr + off, bits.to(tl.int16).to(dtype, bitcast=True), mask=ok)
+            tl.store(code_ptr + off, tl.where(bits == 0, -1, pos).to(tl.int8), mask=ok)
+        else:
+            tl.store(out_ptr + off, best.to(dtype), mask=ok)
+            tl.store(code_ptr + off, tl.where(best <= 0, -1, pos).to(tl.int8), mask=ok)
+        off += Q * C
 
 
 @triton.jit
@@ -145,6 +198,46 @@ def bn_relu_maxpool_backward_kernel(
     tl.store(part_ptr + (T + pid_m) * C + rc, tl.sum(s_gy, axis=0), mask=c_ok)
 
 
+@triton.jit
+def bn_relu_maxpool_sums_kernel(
+    dout_ptr,  # [N, P, Q, C] dL/d(pooled output)
+    code_ptr,  # [N, P, Q, C] int8, as bn_relu_maxpool_kernel wrote it
+    y_ptr,  # [N, H, W, C]
+    mean_ptr,  # [C] fp32
+    part_ptr,  # [2, T, C] fp32 out: per-tile sums of g and g*(y - mean)
+    M,  # N * P * Q pooled pixels
+    H, W, P, Q, C, T,
+    K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The sums of :func:`bn_relu_maxpool_backward` without dL/dy, from the windows'
+    side: g, the gradient behind the ReLU, is at each input pixel the sum of ``dout``
+    over the windows whose maximum it is, so the sum of g over the pixels is that of
+    ``dout`` over the windows with a code, and the sum of ``g * (y - mean)`` that of
+    ``dout * (y - mean)`` at each window's maximum. One pass over the pooled elements
+    (a quarter of the pixels of a ResNet stem), reading ``y`` only where the code
+    points: no gather of windows per pixel."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rc = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = rc < C
+    q = rm % Q
+    t = rm // Q
+    p = t % P
+    n = t // P
+    ok = (rm < M)[:, None] & c_ok[None, :]
+    off = rm.to(tl.int64)[:, None] * C + rc[None, :]
+    code = tl.load(code_ptr + off, mask=ok, other=-1).to(tl.int32)
+    live = code >= 0  # (-1: masked, or no gradient behind the ReLU)
+    g = tl.where(live, tl.load(dout_ptr + off, mask=ok, other=0.0).to(tl.float32), 0.0)
+    dh = code // K
+    h = (p * STRIDE - PAD)[:, None] + dh
+    w = (q * STRIDE - PAD)[:, None] + (code - dh * K)
+    at = ((n[:, None] * H + h) * W + w).to(tl.int64) * C + rc[None, :]
+    centred = tl.load(y_ptr + at, mask=live, other=0.0).to(tl.float32) - _vec(mean_ptr, rc, c_ok)
+    tl.store(part_ptr + tl.program_id(0) * C + rc, tl.sum(g, axis=0), mask=c_ok)
+    tl.store(part_ptr + (T + tl.program_id(0)) * C + rc, tl.sum(g * centred, axis=0), mask=c_ok)
+
+
 # The bits of +inf of the 16-bit dtypes, whose pooled maximum is taken as an integer key.
 _INF_BITS = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
 
@@ -187,14 +280,15 @@ def bn_relu_maxpool(y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor, kerne
     all the backward reads of the output side."""
     out, code = _pooled(y, kernel_size, stride, padding)
     c, h, w = y.shape[1:]
-    m = rows(out)
-    block_m, block_c = elementwise_blocks(c)
-    block_m = max(16, block_m // 4)  # K*K loads a pooled element
-    if m and c:
-        launch(bn_relu_maxpool_kernel, (triton.cdiv(m, block_m), triton.cdiv(c, block_c)),
-               y, mean, scale, shift, out, code, m, h, w, out.shape[2], out.shape[3], c,
-               K=kernel_size, STRIDE=stride, PAD=padding, BLOCK_M=block_m, BLOCK_C=block_c,
-               NAN_ABOVE=_INF_BITS.get(y.dtype, 0), role="bn_relu_maxpool")
+    n, p, q = out.shape[0], out.shape[2], out.shape[3]
+    rows_, block_q, block_c, warps = max_pool_blocks(p, q, c)
+    row_blocks, col_blocks = triton.cdiv(p, rows_), triton.cdiv(q, block_q)
+    if out.numel():
+        launch(bn_relu_maxpool_kernel, (n * row_blocks * col_blocks, triton.cdiv(c, block_c)),
+               y, mean, scale, shift, out, code, h, w, p, q, c, row_blocks, col_blocks,
+               K=kernel_size, STRIDE=stride, PAD=padding, ROWS=rows_, BLOCK_Q=block_q, BLOCK_C=block_c,
+               NAN_ABOVE=_INF_BITS.get(y.dtype, 0), role="bn_relu_maxpool", num_warps=warps,
+               meta={"loop_trips": [rows_]})
     return out, code
 
 
@@ -211,6 +305,18 @@ def bn_relu_maxpool_backward(dout: Tensor, code: Tensor, y: Tensor, mean: Tensor
     ``code``, and the per-channel sums ``[2, C]`` of g and g*(y - mean), g the gradient
     behind the ReLU (dL/dy = scale*g). Without ``write_dy`` the sums alone (``dy`` empty)."""
     n, c, h, w = y.shape
+    if not write_dy:  # from the windows' side (bn_relu_maxpool_sums_kernel)
+        m = rows(dout)
+        block_m, block_c = elementwise_blocks(c)
+        block_m = max(16, block_m // 2)
+        tiles = triton.cdiv(m, block_m)
+        part = torch.zeros((2, tiles, c), dtype=torch.float32, device=y.device)
+        if m and c:
+            launch(bn_relu_maxpool_sums_kernel, (tiles, triton.cdiv(c, block_c)),
+                   dout, code, y, mean, part, m, h, w, dout.shape[2], dout.shape[3], c, tiles,
+                   K=kernel_size, STRIDE=stride, PAD=padding, BLOCK_M=block_m, BLOCK_C=block_c,
+                   role="bn_relu_maxpool_bwd")
+        return y.new_empty(0), part.sum(1)  # fixed-order reduction over tiles
     hj, wl = stride_blocks(h, stride, padding), stride_blocks(w, stride, padding)
     m = n * hj * wl if rows(y) else 0
     block_m, block_c = elementwise_blocks(c)

@@ -35,6 +35,7 @@ __all__ = [
     "out_size",
     "elementwise_blocks",
     "pool_blocks",
+    "max_pool_blocks",
     "normalizes_ahead",
     "block_end_fuses",
     "pointwise_grads_fuse",
@@ -692,6 +693,19 @@ def pool_blocks(c: int, hw: int) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_C) of a block end with the global average pool after it
     (pixels of one image per step, channels per program): a 7x7 image in one step."""
     return min(64, max(16, _next_pow2(hw))), elementwise_blocks(c)[1]
+
+
+def max_pool_blocks(p: int, q: int, c: int) -> tuple[int, int, int, int]:
+    """(ROWS, BLOCK_Q, BLOCK_C, num_warps) of the batch-norm, ReLU and max-pool forward
+    over a ``p`` x ``q`` pooled image of ``c`` channels: a program walks ``ROWS``
+    pooled rows down a strip of ``BLOCK_Q`` columns, 512 elements a row (8 columns of
+    64 channels for a ResNet stem), 8 a thread (16-byte loads of a 16-bit input).
+    Eight rows: the first window's extra row costs 1/8 of the 2 a pooled row reads
+    where windows overlap by one row (the row-walk's saving), and a ResNet stem at
+    batch 256 still launches 12,544 programs."""
+    block_c = elementwise_blocks(c)[1]
+    block_q = min(_next_pow2(q), max(1, 512 // block_c))
+    return min(8, p), block_q, block_c, max(1, min(4, block_q * block_c // 256))
 
 
 def finalize_blocks(c: int) -> tuple[int, int]:

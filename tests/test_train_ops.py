@@ -967,7 +967,11 @@ def test_block_end_with_global_average_pool(device, identity):
         torch.ops.aru.bn_add_relu_grad_sums(dout[:1], bits, y, mean, None, None, pooled=True)
 
 
-POOLS = [(3, 2, 1, 13, 11), (2, 2, 0, 9, 8), (3, 1, 1, 7, 10), (5, 3, 2, 11, 12), (2, 3, 1, 10, 11)]
+# k, s, p, h, w; the last: 19 x 21 pooled, so that the forward's programs walk 8 rows down
+# strips of 16 columns (plans.max_pool_blocks) and the last of each is partial
+POOLS = [(3, 2, 1, 13, 11), (2, 2, 0, 9, 8), (3, 1, 1, 7, 10), (5, 3, 2, 11, 12), (2, 3, 1, 10, 11),
+         (3, 2, 1, 37, 41)]
+POOL_IDS = [f"k{k}s{s}p{p}_{h}x{w}" for k, s, p, h, w in POOLS]
 
 
 def _bn_relu_pool_ref(y, mean, scale, shift, k, s, p):
@@ -976,7 +980,7 @@ def _bn_relu_pool_ref(y, mean, scale, shift, k, s, p):
     return torch.nn.functional.max_pool2d(torch.relu((y - v(mean)) * v(scale) + v(shift)), k, s, p)
 
 
-@pytest.mark.parametrize("k,s,p,h,w", POOLS, ids=[f"k{k}s{s}p{p}" for k, s, p, _, _ in POOLS])
+@pytest.mark.parametrize("k,s,p,h,w", POOLS, ids=POOL_IDS)
 def test_bn_relu_maxpool_matches_float64(device, k, s, p, h, w):
     """The stem's batch norm, ReLU and max-pool in one pass, and its gradient in every input."""
     c = 24  # one full and one partial channel block in the interpreter's tiles
@@ -992,6 +996,13 @@ def test_bn_relu_maxpool_matches_float64(device, k, s, p, h, w):
     out_ref.backward(g)
     for name, a, e in zip(["y", "mean", "scale", "shift"], (y, *vecs), ex):
         assert_close(a.grad, e.grad, torch.float32, what=f"gradient of {name}")
+    # the sums alone (a stem whose conv gathers dL/dy itself), from the windows' side
+    _, code = torch.ops.aru.bn_relu_maxpool(y.detach(), *[v.detach() for v in vecs], k, s, p)
+    dy, sums = torch.ops.aru.bn_relu_maxpool_backward(channels_last(g.float()), code, y.detach(), vecs[0].detach(),
+                                                      vecs[1].detach(), k, s, p, write_dy=False)
+    assert dy.numel() == 0
+    assert_close(sums[0], ex[3].grad, torch.float32, what="sum of g (the shift's gradient)")
+    assert_close(sums[1], ex[2].grad, torch.float32, what="sum of g * (y - mean) (the scale's gradient)")
 
 
 # conv k, s, p; pool k, s, p; h, w (a 2-wide pool of stride 3 leaves pixels in no window)
@@ -1064,7 +1075,7 @@ def test_bn_relu_maxpool_ties_nan_and_code(device, dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("k,s,p,h,w", POOLS, ids=[f"k{k}s{s}p{p}" for k, s, p, _, _ in POOLS])
+@pytest.mark.parametrize("k,s,p,h,w", POOLS, ids=POOL_IDS)
 def test_bn_relu_maxpool_16bit_takes_pytorchs_maximum(device, dtype, k, s, p, h, w):
     """16-bit outputs: the pooled value, and the position ``code`` names, are PyTorch's
     max-pool (its first maximum) over the stored normalized values. Inputs are quarters,
