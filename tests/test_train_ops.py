@@ -967,10 +967,11 @@ def test_block_end_with_global_average_pool(device, identity):
         torch.ops.aru.bn_add_relu_grad_sums(dout[:1], bits, y, mean, None, None, pooled=True)
 
 
-# k, s, p, h, w; the last: 19 x 21 pooled, so that the forward's programs walk 8 rows down
-# strips of 16 columns (plans.max_pool_blocks) and the last of each is partial
+# k, s, p, h, w. Windows overlapping by one row (k = s + 1) have the forward keep that row:
+# k3s2p1 and k2s1p0. The last: 19 x 21 pooled, so that the forward's programs walk 8 rows
+# down strips of 16 columns (plans.max_pool_blocks) and the last of each is partial
 POOLS = [(3, 2, 1, 13, 11), (2, 2, 0, 9, 8), (3, 1, 1, 7, 10), (5, 3, 2, 11, 12), (2, 3, 1, 10, 11),
-         (3, 2, 1, 37, 41)]
+         (2, 1, 0, 6, 7), (3, 2, 1, 37, 41)]
 POOL_IDS = [f"k{k}s{s}p{p}_{h}x{w}" for k, s, p, h, w in POOLS]
 
 
