@@ -638,7 +638,8 @@ def conv_wgrad_kernel(
     codes (:mod:`aru_kernels.pool_window`: the gradient behind
     the ReLU), then scaled and given the statistics term (``STAT_SCALE``,
     ``GRAD_STATS``): the full-resolution dL/dy is never written. ``M`` then
-    counts blocks of POOL_STRIDE x POOL_STRIDE pixels, and the pixel loop runs
+    counts blocks of POOL_STRIDE x POOL_STRIDE pixels, each row of them padded
+    to whole steps of BLOCK_M (so a step's image and row are scalars), and the pixel loop runs
     once for each stride class of the pool (``(p + POOL_PAD) % POOL_STRIDE``, the
     same of q), so it reads only the windows that cover its pixels, at positions
     known when compiled (:func:`aru_kernels.pool_window.max_pool_grad_class`).
@@ -690,15 +691,19 @@ def conv_wgrad_kernel(
             if POOL_GRAD:  # rm: blocks of POOL_STRIDE x POOL_STRIDE pixels; this loop's class of them
                 HJ: tl.constexpr = (P - 1 + POOL_PAD) // POOL_STRIDE + 1
                 WL: tl.constexpr = (Q - 1 + POOL_PAD) // POOL_STRIDE + 1
+                WLP: tl.constexpr = (WL + BLOCK_M - 1) // BLOCK_M * BLOCK_M
                 rh = cls // POOL_STRIDE
                 rw = cls % POOL_STRIDE
-                t3 = rm // WL
-                pl = rm - t3 * WL
+                # a row of blocks takes WLP slots (M counts them), so a step's BLOCK_M lie in one
+                # row: its image and block row are scalars, only the column a vector (a padding
+                # slot, pl >= WL, has q >= Q)
+                t3 = m0 // WLP
+                pl = (m0 - t3 * WLP) + tl.arange(0, BLOCK_M)
                 img = t3 // HJ
                 pj = t3 - img * HJ
                 p = pj * POOL_STRIDE + rh - POOL_PAD
                 q = pl * POOL_STRIDE + rw - POOL_PAD
-                m_ok = (rm < M) & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
+                m_ok = (m0 < M) & (p >= 0) & (p < P) & (q >= 0) & (q < Q)
                 rm = (img * P + p) * Q + q  # the pixel itself
             if POINTWISE:
                 row = rm.to(tl.int64) * C_IN

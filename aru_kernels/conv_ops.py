@@ -576,7 +576,9 @@ def conv_weight_grad(
                             device=x.device) if gram else part
     m, m_per_split, loops, pool = conv.m, plan.m_per_split, 1, {}
     if pool_code is not None:  # blocks of stride x stride pixels, a loop a stride class (conv_wgrad_kernel)
-        m = conv.n * stride_blocks(conv.p, pool_stride, pool_padding) * stride_blocks(conv.q, pool_stride, pool_padding)
+        # each row of blocks padded to whole steps (conv_wgrad_kernel)
+        wl = stride_blocks(conv.q, pool_stride, pool_padding)
+        m = conv.n * stride_blocks(conv.p, pool_stride, pool_padding) * (-(-wl // plan.block_m) * plan.block_m)
         m_per_split = -(-m // (plan.splits * plan.block_m)) * plan.block_m
         loops = pool_stride * pool_stride
         pool = dict(PP=dy.shape[2], PQ=dy.shape[3], POOL_K=pool_kernel, POOL_STRIDE=pool_stride,

@@ -531,10 +531,11 @@ def plan_wgrad(conv: ConvPlan, device: torch.device, gram: bool = False, gathere
         # padding costs little: ResNeXt-50's stage-1 grouped 3x3 (k = 9 x 16 padded to
         # 256), sm_90 issue floor 340 -> 190 us against blocks of 64.
         block_k = _next_pow2(k_total)
-    # a gathered dL/dy (4 max-pool windows an element) holds more registers: 32 pixels, no
-    # spill (ResNet stem, sm_90, triton 3.6: 64 pixels spill 168 bytes, 563 -> 545 us of issue;
-    # 3.8, two stages: still 96 bytes)
-    block_m = 256 if _large_blocks() else 32 if gathered else 64
+    # A gathered dL/dy (a max-pool's, a ResNet stem) steps along one row of pooled blocks at a
+    # time (conv_wgrad_kernel): 64 of them hold a 112-pixel row's 57 (sm_90, 255 registers,
+    # no spill on triton 3.6 or 3.8). The interpreter's 256 would pad a small test image's rows
+    # twentyfold.
+    block_m = (32 if gathered else 256) if _large_blocks() else 64
     warps = 8 if block_k * block_n >= 128 * 128 else 4
     # A two-deep pipeline where the A tile is gathered over taps: fewer registers, instructions
     # and buffers than three, the loads' latency left to the per-pixel address and mask work and

@@ -1006,11 +1006,14 @@ def test_bn_relu_maxpool_matches_float64(device, k, s, p, h, w):
     assert_close(sums[1], ex[2].grad, torch.float32, what="sum of g * (y - mean) (the scale's gradient)")
 
 
-# conv k, s, p; pool k, s, p; h, w (a 2-wide pool of stride 3 leaves pixels in no window)
-STEMS = [(7, 2, 3, 3, 2, 1, 19, 15), (3, 1, 1, 2, 2, 0, 9, 12), (3, 1, 1, 2, 3, 1, 11, 10)]
+# conv k, s, p; pool k, s, p; h, w (a 2-wide pool of stride 3 leaves pixels in no window; the
+# last: rows of 35 pooled blocks, over two steps of the weight gradient's 32, the second partial)
+STEMS = [(7, 2, 3, 3, 2, 1, 19, 15), (3, 1, 1, 2, 2, 0, 9, 12), (3, 1, 1, 2, 3, 1, 11, 10),
+         (3, 1, 1, 2, 2, 0, 6, 70)]
 
 
-@pytest.mark.parametrize("ck,cs,cp,k,s,p,h,w", STEMS, ids=["7x7s2_pool3s2", "3x3s1_pool2s2", "3x3s1_pool2s3"])
+@pytest.mark.parametrize("ck,cs,cp,k,s,p,h,w", STEMS,
+                         ids=["7x7s2_pool3s2", "3x3s1_pool2s2", "3x3s1_pool2s3", "3x3s1_pool2s2_wide"])
 def test_stem_train_matches_float64(device, ck, cs, cp, k, s, p, h, w):
     """``aru_kernels.stem_train``: conv, batch norm, ReLU, max-pool as one node whose
     weight gradient gathers dL/dy from the pooled gradient (never written): output,
