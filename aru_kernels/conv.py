@@ -599,6 +599,8 @@ def conv_wgrad_kernel(
     POOL_GRAD: tl.constexpr = False,
     PP: tl.constexpr = 1, PQ: tl.constexpr = 1,
     POOL_K: tl.constexpr = 1, POOL_STRIDE: tl.constexpr = 1, POOL_PAD: tl.constexpr = 0,
+    # M a multiple of BLOCK_M: the pixel loop stops at M, so every block it takes is whole
+    FULL_STEPS: tl.constexpr = False,
 ):
     """Weight gradient: per pack, ``dW[k, n] = sum_m A[m, k] * dy[m, n]``.
 
@@ -684,8 +686,16 @@ def conv_wgrad_kernel(
     d_c = d_a
     CLASSES: tl.constexpr = POOL_STRIDE * POOL_STRIDE if POOL_GRAD else 1
     m_start = split * M_PER_SPLIT
+    m_end = m_start + M_PER_SPLIT
+    # whole tiles (FULL_STEPS, and 1x1 k and n blocks that divide k and n): no row or column
+    # masks on the x, dy and y tiles, nor the selects that keep A zero on masked rows
+    WHOLE_A: tl.constexpr = FULL_STEPS and POINTWISE and K_TOTAL % BLOCK_K == 0 and not POOL_GRAD and not A_GRAM
+    WHOLE_G: tl.constexpr = FULL_STEPS and COUT_P % BLOCK_N == 0 and not POOL_GRAD and not A_GRAM
+    if FULL_STEPS:
+        tl.static_assert(not POOL_GRAD)
+        m_end = tl.minimum(m_end, M)
     for cls in tl.static_range(CLASSES):  # POOL_GRAD: one loop a stride class of the pool (docstring)
-        for m0 in range(m_start, m_start + M_PER_SPLIT, BLOCK_M):
+        for m0 in range(m_start, m_end, BLOCK_M):
             rm = m0 + tl.arange(0, BLOCK_M)
             m_ok = rm < M
             if POOL_GRAD:  # rm: blocks of POOL_STRIDE x POOL_STRIDE pixels; this loop's class of them
@@ -707,7 +717,10 @@ def conv_wgrad_kernel(
                 rm = (img * P + p) * Q + q  # the pixel itself
             if POINTWISE:
                 row = rm.to(tl.int64) * C_IN
-                ok = m_ok[:, None] & k_ok[None, :]
+                if WHOLE_A:
+                    ok = True
+                else:
+                    ok = m_ok[:, None] & k_ok[None, :]
             else:
                 if not POOL_GRAD:
                     t2 = rm // Q  # (no %: see conv_bn_act_kernel)
@@ -727,7 +740,10 @@ def conv_wgrad_kernel(
                 a = _prologue(a, ok, pack * CIN_P + ci, k_ok, in_mean_ptr, in_scale_ptr, in_shift_ptr,
                               PRO_MEAN, PRO_RELU)
             g_off = rm.to(tl.int64)[:, None] * C_OUT + cn[None, :]
-            g_ok = m_ok[:, None] & n_ok[None, :]
+            if WHOLE_G:
+                g_ok = True
+            else:
+                g_ok = m_ok[:, None] & n_ok[None, :]
             if POOL_GRAD:
                 tl.static_assert(GRAD_STATS and STAT_SCALE and not WRITE_DY and not DGRAD)
                 g = max_pool_grad_class(dy_ptr, pool_code_ptr, img, pj, pl, m_ok, cn, n_ok, PP, PQ, C_OUT, rh, rw,

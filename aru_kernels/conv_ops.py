@@ -597,7 +597,7 @@ def conv_weight_grad(
         asum_ptr=asum, WRITE_DY=write_dy and not input_sums, A_SUMS=input_sums, gram_ptr=gram_part, A_GRAM=gram,
         role="wgrad", meta={"conv": conv_geometry(conv), "loop_trips": [m_per_split // plan.block_m] * loops},
         num_warps=plan.num_warps, num_stages=plan.num_stages, pool_code_ptr=pool_code, POOL_GRAD=pool_code is not None,
-        **pool,
+        FULL_STEPS=pool_code is None and m % plan.block_m == 0, **pool,
     )
     if input_sums:
         dy_out = asum.sum(0)  # fixed-order reduction over the splits
