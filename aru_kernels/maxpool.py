@@ -166,7 +166,6 @@ def bn_relu_maxpool_backward_kernel(
     H, W, P, Q, C, T, HJ, WL,
     K: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-    WRITE_DY: tl.constexpr = True,  # else the sums alone (the conv's weight gradient gathers g itself)
 ):
     """A program takes BLOCK_M blocks ``(n, j, l)`` of STRIDE x STRIDE input pixels, one
     class of pixels at a time (:func:`aru_kernels.pool_window.max_pool_grad_class`):
@@ -190,8 +189,7 @@ def bn_relu_maxpool_backward_kernel(
                                     BLOCK_M, BLOCK_C)
             ok = row_ok[:, None] & c_ok[None, :]
             off = ((n * H + h) * W + w).to(tl.int64)[:, None] * C + rc[None, :]
-            if WRITE_DY:
-                tl.store(dy_ptr + off, (g * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
+            tl.store(dy_ptr + off, (g * _vec(scale_ptr, rc, c_ok)).to(dy_ptr.dtype.element_ty), mask=ok)
             s_g += g
             s_gy += g * _centred(y_ptr, off, ok, mean_ptr, rc, c_ok)
     tl.store(part_ptr + pid_m * C + rc, tl.sum(s_g, axis=0), mask=c_ok)
@@ -308,7 +306,7 @@ def bn_relu_maxpool_backward(dout: Tensor, code: Tensor, y: Tensor, mean: Tensor
     if not write_dy:  # from the windows' side (bn_relu_maxpool_sums_kernel)
         m = rows(dout)
         block_m, block_c = elementwise_blocks(c)
-        block_m = max(16, block_m // 2)
+        block_m = max(16, block_m // 2)  # (sm_90, a ResNet stem: 96 registers, no spill)
         tiles = triton.cdiv(m, block_m)
         part = torch.zeros((2, tiles, c), dtype=torch.float32, device=y.device)
         if m and c:
@@ -330,7 +328,7 @@ def bn_relu_maxpool_backward(dout: Tensor, code: Tensor, y: Tensor, mean: Tensor
         launch(bn_relu_maxpool_backward_kernel, (tiles, triton.cdiv(c, block_c)),
                dout, code, y, mean, scale, dy, part, m, h, w, dout.shape[2], dout.shape[3], c, tiles, hj, wl,
                K=kernel_size, STRIDE=stride, PAD=padding, BLOCK_M=block_m, BLOCK_C=block_c,
-               WRITE_DY=write_dy, role="bn_relu_maxpool_bwd")
+               role="bn_relu_maxpool_bwd")
     return dy, part.sum(1)  # fixed-order reduction over tiles
 
 
