@@ -152,8 +152,20 @@ def _bind(launch: Launch, arch: int):
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
-    kwargs = dict(launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+    kwargs = dict(launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages, **_jit_options(kernel))
     return kernel, target, backend, kwargs, binder(**kwargs)
+
+
+def _jit_options(kernel) -> dict:
+    """The options ``JITFunction.run`` adds to a launch's own before it binds them (its
+    debug switch, the instrumentation mode), so the compile options, and with them the
+    cache key, are the JIT's."""
+    from triton import knobs
+
+    options = {"debug": kernel.debug or knobs.runtime.debug}
+    if hasattr(knobs.compilation, "instrumentation_mode"):
+        options["instrumentation_mode"] = knobs.compilation.instrumentation_mode
+    return options
 
 
 def compile_launch(launch: Launch, arch: int = 90):

@@ -9,7 +9,13 @@ In order, within ``--budget`` seconds (default 540):
 
 1. the GPU and the library versions;
 2. the GPU-marked tests, ``python -m pytest -m gpu`` (log:
-   ``OUTDIR/pytest_<gpu>_<date>.log``; at most ``--test-budget`` seconds);
+   ``OUTDIR/pytest_<gpu>_<date>.log``; at most ``--test-budget`` seconds),
+   and beside them, on the other cores, ``benchmarks/warm_cache.py``: the
+   benchmarked models' kernels compiled into Triton's cache in parallel, so
+   that their first steps load them instead of compiling them one after
+   another (minutes) inside the benchmark's budget
+   (``OUTDIR/warm_cache_<gpu>_<date>.log``; each model row reports its first
+   step's seconds, and each benchmark how many kernels the JIT still compiled);
 3. ``benchmarks/run.py``: the layer table (fused vs cuDNN) and the model rows
    of resnext50_32x4d and resnet50, eager and fused, inference and training,
    batch 256, bf16 autocast, channels_last (``torch.compile`` rows only with
@@ -29,9 +35,10 @@ what it measured. Exit status: 0 when the tests passed and every step
 finished cleanly, 1 otherwise.
 
 Without CUDA the same steps run in a CPU mode that checks the script itself
-in a minute: GPU tests skipped, resnext29_tiny at 16x16 with the fused kernels in
-Triton's interpreter, and ``tune.py --dry-run`` on resnext29_tiny (the re-run
-after it: inference, no layers; no step 6).
+in a minute: GPU tests skipped, the cache warmed for resnext29_tiny's inference
+at 16x16, resnext29_tiny at 16x16 with the fused kernels in Triton's
+interpreter, and ``tune.py --dry-run`` on resnext29_tiny (the re-run after it:
+inference, no layers; no step 6).
 """
 
 from __future__ import annotations
@@ -55,6 +62,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Seconds kept back from the benchmark's row budget for the row in flight and the report.
 _ROW_MARGIN_S = 40
+
+
+def gpu_models() -> list[str]:
+    """The models benchmarked on a GPU: timm's SE-ResNeXt too where timm is installed."""
+    return ["resnext50_32x4d", "resnet50", *(["timm:seresnext50_32x4d"] if importlib.util.find_spec("timm") else [])]
 
 
 def slug(name: str) -> str:
@@ -87,9 +99,9 @@ def versions() -> dict[str, str]:
     return info
 
 
-def run_logged(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[int, bool]:
-    """Run ``cmd`` in the repository root, echoing its output and writing it to
-    ``log_path``; stop it (and the processes it started) after ``timeout_s``.
+def run_logged(cmd: list[str], log_path: Path, timeout_s: float, echo: bool = True) -> tuple[int, bool]:
+    """Run ``cmd`` in the repository root, writing its output to ``log_path`` (and, with
+    ``echo``, to stdout); stop it (and the processes it started) after ``timeout_s``.
     Returns the exit status and whether it timed out."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
@@ -107,7 +119,8 @@ def run_logged(cmd: list[str], log_path: Path, timeout_s: float) -> tuple[int, b
         timer.start()
         try:
             for line in proc.stdout:
-                sys.stdout.write(line)
+                if echo:
+                    sys.stdout.write(line)
                 log.write(line)
         finally:
             timer.cancel()
@@ -139,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"{slug(info['gpu']) if on_gpu else 'cpu'}_{today}"
     print(flush=True)
 
+    warming = start_warm_cache(args, tag, on_gpu, info)  # on the other cores, beside the tests
     tests_ok = True
     if not args.skip_tests:
         log = args.outdir / f"pytest_{tag}.log"
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ntests: {'passed' if tests_ok else 'FAILED' if not timed_out else 'TIMED OUT'} "
               f"(pytest exit status {rc}); log: {log}\n", flush=True)
 
-    steps_ok = []
+    steps_ok = [finish_warm_cache(*warming)]
     json_path = args.outdir / f"gpu_check_{tag}.json"
     impls = "eager,fused,compile" if args.compile else "eager,fused"
     share = 0.45 if on_gpu else 0.8  # of what is left: the first benchmark; the rest tunes and re-measures
@@ -176,6 +190,53 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if tests_ok and all(steps_ok) else 1
 
 
+def start_warm_cache(args, tag: str, on_gpu: bool, info: dict) -> tuple[threading.Thread, Path, list]:
+    """Start ``benchmarks/warm_cache.py`` for the models the benchmark runs, in a thread (the
+    compiling runs in its processes); :func:`finish_warm_cache` waits for it."""
+    warm = [sys.executable, str(REPO / "benchmarks" / "warm_cache.py")]
+    if on_gpu:  # the benchmark's steps; the tests and this process keep two cores
+        major, minor = info["capability"].split(".")
+        warm += ["--model", *gpu_models(), "--mode", "infer", "train", "--recompute-normalized",
+                 "--arch", f"{major}{minor}", "--batch-size", "256", "--img-size", "224", "--dtype", "bfloat16",
+                 "--jobs", str(max(1, (os.cpu_count() or 1) - 2))]
+    else:  # the script itself, on a small step (the CPU benchmark runs in the interpreter: no cache needed)
+        warm += ["--model", "resnext29_tiny", "--mode", "infer", "--batch-size", "2", "--img-size", "16",
+                 "--dtype", "float32", "--jobs", "2"]
+    result: list = []
+    log = args.outdir / f"warm_cache_{tag}.log"
+    thread = threading.Thread(target=lambda: result.append(run_logged(warm, log, args.budget * 0.4, echo=False)),
+                              daemon=True)
+    thread.start()
+    return thread, log, result
+
+
+def finish_warm_cache(thread: threading.Thread, log: Path, result: list) -> bool:
+    """Wait for the warm-up and print the end of its log; False when a kernel failed to compile
+    (it would fail at its launch too). A warm-up stopped at its time limit is no failure: the
+    JIT compiles what it left."""
+    thread.join()
+    rc, timed_out = result[0] if result else (1, False)
+    print("".join(log.read_text().splitlines(keepends=True)[-12:]) if log.exists() else "", end="")
+    state = "TIMED OUT (the JIT compiles the rest)" if timed_out else "finished" if rc == 0 else "FAILED"
+    print(f"\nwarming Triton's cache: {state} (exit status {rc}); cache: {_cache_dir()}, "
+          f"{_cache_entries()} entries\n", flush=True)
+    return rc == 0 or timed_out
+
+
+def _cache_dir() -> Path:
+    import triton
+
+    cache = getattr(getattr(triton, "knobs", None), "cache", None)  # triton >= 3.4
+    return Path(getattr(cache, "dir", None) or os.environ.get("TRITON_CACHE_DIR")
+                or Path.home() / ".triton" / "cache")
+
+
+def _cache_entries() -> int:
+    """Kernels in Triton's cache: one directory each."""
+    d = _cache_dir()
+    return sum(1 for _ in d.iterdir()) if d.is_dir() else 0
+
+
 def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, on_gpu: bool, tag: str,
               share: float, extra: tuple = ()) -> bool:
     """One benchmarks/run.py call within ``share`` of the budget left (``extra``: arguments
@@ -185,17 +246,18 @@ def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, 
     bench = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--mode", mode, "--impl", impls,
              "--json", str(json_path), "--layers" if layers else "--no-layers"]
     if on_gpu:
-        optional = ["timm:seresnext50_32x4d"] if importlib.util.find_spec("timm") else []  # where timm is installed
-        bench += ["--model", "resnext50_32x4d", "resnet50", *optional, "--batch-size", "256", "--img-size", "224",
+        bench += ["--model", *gpu_models(), "--batch-size", "256", "--img-size", "224",
                   "--dtype", "bfloat16", "--channels-last", "--warmup", "5", "--iters", "10"]
     else:  # the script itself, in a minute: the fused kernels run in the interpreter
         bench += ["--model", "resnext29_tiny", "--img-size", "16", "--warmup", "0", "--iters", "1", "--interpret"]
     left = (args.budget - (time.monotonic() - start)) * share
     bench += ["--time-limit", str(max(left - _ROW_MARGIN_S, 0)), *extra]
+    cached = _cache_entries()
     rc, timed_out = run_logged(bench, args.outdir / f"benchmark_{tag}.log", max(left, 1))
     ok = rc == 0 and not timed_out
     state = "finished" if ok else "TIMED OUT (partial results)" if timed_out else f"FAILED (exit status {rc})"
     print(f"\nbenchmark: {state}; results: {json_path if json_path.exists() else 'none written'}")
+    print(f"  Triton's JIT compiled {_cache_entries() - cached} kernels the cache did not hold")
     if json_path.exists():
         data = json.loads(json_path.read_text())
         for table, value in (("models", "img_per_s"), ("layers", "us")):

@@ -11,6 +11,7 @@ import datetime
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "recompute_normalized",
              "copy_TBps", "models", "layers"}
-MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "failed", "note"}
+MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "first_step_s", "failed", "note"}
 LAYER_ROW = {"layer", "impl", "pass", "us", "frac_of_copy_bw", "failed", "note"}
 LAYERS = {"s1_g32w4", "s2_g32w8", "s3_g32w16", "s4_g32w32"}
 
@@ -104,6 +105,7 @@ def test_json_model_rows(cpu_run):
         ("resnet18", "infer", "eager"), ("resnet18", "train", "eager")]
     for row in data["models"]:
         assert row["img_per_s"] > 0, row
+        assert row["first_step_s"] >= 0, row  # the first call, timed on its own
         assert row["peak_mem_GiB"] is None, "peak memory is reported only on CUDA"
         assert row["failed"] is False and row["note"] == "", row
 
@@ -184,10 +186,10 @@ def test_bad_arguments_exit_nonzero_with_a_message(run_py, capsys, argv, message
 
 @pytest.mark.slow
 def test_gpu_protocol_cpu_mode(tmp_path):
-    """benchmarks/gpu_check.py's CPU mode: benchmark, tune.py --dry-run (every candidate tile
+    """benchmarks/gpu_check.py's CPU mode: the cache warmed, benchmark, tune.py --dry-run (every candidate tile
     of resnext29_tiny's conv launches checked against the rules' output through the
     interpreter), the fused rows again; every step's JSON or log written."""
-    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_CACHE_DIR=str(tmp_path / "triton"))
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
         [sys.executable, str(RUN_PY.parent / "gpu_check.py"), str(tmp_path), "--skip-tests", "--budget", "600"],
@@ -195,6 +197,10 @@ def test_gpu_protocol_cpu_mode(tmp_path):
     )
     assert proc.returncode == 0, f"gpu_check.py exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert "0 wrong" in proc.stdout and "candidate tiles checked" in proc.stdout
+    warmed = re.search(r"compiled (\d+) of (\d+) for sm_90", proc.stdout)  # the cache warmed beside the tests
+    assert warmed and warmed[1] == warmed[2] != "0", proc.stdout[-4000:]
+    assert "warming Triton's cache: finished" in proc.stdout
+    assert len(list((tmp_path / "triton").iterdir())) >= int(warmed[1])
     files = {p.name.rsplit("_", 1)[0] if p.suffix == ".log" else p.name for p in tmp_path.iterdir()}
     first = json.loads(next(tmp_path.glob("gpu_check_cpu_*[0-9].json")).read_text())
     tuned = json.loads(next(tmp_path.glob("gpu_check_cpu_*_tuned.json")).read_text())
@@ -218,3 +224,55 @@ def test_tune_dry_run_checks_training_launches():
     assert proc.returncode == 0, f"tune.py exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
     assert "WRONG" not in proc.stdout and ", 0 wrong" in proc.stdout, proc.stdout[-4000:]
     assert "dgrad" in proc.stdout
+
+
+# Run without TRITON_INTERPRET (the kernels must be the JIT's own): warm the cache, then
+# stand in for a CUDA driver of an sm_90 GPU and let the JIT prepare every launch of the
+# same step as at its first launch (``warmup``: compile or load, nothing runs).
+_JIT_AFTER_WARM = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import warm_cache
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+
+step = dict(arch=90, batch=2, img=16, dtype=torch.float32)
+rc = warm_cache.main(["--model", "resnext29_tiny", "--mode", "infer", "--arch", "90", "--batch-size", "2",
+                      "--img-size", "16", "--dtype", "float32", "--jobs", "2"])
+cache = os.environ["TRITON_CACHE_DIR"]
+warmed = set(os.listdir(cache))
+
+class SM90:
+    def get_current_device(self):
+        return 0
+    def get_current_stream(self, device=None):
+        return 0
+    def get_current_target(self):
+        return GPUTarget("cuda", 90, 32)
+
+driver.set_active(SM90())
+launches = warm_cache.distinct_launches(["resnext29_tiny"], ["infer"], **step)
+kernels = [l.kernel.warmup(grid=l.grid, num_warps=l.num_warps, num_stages=l.num_stages, **l.args) for l in launches]
+print(json.dumps({"rc": rc, "launches": len(launches), "warmed": len(warmed),
+                  "compiled_by_jit": sorted(set(os.listdir(cache)) - warmed),
+                  "kernels": len({id(k) for k in kernels if k is not None})}))
+"""
+
+
+@pytest.mark.slow
+def test_warm_cache_compiles_what_the_jit_loads(tmp_path):
+    """benchmarks/warm_cache.py compiles a step's kernels in parallel into Triton's cache
+    under the JIT's own keys: afterwards the JIT, preparing each launch of that step for an
+    sm_90 GPU, finds every one there and compiles nothing."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", _JIT_AFTER_WARM, str(RUN_PY.parent)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=RUN_PY.parents[1])
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    assert "compiled 0 of" not in proc.stdout and "FAILED" not in proc.stdout, proc.stdout
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["rc"] == 0 and got["launches"] > 5, got
+    assert got["warmed"] == got["launches"], got  # one cache entry per specialization
+    assert got["kernels"] == got["launches"], got  # the JIT returned a kernel for each
+    assert got["compiled_by_jit"] == [], got  # ... from the cache: no entry under another key

@@ -1,0 +1,132 @@
+"""Compile a model's kernels ahead of its first step, on every core, into Triton's cache.
+
+    python benchmarks/warm_cache.py --model resnext50_32x4d resnet50 --mode infer train \\
+        --arch 90 --batch-size 256 --img-size 224 --dtype bfloat16 --jobs 16
+
+Triton's JIT compiles each kernel specialization the first time it is launched,
+one after another in the launching thread: a resnext50_32x4d training step
+launches about 120 distinct specializations, half a second to a few seconds
+each, so its first step spends minutes compiling. This script records the
+launches of each model's fused inference forward or training step on the meta
+device (nothing runs; :func:`aot_check.record_step`), keeps one launch per
+specialization (:func:`aru_kernels.aot.launch_key`) and compiles them in
+``--jobs`` processes exactly as the JIT would at those launches
+(:func:`aru_kernels.aot.compile_launch`). Each compile lands in Triton's
+on-disk cache (``TRITON_CACHE_DIR``, by default ``~/.triton/cache``) under the
+key the JIT computes, so the JIT's first launch of the same specialization
+loads it instead of compiling. A launch whose tensors sit at other alignments
+than the meta tensors' (a view starting off a 16-byte boundary) is another
+specialization: the JIT still compiles that one itself.
+
+Needs no GPU (``--arch`` names the target) and must not run under
+``TRITON_INTERPRET=1``. Exits non-zero if a kernel fails to compile: it
+would fail at its launch too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    os.environ["TRITON_INTERPRET"] = "0"  # compiling needs the real JIT functions
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from aot_check import DTYPES, record_step  # noqa: E402
+
+from aru_kernels import aot  # noqa: E402
+from aru_kernels.launch import Launch  # noqa: E402
+
+# The launches the workers compile: set before the pool forks, so a worker is
+# handed an index, not a pickled launch holding meta tensors and kernel objects.
+_LAUNCHES: list[Launch] = []
+
+
+def distinct_launches(models: list[str], modes: list[str], *, arch: int, batch: int, img: int,
+                      dtype: torch.dtype, recompute_normalized: bool = False) -> list[Launch]:
+    """One launch per compiled specialization over the models' fused steps, in first-launch order."""
+    seen: dict[tuple, Launch] = {}
+    variants = [False, True] if recompute_normalized else [False]
+    for model in models:
+        for mode in modes:
+            for recompute in variants if mode == "train" else [False]:
+                for launch in record_step(model, "fused", mode, batch, img, dtype, recompute).launches:
+                    seen.setdefault(aot.launch_key(launch, arch), launch)
+    return list(seen.values())
+
+
+def _compile(index: int, arch: int) -> tuple[int, float, str | None]:
+    launch = _LAUNCHES[index]
+    t0 = time.perf_counter()
+    try:
+        aot.compile_launch(launch, arch)
+    except Exception as exc:  # report every failure, not just the first
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return index, time.perf_counter() - t0, f"{type(exc).__name__}: {first}"
+    return index, time.perf_counter() - t0, None
+
+
+def warm(launches: list[Launch], arch: int, jobs: int) -> list[tuple[int, float, str | None]]:
+    """Compile ``launches`` for ``sm_<arch>`` in ``jobs`` forked processes; (index, seconds, error) each."""
+    global _LAUNCHES
+    _LAUNCHES = launches
+    if jobs <= 1:
+        return [_compile(i, arch) for i in range(len(launches))]
+    # fork: the workers inherit the recorded launches (this process never touches CUDA)
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_compile, i, arch) for i in range(len(launches))]
+        return [f.result() for f in as_completed(futures)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", nargs="+", default=["resnext50_32x4d"],
+                    help="builders of aru_models, or timm:NAME (needs timm)")
+    ap.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--img-size", type=int, default=224)
+    ap.add_argument("--recompute-normalized", action="store_true",
+                    help="also the training steps under aru_kernels.recompute_normalized_inputs")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: all cores)")
+    args = ap.parse_args(argv)
+
+    t0 = time.perf_counter()
+    launches = distinct_launches(args.model, args.mode, arch=args.arch, batch=args.batch_size, img=args.img_size,
+                                 dtype=DTYPES[args.dtype], recompute_normalized=args.recompute_normalized)
+    print(f"{len(launches)} kernel specializations in {' '.join(args.model)} ({' '.join(args.mode)}), "
+          f"recorded in {time.perf_counter() - t0:.1f} s", flush=True)
+    t1 = time.perf_counter()
+    results = warm(launches, args.arch, max(1, args.jobs))
+    wall = time.perf_counter() - t1
+    errors = [(i, e) for i, _, e in results if e]
+    serial = sum(s for _, s, _ in results)
+    print(f"compiled {len(results) - len(errors)} of {len(launches)} for sm_{args.arch} in {wall:.1f} s on "
+          f"{args.jobs} processes ({serial:.1f} s of compiling, which the JIT would spend one after another); "
+          f"cache: {_cache_dir()}")
+    for i, e in sorted(errors):
+        launch = launches[i]
+        print(f"FAILED: {launch.kernel.fn.__name__} {launch.role} {launch.meta.get('conv')}: {e}")
+    return 1 if errors else 0
+
+
+def _cache_dir() -> str:
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    cache = getattr(knobs, "cache", None)
+    return str(getattr(cache, "dir", None) or os.environ.get("TRITON_CACHE_DIR") or "~/.triton/cache")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
