@@ -40,6 +40,42 @@ if not HAS_CUDA:
     _interpret_without_overflow_checks()
 
 
+def _interpreter_runs_loops_over_program_ids() -> str | None:
+    """A loop whose bounds come from ``tl.program_id`` (every kernel here has one) through the
+    interpreter; what went wrong, or None. Triton 3.6's interpreter turns such a bound into an
+    int with ``int(array)`` of a one-element array, which numpy 2.4 refuses ("only
+    0-dimensional arrays can be converted to Python scalars"): without this check, every
+    kernel test fails with that message."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def probe(out_ptr, STEP: tl.constexpr):
+        start = tl.program_id(0) * STEP
+        total = 0
+        for i in range(start, start + STEP):
+            total += i
+        tl.store(out_ptr + tl.program_id(0), total)
+
+    out = torch.zeros(2, dtype=torch.int32)
+    try:
+        probe[(2,)](out, 3)
+    except Exception as exc:  # the interpreter wraps what failed
+        return f"{type(exc).__name__}: {exc}"
+    return None if out.tolist() == [3, 12] else f"the probe computed {out.tolist()}, not [3, 12]"
+
+
+def pytest_configure(config):
+    if HAS_CUDA:
+        return
+    failure = _interpreter_runs_loops_over_program_ids()
+    if failure:
+        import triton
+
+        pytest.exit(f"Triton {triton.__version__}'s interpreter cannot run this package's kernels with numpy "
+                    f"{np.__version__}: {failure}. Install numpy<2.4 or triton>=3.8.", returncode=4)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)
