@@ -29,14 +29,22 @@ __all__ = ["conv_bn_act", "conv_bn_train", "bn_add_relu", "bn_relu_maxpool", "re
            "residual_blocks_train", "recompute_normalized_inputs", "ConvBN"]
 
 
+def _autocast_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast gives the operators' activations on ``x``'s device; None where it is off.
+    (The only place the operators read autocast's state.)"""
+    if x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return None
+
+
 def _autocast_on(x: Tensor) -> bool:
-    return x.device.type in ("cuda", "cpu") and torch.is_autocast_enabled(x.device.type)
+    return _autocast_dtype(x) is not None
 
 
 def _autocast(x: Tensor, *others: Optional[Tensor]):
     """Cast activations to the autocast dtype when autocast is on for their device."""
-    if _autocast_on(x):
-        dtype = torch.get_autocast_dtype(x.device.type)
+    dtype = _autocast_dtype(x)
+    if dtype is not None:
         return (x.to(dtype), *(o.to(dtype) if o is not None else None for o in others))
     return (x, *others)
 

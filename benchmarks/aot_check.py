@@ -25,6 +25,7 @@ Exits non-zero if a kernel fails to compile.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -134,13 +135,39 @@ def _implementation(op):
     raise KeyError(f"no implementation found for {op}")
 
 
+@contextlib.contextmanager
+def fused_autocast(dtype: torch.dtype):
+    """Autocast to ``dtype`` as the fused operators see it on a GPU, for meta tensors.
+
+    ``torch.autocast`` does not apply on the meta device, and ``torch.autocast("cuda")``
+    switches itself off where there is no CUDA; so the operators' one reading of autocast's
+    state (``aru_kernels.functional._autocast_dtype``) answers ``dtype`` for meta tensors
+    here. The fused operators then cast activations and read float32 weights and batch-norm
+    vectors in place, as under ``torch.autocast`` on a GPU: the same launches, dtypes and
+    specializations (a test compares them with a real autocast run's). PyTorch's own
+    operators on meta tensors still do not cast, so an eager model's step is not emulated."""
+    from aru_kernels import functional
+
+    on_device = functional._autocast_dtype
+    functional._autocast_dtype = lambda x: dtype if x.device.type == "meta" else on_device(x)
+    try:
+        yield
+    finally:
+        functional._autocast_dtype = on_device
+
+
 def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dtype: torch.dtype,
-                recompute_normalized: bool = False) -> StepRecorder:
+                recompute_normalized: bool = False, autocast: bool = False) -> StepRecorder:
     """Run one inference forward or training step (forward + backward) on the meta device
-    (the training forward under ``aru_kernels.recompute_normalized_inputs(recompute_normalized)``)."""
+    (the training forward under ``aru_kernels.recompute_normalized_inputs(recompute_normalized)``):
+    with ``autocast``, a float32 model and input under :func:`fused_autocast` to ``dtype``, as
+    ``benchmarks/run.py`` runs the fused models (``impl="fused"`` only); else the model and
+    input in ``dtype``."""
     import aru_kernels
     import aru_models
 
+    if autocast and impl != "fused":
+        raise ValueError("autocast is emulated for the fused operators only: record an eager step in dtype")
     with torch.device("meta"):
         if model_name.startswith("timm:"):  # a timm model, switched with aru_models.fuse
             import timm
@@ -149,19 +176,21 @@ def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dty
             model = aru_models.fuse(model) if impl == "fused" else model
         else:
             model = getattr(aru_models, model_name)(impl=impl)
-        model = model.to(dtype=dtype, memory_format=torch.channels_last)
-    x = torch.empty(batch, 3, img, img, device="meta", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        model = model.to(dtype=torch.float32 if autocast else dtype, memory_format=torch.channels_last)
+    x = torch.empty(batch, 3, img, img, device="meta", dtype=torch.float32 if autocast else dtype)
+    x = x.contiguous(memory_format=torch.channels_last)
     rec = StepRecorder()
-    if mode == "infer":
-        model.eval()
-        with rec, torch.no_grad():
-            model(x)
-    else:
-        model.train()
-        with rec:
-            with aru_kernels.recompute_normalized_inputs(recompute_normalized):
-                loss = model(x).float().sum()
-            loss.backward()
+    with fused_autocast(dtype) if autocast else contextlib.nullcontext():
+        if mode == "infer":
+            model.eval()
+            with rec, torch.no_grad():
+                model(x)
+        else:
+            model.train()
+            with rec:
+                with aru_kernels.recompute_normalized_inputs(recompute_normalized):
+                    loss = model(x).float().sum()
+                loss.backward()
     return rec
 
 
@@ -230,7 +259,8 @@ def print_table(report: dict) -> None:
               f"{r['dram_floor_us']:8.1f} {r['tensor_floor_us']:7.1f}  {loads}")
     t = report["traffic"]
     print(f"\nstep floor: {report['total_floor_ms']:.3f} ms = {report['floor_img_per_s']:.0f} images/s "
-          f"({report['model']} {report['mode']}, batch {report['batch_size']}, {report['dtype']}, sm_{report['arch']}, "
+          f"({report['model']} {report['mode']}, batch {report['batch_size']}, {report['dtype']}"
+          f"{' autocast' if report.get('autocast') else ''}, sm_{report['arch']}, "
           f"triton {report['triton']})")
     print(f"traffic per step: eager {t['eager_GB']:.2f} GB, fused {t['fused_GB']:.2f} GB "
           f"({t['fused_GB'] / t['eager_GB']:.2f}x)")
@@ -242,18 +272,23 @@ def print_table(report: dict) -> None:
 
 
 def static_report(model: str, mode: str, arch: int, batch: int, img: int, dtype_name: str,
-                  gpu: aot.GpuProfile = aot.H200, recompute_normalized: bool = False) -> tuple[dict, list[str]]:
+                  gpu: aot.GpuProfile = aot.H200, recompute_normalized: bool = False,
+                  autocast: bool | None = None) -> tuple[dict, list[str]]:
+    """The report of one step (``autocast``: the fused step's, by default as ``benchmarks/run.py``
+    runs it: under autocast unless ``dtype_name`` is float32; the eager step's bytes are counted
+    with the model in the dtype, autocast not being emulated for PyTorch's operators)."""
     import triton
 
     dtype = DTYPES[dtype_name]
-    fused = record_step(model, "fused", mode, batch, img, dtype, recompute_normalized)
+    autocast = dtype != torch.float32 if autocast is None else autocast
+    fused = record_step(model, "fused", mode, batch, img, dtype, recompute_normalized, autocast=autocast)
     eager = record_step(model, "eager", mode, batch, img, dtype)
     rows, errors = kernel_rows(fused.launches, arch, gpu)
     total_us = sum(r["launches"] * r.get("floor_us", 0.0) for r in rows)
     gb = 1e-9
     report = {
         "arch": arch, "triton": triton.__version__, "model": model, "mode": mode, "batch_size": batch,
-        "img_size": img, "dtype": dtype_name, "recompute_normalized": recompute_normalized,
+        "img_size": img, "dtype": dtype_name, "autocast": autocast, "recompute_normalized": recompute_normalized,
         "gpu_profile": gpu.to_json(), "kernels": rows,
         "total_floor_ms": round(total_us / 1e3, 6),
         "floor_img_per_s": round(batch / (total_us * 1e-6), 1) if total_us else None,
@@ -282,12 +317,15 @@ def main(argv=None) -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--recompute-normalized", action="store_true",
                     help="the training forward under aru_kernels.recompute_normalized_inputs")
+    ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
+                    help="the fused step as benchmarks/run.py runs it: a float32 model under autocast to "
+                         "--dtype (default: on unless --dtype is float32); --no-autocast: the model in --dtype")
     ap.add_argument("--json", help="write the report here (default: print only)")
     args = ap.parse_args(argv)
     if not hasattr(aru_models, args.model) and not args.model.startswith("timm:"):
         ap.error(f"unknown model {args.model!r}")
     report, errors = static_report(args.model, args.mode, args.arch, args.batch_size, args.img_size, args.dtype,
-                                   recompute_normalized=args.recompute_normalized)
+                                   recompute_normalized=args.recompute_normalized, autocast=args.autocast)
     print_table(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,8 @@ one after another in the launching thread: a resnext50_32x4d training step
 launches about 120 distinct specializations, half a second to a few seconds
 each, so its first step spends minutes compiling. This script records the
 launches of each model's fused inference forward or training step on the meta
-device (nothing runs; :func:`aot_check.record_step`), keeps one launch per
+device as ``benchmarks/run.py`` runs it (a float32 model under autocast to
+``--dtype``; nothing runs; :func:`aot_check.record_step`), keeps one launch per
 specialization (:func:`aru_kernels.aot.launch_key`) and compiles them in
 ``--jobs`` processes exactly as the JIT would at those launches
 (:func:`aru_kernels.aot.compile_launch`). Each compile lands in Triton's
@@ -52,14 +53,19 @@ _LAUNCHES: list[Launch] = []
 
 
 def distinct_launches(models: list[str], modes: list[str], *, arch: int, batch: int, img: int,
-                      dtype: torch.dtype, recompute_normalized: bool = False) -> list[Launch]:
-    """One launch per compiled specialization over the models' fused steps, in first-launch order."""
+                      dtype: torch.dtype, recompute_normalized: bool = False, autocast: bool = True) -> list[Launch]:
+    """One launch per compiled specialization over the models' fused steps, in first-launch order
+    (``autocast``: as ``benchmarks/run.py`` runs them, a float32 model under autocast to ``dtype``,
+    whose operators read float32 weights and vectors in place: other specializations than a
+    model in ``dtype``)."""
     seen: dict[tuple, Launch] = {}
     variants = [False, True] if recompute_normalized else [False]
+    autocast = autocast and dtype != torch.float32
     for model in models:
         for mode in modes:
             for recompute in variants if mode == "train" else [False]:
-                for launch in record_step(model, "fused", mode, batch, img, dtype, recompute).launches:
+                step = record_step(model, "fused", mode, batch, img, dtype, recompute, autocast=autocast)
+                for launch in step.launches:
                     seen.setdefault(aot.launch_key(launch, arch), launch)
     return list(seen.values())
 
@@ -98,12 +104,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--img-size", type=int, default=224)
     ap.add_argument("--recompute-normalized", action="store_true",
                     help="also the training steps under aru_kernels.recompute_normalized_inputs")
+    ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
+                    help="the steps as benchmarks/run.py runs them, a float32 model under autocast to --dtype "
+                         "(default); --no-autocast: the model in --dtype")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: all cores)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     launches = distinct_launches(args.model, args.mode, arch=args.arch, batch=args.batch_size, img=args.img_size,
-                                 dtype=DTYPES[args.dtype], recompute_normalized=args.recompute_normalized)
+                                 dtype=DTYPES[args.dtype], recompute_normalized=args.recompute_normalized,
+                                 autocast=args.autocast)
     print(f"{len(launches)} kernel specializations in {' '.join(args.model)} ({' '.join(args.mode)}), "
           f"recorded in {time.perf_counter() - t0:.1f} s", flush=True)
     t1 = time.perf_counter()

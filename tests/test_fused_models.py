@@ -475,6 +475,44 @@ def test_training_step_launches_fill_the_multiprocessors():
     assert len(one_wave) <= 23
 
 
+def _launch_signatures(launches) -> list:
+    """What fixes each launch's compiled code and work, in launch order: kernel, role, grid,
+    warps, stages, and each argument's dtype and shape (tensors) or value."""
+    return [(l.kernel.fn.__name__, l.role, l.grid, l.num_warps, l.num_stages,
+             tuple((k, (v.dtype, tuple(v.shape), v.stride()) if isinstance(v, torch.Tensor) else repr(v))
+                   for k, v in l.args.items())) for l in launches]
+
+
+@pytest.mark.parametrize("mode", ["infer", "train"])
+def test_static_autocast_step_launches_what_autocast_launches(mode):
+    """The static model's and the cache warm-up's recording of a step under autocast (meta
+    tensors, where ``torch.autocast`` does not apply: ``aot_check.fused_autocast``) makes the
+    very launches of a float32 model run under a real ``torch.autocast`` to bfloat16 (here
+    on CPU tensors, the launches recorded, not run): the operators read the float32 weights
+    and vectors in place. A model converted to bfloat16 launches other specializations."""
+    from aru_kernels.launch import recording
+
+    aot_check = static_model()
+    torch.manual_seed(0)
+    model = aru_models.resnext29_tiny(impl="fused").to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+    real = aot_check.StepRecorder()
+    with torch.autocast("cpu", dtype=torch.bfloat16), recording():
+        if mode == "infer":
+            with real, torch.no_grad():
+                model.eval()(x)
+        else:
+            with real:
+                model.train()(x).float().sum().backward()
+    emulated = aot_check.record_step("resnext29_tiny", "fused", mode, 2, 16, torch.bfloat16, autocast=True)
+    in_bf16 = aot_check.record_step("resnext29_tiny", "fused", mode, 2, 16, torch.bfloat16)
+    assert len(real.launches) > 10
+    assert _launch_signatures(emulated.launches) == _launch_signatures(real.launches)
+    assert _launch_signatures(in_bf16.launches) != _launch_signatures(real.launches)
+    weights = [l.args["w_ptr"] for l in real.launches if "w_ptr" in l.args]
+    assert weights and all(w.dtype == torch.float32 for w in weights)  # read in place, cast as loaded
+
+
 def test_static_memory_count_follows_live_storages():
     """The static model's memory count: storages alive at once, a view not counted again,
     a freed one no longer."""
