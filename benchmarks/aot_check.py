@@ -38,8 +38,9 @@ if __name__ == "__main__" and os.environ.get("TRITON_INTERPRET", "0") == "1":
 
 import torch  # noqa: E402
 from torch.multiprocessing.reductions import StorageWeakRef  # noqa: E402
+from torch.overrides import TorchFunctionMode  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-from torch.utils._pytree import tree_leaves  # noqa: E402
+from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -135,23 +136,50 @@ def _implementation(op):
     raise KeyError(f"no implementation found for {op}")
 
 
+# PyTorch's operators that autocast runs in the lower precision (its CUDA list, as functions)
+_AUTOCAST_LOWER = {torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d, torch.conv_transpose2d,
+                   torch.conv_transpose3d, torch.nn.functional.linear, torch.matmul, torch.mm, torch.bmm, torch.mv,
+                   torch.addmm, torch.baddbmm, torch.addbmm, torch.addmv, torch.addr, torch.prelu,
+                   torch.Tensor.matmul, torch.Tensor.__matmul__, torch.Tensor.mm, torch.Tensor.bmm}
+
+
+class _MetaAutocast(TorchFunctionMode):
+    """Autocast's lower-precision list for meta tensors: their floating operands cast to ``dtype``."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _AUTOCAST_LOWER:
+            def cast(t):
+                meta_float = isinstance(t, torch.Tensor) and t.is_meta and t.is_floating_point()
+                return t.to(self.dtype) if meta_float else t
+            args, kwargs = tree_map(cast, (args, kwargs))
+        return func(*args, **kwargs)
+
+
 @contextlib.contextmanager
 def fused_autocast(dtype: torch.dtype):
-    """Autocast to ``dtype`` as the fused operators see it on a GPU, for meta tensors.
+    """``torch.autocast`` to ``dtype`` as on a GPU, for a step on meta tensors.
 
     ``torch.autocast`` does not apply on the meta device, and ``torch.autocast("cuda")``
-    switches itself off where there is no CUDA; so the operators' one reading of autocast's
-    state (``aru_kernels.functional._autocast_dtype``) answers ``dtype`` for meta tensors
-    here. The fused operators then cast activations and read float32 weights and batch-norm
-    vectors in place, as under ``torch.autocast`` on a GPU: the same launches, dtypes and
-    specializations (a test compares them with a real autocast run's). PyTorch's own
-    operators on meta tensors still do not cast, so an eager model's step is not emulated."""
+    switches itself off where there is no CUDA. So here the operators' one reading of
+    autocast's state (``aru_kernels.functional._autocast_dtype``) answers ``dtype`` for meta
+    tensors: the fused operators cast activations and read float32 weights and batch-norm
+    vectors in place, as under autocast on a GPU. PyTorch's operators of autocast's
+    lower-precision list (convolutions, linear, matrix products: a head, a squeeze-excitation)
+    cast their floating operands to ``dtype``. Same launches, dtypes and specializations as a
+    real autocast run (a test compares them); autocast's float32 list (losses, softmax) is not
+    emulated, so an eager model's step is not emulated either."""
     from aru_kernels import functional
 
     on_device = functional._autocast_dtype
     functional._autocast_dtype = lambda x: dtype if x.device.type == "meta" else on_device(x)
     try:
-        yield
+        with _MetaAutocast(dtype):
+            yield
     finally:
         functional._autocast_dtype = on_device
 
@@ -163,34 +191,42 @@ def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dty
     with ``autocast``, a float32 model and input under :func:`fused_autocast` to ``dtype``, as
     ``benchmarks/run.py`` runs the fused models (``impl="fused"`` only); else the model and
     input in ``dtype``."""
-    import aru_kernels
     import aru_models
 
-    if autocast and impl != "fused":
-        raise ValueError("autocast is emulated for the fused operators only: record an eager step in dtype")
-    with torch.device("meta"):
+    def build() -> torch.nn.Module:
         if model_name.startswith("timm:"):  # a timm model, switched with aru_models.fuse
             import timm
 
             model = timm.create_model(model_name[len("timm:"):], pretrained=False)
-            model = aru_models.fuse(model) if impl == "fused" else model
-        else:
-            model = getattr(aru_models, model_name)(impl=impl)
-        model = model.to(dtype=torch.float32 if autocast else dtype, memory_format=torch.channels_last)
+            return aru_models.fuse(model) if impl == "fused" else model
+        return getattr(aru_models, model_name)(impl=impl)
+
+    if autocast and impl != "fused":
+        raise ValueError("autocast is emulated for the fused operators only: record an eager step in dtype")
+    return record_model_step(build, mode, batch, img, dtype, recompute_normalized, autocast)
+
+
+def record_model_step(build, mode: str, batch: int, img: int, dtype: torch.dtype, recompute_normalized: bool = False,
+                      autocast: bool = False) -> StepRecorder:
+    """:func:`record_step` of the model ``build()`` makes (on the meta device)."""
+    import aru_kernels
+
+    with torch.device("meta"):
+        model = build().to(dtype=torch.float32 if autocast else dtype, memory_format=torch.channels_last)
     x = torch.empty(batch, 3, img, img, device="meta", dtype=torch.float32 if autocast else dtype)
     x = x.contiguous(memory_format=torch.channels_last)
     rec = StepRecorder()
-    with fused_autocast(dtype) if autocast else contextlib.nullcontext():
-        if mode == "infer":
-            model.eval()
-            with rec, torch.no_grad():
-                model(x)
-        else:
-            model.train()
-            with rec:
-                with aru_kernels.recompute_normalized_inputs(recompute_normalized):
-                    loss = model(x).float().sum()
-                loss.backward()
+    forward = fused_autocast(dtype) if autocast else contextlib.nullcontext()
+    if mode == "infer":
+        model.eval()
+        with rec, torch.no_grad(), forward:
+            model(x)
+    else:
+        model.train()
+        with rec:
+            with forward, aru_kernels.recompute_normalized_inputs(recompute_normalized):
+                loss = model(x).float().sum()
+            loss.backward()  # outside autocast, as benchmarks/run.py (and PyTorch's recipe) runs it
     return rec
 
 
