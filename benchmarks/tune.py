@@ -5,7 +5,8 @@
 
 Enumerates the conv launches (forward and input gradient) of an inference
 forward and a training step of each ``--model`` (batch 256, 224x224, bf16 by
-default) on the meta device, and for each a list of candidate tiles:
+default, a float32 model under autocast as ``benchmarks/run.py`` runs it: the
+kernels read float32 weights) on the meta device, and for each a list of candidate tiles:
 BLOCK_M/N/K around the rules' choice, 4 or 8 warps, 1 to 4 pipeline stages
 (``num_stages=1`` loads the activation through L1, where the overlapping taps
 can hit). Launches are taken in order of the pixels they cover, largest first.
@@ -52,14 +53,16 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 TUNED_DIR = Path(plans.__file__).resolve().parent / "tuned"
 
 
-def conv_launch_plans(models: list[str], modes: list[str], batch: int, img: int, dtype: torch.dtype) -> list[ConvPlan]:
-    """The distinct conv launch plans (rules' tiles) of the models' steps, most pixels first."""
+def conv_launch_plans(models: list[str], modes: list[str], batch: int, img: int, dtype: torch.dtype,
+                      autocast: bool = False) -> list[ConvPlan]:
+    """The distinct conv launch plans (rules' tiles) of the models' steps, most pixels first
+    (``autocast``: the steps as benchmarks/run.py runs them, a float32 model under autocast)."""
     from aot_check import record_step
 
     found: dict[str, ConvPlan] = {}
     for model in models:
         for mode in modes:
-            for launch in record_step(model, "fused", mode, batch, img, dtype).launches:
+            for launch in record_step(model, "fused", mode, batch, img, dtype, autocast=autocast).launches:
                 plan = launch.meta.get("plan")
                 if plan is not None:
                     plan = replace(plan, tiles=None, phase=None)  # a strided dgrad's phases share its tiles
@@ -89,15 +92,20 @@ def candidates(plan: ConvPlan) -> list[Tiles]:
     return out
 
 
-def _inputs(plan: ConvPlan, device, dtype, gen):
-    """Tensors for one launch of ``plan``: random ones, or empty ones on the meta device."""
-    def rnd(*shape, cl=False):
-        dt = dtype if len(shape) == 4 else torch.float32
+def _inputs(plan: ConvPlan, device, dtype, gen, weight_dtype: torch.dtype | None = None):
+    """Tensors for one launch of ``plan``: random ones, or empty ones on the meta device
+    (the weight in ``weight_dtype``: float32 under autocast, which the kernel reads in place)."""
+    def rnd(*shape, cl=False, dt=None):
+        # cl: channels_last with its canonical strides, sizes of 1 included (a copy's layout, as
+        # model.to(device, memory_format=torch.channels_last) leaves a 1x1 weight), so the
+        # launch is the model's own specialization
+        dt = dt or (dtype if len(shape) == 4 else torch.float32)
+        stored = (shape[0], *shape[2:], shape[1]) if cl else shape
         if gen is None:
-            t = torch.empty(*shape, dtype=dt, device=device)
+            t = torch.empty(*stored, dtype=dt, device=device)
         else:
-            t = torch.randn(*shape, generator=gen).to(device, dt)
-        return t.contiguous(memory_format=torch.channels_last) if cl else t
+            t = torch.randn(*stored, generator=gen).to(device, dt)
+        return t.permute(0, 3, 1, 2) if cl else t
 
     def mask_bits(c):  # a ReLU's mask as bits, [pixels, ceil(c/8)] (relu_bits)
         shape = (plan.n * plan.h * plan.w if plan.pro_end else plan.n * plan.p * plan.q, -(-c // 8))
@@ -106,12 +114,13 @@ def _inputs(plan: ConvPlan, device, dtype, gen):
         return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
 
     x = rnd(plan.n, plan.c_in, plan.h, plan.w, cl=True)
+    # (channels_last, as a model moved to channels_last holds it: run.py's layout)
     if plan.transposed:  # the forward weight [C_out_fwd, C_in_fwd/g, KH, KW]; x is dL/dy
-        weight = rnd(plan.c_in, plan.cout_g, plan.kh, plan.kw)
+        weight = rnd(plan.c_in, plan.cout_g, plan.kh, plan.kw, cl=True, dt=weight_dtype)
     else:
-        weight = rnd(plan.c_out, plan.cin_g, plan.kh, plan.kw)
+        weight = rnd(plan.c_out, plan.cin_g, plan.kh, plan.kw, cl=True, dt=weight_dtype)
     if gen is not None:
-        weight = weight * (plan.cin_g * plan.kh * plan.kw) ** -0.5
+        weight = weight.mul_((plan.cin_g * plan.kh * plan.kw) ** -0.5)
     vec = {}
     cv = plan.c_out
     if plan.transposed:
@@ -202,13 +211,13 @@ def scaled_down(plan: ConvPlan) -> ConvPlan:
     return replace(plan, **geo, h=h, w=w, p=out(h), q=out(w))
 
 
-def dry_run(all_plans: list[ConvPlan], dtype: torch.dtype) -> int:
+def dry_run(all_plans: list[ConvPlan], dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     bad = checked = 0
     for plan in all_plans:
         small = scaled_down(plan)
-        inputs = _inputs(small, device, dtype, gen)
+        inputs = _inputs(small, device, dtype, gen, weight_dtype)
         reference = run_plan(small, *inputs)
         shapes = {(t.block_m, t.block_n, t.block_k) for t in candidates(plan)}  # warps/stages: same math
         for m, n, k in sorted(shapes):
@@ -224,31 +233,39 @@ def dry_run(all_plans: list[ConvPlan], dtype: torch.dtype) -> int:
     return 1 if bad else 0
 
 
-def _compile_job(job) -> str | None:
-    """Compile one candidate for this GPU's architecture, into Triton's cache (worker process)."""
-    plan, tiles, arch = job
-    from aru_kernels import aot
+def candidate_launches(plan: ConvPlan, tiles: Tiles, weight_dtype: torch.dtype | None = None) -> list:
+    """The launches of ``plan`` with ``tiles`` on meta tensors laid out as the tuning run's
+    (and a channels_last model's): one a strided input gradient's output phase."""
     from aru_kernels.launch import Launch
 
     p = replace(plan, tiles=tiles)
-    x, weight, vec = _inputs(p, "meta", p.dtype, None)
+    x, weight, vec = _inputs(p, "meta", p.dtype, None, weight_dtype)
     out = torch.empty((p.n, p.c_out, p.p, p.q), dtype=p.dtype, device="meta")
     parts = {}
-    if p.stats or p.pro_bwd or p.end_bwd:
+    if p.stats or p.pro_bwd or p.end_bwd:  # as buffers() makes them: the third only with end_id
         part = torch.empty((p.partial_tiles, p.c_out), device="meta")
-        parts = dict(part_a=part, part_b=part, part_c=part)
+        parts = dict(part_a=part, part_b=part, part_c=part if p.end_id else None)
+    out = out.contiguous(memory_format=torch.channels_last)
+    return [Launch(conv_ops._conv.conv_bn_act_kernel, ph.grid, conv_ops.kernel_arguments(ph, x, weight, out, **vec,
+                                                                                        **parts),
+                   ph.num_warps, ph.num_stages) for ph in p.phases()]
+
+
+def _compile_job(job) -> str | None:
+    """Compile one candidate for this GPU's architecture, into Triton's cache (worker process)."""
+    plan, tiles, arch, weight_dtype = job
+    from aru_kernels import aot
+
     try:
-        for ph in p.phases():  # a strided input gradient compiles one kernel per output phase
-            args = conv_ops.kernel_arguments(ph, x, weight, out.contiguous(memory_format=torch.channels_last),
-                                             **vec, **parts)
-            aot.compile_launch(Launch(conv_ops._conv.conv_bn_act_kernel, ph.grid, args, ph.num_warps,
-                                      ph.num_stages), arch)
+        for launch in candidate_launches(plan, tiles, weight_dtype):
+            aot.compile_launch(launch, arch)
         return None
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
-def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_path: Path, jobs: int) -> int:
+def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_path: Path, jobs: int,
+         weight_dtype: torch.dtype | None = None) -> int:
     import triton
     from triton.testing import do_bench
 
@@ -265,9 +282,9 @@ def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_pat
                 print("budget spent; stopping")
                 break
             cands = candidates(plan)
-            errors = list(pool.map(_compile_job, [(plan, t, major * 10 + minor) for t in cands]))
+            errors = list(pool.map(_compile_job, [(plan, t, major * 10 + minor, weight_dtype) for t in cands]))
             cands = [t for t, e in zip(cands, errors) if e is None]
-            sets = [_inputs(plan, device, dtype, gen) for _ in range(3)]
+            sets = [_inputs(plan, device, dtype, gen, weight_dtype) for _ in range(3)]
             reference = run_plan(plan, *sets[0])
             timings = {}
             for tiles in cands:
@@ -303,19 +320,25 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=list(DTYPES), default="bfloat16")
     ap.add_argument("--budget", type=float, default=600, metavar="SECONDS")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compile workers")
+    ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
+                    help="the launches as benchmarks/run.py makes them, a float32 model under autocast to "
+                         "--dtype (float32 weights, read in place; default); --no-autocast: the model in --dtype")
     ap.add_argument("--dry-run", action="store_true", help="enumerate and check candidates; time nothing")
     args = ap.parse_args(argv)
     modes = ["infer", "train"] if args.mode == "both" else [args.mode]
     dtype = DTYPES[args.dtype]
+    autocast = args.autocast and dtype != torch.float32
     all_plans = conv_launch_plans(args.model or ["resnext50_32x4d", "resnet50"], modes, args.batch_size,
-                                  args.img_size, dtype)
+                                  args.img_size, dtype, autocast=autocast)
     print(f"{len(all_plans)} conv launches to tune", flush=True)
     if args.dry_run:
-        return dry_run(all_plans, torch.float32 if not torch.cuda.is_available() else dtype)
+        if not torch.cuda.is_available():  # the interpreter: float32 throughout
+            return dry_run(all_plans, torch.float32)
+        return dry_run(all_plans, dtype, torch.float32 if autocast else dtype)
     if not torch.cuda.is_available():
         ap.error("tuning times kernels on a GPU; without one, use --dry-run")
     path = TUNED_DIR / f"{plans.gpu_slug(torch.cuda.get_device_name(0))}.json"
-    return tune(all_plans, dtype, args.budget, path, args.jobs)
+    return tune(all_plans, dtype, args.budget, path, args.jobs, torch.float32 if autocast else dtype)
 
 
 if __name__ == "__main__":

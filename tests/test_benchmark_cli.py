@@ -276,3 +276,37 @@ def test_warm_cache_compiles_what_the_jit_loads(tmp_path):
     assert got["warmed"] == got["launches"], got  # one cache entry per specialization
     assert got["kernels"] == got["launches"], got  # the JIT returned a kernel for each
     assert got["compiled_by_jit"] == [], got  # ... from the cache: no entry under another key
+
+
+_TUNE_SPECIALIZATIONS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import torch
+import tune
+from aot_check import record_step
+from aru_kernels import aot
+
+recorded = set()
+for mode in ("infer", "train"):
+    for launch in record_step("resnext29_tiny", "fused", mode, 2, 32, torch.bfloat16, autocast=True).launches:
+        if launch.meta.get("plan") is not None:
+            recorded.add(aot.launch_key(launch, 90))
+plans = tune.conv_launch_plans(["resnext29_tiny"], ["infer", "train"], 2, 32, torch.bfloat16, autocast=True)
+tuned = {aot.launch_key(l, 90) for p in plans for l in tune.candidate_launches(p, p.default_tiles(), torch.float32)}
+print(json.dumps({"recorded": len(recorded), "tuned": len(tuned), "missing": len(recorded - tuned),
+                  "extra": len(tuned - recorded)}))
+"""
+
+
+def test_tune_compiles_the_models_own_specializations():
+    """tune.py compiles and times each candidate on tensors laid out as the model's under
+    autocast (float32 channels_last weights, the partial-sum buffers the launch uses): with the
+    rules' tiles its launches are the very specializations the model launches, so the
+    candidates it compiles (the winners among them) are the ones the tuned model loads."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", _TUNE_SPECIALIZATIONS, str(RUN_PY.parent)], env=env,
+                          capture_output=True, text=True, timeout=600, cwd=RUN_PY.parents[1])
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["recorded"] > 10 and got["missing"] == got["extra"] == 0, got
