@@ -185,12 +185,14 @@ def fused_autocast(dtype: torch.dtype):
 
 
 def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dtype: torch.dtype,
-                recompute_normalized: bool = False, autocast: bool = False) -> StepRecorder:
+                recompute_normalized: bool = False, autocast: bool = False,
+                channels_last: bool = True) -> StepRecorder:
     """Run one inference forward or training step (forward + backward) on the meta device
     (the training forward under ``aru_kernels.recompute_normalized_inputs(recompute_normalized)``):
     with ``autocast``, a float32 model and input under :func:`fused_autocast` to ``dtype``, as
     ``benchmarks/run.py`` runs the fused models (``impl="fused"`` only); else the model and
-    input in ``dtype``."""
+    input in ``dtype``; ``channels_last=False``: model and input left in PyTorch's default
+    layout (as a model only moved with ``.cuda()`` holds them)."""
     import aru_models
 
     def build() -> torch.nn.Module:
@@ -203,18 +205,20 @@ def record_step(model_name: str, impl: str, mode: str, batch: int, img: int, dty
 
     if autocast and impl != "fused":
         raise ValueError("autocast is emulated for the fused operators only: record an eager step in dtype")
-    return record_model_step(build, mode, batch, img, dtype, recompute_normalized, autocast)
+    return record_model_step(build, mode, batch, img, dtype, recompute_normalized, autocast, channels_last)
 
 
 def record_model_step(build, mode: str, batch: int, img: int, dtype: torch.dtype, recompute_normalized: bool = False,
-                      autocast: bool = False) -> StepRecorder:
+                      autocast: bool = False, channels_last: bool = True) -> StepRecorder:
     """:func:`record_step` of the model ``build()`` makes (on the meta device)."""
     import aru_kernels
 
+    layout = torch.channels_last if channels_last else torch.contiguous_format
     with torch.device("meta"):
-        model = build().to(dtype=torch.float32 if autocast else dtype, memory_format=torch.channels_last)
+        model = build().to(dtype=torch.float32 if autocast else dtype)
+        model = model.to(memory_format=torch.channels_last) if channels_last else model
     x = torch.empty(batch, 3, img, img, device="meta", dtype=torch.float32 if autocast else dtype)
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=layout)
     rec = StepRecorder()
     forward = fused_autocast(dtype) if autocast else contextlib.nullcontext()
     if mode == "infer":

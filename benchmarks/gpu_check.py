@@ -11,11 +11,12 @@ In order, within ``--budget`` seconds (default 540):
 2. the GPU-marked tests, ``python -m pytest -m gpu`` (log:
    ``OUTDIR/pytest_<gpu>_<date>.log``; at most ``--test-budget`` seconds),
    and beside them, on the other cores, ``benchmarks/warm_cache.py``: the
-   benchmarked models' kernels compiled into Triton's cache in parallel, so
-   that their first steps load them instead of compiling them one after
-   another (minutes) inside the benchmark's budget
-   (``OUTDIR/warm_cache_<gpu>_<date>.log``; each model row reports its first
-   step's seconds, and each benchmark how many kernels the JIT still compiled);
+   GPU tests' models' kernels, then the benchmarked models', compiled into
+   Triton's cache in parallel, so that their first steps load them instead of
+   compiling them one after another (minutes) inside the tests' and the
+   benchmark's budgets (``OUTDIR/warm_cache_{tests,benchmark}_<gpu>_<date>.log``;
+   each model row reports its first step's seconds, and each benchmark how
+   many kernels the JIT still compiled);
 3. ``benchmarks/run.py``: the layer table (fused vs cuDNN) and the model rows
    of resnext50_32x4d and resnet50, eager and fused, inference and training,
    batch 256, bf16 autocast, channels_last (``torch.compile`` rows only with
@@ -190,37 +191,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if tests_ok and all(steps_ok) else 1
 
 
-def start_warm_cache(args, tag: str, on_gpu: bool, info: dict) -> tuple[threading.Thread, Path, list]:
-    """Start ``benchmarks/warm_cache.py`` for the models the benchmark runs, in a thread (the
-    compiling runs in its processes); :func:`finish_warm_cache` waits for it."""
+def start_warm_cache(args, tag: str, on_gpu: bool, info: dict) -> tuple[threading.Thread, list, list]:
+    """Start ``benchmarks/warm_cache.py`` in a thread (the compiling runs in its processes): on a
+    GPU first for the GPU tests' models (batch 8, as moved with ``.cuda()``), then for the
+    benchmark's steps; :func:`finish_warm_cache` waits for it."""
     warm = [sys.executable, str(REPO / "benchmarks" / "warm_cache.py")]
-    if on_gpu:  # the benchmark's steps; the tests and this process keep two cores
+    if on_gpu:  # the tests and this process keep two cores
         major, minor = info["capability"].split(".")
-        warm += ["--model", *gpu_models(), "--mode", "infer", "train", "--recompute-normalized",
-                 "--arch", f"{major}{minor}", "--batch-size", "256", "--img-size", "224", "--dtype", "bfloat16",
-                 "--jobs", str(max(1, (os.cpu_count() or 1) - 2))]
+        common = ["--mode", "infer", "train", "--arch", f"{major}{minor}", "--img-size", "224", "--dtype", "bfloat16",
+                  "--jobs", str(max(1, (os.cpu_count() or 1) - 2))]
+        runs = {"tests": warm + ["--model", "resnet50", "resnext50_32x4d", "--batch-size", "8", "--no-channels-last",
+                                 *common],
+                "benchmark": warm + ["--model", *gpu_models(), "--recompute-normalized", "--batch-size", "256",
+                                     *common]}
     else:  # the script itself, on a small step (the CPU benchmark runs in the interpreter: no cache needed)
-        warm += ["--model", "resnext29_tiny", "--mode", "infer", "--batch-size", "2", "--img-size", "16",
-                 "--dtype", "float32", "--jobs", "2"]
-    result: list = []
-    log = args.outdir / f"warm_cache_{tag}.log"
-    thread = threading.Thread(target=lambda: result.append(run_logged(warm, log, args.budget * 0.4, echo=False)),
-                              daemon=True)
+        runs = {"benchmark": warm + ["--model", "resnext29_tiny", "--mode", "infer", "--batch-size", "2",
+                                     "--img-size", "16", "--dtype", "float32", "--jobs", "2"]}
+    logs = [args.outdir / f"warm_cache_{what}_{tag}.log" for what in runs]
+    results: list = []
+    deadline = time.monotonic() + args.budget * 0.4
+
+    def work() -> None:
+        for cmd, log in zip(runs.values(), logs):
+            results.append(run_logged(cmd, log, max(deadline - time.monotonic(), 1), echo=False))
+
+    thread = threading.Thread(target=work, daemon=True)
     thread.start()
-    return thread, log, result
+    return thread, logs, results
 
 
-def finish_warm_cache(thread: threading.Thread, log: Path, result: list) -> bool:
-    """Wait for the warm-up and print the end of its log; False when a kernel failed to compile
+def finish_warm_cache(thread: threading.Thread, logs: list, results: list) -> bool:
+    """Wait for the warm-up and print the end of its logs; False when a kernel failed to compile
     (it would fail at its launch too). A warm-up stopped at its time limit is no failure: the
     JIT compiles what it left."""
     thread.join()
-    rc, timed_out = result[0] if result else (1, False)
-    print("".join(log.read_text().splitlines(keepends=True)[-12:]) if log.exists() else "", end="")
-    state = "TIMED OUT (the JIT compiles the rest)" if timed_out else "finished" if rc == 0 else "FAILED"
-    print(f"\nwarming Triton's cache: {state} (exit status {rc}); cache: {_cache_dir()}, "
-          f"{_cache_entries()} entries\n", flush=True)
-    return rc == 0 or timed_out
+    ok = len(results) == len(logs)
+    for log, (rc, timed_out) in zip(logs, results):
+        print("".join(log.read_text().splitlines(keepends=True)[-12:]) if log.exists() else "", end="")
+        state = "TIMED OUT (the JIT compiles the rest)" if timed_out else "finished" if rc == 0 else "FAILED"
+        print(f"warming Triton's cache ({log.name}): {state} (exit status {rc})", flush=True)
+        ok = ok and (rc == 0 or timed_out)
+    print(f"cache: {_cache_dir()}, {_cache_entries()} entries\n", flush=True)
+    return ok
 
 
 def _cache_dir() -> Path:

@@ -53,7 +53,8 @@ _LAUNCHES: list[Launch] = []
 
 
 def distinct_launches(models: list[str], modes: list[str], *, arch: int, batch: int, img: int,
-                      dtype: torch.dtype, recompute_normalized: bool = False, autocast: bool = True) -> list[Launch]:
+                      dtype: torch.dtype, recompute_normalized: bool = False, autocast: bool = True,
+                      channels_last: bool = True) -> list[Launch]:
     """One launch per compiled specialization over the models' fused steps, in first-launch order
     (``autocast``: as ``benchmarks/run.py`` runs them, a float32 model under autocast to ``dtype``,
     whose operators read float32 weights and vectors in place: other specializations than a
@@ -64,7 +65,8 @@ def distinct_launches(models: list[str], modes: list[str], *, arch: int, batch: 
     for model in models:
         for mode in modes:
             for recompute in variants if mode == "train" else [False]:
-                step = record_step(model, "fused", mode, batch, img, dtype, recompute, autocast=autocast)
+                step = record_step(model, "fused", mode, batch, img, dtype, recompute, autocast=autocast,
+                                   channels_last=channels_last)
                 for launch in step.launches:
                     seen.setdefault(aot.launch_key(launch, arch), launch)
     return list(seen.values())
@@ -107,13 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
                     help="the steps as benchmarks/run.py runs them, a float32 model under autocast to --dtype "
                          "(default); --no-autocast: the model in --dtype")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                    help="model and input in channels_last, as run.py's --channels-last (default); "
+                         "--no-channels-last: as a model only moved with .cuda()")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: all cores)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     launches = distinct_launches(args.model, args.mode, arch=args.arch, batch=args.batch_size, img=args.img_size,
                                  dtype=DTYPES[args.dtype], recompute_normalized=args.recompute_normalized,
-                                 autocast=args.autocast)
+                                 autocast=args.autocast, channels_last=args.channels_last)
     print(f"{len(launches)} kernel specializations in {' '.join(args.model)} ({' '.join(args.mode)}), "
           f"recorded in {time.perf_counter() - t0:.1f} s", flush=True)
     t1 = time.perf_counter()

@@ -491,22 +491,25 @@ def _narrow_seresnext26d():
 
 
 @pytest.mark.parametrize("mode", ["infer", "train"])
-@pytest.mark.parametrize("name", ["resnext29_tiny", "seresnext26d"])
-def test_static_autocast_step_launches_what_autocast_launches(name, mode):
+@pytest.mark.parametrize("name,channels_last", [("resnext29_tiny", True), ("resnext29_tiny", False),
+                                                ("seresnext26d", True)])
+def test_static_autocast_step_launches_what_autocast_launches(name, channels_last, mode):
     """The static model's and the cache warm-up's recording of a step under autocast (meta
     tensors, where ``torch.autocast`` does not apply: ``aot_check.fused_autocast``) makes the
     very launches of a float32 model run under a real ``torch.autocast`` to bfloat16 (here
     on CPU tensors, the launches recorded, not run; the backward outside autocast, as
     benchmarks/run.py runs it): the operators read the float32 weights and vectors in
     place; PyTorch's convolutions of a squeeze-excitation cast theirs. A model converted to
-    bfloat16 launches other specializations."""
+    bfloat16 launches other specializations. Likewise for a model and input left in the
+    default layout (``channels_last=False``: the GPU tests' models, moved with ``.cuda()``)."""
     from aru_kernels.launch import recording
 
     aot_check = static_model()
     build = (lambda: aru_models.resnext29_tiny(impl="fused")) if name == "resnext29_tiny" else _narrow_seresnext26d
     torch.manual_seed(0)
-    model = build().to(memory_format=torch.channels_last)
-    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    model = build().to(memory_format=layout)
+    x = torch.randn(2, 3, 32, 32).contiguous(memory_format=layout)
     real = aot_check.StepRecorder()
     with recording(), real:
         if mode == "infer":
@@ -516,8 +519,9 @@ def test_static_autocast_step_launches_what_autocast_launches(name, mode):
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = model.train()(x).float().sum()
             loss.backward()
-    emulated = aot_check.record_model_step(build, mode, 2, 32, torch.bfloat16, autocast=True)
-    in_bf16 = aot_check.record_model_step(build, mode, 2, 32, torch.bfloat16)
+    emulated = aot_check.record_model_step(build, mode, 2, 32, torch.bfloat16, autocast=True,
+                                           channels_last=channels_last)
+    in_bf16 = aot_check.record_model_step(build, mode, 2, 32, torch.bfloat16, channels_last=channels_last)
     assert len(real.launches) > 10
     assert _launch_signatures(emulated.launches) == _launch_signatures(real.launches)
     assert _launch_signatures(in_bf16.launches) != _launch_signatures(real.launches)
