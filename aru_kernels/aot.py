@@ -42,8 +42,8 @@ import torch
 
 from .launch import Launch
 
-__all__ = ["GpuProfile", "H200", "KernelReport", "compile_launch", "analyze", "launch_bytes", "launch_key", "loop_extra",
-           "mma_flops"]
+__all__ = ["GpuProfile", "H200", "KernelReport", "cache_dir", "compile_launch", "analyze", "launch_bytes", "launch_key",
+           "loop_extra", "mma_flops"]
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,15 @@ def compile_launch(launch: Launch, arch: int = 90):
     options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound_args, specialization, options)
     src = ASTSource(kernel, signature, constexprs, attrs)
     return triton.compile(src, target=target, options=options.__dict__)
+
+
+def cache_dir() -> str:
+    """Triton's on-disk kernel cache, where :func:`compile_launch` and the JIT put what they compile."""
+    import triton
+
+    cache = getattr(getattr(triton, "knobs", None), "cache", None)  # triton >= 3.4
+    return str(getattr(cache, "dir", None) or os.environ.get("TRITON_CACHE_DIR")
+               or os.path.join(os.path.expanduser("~"), ".triton", "cache"))
 
 
 def launch_key(launch: Launch, arch: int) -> tuple:

@@ -236,11 +236,11 @@ def finish_warm_cache(thread: threading.Thread, logs: list, results: list) -> bo
 
 
 def _cache_dir() -> Path:
-    import triton
+    if str(REPO) not in sys.path:  # (run as a script, without the package installed)
+        sys.path.insert(0, str(REPO))
+    from aru_kernels.aot import cache_dir
 
-    cache = getattr(getattr(triton, "knobs", None), "cache", None)  # triton >= 3.4
-    return Path(getattr(cache, "dir", None) or os.environ.get("TRITON_CACHE_DIR")
-                or Path.home() / ".triton" / "cache")
+    return Path(cache_dir())
 
 
 def _cache_entries() -> int:

@@ -128,19 +128,11 @@ def main(argv: list[str] | None = None) -> int:
     serial = sum(s for _, s, _ in results)
     print(f"compiled {len(results) - len(errors)} of {len(launches)} for sm_{args.arch} in {wall:.1f} s on "
           f"{args.jobs} processes ({serial:.1f} s of compiling, which the JIT would spend one after another); "
-          f"cache: {_cache_dir()}")
+          f"cache: {aot.cache_dir()}")
     for i, e in sorted(errors):
         launch = launches[i]
         print(f"FAILED: {launch.kernel.fn.__name__} {launch.role} {launch.meta.get('conv')}: {e}")
     return 1 if errors else 0
-
-
-def _cache_dir() -> str:
-    import triton
-
-    knobs = getattr(triton, "knobs", None)
-    cache = getattr(knobs, "cache", None)
-    return str(getattr(cache, "dir", None) or os.environ.get("TRITON_CACHE_DIR") or "~/.triton/cache")
 
 
 if __name__ == "__main__":
