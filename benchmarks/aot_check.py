@@ -19,6 +19,11 @@ for their shape excluded; a fused op counts what its kernels read and write),
 and the peak of the bytes held by the tensors the step creates (activations,
 saved tensors, gradients; the parameters and input excluded).
 
+With ``--layers``, instead of a model: the fused rows of ``benchmarks/run.py``'s
+layer table (each grouped 3x3 layer's inference forward, training forward and
+backward), their floors per layer and pass, to set beside what the table
+measures.
+
 Exits non-zero if a kernel fails to compile.
 """
 
@@ -43,6 +48,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_leaves, tree_map  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # run.py's layer table
 
 from aru_kernels import aot  # noqa: E402
 from aru_kernels.launch import Launch, recording  # noqa: E402
@@ -234,6 +240,51 @@ def record_model_step(build, mode: str, batch: int, img: int, dtype: torch.dtype
     return rec
 
 
+def record_layers(batch: int, img: int, dtype: torch.dtype, passes=("fwd", "train_fwd", "bwd"),
+                  channels_last: bool = True) -> dict[tuple[str, str], StepRecorder]:
+    """The fused rows of ``benchmarks/run.py``'s layer table, recorded on the meta device: per
+    (layer, pass), the launches of ``fwd`` (the inference forward), ``train_fwd`` (the training
+    forward) or ``bwd`` (its backward), the layer's tensors in ``dtype`` (no autocast) as
+    ``run.py`` makes them."""
+    import run
+
+    cfg = run.Config(device=torch.device("meta"), dtype=dtype, batch_size=batch, img_size=img,
+                     channels_last=channels_last, warmup=0, iters=1, seed=0, deadline=None)
+    out = {}
+    for shape in run.LAYER_SHAPES:
+        layer = run.GroupedConvLayer(shape, run.layer_size(shape, img), cfg)
+        for pass_ in passes:
+            out[shape.name, pass_] = rec = StepRecorder()
+            if pass_ == "fwd":
+                with rec:
+                    layer.fused()
+            elif pass_ == "train_fwd":
+                with rec:
+                    forward, backward = layer.train_step("fused")  # one forward, kept for the backward
+            else:
+                with rec:
+                    backward()
+    return out
+
+
+def layer_report(arch: int, batch: int, img: int, dtype_name: str, gpu: aot.GpuProfile = aot.H200,
+                 channels_last: bool = True) -> tuple[dict, list[str]]:
+    """The floors of the fused rows of ``benchmarks/run.py``'s layer table (:func:`record_layers`),
+    to set beside what the table measures: per layer and pass, the sum over its kernels of
+    the largest of their floors."""
+    import triton
+
+    layers, errors = [], []
+    for (name, pass_), rec in record_layers(batch, img, DTYPES[dtype_name], channels_last=channels_last).items():
+        rows, errs = kernel_rows(rec.launches, arch, gpu)
+        errors += errs
+        layers.append({"layer": name, "pass": pass_,
+                       "floor_us": round(sum(r["launches"] * r.get("floor_us", 0.0) for r in rows), 3),
+                       "bytes": sum(rec.bytes_by_op.values()), "kernels": rows})
+    return {"arch": arch, "triton": triton.__version__, "batch_size": batch, "img_size": img, "dtype": dtype_name,
+            "channels_last": channels_last, "gpu_profile": gpu.to_json(), "layers": layers}, errors
+
+
 def kernel_rows(launches: list[Launch], arch: int, gpu: aot.GpuProfile) -> tuple[list[dict], list[str]]:
     """One row per distinct compiled kernel and launch shape; and the compile errors."""
     groups: dict[tuple, list[Launch]] = defaultdict(list)
@@ -311,6 +362,16 @@ def print_table(report: dict) -> None:
           f"fused {m['fused_peak_GiB']:.2f} GiB ({m['fused_peak_GiB'] / max(m['eager_peak_GiB'], 1e-9):.2f}x)")
 
 
+def print_layer_table(report: dict) -> None:
+    print(f"{'layer':10s} {'pass':9s} {'floor us':>9s} {'GB':>6s}  kernels: floor us (x launches)")
+    for r in report["layers"]:
+        kernels = ", ".join(f"{k['kernel']} {k.get('floor_us', float('nan')):.1f}"
+                            + (f" (x{k['launches']})" if k["launches"] > 1 else "") for k in r["kernels"])
+        print(f"{r['layer']:10s} {r['pass']:9s} {r['floor_us']:9.1f} {r['bytes'] / 1e9:6.3f}  {kernels}")
+    print(f"\n(benchmarks/run.py's layer table, fused rows: batch {report['batch_size']}, {report['dtype']}, "
+          f"sm_{report['arch']}, triton {report['triton']})")
+
+
 def static_report(model: str, mode: str, arch: int, batch: int, img: int, dtype_name: str,
                   gpu: aot.GpuProfile = aot.H200, recompute_normalized: bool = False,
                   autocast: bool | None = None) -> tuple[dict, list[str]]:
@@ -360,13 +421,20 @@ def main(argv=None) -> int:
     ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,
                     help="the fused step as benchmarks/run.py runs it: a float32 model under autocast to "
                          "--dtype (default: on unless --dtype is float32); --no-autocast: the model in --dtype")
+    ap.add_argument("--layers", action="store_true",
+                    help="instead of a model: the fused rows of benchmarks/run.py's grouped 3x3 layer table "
+                         "(inference forward, training forward, backward), floors per layer and pass")
     ap.add_argument("--json", help="write the report here (default: print only)")
     args = ap.parse_args(argv)
     if not hasattr(aru_models, args.model) and not args.model.startswith("timm:"):
         ap.error(f"unknown model {args.model!r}")
-    report, errors = static_report(args.model, args.mode, args.arch, args.batch_size, args.img_size, args.dtype,
-                                   recompute_normalized=args.recompute_normalized, autocast=args.autocast)
-    print_table(report)
+    if args.layers:
+        report, errors = layer_report(args.arch, args.batch_size, args.img_size, args.dtype)
+        print_layer_table(report)
+    else:
+        report, errors = static_report(args.model, args.mode, args.arch, args.batch_size, args.img_size, args.dtype,
+                                       recompute_normalized=args.recompute_normalized, autocast=args.autocast)
+        print_table(report)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

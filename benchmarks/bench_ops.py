@@ -59,6 +59,6 @@ def test_grouped_conv_bn_relu(benchmark, shape, impl):
 
     benchmark.group = shape.name
     benchmark.extra_info.update(shape=f"{CONFIG.batch_size}x{shape.channels}x{shape.size}x{shape.size}",
-                                groups=shape.groups, dtype=str(CONFIG.dtype), bytes=layer.nbytes)
+                                groups=shape.groups, dtype=str(CONFIG.dtype), bytes=layer.nbytes())
     benchmark.pedantic(call, rounds=ROUNDS, warmup_rounds=10)
-    benchmark.extra_info["TBps"] = layer.nbytes / benchmark.stats.stats.median / 1e12
+    benchmark.extra_info["TBps"] = layer.nbytes() / benchmark.stats.stats.median / 1e12

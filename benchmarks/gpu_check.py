@@ -11,14 +11,15 @@ In order, within ``--budget`` seconds (default 540):
 2. the GPU-marked tests, ``python -m pytest -m gpu`` (log:
    ``OUTDIR/pytest_<gpu>_<date>.log``; at most ``--test-budget`` seconds),
    and beside them, on the other cores, ``benchmarks/warm_cache.py``: the
-   GPU tests' models' kernels, then the benchmarked models', compiled into
-   Triton's cache in parallel, so that their first steps load them instead of
-   compiling them one after another (minutes) inside the tests' and the
-   benchmark's budgets (``OUTDIR/warm_cache_{tests,benchmark}_<gpu>_<date>.log``;
+   GPU tests' models' kernels, then the layer table's and the benchmarked
+   models', compiled into Triton's cache in parallel, so that their first
+   steps load them instead of compiling them one after another (minutes)
+   inside the tests' and the benchmark's budgets (``OUTDIR/warm_cache_{tests,benchmark}_<gpu>_<date>.log``;
    each model row reports its first step's seconds, and each benchmark how
    many kernels the JIT still compiled);
-3. ``benchmarks/run.py``: the layer table (fused vs cuDNN) and the model rows
-   of resnext50_32x4d and resnet50, eager and fused, inference and training,
+3. ``benchmarks/run.py``: the layer table (fused vs cuDNN: inference forward,
+   training forward and backward) and the model rows of resnext50_32x4d and
+   resnet50, eager and fused, inference and training,
    batch 256, bf16 autocast, channels_last (``torch.compile`` rows only with
    ``--compile``: their H200 figures are recorded, and compiling costs
    minutes) -> ``OUTDIR/gpu_check_<gpu>_<date>.json``;
@@ -202,10 +203,10 @@ def start_warm_cache(args, tag: str, on_gpu: bool, info: dict) -> tuple[threadin
                   "--jobs", str(max(1, (os.cpu_count() or 1) - 2))]
         runs = {"tests": warm + ["--model", "resnet50", "resnext50_32x4d", "--batch-size", "8", "--no-channels-last",
                                  *common],
-                "benchmark": warm + ["--model", *gpu_models(), "--recompute-normalized", "--batch-size", "256",
-                                     *common]}
+                "benchmark": warm + ["--model", *gpu_models(), "--layers", "--recompute-normalized",
+                                     "--batch-size", "256", *common]}
     else:  # the script itself, on a small step (the CPU benchmark runs in the interpreter: no cache needed)
-        runs = {"benchmark": warm + ["--model", "resnext29_tiny", "--mode", "infer", "--batch-size", "2",
+        runs = {"benchmark": warm + ["--model", "resnext29_tiny", "--layers", "--mode", "infer", "--batch-size", "2",
                                      "--img-size", "16", "--dtype", "float32", "--jobs", "2"]}
     logs = [args.outdir / f"warm_cache_{what}_{tag}.log" for what in runs]
     results: list = []

@@ -14,13 +14,22 @@ What is measured, on a CUDA device:
   second; the bandwidth every layer is compared against.
 * The layer table: the four stride-1 grouped 3x3 convolutions of
   resnext50_32x4d (32 groups; 128/256/512/1024 channels at 56/28/14/7 pixels
-  for a 224 input, scaled with ``--img-size``), forward, each followed by
-  eval-mode batch norm and ReLU. Implementations: ``cudnn`` is
-  ``F.conv2d`` + ``F.batch_norm`` + ``F.relu`` (three kernels, what eager
-  PyTorch runs), ``cudnn_conv`` is ``F.conv2d`` alone, ``fused`` is
-  ``aru_kernels.conv_bn_act`` with the batch norm applied in its epilogue.
-  Timed with ``triton.testing.do_bench`` (median, L2 flushed between calls);
-  ``frac_of_copy_bw`` = (input + output bytes) / time / ``copy_TBps``.
+  for a 224 input, scaled with ``--img-size``), each with batch norm and ReLU.
+  Pass ``fwd`` (with ``--mode infer``): the inference forward, eval-mode batch
+  norm. ``cudnn`` is ``F.conv2d`` + ``F.batch_norm`` + ``F.relu`` (three
+  kernels, what eager PyTorch runs), ``cudnn_conv`` is ``F.conv2d`` alone,
+  ``fused`` is ``aru_kernels.conv_bn_act`` with the batch norm applied in its
+  epilogue. Passes ``train_fwd`` and ``bwd`` (with ``--mode train``): the
+  layer in a training step (:class:`GroupedConvLayer`): ``cudnn`` is conv,
+  batch norm with batch statistics and ReLU, forward or backward;
+  ``cudnn_conv`` the conv's own input and weight gradients (the baseline's
+  backward); ``fused`` is ``aru_kernels.conv_bn_train`` with the previous batch
+  norm and ReLU applied on load, forward or backward (every gradient the model
+  takes there). Fused results are checked: ``fwd`` against ``cudnn``, the
+  training passes against float32 PyTorch on the same inputs. Timed with
+  ``triton.testing.do_bench`` (median, L2 flushed between calls);
+  ``frac_of_copy_bw`` = (input + output bytes, and dL/dy for ``bwd``) / time
+  / ``copy_TBps``; ``vs cudnn`` compares with the ``cudnn`` row of the same pass.
 * The model table: images per second of an inference forward (``infer``) or
   of a training step (``train``: forward, cross-entropy, backward, SGD with
   momentum 0.9) on random images and labels, median of ``--iters`` steps
@@ -293,31 +302,61 @@ def fused_unavailable_reason(device: torch.device) -> str | None:
 
 
 class GroupedConvLayer:
-    """One grouped 3x3 convolution + eval-mode batch norm + ReLU, on random data.
+    """One grouped 3x3 convolution + batch norm + ReLU, on random data.
 
     ``x`` is ``[batch, C, size, size]`` in ``dtype`` and the chosen memory
     format; the weight ``[C, C/groups, 3, 3]`` likewise (as ``model.to(memory_format=...)``
     leaves it); the batch-norm parameters and statistics are float32.
+
+    Inference (pass ``fwd``): eval-mode batch norm. Training (passes ``train_fwd``
+    and ``bwd``), as the layer runs inside a training step: eager PyTorch reads
+    the normalized activation the previous layer wrote (``x``) and runs conv,
+    batch norm with the batch's statistics, ReLU; the fused layer reads the
+    previous conv's raw output (``x`` again) and applies that conv's batch norm
+    and ReLU as it loads it (``in_mean``, ``in_scale``, ``in_shift``), and takes
+    its own batch statistics in the epilogue, the normalization left to the
+    next layer (:func:`aru_kernels.conv_bn_train`). Its backward is that of the
+    model's grouped 3x3s: the input gradient through the previous batch norm and
+    ReLU, the weight gradient, the batch-norm statistics' term and every
+    per-channel vector's gradient. Each side does one conv, one batch norm and
+    one ReLU.
     """
 
     def __init__(self, shape: LayerShape, size: int, cfg: Config):
         self.shape = shape
+        self.cfg = cfg
         c, g = shape.channels, shape.groups
         gen = torch.Generator().manual_seed(cfg.seed)
-        x = torch.randn(cfg.batch_size, c, size, size, generator=gen)
-        w = torch.randn(c, c // g, 3, 3, generator=gen) * (9 * c // g) ** -0.5
+
+        def draw(sample, *size_):  # nothing to draw on the meta device (benchmarks/warm_cache.py records there)
+            return torch.empty(*size_) if cfg.device.type == "meta" else sample(*size_, generator=gen)
+
+        def randn(*size_):
+            return draw(torch.randn, *size_)
+
+        x = randn(cfg.batch_size, c, size, size)
+        w = randn(c, c // g, 3, 3) * (9 * c // g) ** -0.5
         self.x = x.to(cfg.device, cfg.dtype).contiguous(memory_format=cfg.memory_format)
         self.weight = w.to(cfg.device, cfg.dtype).contiguous(memory_format=cfg.memory_format)
-        self.bn_weight = (1 + 0.1 * torch.randn(c, generator=gen)).to(cfg.device)
-        self.bn_bias = (0.1 * torch.randn(c, generator=gen)).to(cfg.device)
-        self.running_mean = (0.1 * torch.randn(c, generator=gen)).to(cfg.device)
-        self.running_var = (0.5 + torch.rand(c, generator=gen)).to(cfg.device)
+        self.bn_weight = (1 + 0.1 * randn(c)).to(cfg.device)
+        self.bn_bias = (0.1 * randn(c)).to(cfg.device)
+        self.running_mean = (0.1 * randn(c)).to(cfg.device)
+        self.running_var = (0.5 + draw(torch.rand, c)).to(cfg.device)
         self.eps = 1e-5
+        # training: the previous conv's batch norm as the fused prologue applies it, and gradients
+        # to start the backward from (of the output; of the mean and scale the next layer reads)
+        self.in_mean = (0.1 * randn(c)).to(cfg.device)
+        self.in_scale = (1 + 0.1 * randn(c)).to(cfg.device)
+        self.in_shift = (0.1 * randn(c)).to(cfg.device)
+        self.dy = randn(cfg.batch_size, c, size, size).to(cfg.device, cfg.dtype).contiguous(
+            memory_format=cfg.memory_format)
+        self.dvectors = [(0.1 * randn(c)).to(cfg.device) for _ in range(3)]
+        self._reference = None
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of input plus output (the output has the input's shape and dtype)."""
-        return 2 * self.x.numel() * self.x.element_size()
+    def nbytes(self, pass_: str = "fwd") -> int:
+        """The least bytes the pass moves: input and output (``fwd``, ``train_fwd``); ``bwd``
+        reads the input and dL/dy and writes dL/dx (all of the input's shape and dtype)."""
+        return (3 if pass_ == "bwd" else 2) * self.x.numel() * self.x.element_size()
 
     def cudnn_conv(self) -> torch.Tensor:
         return F.conv2d(self.x, self.weight, None, 1, 1, 1, self.shape.groups)
@@ -332,15 +371,85 @@ class GroupedConvLayer:
                                        mean=self.running_mean, var=self.running_var, eps=self.eps,
                                        scale=self.bn_weight, shift=self.bn_bias, relu=True)
 
+    # -- training --------------------------------------------------------------
 
-def layer_impls(impls: list[str]) -> list[str]:
-    """Layer implementations to time for the requested model implementations."""
-    return ["cudnn", "cudnn_conv"] + (["fused"] if "fused" in impls else [])
+    def _leaves(self, names: tuple[str, ...]) -> list[torch.Tensor]:
+        """Fresh leaves requiring grad: the layer's own tensors stay as they are."""
+        return [getattr(self, n).detach().requires_grad_() for n in names]
+
+    def train_step(self, impl: str) -> tuple[Callable[[], object], Callable[[], object]]:
+        """``(forward, backward)`` of the training layer ``impl``: ``forward()`` runs the
+        training forward (recording autograd, updating running statistics of its own);
+        ``backward()`` the gradients of one recorded forward, again at every call."""
+        g = self.shape.groups
+        running = [self.running_mean.clone(), self.running_var.clone()]
+        if impl == "fused":
+            x, w, bn_w, bn_b, m, s, b = leaves = self._leaves(
+                ("x", "weight", "bn_weight", "bn_bias", "in_mean", "in_scale", "in_shift"))
+            count = torch.zeros((), dtype=torch.long, device=self.cfg.device)
+
+            def forward():
+                return aru_kernels.conv_bn_train(x, w, bn_w, bn_b, *running, count, eps=self.eps, padding=1,
+                                                 groups=g, in_mean=m, in_scale=s, in_shift=b, in_relu=True)
+            grads = [self.dy, *self.dvectors]
+        else:
+            x, w, bn_w, bn_b = leaves = self._leaves(("x", "weight", "bn_weight", "bn_bias"))
+
+            def forward():
+                y = F.conv2d(x, w, None, 1, 1, 1, g)
+                if impl == "cudnn_conv":  # the conv alone: dL/dx and dL/dw (the baseline's backward)
+                    return (y,)
+                return (F.relu(F.batch_norm(y, *running, bn_w, bn_b, True, 0.1, self.eps)),)
+            grads = [self.dy]
+            if impl == "cudnn_conv":
+                leaves = [x, w]
+        outs = forward()
+
+        def backward():
+            return torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+        return forward, backward
+
+    def train_reference(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The fused training layer's results in float32 (no TF32), from the same inputs:
+        ``(y, mean, scale, shift)`` and the gradients of ``x, weight, bn_weight, bn_bias,
+        in_mean, in_scale, in_shift``."""
+        if self._reference is None:
+            flags = (torch.backends.cudnn.flags(enabled=True, allow_tf32=False)
+                     if self.cfg.device.type == "cuda" else contextlib.nullcontext())
+            with flags, torch.enable_grad():
+                x, w, bn_w, bn_b, m, s, b = leaves = [t.detach().float().requires_grad_() for t in (
+                    self.x, self.weight, self.bn_weight, self.bn_bias, self.in_mean, self.in_scale, self.in_shift)]
+                a = F.relu(s[:, None, None] * (x - m[:, None, None]) + b[:, None, None])
+                y = F.conv2d(a, w, None, 1, 1, 1, self.shape.groups)
+                mean = y.mean((0, 2, 3))
+                var = y.var((0, 2, 3), unbiased=False)
+                outs = [y, mean, bn_w * torch.rsqrt(var + self.eps), bn_b]
+                grads = torch.autograd.grad(outs, leaves, [self.dy.float(), *self.dvectors])
+            self._reference = ([o.detach() for o in outs], list(grads))
+        return self._reference
+
+
+def layer_impls(impls: list[str], pass_: str = "fwd") -> list[str]:
+    """Layer implementations to time in ``pass_`` for the requested model implementations
+    (``cudnn_conv``, the conv alone, in ``fwd`` and ``bwd``: the baseline figures')."""
+    eager = {"fwd": ["cudnn", "cudnn_conv"], "train_fwd": ["cudnn"], "bwd": ["cudnn", "cudnn_conv"]}[pass_]
+    return eager + (["fused"] if "fused" in impls else [])
+
+
+def layer_passes(modes: list[str]) -> list[str]:
+    """The layer table's passes for the requested modes: ``fwd`` (inference) with ``infer``;
+    the training forward and backward with ``train``."""
+    return (["fwd"] if "infer" in modes else []) + (["train_fwd", "bwd"] if "train" in modes else [])
 
 
 def layer_size(shape: LayerShape, img_size: int) -> int:
     """The layer's spatial size for an ``img_size`` input (its size is given for 224)."""
     return max(1, round(shape.size * img_size / 224))
+
+
+def _layer_error(actual, expected) -> float:
+    """The largest relative error over paired results."""
+    return max(_rel_error(a, e) for a, e in zip(actual, expected, strict=True))
 
 
 def measure_layer(row: LayerRow, layer: GroupedConvLayer, cfg: Config, copy_TBps: float) -> None:
@@ -350,19 +459,27 @@ def measure_layer(row: LayerRow, layer: GroupedConvLayer, cfg: Config, copy_TBps
             raise Unavailable(reason)
         if not hasattr(aru_kernels, "conv_bn_act"):
             raise Unavailable("aru_kernels has no conv_bn_act")
-    fn = getattr(layer, row.impl)
+    if row.pass_ == "fwd":
+        fn = getattr(layer, row.impl)
+    else:
+        forward, backward = layer.train_step(row.impl)
+        fn = forward if row.pass_ == "train_fwd" else backward
     out = fn()
     if row.impl == "fused" and cfg.device.type == "cpu":
         us = median_ms(fn, cfg.device, 0, 1) * 1e3  # interpreted: seconds a call, one is enough
     else:
         us = kernel_ms(fn, cfg) * 1e3
     row.us = round(us, 2)
-    row.frac_of_copy_bw = round(row.nbytes / (us * 1e-6) / (copy_TBps * 1e12), 4)
+    row.frac_of_copy_bw = round(layer.nbytes(row.pass_) / (us * 1e-6) / (copy_TBps * 1e12), 4)
     if row.impl == "fused":
-        err = _rel_error(out, layer.cudnn())
+        if row.pass_ == "fwd":
+            err, against = _rel_error(out, layer.cudnn()), "cudnn"
+        else:
+            outs, grads = layer.train_reference()
+            err, against = _layer_error(out, outs if row.pass_ == "train_fwd" else grads), "float32 PyTorch"
         if not err <= LAYER_TOLERANCE[cfg.dtype]:
             row.failed = True
-            row.note = f"WRONG RESULT: relative error {err:.2e} vs cudnn (took {us:.1f} us)"
+            row.note = f"WRONG RESULT: relative error {err:.2e} vs {against} (took {us:.1f} us)"
 
 
 # --------------------------------------------------------------------------
@@ -601,12 +718,13 @@ def run(args: argparse.Namespace, cfg: Config) -> Results:
         for shape in LAYER_SHAPES:
             size = layer_size(shape, cfg.img_size)
             layer = GroupedConvLayer(shape, size, cfg)
-            for impl in layer_impls(args.impl):
-                row = LayerRow(shape.name, impl, shape=f"{cfg.batch_size}x{shape.channels}x{size}x{size}",
-                               nbytes=layer.nbytes)
-                results.layers.append(row)
-                run_row(row, lambda: measure_layer(row, layer, cfg, copy_TBps), cfg)
-                save()
+            for pass_ in layer_passes(args.mode):
+                for impl in layer_impls(args.impl, pass_):
+                    row = LayerRow(shape.name, impl, pass_, shape=f"{cfg.batch_size}x{shape.channels}x{size}x{size}",
+                                   nbytes=layer.nbytes(pass_))
+                    results.layers.append(row)
+                    run_row(row, lambda: measure_layer(row, layer, cfg, copy_TBps), cfg)
+                    save()
             del layer
             _free_memory(cfg.device)
 
@@ -658,14 +776,15 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 def format_layers(results: Results) -> str:
     copy_TBps = results.header.get("copy_TBps")
-    cudnn = {r.layer: r.us for r in results.layers if r.impl == "cudnn"}
+    cudnn = {(r.layer, r.pass_): r.us for r in results.layers if r.impl == "cudnn"}
     rows = []
     for r in results.layers:
         nbytes = r.nbytes or (r.frac_of_copy_bw * r.us * 1e-6 * copy_TBps * 1e12
                               if r.us is not None and r.frac_of_copy_bw is not None and copy_TBps else None)
         floor = nbytes / (copy_TBps * 1e12) * 1e6 if nbytes and copy_TBps else None
         tbps = nbytes / (r.us * 1e-6) / 1e12 if nbytes and r.us else None
-        speedup = cudnn.get(r.layer) / r.us if r.us and cudnn.get(r.layer) else None
+        base = cudnn.get((r.layer, r.pass_))
+        speedup = base / r.us if r.us and base else None
         rows.append([r.layer, r.shape, r.impl, r.pass_, _fmt(r.us, ".1f"), _fmt(tbps, ".3f"),
                      _fmt(r.frac_of_copy_bw, ".3f"), _fmt(floor, ".1f"),
                      _fmt(speedup, ".2f") + ("x" if speedup else ""), r.note])
@@ -774,7 +893,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fused training: the backward recomputes the 3x3s' normalized inputs instead of "
                              "holding them (aru_kernels.recompute_normalized_inputs: less memory, more traffic)")
     parser.add_argument("--layers", action=argparse.BooleanOptionalAction, default=True,
-                        help="measure the grouped 3x3 layer table (default: on)")
+                        help="measure the grouped 3x3 layer table (default: on): the inference forward with "
+                             "--mode infer, the training forward and backward with --mode train")
     parser.add_argument("--warmup", type=int, default=10 if on_gpu else 1,
                         help="untimed steps before timing (default: 10 on GPU, 1 on CPU)")
     parser.add_argument("--iters", type=int, default=30 if on_gpu else 3,

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aot_check import DTYPES, record_step  # noqa: E402
+from aot_check import DTYPES, record_layers, record_step  # noqa: E402
 
 from aru_kernels import aot  # noqa: E402
 from aru_kernels.launch import Launch  # noqa: E402
@@ -52,14 +52,28 @@ from aru_kernels.launch import Launch  # noqa: E402
 _LAUNCHES: list[Launch] = []
 
 
+def layer_launches(modes: list[str], *, batch: int, img: int, dtype: torch.dtype,
+                   channels_last: bool = True) -> list[Launch]:
+    """The launches of the fused rows of ``benchmarks/run.py``'s layer table, recorded on the
+    meta device (:func:`aot_check.record_layers`): each grouped 3x3 layer's inference forward
+    (``infer``), training forward and backward (``train``), in ``dtype`` (no autocast)."""
+    passes = (["fwd"] if "infer" in modes else []) + (["train_fwd", "bwd"] if "train" in modes else [])
+    recorded = record_layers(batch, img, dtype, passes, channels_last) if passes else {}
+    return [launch for rec in recorded.values() for launch in rec.launches]
+
+
 def distinct_launches(models: list[str], modes: list[str], *, arch: int, batch: int, img: int,
                       dtype: torch.dtype, recompute_normalized: bool = False, autocast: bool = True,
-                      channels_last: bool = True) -> list[Launch]:
+                      channels_last: bool = True, layers: bool = False) -> list[Launch]:
     """One launch per compiled specialization over the models' fused steps, in first-launch order
     (``autocast``: as ``benchmarks/run.py`` runs them, a float32 model under autocast to ``dtype``,
     whose operators read float32 weights and vectors in place: other specializations than a
-    model in ``dtype``)."""
+    model in ``dtype``); with ``layers``, first those of ``run.py``'s layer table
+    (:func:`layer_launches`), which it measures before the models."""
     seen: dict[tuple, Launch] = {}
+    if layers:
+        for launch in layer_launches(modes, batch=batch, img=img, dtype=dtype, channels_last=channels_last):
+            seen.setdefault(aot.launch_key(launch, arch), launch)
     variants = [False, True] if recompute_normalized else [False]
     autocast = autocast and dtype != torch.float32
     for model in models:
@@ -112,14 +126,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                     help="model and input in channels_last, as run.py's --channels-last (default); "
                          "--no-channels-last: as a model only moved with .cuda()")
+    ap.add_argument("--layers", action="store_true",
+                    help="also (first) the fused rows of benchmarks/run.py's grouped 3x3 layer table, for --mode")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: all cores)")
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()
     launches = distinct_launches(args.model, args.mode, arch=args.arch, batch=args.batch_size, img=args.img_size,
                                  dtype=DTYPES[args.dtype], recompute_normalized=args.recompute_normalized,
-                                 autocast=args.autocast, channels_last=args.channels_last)
-    print(f"{len(launches)} kernel specializations in {' '.join(args.model)} ({' '.join(args.mode)}), "
+                                 autocast=args.autocast, channels_last=args.channels_last, layers=args.layers)
+    print(f"{len(launches)} kernel specializations in {' '.join(args.model)}{' and the layer table' * args.layers} "
+          f"({' '.join(args.mode)}), "
           f"recorded in {time.perf_counter() - t0:.1f} s", flush=True)
     t1 = time.perf_counter()
     results = warm(launches, args.arch, max(1, args.jobs))

@@ -33,6 +33,14 @@ def static_model():
     return importlib.import_module("aot_check")
 
 
+def launch_signatures(launches) -> list:
+    """What fixes each launch's compiled code and work, in launch order: kernel, role, grid,
+    warps, stages, and each argument's dtype, shape and strides (tensors) or value."""
+    return [(l.kernel.fn.__name__, l.role, l.grid, l.num_warps, l.num_stages,
+             tuple((k, (v.dtype, tuple(v.shape), v.stride()) if isinstance(v, torch.Tensor) else repr(v))
+                   for k, v in l.args.items())) for l in launches]
+
+
 def tolerance(dtype: torch.dtype) -> float:
     return TOLERANCES[dtype]
 

@@ -111,15 +111,100 @@ def test_json_model_rows(cpu_run):
 
 
 def test_json_layer_rows(cpu_run):
+    """Each layer's eager rows: the inference forward with ``infer``, the training forward and
+    backward with ``train`` (the conv alone too in ``fwd`` and ``bwd``, the baseline's figures)."""
     _, data, _ = cpu_run
     for row in data["layers"]:
         assert set(row) == LAYER_ROW, f"layer row fields: {sorted(row)}"
-    assert {(r["layer"], r["impl"]) for r in data["layers"]} == {
-        (layer, impl) for layer in LAYERS for impl in ("cudnn", "cudnn_conv")}
+    assert [(r["layer"], r["pass"], r["impl"]) for r in data["layers"]] == [
+        (layer, pass_, impl) for layer in sorted(LAYERS, key=lambda n: int(n[1]))
+        for pass_, impl in (("fwd", "cudnn"), ("fwd", "cudnn_conv"), ("train_fwd", "cudnn"), ("bwd", "cudnn"),
+                            ("bwd", "cudnn_conv"))]
     for row in data["layers"]:
-        assert row["pass"] == "fwd"
         assert row["us"] > 0, row
         assert 0 < row["frac_of_copy_bw"], row
+
+
+def _planted(real, *, output: float = 1.0, weight_grad: float = 1.0):
+    """``aru_kernels.conv_bn_train`` with its output scaled (not the gradient through it), or
+    the weight's gradient."""
+    import torch
+
+    class ScaleGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, w):
+            return w.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * weight_grad
+
+    def conv_bn_train(x, weight, *args, **kwargs):
+        y, *vectors = real(x, ScaleGrad.apply(weight), *args, **kwargs)
+        return (y + (output - 1) * y.detach(), *vectors)
+    return conv_bn_train
+
+
+def test_layer_training_rows_are_checked_against_float32(run_py, monkeypatch):
+    """The layer table's fused training rows (through the interpreter here) are timed and
+    checked against float32 PyTorch on the same inputs: its forward results, and every
+    gradient of its backward. A planted wrong output fails the forward's row only; a
+    planted wrong weight gradient, the backward's only."""
+    import torch
+
+    cfg = run_py.Config(device=torch.device("cpu"), dtype=torch.float32, batch_size=2, img_size=32,
+                        channels_last=True, warmup=0, iters=1, seed=0, deadline=None)
+    shape = run_py.LAYER_SHAPES[0]
+    layer = run_py.GroupedConvLayer(shape, run_py.layer_size(shape, cfg.img_size), cfg)
+    assert run_py.layer_impls(["eager", "fused"], "bwd") == ["cudnn", "cudnn_conv", "fused"]
+
+    def rows():
+        measured = []
+        for pass_ in ("train_fwd", "bwd"):
+            row = run_py.LayerRow(shape.name, "fused", pass_)
+            run_py.measure_layer(row, layer, cfg, copy_TBps=1.0)
+            measured.append(row)
+        return measured
+
+    for row in rows():
+        assert row.us > 0 and not row.failed and row.note == "", row
+    real = run_py.aru_kernels.conv_bn_train
+    for planted, wrong in (({"output": 1.5}, "train_fwd"), ({"weight_grad": 1.5}, "bwd")):
+        monkeypatch.setattr(run_py.aru_kernels, "conv_bn_train", _planted(real, **planted))
+        for row in rows():
+            assert row.failed is (row.pass_ == wrong), (planted, row)
+            assert row.note.startswith("WRONG RESULT") is (row.pass_ == wrong), (planted, row)
+        monkeypatch.setattr(run_py.aru_kernels, "conv_bn_train", real)
+
+
+def test_layer_table_recording_launches_what_the_table_launches(run_py):
+    """The layer table's fused rows recorded on the meta device (``aot_check.record_layers``:
+    the static model's per-layer floors, the cache warm-up's ``--layers``) make the very
+    launches of the table run on real tensors (here CPU tensors, recorded, not run)."""
+    import torch
+    from aru_kernels.launch import recording
+    from helpers import launch_signatures, static_model
+
+    aot_check = static_model()
+    cfg = run_py.Config(device=torch.device("cpu"), dtype=torch.bfloat16, batch_size=2, img_size=64,
+                        channels_last=True, warmup=0, iters=1, seed=0, deadline=None)
+    real = {}
+    for shape in run_py.LAYER_SHAPES:
+        layer = run_py.GroupedConvLayer(shape, run_py.layer_size(shape, cfg.img_size), cfg)
+        with recording() as launches:
+            layer.fused()
+        real[shape.name, "fwd"] = launches
+        with recording() as launches:
+            _, backward = layer.train_step("fused")
+        real[shape.name, "train_fwd"] = launches
+        with recording() as launches:
+            backward()
+        real[shape.name, "bwd"] = launches
+    recorded = aot_check.record_layers(2, 64, torch.bfloat16)
+    assert list(recorded) == list(real)
+    for key, rec in recorded.items():
+        assert len(real[key]) >= 1, key
+        assert launch_signatures(rec.launches) == launch_signatures(real[key]), key
 
 
 def test_from_json_reprints_without_measuring(cpu_run, run_py, capsys):
@@ -207,6 +292,9 @@ def test_gpu_protocol_cpu_mode(tmp_path):
     assert {r["impl"] for r in first["models"]} == {"eager", "fused"}, files
     assert {r["impl"] for r in tuned["models"]} == {"fused"}
     assert all(r["img_per_s"] for r in first["models"] + tuned["models"])
+    fused_layers = [r for r in first["layers"] if r["impl"] == "fused"]  # interpreted, checked against PyTorch
+    assert sorted({r["pass"] for r in fused_layers}) == ["bwd", "fwd", "train_fwd"], first["layers"]
+    assert all(r["us"] and not r["failed"] for r in fused_layers), fused_layers
 
 
 @pytest.mark.slow

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 import aru_kernels
 import aru_models
-from helpers import OpLog, assert_as_accurate, assert_close, rel_error, static_model, tolerance
+from helpers import OpLog, assert_as_accurate, assert_close, launch_signatures, rel_error, static_model, tolerance
 from test_models import BUILDERS
 
 tv_models = pytest.importorskip("torchvision.models")
@@ -475,14 +475,6 @@ def test_training_step_launches_fill_the_multiprocessors():
     assert len(one_wave) <= 23
 
 
-def _launch_signatures(launches) -> list:
-    """What fixes each launch's compiled code and work, in launch order: kernel, role, grid,
-    warps, stages, and each argument's dtype and shape (tensors) or value."""
-    return [(l.kernel.fn.__name__, l.role, l.grid, l.num_warps, l.num_stages,
-             tuple((k, (v.dtype, tuple(v.shape), v.stride()) if isinstance(v, torch.Tensor) else repr(v))
-                   for k, v in l.args.items())) for l in launches]
-
-
 def _narrow_seresnext26d():
     timm = pytest.importorskip("timm", reason="timm is in the test extra: pip install -e .[test]")
     model = timm.create_model("seresnext26d_32x4d", pretrained=False, layers=(1, 1, 1, 1),
@@ -523,8 +515,8 @@ def test_static_autocast_step_launches_what_autocast_launches(name, channels_las
                                            channels_last=channels_last)
     in_bf16 = aot_check.record_model_step(build, mode, 2, 32, torch.bfloat16, channels_last=channels_last)
     assert len(real.launches) > 10
-    assert _launch_signatures(emulated.launches) == _launch_signatures(real.launches)
-    assert _launch_signatures(in_bf16.launches) != _launch_signatures(real.launches)
+    assert launch_signatures(emulated.launches) == launch_signatures(real.launches)
+    assert launch_signatures(in_bf16.launches) != launch_signatures(real.launches)
     weights = [l.args["w_ptr"] for l in real.launches if "w_ptr" in l.args]
     assert weights and all(w.dtype == torch.float32 for w in weights)  # read in place, cast as loaded
 
