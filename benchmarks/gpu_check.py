@@ -23,12 +23,15 @@ In order, within ``--budget`` seconds (default 540):
    batch 256, bf16 autocast, channels_last (``torch.compile`` rows only with
    ``--compile``: their H200 figures are recorded, and compiling costs
    minutes) -> ``OUTDIR/gpu_check_<gpu>_<date>.json``;
-4. ``benchmarks/tune.py`` with what is left of the budget but the last row's
+4. ``benchmarks/profile_kernels.py``: resnext50_32x4d's fused inference forward
+   and training step, each kernel's time beside its static floor ->
+   ``OUTDIR/profile_<gpu>_<date>_{infer,train}.json`` (GPU only);
+5. ``benchmarks/tune.py`` with what is left of the budget but the last row's
    share: the conv tiles of both models, written to
    ``aru_kernels/tuned/<gpu>.json`` after every launch;
-5. the fused rows again, with the tuned table ->
+6. the fused rows again, with the tuned table ->
    ``OUTDIR/gpu_check_<gpu>_<date>_tuned.json``;
-6. resnext50_32x4d's fused training step under ``--recompute-normalized``
+7. resnext50_32x4d's fused training step under ``--recompute-normalized``
    (the 3x3s' normalized inputs recomputed by the backward, not held: its
    speed and peak memory) -> ``OUTDIR/gpu_check_<gpu>_<date>_recompute.json``.
 
@@ -40,7 +43,7 @@ Without CUDA the same steps run in a CPU mode that checks the script itself
 in a minute: GPU tests skipped, the cache warmed for resnext29_tiny's inference
 at 16x16, resnext29_tiny at 16x16 with the fused kernels in Triton's
 interpreter, and ``tune.py --dry-run`` on resnext29_tiny (the re-run after it:
-inference, no layers; no step 6).
+inference, no layers; no steps 4 and 7).
 """
 
 from __future__ import annotations
@@ -172,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
     share = 0.45 if on_gpu else 0.8  # of what is left: the first benchmark; the rest tunes and re-measures
     steps_ok.append(benchmark(args, start, json_path, impls, layers=True, on_gpu=on_gpu, tag=tag, share=share))
 
+    if on_gpu:
+        steps_ok.append(profile(args, tag, info))
+
     left = args.budget - (time.monotonic() - start)
     tune = [sys.executable, str(REPO / "benchmarks" / "tune.py")]
     if on_gpu:
@@ -190,6 +196,28 @@ def main(argv: list[str] | None = None) -> int:
                                   extra=("--mode", "train", "--model", "resnext50_32x4d", "--recompute-normalized")))
     print(f"gpu check took {time.monotonic() - start:.0f} s")
     return 0 if tests_ok and all(steps_ok) else 1
+
+
+def profile(args, tag: str, info: dict, timeout_s: float = 60) -> bool:
+    """``benchmarks/profile_kernels.py`` over resnext50_32x4d's fused inference forward and
+    training step: each kernel's time beside the static model's floor for it (the committed
+    ``benchmarks/results/static_<arch>_...`` report of the same step, where there is one for
+    this GPU's architecture) -> ``OUTDIR/profile_<gpu>_<date>_<mode>.json``; True when both ran."""
+    major, minor = info["capability"].split(".")
+    ok = True
+    for mode in ("infer", "train"):
+        cmd = [sys.executable, str(REPO / "benchmarks" / "profile_kernels.py"), "--model", "resnext50_32x4d",
+               "--mode", mode, "--json", str(args.outdir / f"profile_{tag}_{mode}.json")]
+        static = REPO / "benchmarks" / "results" / f"static_{major}{minor}_resnext50_32x4d_{mode}.json"
+        if static.exists():
+            cmd += ["--static", str(static)]
+        rc, timed_out = run_logged(cmd, args.outdir / f"profile_{tag}_{mode}.log", timeout_s, echo=False)
+        log = args.outdir / f"profile_{tag}_{mode}.log"
+        print("".join(log.read_text().splitlines(keepends=True)[-3:]) if log.exists() else "", end="")
+        state = "finished" if rc == 0 and not timed_out else "TIMED OUT" if timed_out else f"FAILED (exit status {rc})"
+        print(f"profile of resnext50_32x4d {mode}: {state}\n", flush=True)
+        ok = ok and rc == 0 and not timed_out
+    return ok
 
 
 def start_warm_cache(args, tag: str, on_gpu: bool, info: dict) -> tuple[threading.Thread, list, list]:

@@ -398,3 +398,96 @@ def test_tune_compiles_the_models_own_specializations():
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["recorded"] > 10 and got["missing"] == got["extra"] == 0, got
+
+
+@pytest.fixture(scope="module")
+def profile_py():
+    spec = importlib.util.spec_from_file_location("aru_benchmark_profile", RUN_PY.parent / "profile_kernels.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _trace(*kernels) -> dict:
+    """A ``torch.profiler`` Chrome trace holding ``kernels`` ((name, grid, us, registers), in
+    launch order) as CUDA kernel events, among the events of other kinds a trace also holds."""
+    events = [{"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 0, "dur": 3, "args": {}},
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 1, "dur": 40, "args": {}},
+              {"ph": "M", "name": "process_name", "args": {"name": "python"}}]
+    for i, (name, grid, us, regs) in enumerate(kernels):
+        events.append({"ph": "X", "cat": "kernel", "name": name, "ts": 1000 + 10 * i, "dur": us,
+                       "args": {"grid": grid, "block": [128, 1, 1], "registers per thread": regs, "stream": 7}})
+    events.reverse()  # not in time order in the file
+    return {"traceEvents": events}
+
+
+def test_profile_sets_each_kernel_beside_its_static_floor(profile_py):
+    """benchmarks/profile_kernels.py groups a step's measured kernels by name and grid, as the
+    static model groups its rows, and sets each group beside the floor of the static rows with
+    the same kernel and grid (a launch's grid of one or two dimensions is the trace's three):
+    launches, microseconds, the ratio, registers both ways; PyTorch's kernels have no floor, and
+    static rows the step never ran are listed."""
+    static = {"kernels": [
+        {"kernel": "conv_bn_act_kernel", "grid": [1568], "launches": 2, "floor_us": 10.0, "registers": 90},
+        {"kernel": "conv_bn_act_kernel", "grid": [1568], "launches": 1, "floor_us": 20.0, "registers": 138},
+        {"kernel": "tap_grads_kernel", "grid": [8, 66], "launches": 1, "floor_us": 200.0, "registers": 255},
+        {"kernel": "bn_finalize_kernel", "grid": [4], "launches": 1, "floor_us": 0.4, "registers": 56},
+        {"kernel": "broken_kernel", "grid": [1], "launches": 1, "error": "CompilationError: ..."}]}
+    trace = _trace(("conv_bn_act_kernel", [1568, 1, 1], 12.0, 90), ("tap_grads_kernel", [8, 66, 1], 300.0, 255),
+                   ("conv_bn_act_kernel", [1568, 1, 1], 13.0, 90), ("conv_bn_act_kernel", [1568, 1, 1], 30.0, 138),
+                   ("void at::native::vectorized_elementwise_kernel<4>", [100, 1, 1], 5.0, 16))
+    events = profile_py.kernel_events(trace)
+    assert [e["kernel"] for e in events][:2] == ["conv_bn_act_kernel", "tap_grads_kernel"]  # in time order
+    report = profile_py.join(events, static)
+    rows = {(r["kernel"], tuple(r["grid"])): r for r in report["kernels"]}
+    assert [r["kernel"] for r in report["kernels"]][:2] == ["tap_grads_kernel", "conv_bn_act_kernel"]  # most time
+    conv = rows["conv_bn_act_kernel", (1568, 1, 1)]
+    assert (conv["launches"], conv["static_launches"], conv["us"], conv["floor_us"]) == (3, 3, 55.0, 40.0)
+    assert conv["ratio"] == pytest.approx(1.375) and conv["registers"] == conv["static_registers"] == [90, 138]
+    tap = rows["tap_grads_kernel", (8, 66, 1)]
+    assert tap["ratio"] == pytest.approx(1.5) and tap["static_registers"] == [255]
+    torch_kernel = rows["void at::native::vectorized_elementwise_kernel<4>", (100, 1, 1)]
+    assert torch_kernel["floor_us"] is None and torch_kernel["ratio"] is None
+    assert [(u["kernel"], u["floor_us"]) for u in report["unseen_static"]] == [("bn_finalize_kernel", 0.4)]
+    assert (report["total_us"], report["matched_us"]) == (360.0, 355.0)
+    assert (report["matched_floor_us"], report["static_floor_us"]) == (240.0, 240.4)
+    text = profile_py.format_report(report)
+    assert "tap_grads_kernel" in text and "1.50" in text and "static rows with no kernel" in text
+    assert profile_py.join(events, None)["kernels"][0]["floor_us"] is None  # no static report: times only
+
+
+def test_profile_refuses_another_steps_floors_and_a_machine_without_gpu(profile_py, tmp_path, capsys):
+    static = tmp_path / "static.json"
+    static.write_text(json.dumps({"model": "resnet50", "mode": "train", "batch_size": 256, "img_size": 224,
+                                  "dtype": "bfloat16", "kernels": []}))
+    with pytest.raises(SystemExit) as exc:
+        profile_py.main(["--model", "resnext50_32x4d", "--static", str(static)])
+    assert exc.value.code == 2 and "model 'resnet50' (here 'resnext50_32x4d')" in capsys.readouterr().err
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the profile would run")
+    with pytest.raises(SystemExit) as exc:
+        profile_py.main(["--model", "resnet50", "--static", str(static)])
+    assert exc.value.code == 2 and "none is present" in capsys.readouterr().err
+
+
+def test_gpu_protocol_profiles_against_the_committed_static_reports(tmp_path, capsys):
+    """The GPU protocol's profile step (GPU only) runs profile_kernels.py over resnext50_32x4d's
+    inference forward and training step with the committed static report of each for the GPU's
+    architecture: here the script gets as far as wanting a GPU, so those reports are the same
+    steps as the profile's (model, mode, batch, size, dtype)."""
+    import argparse
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the profile would run (tested by the protocol itself)")
+    spec = importlib.util.spec_from_file_location("aru_gpu_check", RUN_PY.parent / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.profile(argparse.Namespace(outdir=tmp_path), "test", {"capability": "9.0"}, 300) is False
+    out = capsys.readouterr().out
+    for mode in ("infer", "train"):
+        assert f"static_90_resnext50_32x4d_{mode}.json" in out, out
+        log = (tmp_path / f"profile_test_{mode}.log").read_text()
+        assert "none is present" in log and "describes another step" not in log, log
