@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     steps_ok = [finish_warm_cache(*warming)]
     json_path = args.outdir / f"gpu_check_{tag}.json"
     impls = "eager,fused,compile" if args.compile else "eager,fused"
-    share = 0.45 if on_gpu else 0.8  # of what is left: the first benchmark; the rest tunes and re-measures
+    share = 0.5 if on_gpu else 0.8  # of what is left: the first benchmark (the bars); then profiles, tuning, re-runs
     steps_ok.append(benchmark(args, start, json_path, impls, layers=True, on_gpu=on_gpu, tag=tag, share=share))
 
     if on_gpu:
