@@ -82,7 +82,8 @@ def join(events: list[dict], static: dict | None) -> dict:
                      "floor_us": round(f["floor_us"], 3) if f else None,
                      "static_registers": sorted(f["registers"]) if f else None,
                      "ratio": round(m["us"] / f["floor_us"], 3) if f and f["floor_us"] > 0 else None})
-    unseen = [{"kernel": name, "grid": list(grid), "static_launches": f["launches"], "floor_us": round(f["floor_us"], 3)}
+    unseen = [{"kernel": name, "grid": list(grid), "static_launches": f["launches"],
+               "floor_us": round(f["floor_us"], 3)}
               for (name, grid), f in floors.items() if (name, grid) not in measured]
     matched = [r for r in rows if r["floor_us"] is not None]
     return {"kernels": rows, "unseen_static": unseen,
