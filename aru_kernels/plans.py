@@ -24,7 +24,9 @@ from .runtime import interpreting
 
 __all__ = [
     "ConvPlan",
+    "TAP_KINDS",
     "Tiles",
+    "tap_key",
     "tuned_table",
     "use_tuned_table",
     "gpu_slug",
@@ -180,7 +182,8 @@ def _table_file(slug: str) -> dict:
 
 def tuned_table(device: torch.device | None) -> dict:
     """The tuned tiles for ``device``'s GPU model (shipped package data, read
-    once per process), keyed by :meth:`ConvPlan.key`; empty without one."""
+    once per process), keyed by :meth:`ConvPlan.key` (a tap kernel's by :func:`tap_key`);
+    empty without one."""
     if _table_override is not None:
         return _table_override
     if device is None or device.type != "cuda":
@@ -761,13 +764,31 @@ def _tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int
     return plan, _next_pow2(2 * block_m + reach)
 
 
+TAP_KINDS = ("tap_forward", "tap_grads")
+
+
+def tap_key(kind: str, conv: ConvPlan) -> str:
+    """What identifies a launch of a tap kernel (``kind``: one of :data:`TAP_KINDS`) in a
+    tuned table: the kind and its convolution's :meth:`ConvPlan.key`."""
+    if kind not in TAP_KINDS:
+        raise ValueError(f"tap_key: kind is one of {TAP_KINDS}; got {kind!r}")
+    return f"{kind}|{conv.key()}"
+
+
+def _tap_tiles(kind: str, conv: ConvPlan, device: torch.device, rule: tuple[int, int]) -> tuple[int, int]:
+    """``(pixels a step, warps)`` of a tap kernel: the tuned table's for ``device`` where it has
+    this launch (its entry's ``tiles``: ``block_m`` and ``num_warps``), else ``rule``."""
+    entry = tuned_table(device).get(tap_key(kind, conv))
+    return (entry["tiles"]["block_m"], entry["tiles"]["num_warps"]) if entry else rule
+
+
 def plan_tap_grads(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
     """Tiles of ``tap_grads_kernel`` and the rows of its dy' ring: 64 pixels a step on
-    2 warps (the interpreter: 256). Static model, sm_90, triton 3.8, resnext50_32x4d's
-    stage-1 grouped 3x3 at batch 256: issue floor 182 us (255 registers, 8 bytes
-    spilled) against 223 us at 128 pixels on 4 warps (48 bytes spilled) and 300 us on
-    8; the launch is bound by its DRAM floor (201 us) either way."""
-    block_m, warps = (256, 4) if _large_blocks() else (64, 2)
+    2 warps (the interpreter: 256), or the tuned table's. Static model, sm_90, triton 3.8,
+    resnext50_32x4d's stage-1 grouped 3x3 at batch 256: issue floor 182 us (255 registers,
+    8 bytes spilled) against 223 us at 128 pixels on 4 warps (48 bytes spilled) and 300 us
+    on 8; the launch is bound by its DRAM floor (201 us) either way."""
+    block_m, warps = _tap_tiles("tap_grads", conv, device, (256, 4) if _large_blocks() else (64, 2))
     return _tap_plan(conv, device, block_m, warps)
 
 
@@ -777,5 +798,6 @@ def plan_tap_forward(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, i
     resnext50_32x4d at batch 256, issue floors of stages 1, 2, 3: 112.0, 56.5, 29.6 us
     (138 registers, DRAM floors 104.1, 54.2, 29.4); 128 pixels on 2 warps (mma.sync,
     190 registers) 107.5, 54.1, 28.1; 128 on 4 warps 127.2, 64.1, 33.4; 64 on 2 warps
-    118.1, 59.5, 30.2."""
-    return _tap_plan(conv, device, 256, 4)
+    118.1, 59.5, 30.2. Or the tuned table's."""
+    block_m, warps = _tap_tiles("tap_forward", conv, device, (256, 4))
+    return _tap_plan(conv, device, block_m, warps)

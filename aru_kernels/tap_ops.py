@@ -113,7 +113,7 @@ def tap_conv_grads(
         DIL=dilation, CIN_G=conv.cin_g, COUT_G=conv.cout_g, CIN_P=conv.cin_p, COUT_P=conv.cout_p,
         PRO_MEAN=in_mean is not None, PRO_RELU=in_relu, STAT_SCALE=stat_c is not None,
         DOT_F32=interpreting(), INPUT_PRECISION=input_precision(x.dtype), BLOCK_M=plan.block_m, RING=ring_rows,
-        role="wgrad_dgrad", meta={"conv": conv_geometry(conv), "loop_trips": [
+        role="wgrad_dgrad", meta={"conv": conv_geometry(conv), "tap": ("tap_grads", conv), "loop_trips": [
             triton.cdiv(2 * (padding * w + padding), plan.block_m), plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )
@@ -157,7 +157,7 @@ def tap_forward_stats(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_s
         conv.m, plan.m_per_split, H=h, W=w, C_IN=c_in, C_OUT=c_out, DIL=dilation, CIN_G=conv.cin_g,
         COUT_G=conv.cout_g, CIN_P=conv.cin_p, COUT_P=conv.cout_p, PRO_MEAN=in_mean is not None, PRO_RELU=in_relu,
         DOT_F32=interpreting(), INPUT_PRECISION=input_precision(x.dtype), BLOCK_M=plan.block_m, RING=ring_rows,
-        role="fwd", meta={"conv": conv_geometry(conv), "loop_trips": [
+        role="fwd", meta={"conv": conv_geometry(conv), "tap": ("tap_forward", conv), "loop_trips": [
             triton.cdiv(2 * (dilation * w + dilation), plan.block_m), plan.m_per_split // plan.block_m]},
         num_warps=plan.num_warps, num_stages=plan.num_stages,
     )

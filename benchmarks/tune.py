@@ -1,4 +1,4 @@
-"""Tune the conv kernel's tiles on this GPU and write them to the package's tuned table.
+"""Tune the conv and tap kernels' tiles on this GPU and write them to the package's tuned table.
 
     PYTHONPATH=. python benchmarks/tune.py --budget 300          # on a GPU
     python benchmarks/tune.py --dry-run --model resnext29_tiny     # anywhere: checks, times nothing
@@ -10,11 +10,16 @@ kernels read float32 weights) on the meta device, and for each a list of candida
 BLOCK_M/N/K around the rules' choice, 4 or 8 warps, 1 to 4 pipeline stages
 (``num_stages=1`` loads the activation through L1, where the overlapping taps
 can hit). Launches are taken in order of the pixels they cover, largest first.
+Before them, the tap kernels of the training steps (``aru_kernels.tap_grads``: a
+stride-1 grouped 3x3's forward normalizing its input once, and its two gradients
+in one launch), each through its operator with a candidate as its tuned entry:
+pixels a step and warps (``TAP_CANDIDATES``), keyed by ``plans.tap_key``.
 
 On a GPU: all candidates of a launch are compiled first, in parallel worker
 processes (for this GPU's architecture, into Triton's cache); then each
 candidate's output is checked against the rules' output on fresh random data
-with a NaN-poisoned output buffer; then each is timed (``do_bench`` median,
+with a NaN-poisoned output buffer (a tap kernel's outputs are its operator's
+own); then each is timed (``do_bench`` median,
 inputs rotated so they do not sit in L2). The winner, if it beats the rules,
 is written to ``aru_kernels/tuned/<gpu>.json`` (keyed by the launch plan; the
 launchers use an exact match and the rules otherwise) after every launch, so
@@ -35,7 +40,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 if "--dry-run" in sys.argv[1:] and not __import__("torch").cuda.is_available():
@@ -68,6 +73,126 @@ def conv_launch_plans(models: list[str], modes: list[str], batch: int, img: int,
                     plan = replace(plan, tiles=None, phase=None)  # a strided dgrad's phases share its tiles
                     found.setdefault(plan.key(), plan)
     return sorted(found.values(), key=lambda p: -p.m * p.c_out)
+
+
+@dataclass(frozen=True)
+class TapTiles:
+    """A tap kernel's tiles: pixels a step and warps (``aru_kernels.plans.plan_tap_grads``)."""
+
+    block_m: int
+    num_warps: int
+
+
+# Candidates of each tap kernel, the rules' (on a GPU) first: fewer pixels a step or more warps
+# (more warps a multiprocessor to hide latency, against registers and spills), and more pixels.
+TAP_CANDIDATES = {"tap_grads": [TapTiles(64, 2), TapTiles(32, 2), TapTiles(64, 4), TapTiles(128, 4)],
+                  "tap_forward": [TapTiles(256, 4), TapTiles(128, 4), TapTiles(128, 2), TapTiles(64, 2)]}
+
+
+@dataclass(frozen=True)
+class TapLaunch:
+    """A launch of a stride-1 grouped 3x3's tap kernel (``aru_kernels.tap_ops``) to tune:
+    its kind (``plans.TAP_KINDS``), its convolution, and the flags that fix its specialization."""
+
+    kind: str
+    conv: ConvPlan
+    pro_relu: bool
+    stat_scale: bool = False
+
+    def key(self) -> str:
+        return plans.tap_key(self.kind, self.conv)
+
+    @property
+    def pixels(self) -> int:
+        return self.conv.m * self.conv.c_out
+
+    def default_tiles(self) -> TapTiles:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        with plans.use_tuned_table({}):
+            plan, _ = (plans.plan_tap_grads if self.kind == "tap_grads" else plans.plan_tap_forward)(self.conv, device)
+        return TapTiles(plan.block_m, plan.num_warps)
+
+    def candidates(self) -> list[TapTiles]:
+        rule = self.default_tiles()
+        return [rule, *(t for t in TAP_CANDIDATES[self.kind] if t != rule)]
+
+    def inputs(self, device, dtype, gen, weight_dtype: torch.dtype | None = None) -> dict:
+        """The operator's arguments: random tensors, or empty ones on the meta device."""
+        c = self.conv
+
+        def rnd(*shape, dt=None, positive=False):
+            dt = dt or (dtype if len(shape) == 4 else torch.float32)
+            stored = (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else shape  # channels_last
+            t = (torch.empty(*stored, dtype=dt, device=device) if gen is None
+                 else torch.randn(*stored, generator=gen).to(device, dt))
+            t = t.permute(0, 3, 1, 2) if len(shape) == 4 else t
+            return t.abs_().add_(0.5) if positive and gen is not None else t
+
+        weight = rnd(c.c_out, c.cin_g, c.kh, c.kw, dt=weight_dtype)
+        if gen is not None:
+            weight = weight.mul_((c.cin_g * c.kh * c.kw) ** -0.5)
+        args = dict(x=rnd(c.n, c.c_in, c.h, c.w), weight=weight, in_mean=rnd(c.c_in) if c.pro_mean else None,
+                    in_scale=rnd(c.c_in, positive=True), in_shift=rnd(c.c_in), in_relu=self.pro_relu,
+                    padding=c.padding, dilation=c.dilation, groups=c.groups)
+        if self.kind == "tap_grads":
+            args.update(dy=rnd(c.n, c.c_out, c.p, c.q), stat_y=rnd(c.n, c.c_out, c.p, c.q), stat_mean=rnd(c.c_out),
+                        stat_a=rnd(c.c_out), stat_b=rnd(c.c_out),
+                        stat_c=rnd(c.c_out, positive=True) if self.stat_scale else None)
+        return args
+
+    def run(self, tiles: TapTiles, args: dict) -> tuple:
+        """The operator with ``tiles``: its results (the forward's tile statistics as the
+        per-channel sum of y they make, which does not depend on the tiles)."""
+        from aru_kernels import tap_ops
+
+        x, weight = args["x"], args["weight"]
+        conv = plans.plan_conv(x.shape, weight.shape, x.dtype, stride=1, padding=args["padding"],
+                               dilation=args["dilation"], groups=args["groups"], has_prologue=True,
+                               pro_mean=args["in_mean"] is not None, device=x.device)  # as tap_ops plans it
+        plan_tap = plans.plan_tap_grads if self.kind == "tap_grads" else plans.plan_tap_forward
+        with plans.use_tuned_table({plans.tap_key(self.kind, conv): {"tiles": asdict(tiles)}}):
+            plan, _ = plan_tap(conv, x.device)
+            if (plan.block_m, plan.num_warps) != (tiles.block_m, tiles.num_warps):
+                raise RuntimeError(f"tune: the tuned entry for {self.kind} did not apply: {plan}")
+            if self.kind == "tap_grads":
+                return tuple(tap_ops.tap_conv_grads(**args))
+            y, tile_mean, _, rows = tap_ops.tap_forward_stats(**args)
+        counts = (y[:, 0].numel() - torch.arange(tile_mean.shape[0], device=y.device) * rows).clamp(0, rows)
+        return y, (tile_mean * counts[:, None]).sum(0)
+
+    def launches(self, tiles: TapTiles, weight_dtype: torch.dtype | None = None) -> list:
+        """The launches of the operator with ``tiles``, recorded on meta tensors."""
+        from aot_check import StepRecorder
+
+        from aru_kernels.launch import recording
+
+        args = self.inputs("meta", self.conv.dtype, None, weight_dtype)
+        with recording() as direct, StepRecorder() as ops:
+            self.run(tiles, args)
+        return direct + ops.launches
+
+    def scaled_down(self) -> "TapLaunch":
+        c = self.conv
+        packs = min(c.packs, 2)
+        h, w = min(c.h, 24), min(c.w, 24)
+        return replace(self, conv=replace(c, n=1, h=h, w=w, p=h, q=w, groups=c.gp * packs,
+                                          c_in=c.cin_g * c.gp * packs, c_out=c.cout_g * c.gp * packs))
+
+
+def tap_launches(models: list[str], modes: list[str], batch: int, img: int, dtype: torch.dtype,
+                 autocast: bool = False) -> list[TapLaunch]:
+    """The distinct tap-kernel launches of the models' training steps, most work first."""
+    from aot_check import record_step
+
+    found: dict[TapLaunch, None] = {}
+    for model in models:
+        for mode in modes:
+            for launch in record_step(model, "fused", mode, batch, img, dtype, autocast=autocast).launches:
+                if "tap" in launch.meta:
+                    kind, conv = launch.meta["tap"]
+                    found.setdefault(TapLaunch(kind, replace(conv, tiles=None), bool(launch.args["PRO_RELU"]),
+                                               bool(launch.args.get("STAT_SCALE", False))))
+    return sorted(found, key=lambda t: -t.pixels)
 
 
 def _pow2_at_least_16(n: int) -> int:
@@ -184,6 +309,10 @@ def _same(a, b, dtype) -> bool:
     return bool(torch.isfinite(a).all()) and bool(((a - b).abs() <= tol * (b.abs() + b.abs().max())).all())
 
 
+def _all_same(results, reference) -> bool:
+    return all(_same(a, b, a.dtype) for a, b in zip(results, reference, strict=True))
+
+
 def check_candidate(plan: ConvPlan, tiles: Tiles, inputs, reference) -> bool:
     out, parts = run_plan(replace(plan, tiles=tiles), *inputs)
     if not _same(out, reference[0], out.dtype):
@@ -211,10 +340,22 @@ def scaled_down(plan: ConvPlan) -> ConvPlan:
     return replace(plan, **geo, h=h, w=w, p=out(h), q=out(w))
 
 
-def dry_run(all_plans: list[ConvPlan], dtype: torch.dtype, weight_dtype: torch.dtype | None = None) -> int:
+def dry_run(all_plans: list[ConvPlan], dtype: torch.dtype, weight_dtype: torch.dtype | None = None,
+            taps: list[TapLaunch] = ()) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gen = torch.Generator().manual_seed(0)
     bad = checked = 0
+    for tap in taps:
+        small = tap.scaled_down()
+        args = small.inputs(device, dtype, gen, weight_dtype)
+        reference = small.run(small.default_tiles(), args)
+        for tiles in tap.candidates():
+            checked += 1
+            if not _all_same(small.run(tiles, args), reference):
+                bad += 1
+                print(f"WRONG: {tap.key()} with {tiles}")
+        print(f"  {tap.kind} {tap.conv.c_in}->{tap.conv.c_out} g{tap.conv.groups} {tap.conv.h}x{tap.conv.w}: "
+              f"{len(tap.candidates())} candidates checked", flush=True)
     for plan in all_plans:
         small = scaled_down(plan)
         inputs = _inputs(small, device, dtype, gen, weight_dtype)
@@ -229,7 +370,7 @@ def dry_run(all_plans: list[ConvPlan], dtype: torch.dtype, weight_dtype: torch.d
         print(f"  {'dgrad' if plan.transposed else 'fwd':5s} {plan.c_in}->{plan.c_out} {plan.kh}x{plan.kw}/s{plan.stride} "
               f"g{plan.groups} {plan.h}x{plan.w}: {len(candidates(plan))} candidates, {len(shapes)} tile shapes checked",
               flush=True)
-    print(f"dry run: {len(all_plans)} launches, {checked} candidate tiles checked, {bad} wrong")
+    print(f"dry run: {len(all_plans) + len(taps)} launches, {checked} candidate tiles checked, {bad} wrong")
     return 1 if bad else 0
 
 
@@ -253,19 +394,49 @@ def candidate_launches(plan: ConvPlan, tiles: Tiles, weight_dtype: torch.dtype |
 
 def _compile_job(job) -> str | None:
     """Compile one candidate for this GPU's architecture, into Triton's cache (worker process)."""
-    plan, tiles, arch, weight_dtype = job
+    item, tiles, arch, weight_dtype = job
     from aru_kernels import aot
 
     try:
-        for launch in candidate_launches(plan, tiles, weight_dtype):
+        launches = (item.launches(tiles, weight_dtype) if isinstance(item, TapLaunch)
+                    else candidate_launches(item, tiles, weight_dtype))
+        for launch in launches:
             aot.compile_launch(launch, arch)
         return None
     except Exception as exc:
         return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+def relaunch(launches: list) -> None:
+    """Run launches recorded under ``aru_kernels.launch.recording`` as they were made."""
+    for launch in launches:
+        launch.kernel[launch.grid](**launch.args, num_warps=launch.num_warps, num_stages=launch.num_stages)
+
+
+def _timed_call(item: ConvPlan | TapLaunch, tiles, sets: list):
+    """A call of ``item`` with ``tiles`` for ``do_bench``, cycling through the input ``sets``
+    (so that they do not sit in L2): a conv launch into buffers made once, not timed; a tap
+    kernel's launches (the kernel, its slab sum) as its operator makes them, recorded once
+    on each set's tensors, then launched as they are (no planning or allocating timed)."""
+    if isinstance(item, TapLaunch):
+        from aru_kernels.launch import recording
+
+        recorded = []
+        for args in sets:
+            with recording() as launches:
+                item.run(tiles, args)  # records, runs nothing
+            recorded.append(launches)
+        it = itertools.cycle(recorded)
+        return lambda: relaunch(next(it))
+    p = replace(item, tiles=tiles)
+    it = itertools.cycle([(*s, *buffers(p, s[0])) for s in sets])
+    return lambda: launch_into(p, *next(it))
+
+
 def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_path: Path, jobs: int,
-         weight_dtype: torch.dtype | None = None) -> int:
+         weight_dtype: torch.dtype | None = None, taps: list[TapLaunch] = ()) -> int:
+    """Time the candidates of the tap kernels' launches (``taps``), then of the conv launches,
+    each checked first against the rules' result; write each winner that beats the rules."""
     import triton
     from triton.testing import do_bench
 
@@ -277,33 +448,35 @@ def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_pat
     entries = table.setdefault("entries", {})
     gen = torch.Generator().manual_seed(0)
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        for plan in all_plans:
+        for item in [*taps, *all_plans]:
             if time.monotonic() - start > budget:
                 print("budget spent; stopping")
                 break
-            cands = candidates(plan)
-            errors = list(pool.map(_compile_job, [(plan, t, major * 10 + minor, weight_dtype) for t in cands]))
+            tap = isinstance(item, TapLaunch)
+            cands = item.candidates() if tap else candidates(item)
+            errors = list(pool.map(_compile_job, [(item, t, major * 10 + minor, weight_dtype) for t in cands]))
             cands = [t for t, e in zip(cands, errors) if e is None]
-            sets = [_inputs(plan, device, dtype, gen, weight_dtype) for _ in range(3)]
-            reference = run_plan(plan, *sets[0])
+            sets = [item.inputs(device, dtype, gen, weight_dtype) if tap else
+                    _inputs(item, device, dtype, gen, weight_dtype) for _ in range(3)]
+            rule = item.default_tiles()
+            reference = item.run(rule, sets[0]) if tap else run_plan(item, *sets[0])
             timings = {}
             for tiles in cands:
                 if time.monotonic() - start > budget:
                     break
-                if not check_candidate(plan, tiles, sets[0], reference):
+                right = (_all_same(item.run(tiles, sets[0]), reference) if tap
+                         else check_candidate(item, tiles, sets[0], reference))
+                if not right:
                     print(f"  WRONG result, skipped: {tiles}")
                     continue
-                p = replace(plan, tiles=tiles)
-                it = itertools.cycle([(*s, *buffers(p, s[0])) for s in sets])  # buffers made once, not timed
-                timings[tiles] = do_bench(lambda: launch_into(p, *next(it)), warmup=5, rep=20)
+                timings[tiles] = do_bench(_timed_call(item, tiles, sets), warmup=5, rep=20)
             if not timings:
                 continue
             best = min(timings, key=timings.get)
-            rule = plan.default_tiles()
-            print(f"  {plan.key()[:90]}: rules {timings.get(rule, float('nan')) * 1e3:.1f} us, "
+            print(f"  {item.key()[:90]}: rules {timings.get(rule, float('nan')) * 1e3:.1f} us, "
                   f"best {timings[best] * 1e3:.1f} us {best}", flush=True)
             if rule in timings and timings[best] < timings[rule]:
-                entries[plan.key()] = {"tiles": asdict(best), "us": round(timings[best] * 1e3, 2),
+                entries[item.key()] = {"tiles": asdict(best), "us": round(timings[best] * 1e3, 2),
                                        "rules_us": round(timings[rule] * 1e3, 2)}
                 table_path.parent.mkdir(parents=True, exist_ok=True)
                 table_path.write_text(json.dumps(table, indent=1) + "\n")
@@ -330,15 +503,17 @@ def main(argv=None) -> int:
     autocast = args.autocast and dtype != torch.float32
     all_plans = conv_launch_plans(args.model or ["resnext50_32x4d", "resnet50"], modes, args.batch_size,
                                   args.img_size, dtype, autocast=autocast)
-    print(f"{len(all_plans)} conv launches to tune", flush=True)
+    taps = tap_launches(args.model or ["resnext50_32x4d", "resnet50"], modes, args.batch_size, args.img_size, dtype,
+                        autocast=autocast)
+    print(f"{len(all_plans)} conv launches and {len(taps)} tap-kernel launches to tune", flush=True)
     if args.dry_run:
         if not torch.cuda.is_available():  # the interpreter: float32 throughout
-            return dry_run(all_plans, torch.float32)
-        return dry_run(all_plans, dtype, torch.float32 if autocast else dtype)
+            return dry_run(all_plans, torch.float32, taps=taps)
+        return dry_run(all_plans, dtype, torch.float32 if autocast else dtype, taps=taps)
     if not torch.cuda.is_available():
         ap.error("tuning times kernels on a GPU; without one, use --dry-run")
     path = TUNED_DIR / f"{plans.gpu_slug(torch.cuda.get_device_name(0))}.json"
-    return tune(all_plans, dtype, args.budget, path, args.jobs, torch.float32 if autocast else dtype)
+    return tune(all_plans, dtype, args.budget, path, args.jobs, torch.float32 if autocast else dtype, taps=taps)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from aru_kernels import plans
+
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "recompute_normalized",
@@ -381,8 +383,15 @@ for mode in ("infer", "train"):
             recorded.add(aot.launch_key(launch, 90))
 plans = tune.conv_launch_plans(["resnext29_tiny"], ["infer", "train"], 2, 32, torch.bfloat16, autocast=True)
 tuned = {aot.launch_key(l, 90) for p in plans for l in tune.candidate_launches(p, p.default_tiles(), torch.float32)}
+# the tap kernels (resnext50_32x4d's stride-1 grouped 3x3s in training), from their operators
+recorded_taps = {aot.launch_key(l, 90) for l in record_step("resnext50_32x4d", "fused", "train", 2, 64, torch.bfloat16,
+                                                               autocast=True).launches if "tap" in l.meta}
+taps = tune.tap_launches(["resnext50_32x4d"], ["train"], 2, 64, torch.bfloat16, autocast=True)
+tuned_taps = {aot.launch_key(l, 90) for t in taps for l in t.launches(t.default_tiles(), torch.float32)
+              if l.kernel.fn.__name__.startswith("tap_")}
 print(json.dumps({"recorded": len(recorded), "tuned": len(tuned), "missing": len(recorded - tuned),
-                  "extra": len(tuned - recorded)}))
+                  "extra": len(tuned - recorded), "recorded_taps": len(recorded_taps),
+                  "missing_taps": len(recorded_taps - tuned_taps), "extra_taps": len(tuned_taps - recorded_taps)}))
 """
 
 
@@ -390,7 +399,8 @@ def test_tune_compiles_the_models_own_specializations():
     """tune.py compiles and times each candidate on tensors laid out as the model's under
     autocast (float32 channels_last weights, the partial-sum buffers the launch uses): with the
     rules' tiles its launches are the very specializations the model launches, so the
-    candidates it compiles (the winners among them) are the ones the tuned model loads."""
+    candidates it compiles (the winners among them) are the ones the tuned model loads. So
+    are the tap kernels' (run through their operators)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", _TUNE_SPECIALIZATIONS, str(RUN_PY.parent)], env=env,
@@ -398,6 +408,7 @@ def test_tune_compiles_the_models_own_specializations():
     assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["recorded"] > 10 and got["missing"] == got["extra"] == 0, got
+    assert got["recorded_taps"] == 6 and got["missing_taps"] == got["extra_taps"] == 0, got
 
 
 @pytest.fixture(scope="module")
@@ -491,3 +502,57 @@ def test_gpu_protocol_profiles_against_the_committed_static_reports(tmp_path, ca
         assert f"static_90_resnext50_32x4d_{mode}.json" in out, out
         log = (tmp_path / f"profile_test_{mode}.log").read_text()
         assert "none is present" in log and "describes another step" not in log, log
+
+
+@pytest.fixture(scope="module")
+def tune_py():
+    sys.path.insert(0, str(RUN_PY.parent))
+    import tune
+
+    return tune
+
+
+def test_tune_dry_run_checks_the_tap_kernels_candidates(tune_py, monkeypatch, capsys):
+    """tune.py also tunes the tap kernels (the stride-1 grouped 3x3s' training forward and both
+    gradients): its dry run takes each candidate (pixels a step, warps) through the
+    operator with the candidate as a tuned entry, on a problem several steps long, and
+    compares it with the rules' result. A candidate that computes wrong (planted: the last
+    step of each split dropped at 32 pixels a step) is reported, and the dry run fails."""
+    import torch
+
+    taps = tune_py.tap_launches(["resnext50_32x4d"], ["train"], 2, 64, torch.bfloat16, autocast=True)
+    assert sorted(t.kind for t in taps) == ["tap_forward"] * 3 + ["tap_grads"] * 3
+    assert all(tune_py.TapTiles(32, 2) in t.candidates() or t.kind == "tap_forward" for t in taps)
+    assert tune_py.dry_run([], torch.float32, taps=taps) == 0
+    assert "0 wrong" in capsys.readouterr().out
+    real = plans.WgradPlan.m_per_split
+    monkeypatch.setattr(plans.WgradPlan, "m_per_split",
+                        property(lambda p: real.fget(p) - (p.block_m if p.block_m == 32 else 0)))
+    assert tune_py.dry_run([], torch.float32, taps=taps) == 1
+    out = capsys.readouterr().out
+    assert out.count("WRONG: tap_grads|") == 3 and "block_m=32" in out, out
+
+
+def test_tune_times_a_tap_candidate_as_its_operator_launches_it(tune_py):
+    """The tuner times a tap-kernel candidate by the launches its operator makes, recorded
+    once on each set of inputs and then launched as they are: those launches compute what
+    the operator computes (here through the interpreter)."""
+    import torch
+    from aru_kernels.launch import recording
+
+    (tap,) = [t for t in tune_py.tap_launches(["resnext50_32x4d"], ["train"], 2, 64, torch.bfloat16, autocast=True)
+              if t.kind == "tap_grads" and t.conv.c_in == 256]
+    small = tap.scaled_down()
+    args = small.inputs(torch.device("cpu"), torch.float32, torch.Generator().manual_seed(0))
+    tiles = tune_py.TapTiles(32, 2)
+    dw, dx, _ = small.run(tiles, args)
+    with recording() as launches:
+        small.run(tiles, args)
+    assert [l.kernel.fn.__name__ for l in launches] == ["tap_grads_kernel", "wgrad_slab_sum_kernel"]
+    assert launches[0].args["BLOCK_M"] == 32 and launches[0].num_warps == 2
+    written = (launches[0].args["dx_ptr"], launches[1].args["out_ptr"])
+    for t in written:
+        t.fill_(float("nan"))
+    tune_py.relaunch(launches)
+    torch.testing.assert_close(written[0], dx)
+    torch.testing.assert_close(written[1], dw)
