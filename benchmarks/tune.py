@@ -124,7 +124,7 @@ class TapLaunch:
             dt = dt or (dtype if len(shape) == 4 else torch.float32)
             stored = (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else shape  # channels_last
             t = (torch.empty(*stored, dtype=dt, device=device) if gen is None
-                 else torch.randn(*stored, generator=gen).to(device, dt))
+                 else torch.randn(*stored, generator=gen, device=gen.device).to(device, dt))
             t = t.permute(0, 3, 1, 2) if len(shape) == 4 else t
             return t.abs_().add_(0.5) if positive and gen is not None else t
 
@@ -229,14 +229,14 @@ def _inputs(plan: ConvPlan, device, dtype, gen, weight_dtype: torch.dtype | None
         if gen is None:
             t = torch.empty(*stored, dtype=dt, device=device)
         else:
-            t = torch.randn(*stored, generator=gen).to(device, dt)
+            t = torch.randn(*stored, generator=gen, device=gen.device).to(device, dt)
         return t.permute(0, 3, 1, 2) if cl else t
 
     def mask_bits(c):  # a ReLU's mask as bits, [pixels, ceil(c/8)] (relu_bits)
         shape = (plan.n * plan.h * plan.w if plan.pro_end else plan.n * plan.p * plan.q, -(-c // 8))
         if gen is None:
             return torch.empty(shape, dtype=torch.uint8, device=device)
-        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8).to(device)
+        return torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8, device=gen.device).to(device)
 
     x = rnd(plan.n, plan.c_in, plan.h, plan.w, cl=True)
     # (channels_last, as a model moved to channels_last holds it: run.py's layout)
@@ -446,7 +446,7 @@ def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_pat
     table = json.loads(table_path.read_text()) if table_path.exists() else {}
     table.update(gpu=torch.cuda.get_device_name(device), triton=triton.__version__, torch=torch.__version__)
     entries = table.setdefault("entries", {})
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # inputs drawn on the GPU: seconds a set on the CPU
     with ProcessPoolExecutor(max_workers=jobs) as pool:
         for item in [*taps, *all_plans]:
             if time.monotonic() - start > budget:
