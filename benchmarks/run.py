@@ -326,10 +326,13 @@ class GroupedConvLayer:
         self.shape = shape
         self.cfg = cfg
         c, g = shape.channels, shape.groups
-        gen = torch.Generator().manual_seed(cfg.seed)
+        # drawn where they are used (seconds a tensor on a CPU at batch 256); nothing to draw on
+        # the meta device (benchmarks/warm_cache.py records there)
+        gen = torch.Generator(cfg.device if cfg.device.type == "cuda" else "cpu").manual_seed(cfg.seed)
 
-        def draw(sample, *size_):  # nothing to draw on the meta device (benchmarks/warm_cache.py records there)
-            return torch.empty(*size_) if cfg.device.type == "meta" else sample(*size_, generator=gen)
+        def draw(sample, *size_):
+            return torch.empty(*size_) if cfg.device.type == "meta" else sample(*size_, generator=gen,
+                                                                               device=gen.device)
 
         def randn(*size_):
             return draw(torch.randn, *size_)
