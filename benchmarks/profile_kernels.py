@@ -11,8 +11,10 @@ cross-entropy, backward, SGD), ``--warmup`` steps, then one step under
 measured time is set beside the floor of the static rows with the same kernel
 and grid: ``measured / floor`` says how far each kernel runs from what its
 instructions and bytes allow, and which of the static model's assumptions the
-GPU does not bear out (the floors are an H200's: on another card, compare the
-ratios among kernels). The registers each kernel ran with are printed beside
+GPU does not bear out. The floors are an H200's (132 multiprocessors at
+1.98 GHz, 714.8 TFLOP/s), but for their DRAM part, which is taken at this
+card's copy bandwidth, measured as ``run.py`` measures it (an H100 copies about
+3.0 TB/s, an H200 4.1). The registers each kernel ran with are printed beside
 the static model's count (they differ where the JIT compiled another
 specialization than the one the static model read). PyTorch's own kernels
 (the loss, the optimizer, a head) have no static row.
@@ -55,9 +57,20 @@ def kernel_events(trace: dict) -> list[dict]:
              "registers": e.get("args", {}).get("registers per thread")} for e in events]
 
 
-def join(events: list[dict], static: dict | None) -> dict:
+def card_floor_us(row: dict, bandwidth_scale: float = 1.0) -> float:
+    """A static row's floor with its DRAM floor scaled by ``bandwidth_scale`` (the static
+    profile's copy bandwidth over this card's): the largest of issue, DRAM and tensor floors."""
+    return max(row["issue_floor_us"], row["dram_floor_us"] * bandwidth_scale, row["tensor_floor_us"])
+
+
+def join(events: list[dict], static: dict | None, copy_TBps: float | None = None) -> dict:
     """The measured kernels grouped by name and grid, each group beside the static rows of the
-    same kernel and grid (``static``: an ``aot_check.py`` report, or None)."""
+    same kernel and grid (``static``: an ``aot_check.py`` report, or None). With ``copy_TBps``,
+    this card's measured copy bandwidth, the floors' DRAM part is that of this card (the
+    static report's are an H200's, 4.144 TB/s; an H100 copies about 3.0)."""
+    scale = 1.0
+    if static and copy_TBps:
+        scale = static["gpu_profile"]["copy_TBps"] / copy_TBps
     measured: dict[tuple, dict] = defaultdict(lambda: {"launches": 0, "us": 0.0, "registers": set()})
     for e in events:
         m = measured[e["kernel"], e["grid"]]
@@ -71,7 +84,7 @@ def join(events: list[dict], static: dict | None) -> dict:
             continue
         f = floors[r["kernel"], _grid(r["grid"])]
         f["launches"] += r["launches"]
-        f["floor_us"] += r["launches"] * r["floor_us"]
+        f["floor_us"] += r["launches"] * card_floor_us(r, scale)
         f["registers"].add(int(r["registers"]))
     rows = []
     for (name, grid), m in sorted(measured.items(), key=lambda kv: -kv[1]["us"]):
@@ -86,7 +99,7 @@ def join(events: list[dict], static: dict | None) -> dict:
                "floor_us": round(f["floor_us"], 3)}
               for (name, grid), f in floors.items() if (name, grid) not in measured]
     matched = [r for r in rows if r["floor_us"] is not None]
-    return {"kernels": rows, "unseen_static": unseen,
+    return {"bandwidth_scale": round(scale, 4), "kernels": rows, "unseen_static": unseen,
             "total_us": round(sum(r["us"] for r in rows), 2),
             "matched_us": round(sum(r["us"] for r in matched), 2),
             "matched_floor_us": round(sum(r["floor_us"] for r in matched), 3),
@@ -107,7 +120,8 @@ def format_report(report: dict) -> str:
         lines.append(f"{r['kernel'][:34]:34s} {grid:>16s} {count:>4s} {r['us']:9.1f} {floor} {ratio} "
                      f"{regs:>7s} {static_regs:>7s}")
     lines.append(f"\nkernel time of the step: {report['total_us'] / 1e3:.3f} ms; the kernels with a static row: "
-                 f"{report['matched_us'] / 1e3:.3f} ms against a floor of {report['matched_floor_us'] / 1e3:.3f} ms")
+                 f"{report['matched_us'] / 1e3:.3f} ms against a floor of {report['matched_floor_us'] / 1e3:.3f} ms "
+                 f"(DRAM floors x{report['bandwidth_scale']:.3f} for this card's copy bandwidth)")
     if report["unseen_static"]:
         lines.append(f"static rows with no kernel of that name and grid in the step: {len(report['unseen_static'])} "
                      f"({sum(u['floor_us'] for u in report['unseen_static']) / 1e3:.3f} ms of floor)")
@@ -135,6 +149,15 @@ def profile_step(model_name: str, mode: str, batch: int, img: int, dtype: torch.
         return json.loads(Path(path).read_text())
 
 
+def copy_bandwidth_TBps() -> float:
+    """This GPU's device-to-device copy bandwidth, as ``benchmarks/run.py`` measures it."""
+    import run
+
+    return run.copy_bandwidth_TBps(run.Config(device=torch.device("cuda"), dtype=torch.bfloat16, batch_size=1,
+                                              img_size=1, channels_last=True, warmup=0, iters=1, seed=0,
+                                              deadline=None))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnext50_32x4d", help="a builder of aru_models, or timm:NAME")
@@ -158,10 +181,11 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     dtype = getattr(torch, args.dtype)
     events = kernel_events(profile_step(args.model, args.mode, args.batch_size, args.img_size, dtype, args.warmup))
-    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    copy_TBps = copy_bandwidth_TBps()
+    report = {"gpu": torch.cuda.get_device_name(), "copy_TBps": round(copy_TBps, 4), "torch": torch.__version__,
               "triton": __import__("triton").__version__, "model": args.model, "mode": args.mode,
               "batch_size": args.batch_size, "img_size": args.img_size, "dtype": args.dtype,
-              "static": str(args.static) if args.static else None, **join(events, static)}
+              "static": str(args.static) if args.static else None, **join(events, static, copy_TBps)}
     print(format_report(report))
     print(f"({report['gpu']}, {args.model} {args.mode}, batch {args.batch_size}; "
           f"{time.perf_counter() - t0:.1f} s)")

@@ -437,12 +437,17 @@ def test_profile_sets_each_kernel_beside_its_static_floor(profile_py):
     static model groups its rows, and sets each group beside the floor of the static rows with
     the same kernel and grid (a launch's grid of one or two dimensions is the trace's three):
     launches, microseconds, the ratio, registers both ways; PyTorch's kernels have no floor, and
-    static rows the step never ran are listed."""
-    static = {"kernels": [
-        {"kernel": "conv_bn_act_kernel", "grid": [1568], "launches": 2, "floor_us": 10.0, "registers": 90},
-        {"kernel": "conv_bn_act_kernel", "grid": [1568], "launches": 1, "floor_us": 20.0, "registers": 138},
-        {"kernel": "tap_grads_kernel", "grid": [8, 66], "launches": 1, "floor_us": 200.0, "registers": 255},
-        {"kernel": "bn_finalize_kernel", "grid": [4], "launches": 1, "floor_us": 0.4, "registers": 56},
+    static rows the step never ran are listed. The DRAM part of the floors follows the card's
+    copy bandwidth."""
+    def row(kernel, grid, launches, issue, dram, tensor, registers):
+        return {"kernel": kernel, "grid": grid, "launches": launches, "issue_floor_us": issue, "dram_floor_us": dram,
+                "tensor_floor_us": tensor, "floor_us": max(issue, dram, tensor), "registers": registers}
+
+    static = {"gpu_profile": {"copy_TBps": 4.144}, "kernels": [
+        row("conv_bn_act_kernel", [1568], 2, 10.0, 4.0, 5.0, 90),  # issue-bound, at half the bandwidth too
+        row("conv_bn_act_kernel", [1568], 1, 12.0, 20.0, 5.0, 138),  # DRAM-bound
+        row("tap_grads_kernel", [8, 66], 1, 180.0, 200.0, 120.0, 255),
+        row("bn_finalize_kernel", [4], 1, 0.4, 0.02, 0.0, 56),
         {"kernel": "broken_kernel", "grid": [1], "launches": 1, "error": "CompilationError: ..."}]}
     trace = _trace(("conv_bn_act_kernel", [1568, 1, 1], 12.0, 90), ("tap_grads_kernel", [8, 66, 1], 300.0, 255),
                    ("conv_bn_act_kernel", [1568, 1, 1], 13.0, 90), ("conv_bn_act_kernel", [1568, 1, 1], 30.0, 138),
@@ -465,6 +470,10 @@ def test_profile_sets_each_kernel_beside_its_static_floor(profile_py):
     text = profile_py.format_report(report)
     assert "tap_grads_kernel" in text and "1.50" in text and "static rows with no kernel" in text
     assert profile_py.join(events, None)["kernels"][0]["floor_us"] is None  # no static report: times only
+    # on a card copying at half the H200's bandwidth, the DRAM floors double (issue floors stay)
+    half = {(r["kernel"], tuple(r["grid"])): r for r in profile_py.join(events, static, copy_TBps=2.072)["kernels"]}
+    assert half["conv_bn_act_kernel", (1568, 1, 1)]["floor_us"] == 2 * 10.0 + 40.0
+    assert half["tap_grads_kernel", (8, 66, 1)]["floor_us"] == 400.0
 
 
 def test_profile_refuses_another_steps_floors_and_a_machine_without_gpu(profile_py, tmp_path, capsys):
