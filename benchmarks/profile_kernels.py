@@ -169,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--static", type=Path, help="the static model's report of the same step (aot_check.py --json)")
     ap.add_argument("--json", type=Path, help="write the joined report here")
     args = ap.parse_args(argv)
+    import run
+
+    if args.model not in run.MODELS and not args.model.startswith(run.EXTERNAL):
+        ap.error(f"unknown model {args.model!r}; choose from {', '.join(run.MODELS)}, or timm:NAME")
     static = json.loads(args.static.read_text()) if args.static else None
     if static is not None:
         mismatched = [f"{k} {static.get(k)!r} (here {v!r})" for k, v in (

@@ -477,6 +477,9 @@ def test_profile_sets_each_kernel_beside_its_static_floor(profile_py):
 
 
 def test_profile_refuses_another_steps_floors_and_a_machine_without_gpu(profile_py, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        profile_py.main(["--model", "resnet9000"])
+    assert exc.value.code == 2 and "unknown model 'resnet9000'" in capsys.readouterr().err
     static = tmp_path / "static.json"
     static.write_text(json.dumps({"model": "resnet50", "mode": "train", "batch_size": 256, "img_size": 224,
                                   "dtype": "bfloat16", "kernels": []}))
