@@ -179,12 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         steps_ok.append(profile(args, tag, info))
 
     left = args.budget - (time.monotonic() - start)
-    tune = [sys.executable, str(REPO / "benchmarks" / "tune.py")]
-    if on_gpu:
-        tune += ["--budget", str(max(left * 0.6 - _ROW_MARGIN_S, 0))]
-    else:
-        tune += ["--dry-run", "--model", "resnext29_tiny", "--mode", "infer", "--img-size", "32"]
-    rc, timed_out = run_logged(tune, args.outdir / f"tune_{tag}.log", max(left * 0.7, 1))
+    rc, timed_out = run_logged(tune_command(on_gpu, max(left * 0.6 - _ROW_MARGIN_S, 0)), args.outdir / f"tune_{tag}.log",
+                               max(left * 0.7, 1))
     steps_ok.append(rc == 0 and not timed_out)
     print(f"\ntuning: {'finished' if steps_ok[-1] else 'FAILED or TIMED OUT'}\n", flush=True)
 
@@ -198,21 +194,33 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if tests_ok and all(steps_ok) else 1
 
 
+def tune_command(on_gpu: bool, budget: float) -> list[str]:
+    """The ``benchmarks/tune.py`` command: tuning within ``budget`` seconds on a GPU, its dry run elsewhere."""
+    tune = [sys.executable, str(REPO / "benchmarks" / "tune.py")]
+    if on_gpu:
+        return tune + ["--budget", str(budget)]
+    return tune + ["--dry-run", "--model", "resnext29_tiny", "--mode", "infer", "--img-size", "32"]
+
+
+def profile_command(outdir: Path, tag: str, mode: str, info: dict) -> list[str]:
+    """The ``benchmarks/profile_kernels.py`` command for resnext50_32x4d's ``mode``, with the
+    committed static report of the same step for this GPU's architecture where there is one."""
+    major, minor = info["capability"].split(".")
+    cmd = [sys.executable, str(REPO / "benchmarks" / "profile_kernels.py"), "--model", "resnext50_32x4d",
+           "--mode", mode, "--json", str(outdir / f"profile_{tag}_{mode}.json")]
+    static = REPO / "benchmarks" / "results" / f"static_{major}{minor}_resnext50_32x4d_{mode}.json"
+    return cmd + (["--static", str(static)] if static.exists() else [])
+
+
 def profile(args, tag: str, info: dict, timeout_s: float = 60) -> bool:
     """``benchmarks/profile_kernels.py`` over resnext50_32x4d's fused inference forward and
     training step: each kernel's time beside the static model's floor for it (the committed
     ``benchmarks/results/static_<arch>_...`` report of the same step, where there is one for
     this GPU's architecture) -> ``OUTDIR/profile_<gpu>_<date>_<mode>.json``; True when both ran."""
-    major, minor = info["capability"].split(".")
     ok = True
     for mode in ("infer", "train"):
-        cmd = [sys.executable, str(REPO / "benchmarks" / "profile_kernels.py"), "--model", "resnext50_32x4d",
-               "--mode", mode, "--json", str(args.outdir / f"profile_{tag}_{mode}.json")]
-        static = REPO / "benchmarks" / "results" / f"static_{major}{minor}_resnext50_32x4d_{mode}.json"
-        if static.exists():
-            cmd += ["--static", str(static)]
-        rc, timed_out = run_logged(cmd, args.outdir / f"profile_{tag}_{mode}.log", timeout_s, echo=False)
         log = args.outdir / f"profile_{tag}_{mode}.log"
+        rc, timed_out = run_logged(profile_command(args.outdir, tag, mode, info), log, timeout_s, echo=False)
         print("".join(log.read_text().splitlines(keepends=True)[-3:]) if log.exists() else "", end="")
         state = "finished" if rc == 0 and not timed_out else "TIMED OUT" if timed_out else f"FAILED (exit status {rc})"
         print(f"profile of resnext50_32x4d {mode}: {state}\n", flush=True)
@@ -220,22 +228,27 @@ def profile(args, tag: str, info: dict, timeout_s: float = 60) -> bool:
     return ok
 
 
+def warm_commands(on_gpu: bool, info: dict) -> dict[str, list[str]]:
+    """The ``benchmarks/warm_cache.py`` runs, in order: on a GPU the GPU tests' models (batch 8,
+    as moved with ``.cuda()``), then the layer table and the benchmark's steps."""
+    warm = [sys.executable, str(REPO / "benchmarks" / "warm_cache.py")]
+    if not on_gpu:  # the script itself, on a small step (the CPU benchmark runs in the interpreter: no cache needed)
+        return {"benchmark": warm + ["--model", "resnext29_tiny", "--layers", "--mode", "infer", "--batch-size", "2",
+                                     "--img-size", "16", "--dtype", "float32", "--jobs", "2"]}
+    major, minor = info["capability"].split(".")
+    common = ["--mode", "infer", "train", "--arch", f"{major}{minor}", "--img-size", "224", "--dtype", "bfloat16",
+              "--jobs", str(max(1, (os.cpu_count() or 1) - 2))]  # the tests and this process keep two cores
+    return {"tests": warm + ["--model", "resnet50", "resnext50_32x4d", "--batch-size", "8", "--no-channels-last",
+                             *common],
+            "benchmark": warm + ["--model", *gpu_models(), "--layers", "--recompute-normalized",
+                                 "--batch-size", "256", *common]}
+
+
 def start_warm_cache(args, tag: str, on_gpu: bool, info: dict) -> tuple[threading.Thread, list, list]:
     """Start ``benchmarks/warm_cache.py`` in a thread (the compiling runs in its processes): on a
     GPU first for the GPU tests' models (batch 8, as moved with ``.cuda()``), then for the
     benchmark's steps; :func:`finish_warm_cache` waits for it."""
-    warm = [sys.executable, str(REPO / "benchmarks" / "warm_cache.py")]
-    if on_gpu:  # the tests and this process keep two cores
-        major, minor = info["capability"].split(".")
-        common = ["--mode", "infer", "train", "--arch", f"{major}{minor}", "--img-size", "224", "--dtype", "bfloat16",
-                  "--jobs", str(max(1, (os.cpu_count() or 1) - 2))]
-        runs = {"tests": warm + ["--model", "resnet50", "resnext50_32x4d", "--batch-size", "8", "--no-channels-last",
-                                 *common],
-                "benchmark": warm + ["--model", *gpu_models(), "--layers", "--recompute-normalized",
-                                     "--batch-size", "256", *common]}
-    else:  # the script itself, on a small step (the CPU benchmark runs in the interpreter: no cache needed)
-        runs = {"benchmark": warm + ["--model", "resnext29_tiny", "--layers", "--mode", "infer", "--batch-size", "2",
-                                     "--img-size", "16", "--dtype", "float32", "--jobs", "2"]}
+    runs = warm_commands(on_gpu, info)
     logs = [args.outdir / f"warm_cache_{what}_{tag}.log" for what in runs]
     results: list = []
     deadline = time.monotonic() + args.budget * 0.4
@@ -278,10 +291,9 @@ def _cache_entries() -> int:
     return sum(1 for _ in d.iterdir()) if d.is_dir() else 0
 
 
-def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, on_gpu: bool, tag: str,
-              share: float, extra: tuple = ()) -> bool:
-    """One benchmarks/run.py call within ``share`` of the budget left (``extra``: arguments
-    that override the defaults here); True when it finished cleanly."""
+def bench_command(json_path: Path, impls: str, layers: bool, on_gpu: bool, time_limit: float,
+                  extra: tuple = ()) -> list[str]:
+    """A ``benchmarks/run.py`` command (``extra``: arguments that override the defaults here)."""
     # (on CPU the re-run after tuning checks the plumbing only: inference, no layers)
     mode = "both" if on_gpu or layers else "infer"
     bench = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--mode", mode, "--impl", impls,
@@ -291,8 +303,15 @@ def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, 
                   "--dtype", "bfloat16", "--channels-last", "--warmup", "5", "--iters", "10"]
     else:  # the script itself, in a minute: the fused kernels run in the interpreter
         bench += ["--model", "resnext29_tiny", "--img-size", "16", "--warmup", "0", "--iters", "1", "--interpret"]
+    return bench + ["--time-limit", str(time_limit), *extra]
+
+
+def benchmark(args, start: float, json_path: Path, impls: str, *, layers: bool, on_gpu: bool, tag: str,
+              share: float, extra: tuple = ()) -> bool:
+    """One benchmarks/run.py call within ``share`` of the budget left (``extra``: arguments
+    that override the defaults here); True when it finished cleanly."""
     left = (args.budget - (time.monotonic() - start)) * share
-    bench += ["--time-limit", str(max(left - _ROW_MARGIN_S, 0)), *extra]
+    bench = bench_command(json_path, impls, layers, on_gpu, max(left - _ROW_MARGIN_S, 0), extra)
     cached = _cache_entries()
     rc, timed_out = run_logged(bench, args.outdir / f"benchmark_{tag}.log", max(left, 1))
     ok = rc == 0 and not timed_out

@@ -158,7 +158,7 @@ def copy_bandwidth_TBps() -> float:
                                               deadline=None))
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="resnext50_32x4d", help="a builder of aru_models, or timm:NAME")
     ap.add_argument("--mode", choices=["infer", "train"], default="train")
@@ -168,6 +168,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="steps before the profiled one (default 3)")
     ap.add_argument("--static", type=Path, help="the static model's report of the same step (aot_check.py --json)")
     ap.add_argument("--json", type=Path, help="write the joined report here")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     import run
 

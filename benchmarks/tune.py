@@ -484,7 +484,7 @@ def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_pat
     return 0
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", action="append", help="repeatable; default resnext50_32x4d and resnet50")
     ap.add_argument("--mode", choices=["infer", "train", "both"], default="both")
@@ -497,6 +497,11 @@ def main(argv=None) -> int:
                     help="the launches as benchmarks/run.py makes them, a float32 model under autocast to "
                          "--dtype (float32 weights, read in place; default); --no-autocast: the model in --dtype")
     ap.add_argument("--dry-run", action="store_true", help="enumerate and check candidates; time nothing")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
     modes = ["infer", "train"] if args.mode == "both" else [args.mode]
     dtype = DTYPES[args.dtype]

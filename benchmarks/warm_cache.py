@@ -109,7 +109,7 @@ def warm(launches: list[Launch], arch: int, jobs: int) -> list[tuple[int, float,
         return [f.result() for f in as_completed(futures)]
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", nargs="+", default=["resnext50_32x4d"],
                     help="builders of aru_models, or timm:NAME (needs timm)")
@@ -129,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", action="store_true",
                     help="also (first) the fused rows of benchmarks/run.py's grouped 3x3 layer table, for --mode")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiling processes (default: all cores)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = build_parser()
     args = ap.parse_args(argv)
 
     t0 = time.perf_counter()

@@ -568,3 +568,46 @@ def test_tune_times_a_tap_candidate_as_its_operator_launches_it(tune_py):
     tune_py.relaunch(launches)
     torch.testing.assert_close(written[0], dx)
     torch.testing.assert_close(written[1], dw)
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"aru_benchmark_{name}", RUN_PY.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_protocol_commands_parse_as_on_a_gpu(run_py, tmp_path):
+    """The GPU protocol runs once per lent GPU, with no second try: every command it composes
+    for a GPU (the cache warm-ups, the benchmarks, the profiles, the tuning) is one its script
+    accepts, with the options meant (here on CPU, the GPU branch composed by hand)."""
+    sys.path.insert(0, str(RUN_PY.parent))
+    gpu_check, warm_cache, tune, profile = (_script(n) for n in ("gpu_check", "warm_cache", "tune", "profile_kernels"))
+    info = {"capability": "9.0"}
+
+    def parsed(parser, cmd):
+        assert cmd[0] == sys.executable
+        return parser.parse_args(cmd[2:])
+
+    warm = gpu_check.warm_commands(True, info)
+    assert list(warm) == ["tests", "benchmark"]  # the tests' kernels first: they run first
+    tests_warm, bench_warm = (parsed(warm_cache.build_parser(), warm[k]) for k in warm)
+    assert (tests_warm.batch_size, tests_warm.channels_last, tests_warm.layers) == (8, False, False)
+    assert (bench_warm.batch_size, bench_warm.channels_last, bench_warm.layers) == (256, True, True)
+    for w in (tests_warm, bench_warm):
+        assert (w.arch, w.dtype, w.autocast, w.mode) == (90, "bfloat16", True, ["infer", "train"])
+    assert bench_warm.model == gpu_check.gpu_models() and bench_warm.recompute_normalized
+    for extra in ((), ("--mode", "train", "--model", "resnext50_32x4d", "--recompute-normalized")):
+        cmd = gpu_check.bench_command(tmp_path / "b.json", "eager,fused", True, True, 123.0, extra)
+        args = run_py.parse_args(cmd[2:])
+        assert (args.batch_size, args.img_size, args.dtype, args.channels_last) == (256, 224, "bfloat16", True)
+        assert args.layers and args.time_limit == 123.0 and args.impl == ["eager", "fused"]
+        assert args.model == (["resnext50_32x4d"] if extra else gpu_check.gpu_models())
+        assert args.mode == (["train"] if extra else ["infer", "train"]) and args.recompute_normalized is bool(extra)
+    tuning = parsed(tune.build_parser(), gpu_check.tune_command(True, 60.0))
+    assert tuning.budget == 60.0 and not tuning.dry_run and tuning.mode == "both"
+    for mode in ("infer", "train"):
+        prof = parsed(profile.build_parser(), gpu_check.profile_command(tmp_path, "t", mode, info))
+        assert prof.mode == mode and prof.static.name == f"static_90_resnext50_32x4d_{mode}.json"
+        assert prof.static.exists() and prof.json == tmp_path / f"profile_t_{mode}.json"
