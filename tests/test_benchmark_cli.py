@@ -41,6 +41,14 @@ def run_py():
         del sys.modules[spec.name]
 
 
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"aru_benchmark_{name}", RUN_PY.parent / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     """One tiny CPU run of resnet18, eager only, infer and train, with the layer table."""
@@ -413,10 +421,7 @@ def test_tune_compiles_the_models_own_specializations():
 
 @pytest.fixture(scope="module")
 def profile_py():
-    spec = importlib.util.spec_from_file_location("aru_benchmark_profile", RUN_PY.parent / "profile_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _script("profile_kernels")
 
 
 def _trace(*kernels) -> dict:
@@ -568,14 +573,6 @@ def test_tune_times_a_tap_candidate_as_its_operator_launches_it(tune_py):
     tune_py.relaunch(launches)
     torch.testing.assert_close(written[0], dx)
     torch.testing.assert_close(written[1], dw)
-
-
-def _script(name: str):
-    spec = importlib.util.spec_from_file_location(f"aru_benchmark_{name}", RUN_PY.parent / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_gpu_protocol_commands_parse_as_on_a_gpu(run_py, tmp_path):
