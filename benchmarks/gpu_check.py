@@ -33,7 +33,9 @@ In order, within ``--budget`` seconds (default 540):
    ``OUTDIR/gpu_check_<gpu>_<date>_tuned.json``;
 7. resnext50_32x4d's fused training step under ``--recompute-normalized``
    (the 3x3s' normalized inputs recomputed by the backward, not held: its
-   speed and peak memory) -> ``OUTDIR/gpu_check_<gpu>_<date>_recompute.json``.
+   speed and peak memory) -> ``OUTDIR/gpu_check_<gpu>_<date>_recompute.json``;
+8. ``benchmarks/compare.py`` over those JSON files: the measured figures beside
+   the static floors and the bars -> ``OUTDIR/compare_<gpu>_<date>.md``.
 
 Every step writes its JSON as it goes, so a run stopped at the budget keeps
 what it measured. Exit status: 0 when the tests passed and every step
@@ -179,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
         steps_ok.append(profile(args, tag, info))
 
     left = args.budget - (time.monotonic() - start)
-    rc, timed_out = run_logged(tune_command(on_gpu, max(left * 0.6 - _ROW_MARGIN_S, 0)), args.outdir / f"tune_{tag}.log",
-                               max(left * 0.7, 1))
+    rc, timed_out = run_logged(tune_command(on_gpu, max(left * 0.6 - _ROW_MARGIN_S, 0)),
+                               args.outdir / f"tune_{tag}.log", max(left * 0.7, 1))
     steps_ok.append(rc == 0 and not timed_out)
     print(f"\ntuning: {'finished' if steps_ok[-1] else 'FAILED or TIMED OUT'}\n", flush=True)
 
@@ -191,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                                   layers=False, on_gpu=True, tag=f"{tag}_recompute", share=1.0,
                                   extra=("--mode", "train", "--model", "resnext50_32x4d", "--recompute-normalized")))
     print(f"gpu check took {time.monotonic() - start:.0f} s")
+    summarize(args.outdir, tag)
     return 0 if tests_ok and all(steps_ok) else 1
 
 
@@ -226,6 +229,25 @@ def profile(args, tag: str, info: dict, timeout_s: float = 60) -> bool:
         print(f"profile of resnext50_32x4d {mode}: {state}\n", flush=True)
         ok = ok and rc == 0 and not timed_out
     return ok
+
+
+def summarize(outdir: Path, tag: str) -> None:
+    """``benchmarks/compare.py`` over the benchmarks' JSON: measured beside predicted, and the
+    bars, printed and written to ``OUTDIR/compare_<gpu>_<date>.md``."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from compare import compare
+
+    parts = []
+    for suffix in ("", "_tuned", "_recompute"):
+        path = outdir / f"gpu_check_{tag}{suffix}.json"
+        if path.exists():
+            try:
+                parts.append(f"## {path.name}\n\n{compare(json.loads(path.read_text()))}\n")
+            except Exception as exc:  # a summary must not hide the results themselves
+                parts.append(f"## {path.name}\n\ncould not compare: {type(exc).__name__}: {exc}\n")
+    if parts:
+        (outdir / f"compare_{tag}.md").write_text("\n".join(parts))
+        print("\n" + "\n".join(parts), flush=True)
 
 
 def warm_commands(on_gpu: bool, info: dict) -> dict[str, list[str]]:

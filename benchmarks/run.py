@@ -48,7 +48,8 @@ implementations there because inductor's CPU compile takes minutes.
 JSON written by ``--json`` (one file, rewritten after every measured row so an
 interrupted run keeps what it measured)::
 
-    {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "recompute_normalized", "copy_TBps",
+    {"gpu", "torch", "triton", "date", "dtype", "batch_size", "img_size", "channels_last", "recompute_normalized",
+     "copy_TBps",
      "models": [{"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "failed", "note"}],
      "layers": [{"layer", "impl", "pass", "us", "frac_of_copy_bw", "failed", "note"}]}
 
@@ -702,6 +703,7 @@ def run(args: argparse.Namespace, cfg: Config) -> Results:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dtype": args.dtype,
         "batch_size": cfg.batch_size,
+        "img_size": cfg.img_size,
         "channels_last": cfg.channels_last,
         "recompute_normalized": cfg.recompute_normalized,
         "copy_TBps": None,

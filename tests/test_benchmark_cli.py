@@ -22,8 +22,8 @@ from aru_kernels import plans
 
 RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
-TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "channels_last", "recompute_normalized",
-             "copy_TBps", "models", "layers"}
+TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "img_size", "channels_last",
+             "recompute_normalized", "copy_TBps", "models", "layers"}
 MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "first_step_s", "failed", "note"}
 LAYER_ROW = {"layer", "impl", "pass", "us", "frac_of_copy_bw", "failed", "note"}
 LAYERS = {"s1_g32w4", "s2_g32w8", "s3_g32w16", "s4_g32w32"}
@@ -76,7 +76,7 @@ def test_json_top_level_fields(cpu_run):
     assert data["triton"] is None or isinstance(data["triton"], str)
     datetime.datetime.fromisoformat(data["date"])
     assert data["dtype"] == "float32"
-    assert data["batch_size"] == 2
+    assert data["batch_size"] == 2 and data["img_size"] == 64
     assert data["channels_last"] is True
     assert data["recompute_normalized"] is False
     assert data["copy_TBps"] > 0
@@ -302,6 +302,8 @@ def test_gpu_protocol_cpu_mode(tmp_path):
     assert {r["impl"] for r in first["models"]} == {"eager", "fused"}, files
     assert {r["impl"] for r in tuned["models"]} == {"fused"}
     assert all(r["img_per_s"] for r in first["models"] + tuned["models"])
+    compared = next(tmp_path.glob("compare_cpu_*.md")).read_text()  # the summary, of each benchmark's JSON
+    assert compared.count("| layer | pass |") == 1 and compared.count("| model | mode |") == 2, compared
     fused_layers = [r for r in first["layers"] if r["impl"] == "fused"]  # interpreted, checked against PyTorch
     assert sorted({r["pass"] for r in fused_layers}) == ["bwd", "fwd", "train_fwd"], first["layers"]
     assert all(r["us"] and not r["failed"] for r in fused_layers), fused_layers
@@ -608,3 +610,58 @@ def test_gpu_protocol_commands_parse_as_on_a_gpu(run_py, tmp_path):
         prof = parsed(profile.build_parser(), gpu_check.profile_command(tmp_path, "t", mode, info))
         assert prof.mode == mode and prof.static.name == f"static_90_resnext50_32x4d_{mode}.json"
         assert prof.static.exists() and prof.json == tmp_path / f"profile_t_{mode}.json"
+
+
+def _gpu_run(gpu: str = "NVIDIA H200", copy_TBps: float = 4.144, s1_fwd_us: float = 150.0) -> dict:
+    """A benchmarks/run.py JSON as a GPU run writes it (two layers, resnext50_32x4d's rows)."""
+    def layer(name, pass_, impl, us):
+        return {"layer": name, "impl": impl, "pass": pass_, "us": us, "frac_of_copy_bw": 0.1, "failed": False,
+                "note": ""}
+
+    def model(mode, impl, img_per_s, peak):
+        return {"model": "resnext50_32x4d", "mode": mode, "impl": impl, "img_per_s": img_per_s,
+                "peak_mem_GiB": peak, "first_step_s": 1.0, "failed": False, "note": ""}
+
+    layers = [layer("s1_g32w4", "fwd", "cudnn", 400.0), layer("s1_g32w4", "fwd", "cudnn_conv", 353.0),
+              layer("s1_g32w4", "fwd", "fused", s1_fwd_us), layer("s1_g32w4", "train_fwd", "cudnn", 500.0),
+              layer("s1_g32w4", "train_fwd", "fused", 170.0), layer("s1_g32w4", "bwd", "cudnn", 1000.0),
+              layer("s1_g32w4", "bwd", "cudnn_conv", 880.0), layer("s1_g32w4", "bwd", "fused", 900.0),
+              layer("s2_g32w8", "fwd", "cudnn", 220.0), layer("s2_g32w8", "fwd", "cudnn_conv", 191.5),
+              layer("s2_g32w8", "fwd", "fused", 100.0)]
+    models = [model("infer", "eager", 12625.0, 1.8), model("infer", "fused", 24000.0, 1.2),
+              model("train", "eager", 3691.0, 14.39), model("train", "fused", 5000.0, 11.6)]
+    return {"gpu": gpu, "torch": "2.11.0", "triton": "3.6.0", "date": "2026-12-08T00:00:00+00:00",
+            "dtype": "bfloat16", "batch_size": 256, "img_size": 224, "channels_last": True,
+            "recompute_normalized": False, "copy_TBps": copy_TBps, "models": models, "layers": layers}
+
+
+def test_compare_sets_a_gpu_run_beside_its_predictions_and_bars(tmp_path, capsys):
+    """benchmarks/compare.py: each layer's fused time beside cuDNN's in the same run and the
+    committed static floor (its DRAM part at the run's copy bandwidth), with the layer bars
+    (stage 1's forward at least twice cuDNN's conv alone); each model row beside eager,
+    torch.compile (the baseline's, marked, on the baseline's GPU when the run has none) and the
+    static ceiling, with the bars (torch.compile, peak memory, the moonshots)."""
+    compare = _script("compare")
+    lines = compare.compare(_gpu_run()).splitlines()
+
+    def row(*cells):
+        (found,) = [line for line in lines if line.startswith("| " + " | ".join(cells) + " |")]
+        return found
+    assert row("s1_g32w4", "fwd").endswith("| 150.0 | 400.0 | 353.0 | 103.1 | 1.45 | 2.35 | met |")
+    assert row("s1_g32w4", "train_fwd").endswith("| 170.0 | 500.0 | - | 113.2 | 1.50 | - | - |")
+    assert row("s1_g32w4", "bwd").endswith("| 201.8 | 4.46 | 0.98 | **not met** |")
+    assert row("s2_g32w8", "fwd").endswith("| 1.92 | met |")  # faster than cuDNN's conv: enough past stage 1
+    infer, train = row("resnext50_32x4d", "infer"), row("resnext50_32x4d", "train")
+    assert "| 18,044 (baseline) | 51,063 | 1.33 |" in infer and "vs compile met; moonshot 23,190 met" in infer
+    assert "| 5,254 (baseline) | 14,034 | 0.95 | 11.60 / 14.39 (0.81) |" in train
+    assert "vs compile **not met**; peak **not met**; moonshot 6,840 **not met**" in train
+    assert compare.compare(_gpu_run(s1_fwd_us=250.0)).count("| 1.41 | **not met** |") == 1  # stage 1: 2x
+    # another card, copying at half the H200's bandwidth: no baseline figures, DRAM floors doubled
+    other = compare.compare(_gpu_run("NVIDIA H100 80GB HBM3", 2.072))
+    assert "(baseline)" not in other and "moonshot" not in other and "| 198.4 | 0.76 |" in other
+    small = {**_gpu_run(), "batch_size": 8}  # another step than the static model's: no floors
+    assert "| 150.0 | 400.0 | 353.0 | - | - | 2.35 | met |" in compare.compare(small)
+    assert "| 24,000 | 12,625 | 18,044 (baseline) | - |" in compare.compare(small)
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(_gpu_run()))
+    assert compare.main([str(path)]) == 0 and "| s1_g32w4 | bwd |" in capsys.readouterr().out
