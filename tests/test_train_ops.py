@@ -757,7 +757,7 @@ def _tap_grads_reference(x, dy, weight, y, mean, st_a, st_b, st_c, pro, relu, di
     return dw, da * v(s), torch.stack((da.sum((0, 2, 3)), (da * xc).sum((0, 2, 3))))
 
 
-@pytest.mark.parametrize("rules", ["gpu", "interpreter"])
+@pytest.mark.parametrize("rules", ["gpu", "interpreter", "tuned"])
 @pytest.mark.parametrize("case", ["gw4", "gw8_scaled", "gw2_no_mean_no_relu", "dense16_dil2", "bf16"])
 def test_tap_conv_grads_match_float64(device, case, rules):
     """``aru::tap_conv_grads`` (a stride-1 grouped 3x3's weight and input gradients from one
@@ -765,7 +765,9 @@ def test_tap_conv_grads_match_float64(device, case, rules):
     16-channel conv at dilation 2, the statistics term scaled or not, the prologue with
     and without its mean and ReLU. Under the GPU's rules the pixels run in several
     splits of several steps each, so the ring wraps and the taps reach across steps,
-    splits and images; unwritten outputs read NaN."""
+    splits and images; unwritten outputs read NaN. ``tuned``: the GPU's rules with a
+    tuned table's entry for the launch (32 pixels a step on 4 warps), which the launch
+    takes."""
     groups, cg, dil = {"gw4": (32, 4, 1), "gw8_scaled": (8, 8, 1), "gw2_no_mean_no_relu": (4, 8, 1),
                        "dense16_dil2": (1, 16, 2), "bf16": (8, 4, 1)}[case]
     dtype = torch.bfloat16 if case == "bf16" else torch.float32
@@ -780,15 +782,24 @@ def test_tap_conv_grads_match_float64(device, case, rules):
     plain = case == "gw2_no_mean_no_relu"
     pro = (None if plain else torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5,
            torch.randn(c, device=device) * 0.5)
-    with plans.device_block_sizes() if rules == "gpu" else contextlib.nullcontext():
+    from aru_kernels.launch import recording
+
+    args = (x, dy, weight, y, mean, st_a, st_b, st_c, *pro, not plain, dil, dil, groups)
+    with plans.device_block_sizes() if rules != "interpreter" else contextlib.nullcontext():
         conv = plans.plan_conv(x.shape, weight.shape, dtype, padding=dil, dilation=dil, groups=groups,
-                               has_prologue=True)
-        plan, ring = plans.plan_tap_grads(conv, x.device)
-        if rules == "gpu":  # several steps a split, more rows of dL/dy' formed a split than the ring holds
-            assert plan.splits > 1 and plan.m_per_split >= 4 * plan.block_m
-            assert ring < plan.m_per_split + 2 * dil * (w + 1)
-        dw, dx, sums = torch.ops.aru.tap_conv_grads(x, dy, weight, y, mean, st_a, st_b, st_c, *pro, not plain,
-                                                    dil, dil, groups)
+                               has_prologue=True, pro_mean=pro[0] is not None)
+        table = {plans.tap_key("tap_grads", conv): {"tiles": {"block_m": 32, "num_warps": 4}}}
+        with plans.use_tuned_table(table) if rules == "tuned" else contextlib.nullcontext():
+            plan, ring = plans.plan_tap_grads(conv, x.device)
+            if rules != "interpreter":  # several steps a split
+                assert plan.splits > 1 and plan.m_per_split >= 4 * plan.block_m
+            if rules == "gpu":  # more rows of dL/dy' formed a split than the ring holds
+                assert ring < plan.m_per_split + 2 * dil * (w + 1)
+            with recording() as launches:
+                torch.ops.aru.tap_conv_grads(*args)
+            assert (launches[0].args["BLOCK_M"], launches[0].num_warps) == (plan.block_m, plan.num_warps)
+            assert (plan.block_m, plan.num_warps) == (32, 4) if rules == "tuned" else plan.block_m != 32
+            dw, dx, sums = torch.ops.aru.tap_conv_grads(*args)
     dw_ref, dx_ref, sums_ref = _tap_grads_reference(x, dy, weight, y, mean, st_a, st_b, st_c, pro, not plain, dil,
                                                     groups, dtype)
     assert dx.is_contiguous(memory_format=torch.channels_last) and dx.dtype == dtype and dw.dtype == weight.dtype
