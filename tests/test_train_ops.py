@@ -831,8 +831,9 @@ def test_tap_conv_grads_errors(device):
     assert plans.tap_grads_fuse(3, 3, 1, 1, 1, 32, 512, 512) and not plans.tap_grads_fuse(1, 1, 1, 0, 1, 1, 16, 16)
 
 
+@pytest.mark.parametrize("tuned", [False, True], ids=["rules", "tuned"])
 @pytest.mark.parametrize("case", ["gw4", "gw2_no_mean_no_relu", "dense16_dil2", "bf16"])
-def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case):
+def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case, tuned):
     """``aru::conv_bn_stats`` on a grouped 3x3 that ``tap_grads_fuse`` takes
     (``tap_forward_kernel``: the input's batch norm applied once into a ring of rows a
     program, each tile's statistics of the stored y) against float64: y, the batch mean
@@ -840,7 +841,8 @@ def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case):
     op's own backward (``aru::tap_conv_grads``, which recomputes it) matches float64
     autograd. Under the GPU's rules the pixels run in several splits of several
     steps each, so the ring wraps and the taps reach across
-    steps, splits and images."""
+    steps, splits and images. ``tuned``: with a tuned table's entries for both tap kernels
+    (128 pixels a step on 2 warps forward, 32 on 4 for the gradients), which they take."""
     groups, cg, dil = {"gw4": (32, 4, 1), "gw2_no_mean_no_relu": (4, 8, 1), "dense16_dil2": (1, 16, 2),
                        "bf16": (8, 4, 1)}[case]
     dtype = torch.bfloat16 if case == "bf16" else torch.float32
@@ -855,12 +857,19 @@ def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case):
     xg, wg = x.clone().requires_grad_(), weight.clone().requires_grad_()
     with plans.device_block_sizes():  # the GPU's splits
         conv = plans.plan_conv(x.shape, weight.shape, dtype, padding=dil, dilation=dil, groups=groups,
-                               has_prologue=True)
-        plan, ring = plans.plan_tap_forward(conv, x.device)
-        assert plan.splits > 1 and plan.m_per_split >= 4 * plan.block_m  # several steps a split, more rows
-        assert ring < plan.m_per_split + 2 * dil * (w + 1)  # formed a split than the ring holds
-        y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
-            xg, wg, *pro, rm, rv, nbt, 1, dil, dil, groups, not plain, momentum, eps)
+                               has_prologue=True, pro_mean=pro[0] is not None)
+        table = {plans.tap_key("tap_forward", conv): {"tiles": {"block_m": 128, "num_warps": 2}},
+                 plans.tap_key("tap_grads", conv): {"tiles": {"block_m": 32, "num_warps": 4}}}
+        stack = contextlib.ExitStack()
+        if tuned:
+            stack.enter_context(plans.use_tuned_table(table))
+        with stack:
+            plan, ring = plans.plan_tap_forward(conv, x.device)
+            assert (plan.block_m, plan.num_warps) == ((128, 2) if tuned else (256, 4))
+            assert plan.splits > 1 and plan.m_per_split >= 4 * plan.block_m  # several steps a split, more rows
+            assert ring < plan.m_per_split + 2 * dil * (w + 1)  # formed a split than the ring holds
+            y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
+                xg, wg, *pro, rm, rv, nbt, 1, dil, dil, groups, not plain, momentum, eps)
     assert a.numel() == 0 and y.is_contiguous(memory_format=torch.channels_last) and y.dtype == dtype
     v = lambda t: t.double().view(1, -1, 1, 1)  # noqa: E731
     x64, w64 = x.double().requires_grad_(), weight.to(dtype).double().requires_grad_()
@@ -879,7 +888,8 @@ def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case):
                  what="running var")
     if dtype == torch.float32:  # the backward against float64 autograd (bf16: the forward only)
         gy, gm, gi = torch.randn_like(y), torch.randn_like(mean), torch.randn_like(invstd)
-        with OpLog() as log, plans.device_block_sizes():
+        with OpLog() as log, plans.device_block_sizes(), \
+                plans.use_tuned_table(table) if tuned else contextlib.nullcontext():
             torch.autograd.backward((y, mean, invstd), (gy, gm, gi))
         assert "aru.tap_conv_grads" in log.ops and "aru.conv_weight_grad" not in log.ops, log.ops
         var64 = y64.var((0, 2, 3), unbiased=False)
