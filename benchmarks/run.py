@@ -451,7 +451,7 @@ def layer_size(shape: LayerShape, img_size: int) -> int:
     return max(1, round(shape.size * img_size / 224))
 
 
-def _layer_error(actual, expected) -> float:
+def layer_error(actual, expected) -> float:
     """The largest relative error over paired results."""
     return max(_rel_error(a, e) for a, e in zip(actual, expected, strict=True))
 
@@ -480,7 +480,7 @@ def measure_layer(row: LayerRow, layer: GroupedConvLayer, cfg: Config, copy_TBps
             err, against = _rel_error(out, layer.cudnn()), "cudnn"
         else:
             outs, grads = layer.train_reference()
-            err, against = _layer_error(out, outs if row.pass_ == "train_fwd" else grads), "float32 PyTorch"
+            err, against = layer_error(out, outs if row.pass_ == "train_fwd" else grads), "float32 PyTorch"
         if not err <= LAYER_TOLERANCE[cfg.dtype]:
             row.failed = True
             row.note = f"WRONG RESULT: relative error {err:.2e} vs {against} (took {us:.1f} us)"
