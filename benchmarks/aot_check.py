@@ -253,6 +253,7 @@ def record_layers(batch: int, img: int, dtype: torch.dtype, passes=("fwd", "trai
     out = {}
     for shape in run.LAYER_SHAPES:
         layer = run.GroupedConvLayer(shape, run.layer_size(shape, img), cfg)
+        backward = None
         for pass_ in passes:
             out[shape.name, pass_] = rec = StepRecorder()
             if pass_ == "fwd":
@@ -260,8 +261,10 @@ def record_layers(batch: int, img: int, dtype: torch.dtype, passes=("fwd", "trai
                     layer.fused()
             elif pass_ == "train_fwd":
                 with rec:
-                    forward, backward = layer.train_step("fused")  # one forward, kept for the backward
+                    _, backward = layer.train_step("fused")  # one forward, kept for the backward
             else:
+                if backward is None:  # the backward alone: its forward not recorded
+                    _, backward = layer.train_step("fused")
                 with rec:
                     backward()
     return out

@@ -215,6 +215,10 @@ def test_layer_table_recording_launches_what_the_table_launches(run_py):
     for key, rec in recorded.items():
         assert len(real[key]) >= 1, key
         assert launch_signatures(rec.launches) == launch_signatures(real[key]), key
+    backward_only = aot_check.record_layers(2, 64, torch.bfloat16, passes=("bwd",))
+    assert list(backward_only) == [(s.name, "bwd") for s in run_py.LAYER_SHAPES]
+    for key, rec in backward_only.items():
+        assert launch_signatures(rec.launches) == launch_signatures(real[key]), key
 
 
 def test_from_json_reprints_without_measuring(cpu_run, run_py, capsys):
