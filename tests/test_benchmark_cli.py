@@ -582,7 +582,7 @@ def test_tune_times_a_tap_candidate_as_its_operator_launches_it(tune_py):
 
 
 def test_gpu_protocol_commands_parse_as_on_a_gpu(run_py, tmp_path):
-    """The GPU protocol runs once per lent GPU, with no second try: every command it composes
+    """The GPU protocol is meant to run once, with no second try: every command it composes
     for a GPU (the cache warm-ups, the benchmarks, the profiles, the tuning) is one its script
     accepts, with the options meant (here on CPU, the GPU branch composed by hand)."""
     sys.path.insert(0, str(RUN_PY.parent))
