@@ -408,6 +408,14 @@ def static_report(model: str, mode: str, arch: int, batch: int, img: int, dtype_
     return report, errors
 
 
+def add_target_arguments(ap: argparse.ArgumentParser) -> None:
+    """The arguments that fix the compiled step: ``--arch``, ``--dtype``, ``--batch-size``, ``--img-size``."""
+    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
+    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--img-size", type=int, default=224)
+
+
 def main(argv=None) -> int:
     import aru_models
 
@@ -415,10 +423,7 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default="resnext50_32x4d",
                     help="a builder of aru_models, or timm:NAME (needs timm)")
     ap.add_argument("--mode", choices=["infer", "train"], default="train")
-    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
-    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--img-size", type=int, default=224)
+    add_target_arguments(ap)
     ap.add_argument("--recompute-normalized", action="store_true",
                     help="the training forward under aru_kernels.recompute_normalized_inputs")
     ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=None,

@@ -75,6 +75,19 @@ def conv_launch_plans(models: list[str], modes: list[str], batch: int, img: int,
     return sorted(found.values(), key=lambda p: -p.m * p.c_out)
 
 
+def draw(shape: tuple, dtype: torch.dtype, device, gen, channels_last: bool = False) -> torch.Tensor:
+    """A tensor for a tuning launch: normal values drawn by ``gen`` (on its device), or empty
+    with ``gen`` None (the meta device). ``channels_last``: with its canonical strides, sizes
+    of 1 included (a copy's layout, as ``model.to(device, memory_format=torch.channels_last)``
+    leaves a 1x1 weight), so that the launch is the model's own specialization."""
+    stored = (shape[0], *shape[2:], shape[1]) if channels_last else shape
+    if gen is None:
+        t = torch.empty(*stored, dtype=dtype, device=device)
+    else:
+        t = torch.randn(*stored, generator=gen, device=gen.device).to(device, dtype)
+    return t.permute(0, 3, 1, 2) if channels_last else t
+
+
 @dataclass(frozen=True)
 class TapTiles:
     """A tap kernel's tiles: pixels a step and warps (``aru_kernels.plans.plan_tap_grads``)."""
@@ -121,11 +134,7 @@ class TapLaunch:
         c = self.conv
 
         def rnd(*shape, dt=None, positive=False):
-            dt = dt or (dtype if len(shape) == 4 else torch.float32)
-            stored = (shape[0], *shape[2:], shape[1]) if len(shape) == 4 else shape  # channels_last
-            t = (torch.empty(*stored, dtype=dt, device=device) if gen is None
-                 else torch.randn(*stored, generator=gen, device=gen.device).to(device, dt))
-            t = t.permute(0, 3, 1, 2) if len(shape) == 4 else t
+            t = draw(shape, dt or (dtype if len(shape) == 4 else torch.float32), device, gen, len(shape) == 4)
             return t.abs_().add_(0.5) if positive and gen is not None else t
 
         weight = rnd(c.c_out, c.cin_g, c.kh, c.kw, dt=weight_dtype)
@@ -221,16 +230,7 @@ def _inputs(plan: ConvPlan, device, dtype, gen, weight_dtype: torch.dtype | None
     """Tensors for one launch of ``plan``: random ones, or empty ones on the meta device
     (the weight in ``weight_dtype``: float32 under autocast, which the kernel reads in place)."""
     def rnd(*shape, cl=False, dt=None):
-        # cl: channels_last with its canonical strides, sizes of 1 included (a copy's layout, as
-        # model.to(device, memory_format=torch.channels_last) leaves a 1x1 weight), so the
-        # launch is the model's own specialization
-        dt = dt or (dtype if len(shape) == 4 else torch.float32)
-        stored = (shape[0], *shape[2:], shape[1]) if cl else shape
-        if gen is None:
-            t = torch.empty(*stored, dtype=dt, device=device)
-        else:
-            t = torch.randn(*stored, generator=gen, device=gen.device).to(device, dt)
-        return t.permute(0, 3, 1, 2) if cl else t
+        return draw(shape, dt or (dtype if len(shape) == 4 else torch.float32), device, gen, cl)
 
     def mask_bits(c):  # a ReLU's mask as bits, [pixels, ceil(c/8)] (relu_bits)
         shape = (plan.n * plan.h * plan.w if plan.pro_end else plan.n * plan.p * plan.q, -(-c // 8))

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from aot_check import DTYPES, record_layers, record_step  # noqa: E402
+from aot_check import DTYPES, add_target_arguments, record_layers, record_step  # noqa: E402
 
 from aru_kernels import aot  # noqa: E402
 from aru_kernels.launch import Launch  # noqa: E402
@@ -114,10 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", nargs="+", default=["resnext50_32x4d"],
                     help="builders of aru_models, or timm:NAME (needs timm)")
     ap.add_argument("--mode", nargs="+", choices=["infer", "train"], default=["infer", "train"])
-    ap.add_argument("--arch", type=int, default=90, help="compute capability x10 (default 90)")
-    ap.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
-    ap.add_argument("--batch-size", type=int, default=256)
-    ap.add_argument("--img-size", type=int, default=224)
+    add_target_arguments(ap)
     ap.add_argument("--recompute-normalized", action="store_true",
                     help="also the training steps under aru_kernels.recompute_normalized_inputs")
     ap.add_argument("--autocast", action=argparse.BooleanOptionalAction, default=True,
