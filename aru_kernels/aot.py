@@ -189,9 +189,10 @@ def cache_dir() -> str:
 
 
 def launch_key(launch: Launch, arch: int) -> tuple:
-    """What fixes the compiled code of a launch: kernel, specialization, options (not the grid)."""
-    kernel, _, _, _, (_, specialization, _) = _bind(launch, arch)
-    return (kernel.fn.__name__, str(specialization), launch.num_warps, launch.num_stages, arch)
+    """What fixes the compiled code of a launch: kernel, specialization, compile options
+    (warps, stages, a register cap; not the grid)."""
+    kernel, _, _, _, (_, specialization, options) = _bind(launch, arch)
+    return (kernel.fn.__name__, str(specialization), tuple(sorted(options.items())), arch)
 
 
 def launch_bytes(launch: Launch) -> int:

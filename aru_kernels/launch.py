@@ -17,7 +17,7 @@ __all__ = ["Launch", "launch", "recording"]
 class Launch:
     kernel: object  # the @triton.jit function
     grid: tuple[int, ...]
-    args: dict  # argument name -> tensor, int, float or constexpr value
+    args: dict  # argument name -> tensor, int, float or constexpr value; and a register cap, ``maxnreg``
     num_warps: int
     num_stages: int
     role: str = ""  # what the launch computes: "fwd", "dgrad", "wgrad", "bn_finalize", ...

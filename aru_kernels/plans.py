@@ -460,6 +460,13 @@ class WgradPlan:
     num_warps: int
     gram: bool = False  # one more column of programs takes A^T A (the kernel's A_GRAM)
     num_stages: int = 3  # software-pipeline depth of the pixel loop (shared memory scales with it)
+    maxnreg: int | None = None  # registers a thread may hold (ptxas's .maxnreg), None: ptxas's choice
+
+    @property
+    def launch_options(self) -> dict:
+        """The compile options of the launch: warps, stages and, where set, the register cap."""
+        cap = {} if self.maxnreg is None else {"maxnreg": self.maxnreg}
+        return dict(num_warps=self.num_warps, num_stages=self.num_stages, **cap)
 
     @property
     def k_total(self) -> int:
@@ -751,7 +758,8 @@ def tap_grads_fuse(kh: int, kw: int, stride: int, padding: int, dilation: int, g
     return all(MIN_DOT <= gp * c // groups <= TAP_GRADS_MAX_PACK for c in (c_in, c_out))
 
 
-def _tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int) -> tuple[WgradPlan, int]:
+def _tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int,
+              maxnreg: int | None) -> tuple[WgradPlan, int]:
     """The grid of the two tap kernels: splits for about four programs a multiprocessor
     (:func:`_even_splits`: 32 packs take 16 splits, 512 programs, not 17 and a fifth
     program on 16 multiprocessors), each of at least four steps of ``block_m`` pixels;
@@ -760,7 +768,8 @@ def _tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int
     cap = _cdiv(conv.m, 4 * block_m)
     splits = _even_splits(conv.packs, sms, 4, _cdiv(4 * sms, conv.packs), cap)
     reach = 2 * (conv.padding * conv.w + conv.padding)
-    plan = WgradPlan(conv, block_m, conv.kh * conv.kw * conv.cin_p, conv.cout_p, splits, num_warps, num_stages=1)
+    plan = WgradPlan(conv, block_m, conv.kh * conv.kw * conv.cin_p, conv.cout_p, splits, num_warps, num_stages=1,
+                     maxnreg=maxnreg)
     return plan, _next_pow2(2 * block_m + reach)
 
 
@@ -775,11 +784,17 @@ def tap_key(kind: str, conv: ConvPlan) -> str:
     return f"{kind}|{conv.key()}"
 
 
-def _tap_tiles(kind: str, conv: ConvPlan, device: torch.device, rule: tuple[int, int]) -> tuple[int, int]:
-    """``(pixels a step, warps)`` of a tap kernel: the tuned table's for ``device`` where it has
-    this launch (its entry's ``tiles``: ``block_m`` and ``num_warps``), else ``rule``."""
+def _tap_tiles(kind: str, conv: ConvPlan, device: torch.device,
+               rule: tuple[int, int]) -> tuple[int, int, int | None]:
+    """``(pixels a step, warps, register cap)`` of a tap kernel: the tuned table's for
+    ``device`` where it has this launch (its entry's ``tiles``: ``block_m``, ``num_warps`` and
+    optionally ``maxnreg``, fewer registers a thread for more warps a multiprocessor), else
+    ``rule`` with no cap."""
     entry = tuned_table(device).get(tap_key(kind, conv))
-    return (entry["tiles"]["block_m"], entry["tiles"]["num_warps"]) if entry else rule
+    if entry is None:
+        return (*rule, None)
+    tiles = entry["tiles"]
+    return tiles["block_m"], tiles["num_warps"], tiles.get("maxnreg")
 
 
 def plan_tap_grads(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
@@ -787,9 +802,10 @@ def plan_tap_grads(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int
     2 warps (the interpreter: 256), or the tuned table's. Static model, sm_90, triton 3.8,
     resnext50_32x4d's stage-1 grouped 3x3 at batch 256: issue floor 182 us (255 registers,
     8 bytes spilled) against 223 us at 128 pixels on 4 warps (48 bytes spilled) and 300 us
-    on 8; the launch is bound by its DRAM floor (201 us) either way."""
-    block_m, warps = _tap_tiles("tap_grads", conv, device, (256, 4) if _large_blocks() else (64, 2))
-    return _tap_plan(conv, device, block_m, warps)
+    on 8; the launch is bound by its DRAM floor (201 us) either way. Every such tile takes
+    254-255 registers, 8 warps a multiprocessor; a tuned entry may cap them (``maxnreg``)."""
+    rule = (256, 4) if _large_blocks() else (64, 2)
+    return _tap_plan(conv, device, *_tap_tiles("tap_grads", conv, device, rule))
 
 
 def plan_tap_forward(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
@@ -799,5 +815,4 @@ def plan_tap_forward(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, i
     (138 registers, DRAM floors 104.1, 54.2, 29.4); 128 pixels on 2 warps (mma.sync,
     190 registers) 107.5, 54.1, 28.1; 128 on 4 warps 127.2, 64.1, 33.4; 64 on 2 warps
     118.1, 59.5, 30.2. Or the tuned table's."""
-    block_m, warps = _tap_tiles("tap_forward", conv, device, (256, 4))
-    return _tap_plan(conv, device, block_m, warps)
+    return _tap_plan(conv, device, *_tap_tiles("tap_forward", conv, device, (256, 4)))

@@ -115,7 +115,7 @@ def tap_conv_grads(
         DOT_F32=interpreting(), INPUT_PRECISION=input_precision(x.dtype), BLOCK_M=plan.block_m, RING=ring_rows,
         role="wgrad_dgrad", meta={"conv": conv_geometry(conv), "tap": ("tap_grads", conv), "loop_trips": [
             triton.cdiv(2 * (padding * w + padding), plan.block_m), plan.m_per_split // plan.block_m]},
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **plan.launch_options,
     )
     return sum_slabs(part, weight, conv.gp), dx, sums.sum(1)  # fixed-order sums over the splits
 
@@ -159,6 +159,6 @@ def tap_forward_stats(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_s
         DOT_F32=interpreting(), INPUT_PRECISION=input_precision(x.dtype), BLOCK_M=plan.block_m, RING=ring_rows,
         role="fwd", meta={"conv": conv_geometry(conv), "tap": ("tap_forward", conv), "loop_trips": [
             triton.cdiv(2 * (dilation * w + dilation), plan.block_m), plan.m_per_split // plan.block_m]},
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        **plan.launch_options,
     )
     return y, tile_mean, tile_m2, plan.block_m

@@ -13,7 +13,9 @@ can hit). Launches are taken in order of the pixels they cover, largest first.
 Before them, the tap kernels of the training steps (``aru_kernels.tap_grads``: a
 stride-1 grouped 3x3's forward normalizing its input once, and its two gradients
 in one launch), each through its operator with a candidate as its tuned entry:
-pixels a step and warps (``TAP_CANDIDATES``), keyed by ``plans.tap_key``.
+pixels a step, warps and a cap on a thread's registers (``TAP_CANDIDATES``: the
+gradients hold 254-255 registers at any tile, 8 warps a multiprocessor, so more
+resident warps cost spills), keyed by ``plans.tap_key``.
 
 On a GPU: all candidates of a launch are compiled first, in parallel worker
 processes (for this GPU's architecture, into Triton's cache); then each
@@ -90,16 +92,22 @@ def draw(shape: tuple, dtype: torch.dtype, device, gen, channels_last: bool = Fa
 
 @dataclass(frozen=True)
 class TapTiles:
-    """A tap kernel's tiles: pixels a step and warps (``aru_kernels.plans.plan_tap_grads``)."""
+    """A tap kernel's tiles: pixels a step, warps and a cap on a thread's registers, None for
+    ptxas's own choice (``aru_kernels.plans.plan_tap_grads``)."""
 
     block_m: int
     num_warps: int
+    maxnreg: int | None = None
 
 
 # Candidates of each tap kernel, the rules' (on a GPU) first: fewer pixels a step or more warps
-# (more warps a multiprocessor to hide latency, against registers and spills), and more pixels.
-TAP_CANDIDATES = {"tap_grads": [TapTiles(64, 2), TapTiles(32, 2), TapTiles(64, 4), TapTiles(128, 4)],
-                  "tap_forward": [TapTiles(256, 4), TapTiles(128, 4), TapTiles(128, 2), TapTiles(64, 2)]}
+# (more warps a program), more pixels, and registers capped (more programs a multiprocessor, to
+# hide the latency of the ring's round trips, against spills: benchmarks/NOTES.md has each one's
+# registers, spills and floors at stage 1).
+TAP_CANDIDATES = {"tap_grads": [TapTiles(64, 2), TapTiles(32, 2), TapTiles(64, 4), TapTiles(128, 4),
+                                TapTiles(32, 2, 200), TapTiles(64, 2, 168)],
+                  "tap_forward": [TapTiles(256, 4), TapTiles(128, 4), TapTiles(128, 2), TapTiles(64, 2),
+                                  TapTiles(256, 4, 128), TapTiles(128, 2, 168)]}
 
 
 @dataclass(frozen=True)
@@ -123,7 +131,7 @@ class TapLaunch:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with plans.use_tuned_table({}):
             plan, _ = (plans.plan_tap_grads if self.kind == "tap_grads" else plans.plan_tap_forward)(self.conv, device)
-        return TapTiles(plan.block_m, plan.num_warps)
+        return TapTiles(plan.block_m, plan.num_warps, plan.maxnreg)
 
     def candidates(self) -> list[TapTiles]:
         rule = self.default_tiles()
@@ -161,7 +169,7 @@ class TapLaunch:
         plan_tap = plans.plan_tap_grads if self.kind == "tap_grads" else plans.plan_tap_forward
         with plans.use_tuned_table({plans.tap_key(self.kind, conv): {"tiles": asdict(tiles)}}):
             plan, _ = plan_tap(conv, x.device)
-            if (plan.block_m, plan.num_warps) != (tiles.block_m, tiles.num_warps):
+            if (plan.block_m, plan.num_warps, plan.maxnreg) != (tiles.block_m, tiles.num_warps, tiles.maxnreg):
                 raise RuntimeError(f"tune: the tuned entry for {self.kind} did not apply: {plan}")
             if self.kind == "tap_grads":
                 return tuple(tap_ops.tap_conv_grads(**args))

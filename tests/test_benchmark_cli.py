@@ -403,9 +403,17 @@ recorded_taps = {aot.launch_key(l, 90) for l in record_step("resnext50_32x4d", "
 taps = tune.tap_launches(["resnext50_32x4d"], ["train"], 2, 64, torch.bfloat16, autocast=True)
 tuned_taps = {aot.launch_key(l, 90) for t in taps for l in t.launches(t.default_tiles(), torch.float32)
               if l.kernel.fn.__name__.startswith("tap_")}
+# a candidate with its registers capped: another specialization, compiled under the cap
+grads = next(t for t in taps if t.kind == "tap_grads")
+capped = [l for l in grads.launches(tune.TapTiles(64, 2, 128), torch.float32) if "tap" in l.meta][0]
+free = [l for l in grads.launches(tune.TapTiles(64, 2), torch.float32) if "tap" in l.meta][0]
+free_regs = aot.analyze(aot.compile_launch(free, 90), []).registers
+capped_regs = aot.analyze(aot.compile_launch(capped, 90), []).registers
 print(json.dumps({"recorded": len(recorded), "tuned": len(tuned), "missing": len(recorded - tuned),
                   "extra": len(tuned - recorded), "recorded_taps": len(recorded_taps),
-                  "missing_taps": len(recorded_taps - tuned_taps), "extra_taps": len(tuned_taps - recorded_taps)}))
+                  "missing_taps": len(recorded_taps - tuned_taps), "extra_taps": len(tuned_taps - recorded_taps),
+                  "cap_keyed": aot.launch_key(capped, 90) != aot.launch_key(free, 90),
+                  "registers": [free_regs, capped_regs]}))
 """
 
 
@@ -414,7 +422,8 @@ def test_tune_compiles_the_models_own_specializations():
     autocast (float32 channels_last weights, the partial-sum buffers the launch uses): with the
     rules' tiles its launches are the very specializations the model launches, so the
     candidates it compiles (the winners among them) are the ones the tuned model loads. So
-    are the tap kernels' (run through their operators)."""
+    are the tap kernels' (run through their operators). A tap candidate that caps a thread's
+    registers is a specialization of its own, compiled under the cap."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", _TUNE_SPECIALIZATIONS, str(RUN_PY.parent)], env=env,
@@ -423,6 +432,7 @@ def test_tune_compiles_the_models_own_specializations():
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["recorded"] > 10 and got["missing"] == got["extra"] == 0, got
     assert got["recorded_taps"] == 6 and got["missing_taps"] == got["extra_taps"] == 0, got
+    assert got["cap_keyed"] and got["registers"][0] > 128 >= got["registers"][1], got
 
 
 @pytest.fixture(scope="module")
@@ -553,7 +563,7 @@ def test_tune_dry_run_checks_the_tap_kernels_candidates(tune_py, monkeypatch, ca
                         property(lambda p: real.fget(p) - (p.block_m if p.block_m == 32 else 0)))
     assert tune_py.dry_run([], torch.float32, taps=taps) == 1
     out = capsys.readouterr().out
-    assert out.count("WRONG: tap_grads|") == 3 and "block_m=32" in out, out
+    assert out.count("WRONG: tap_grads|") == 6 and "block_m=32" in out, out  # 32 on 2 warps, capped or not
 
 
 def test_tune_times_a_tap_candidate_as_its_operator_launches_it(tune_py):

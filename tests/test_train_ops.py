@@ -766,8 +766,8 @@ def test_tap_conv_grads_match_float64(device, case, rules):
     and without its mean and ReLU. Under the GPU's rules the pixels run in several
     splits of several steps each, so the ring wraps and the taps reach across steps,
     splits and images; unwritten outputs read NaN. ``tuned``: the GPU's rules with a
-    tuned table's entry for the launch (32 pixels a step on 4 warps), which the launch
-    takes."""
+    tuned table's entry for the launch (32 pixels a step on 4 warps, registers capped at
+    200), which the launch takes."""
     groups, cg, dil = {"gw4": (32, 4, 1), "gw8_scaled": (8, 8, 1), "gw2_no_mean_no_relu": (4, 8, 1),
                        "dense16_dil2": (1, 16, 2), "bf16": (8, 4, 1)}[case]
     dtype = torch.bfloat16 if case == "bf16" else torch.float32
@@ -788,7 +788,7 @@ def test_tap_conv_grads_match_float64(device, case, rules):
     with plans.device_block_sizes() if rules != "interpreter" else contextlib.nullcontext():
         conv = plans.plan_conv(x.shape, weight.shape, dtype, padding=dil, dilation=dil, groups=groups,
                                has_prologue=True, pro_mean=pro[0] is not None)
-        table = {plans.tap_key("tap_grads", conv): {"tiles": {"block_m": 32, "num_warps": 4}}}
+        table = {plans.tap_key("tap_grads", conv): {"tiles": {"block_m": 32, "num_warps": 4, "maxnreg": 200}}}
         with plans.use_tuned_table(table) if rules == "tuned" else contextlib.nullcontext():
             plan, ring = plans.plan_tap_grads(conv, x.device)
             if rules != "interpreter":  # several steps a split
@@ -798,7 +798,9 @@ def test_tap_conv_grads_match_float64(device, case, rules):
             with recording() as launches:
                 torch.ops.aru.tap_conv_grads(*args)
             assert (launches[0].args["BLOCK_M"], launches[0].num_warps) == (plan.block_m, plan.num_warps)
-            assert (plan.block_m, plan.num_warps) == (32, 4) if rules == "tuned" else plan.block_m != 32
+            assert launches[0].args.get("maxnreg") == plan.maxnreg  # a compile option, with the cap only
+            assert ((plan.block_m, plan.num_warps, plan.maxnreg) == (32, 4, 200) if rules == "tuned"
+                    else plan.block_m != 32 and plan.maxnreg is None)
             dw, dx, sums = torch.ops.aru.tap_conv_grads(*args)
     dw_ref, dx_ref, sums_ref = _tap_grads_reference(x, dy, weight, y, mean, st_a, st_b, st_c, pro, not plain, dil,
                                                     groups, dtype)
@@ -842,7 +844,7 @@ def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case, t
     autograd. Under the GPU's rules the pixels run in several splits of several
     steps each, so the ring wraps and the taps reach across
     steps, splits and images. ``tuned``: with a tuned table's entries for both tap kernels
-    (128 pixels a step on 2 warps forward, 32 on 4 for the gradients), which they take."""
+    (128 pixels a step on 2 warps, 168 registers at most, forward; 32 on 4 for the gradients), which they take."""
     groups, cg, dil = {"gw4": (32, 4, 1), "gw2_no_mean_no_relu": (4, 8, 1), "dense16_dil2": (1, 16, 2),
                        "bf16": (8, 4, 1)}[case]
     dtype = torch.bfloat16 if case == "bf16" else torch.float32
@@ -858,14 +860,14 @@ def test_conv_bn_stats_normalizing_in_the_launch_matches_float64(device, case, t
     with plans.device_block_sizes():  # the GPU's splits
         conv = plans.plan_conv(x.shape, weight.shape, dtype, padding=dil, dilation=dil, groups=groups,
                                has_prologue=True, pro_mean=pro[0] is not None)
-        table = {plans.tap_key("tap_forward", conv): {"tiles": {"block_m": 128, "num_warps": 2}},
+        table = {plans.tap_key("tap_forward", conv): {"tiles": {"block_m": 128, "num_warps": 2, "maxnreg": 168}},
                  plans.tap_key("tap_grads", conv): {"tiles": {"block_m": 32, "num_warps": 4}}}
         stack = contextlib.ExitStack()
         if tuned:
             stack.enter_context(plans.use_tuned_table(table))
         with stack:
             plan, ring = plans.plan_tap_forward(conv, x.device)
-            assert (plan.block_m, plan.num_warps) == ((128, 2) if tuned else (256, 4))
+            assert (plan.block_m, plan.num_warps, plan.maxnreg) == ((128, 2, 168) if tuned else (256, 4, None))
             assert plan.splits > 1 and plan.m_per_split >= 4 * plan.block_m  # several steps a split, more rows
             assert ring < plan.m_per_split + 2 * dil * (w + 1)  # formed a split than the ring holds
             y, mean, invstd, new_rm, new_rv, a, _ = torch.ops.aru.conv_bn_stats(
