@@ -43,7 +43,7 @@ import torch
 from .launch import Launch
 
 __all__ = ["GpuProfile", "H200", "KernelReport", "cache_dir", "compile_launch", "analyze", "launch_bytes", "launch_key",
-           "loop_extra", "mma_flops"]
+           "loop_extra", "mma_flops", "resident_warps"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +65,24 @@ H200 = GpuProfile("NVIDIA H200", sms=132, clock_GHz=1.98, copy_TBps=4.144, max_s
                   mm_TFLOPs=714.8)
 
 _SCHEDULERS_PER_SM = 4
+# sm_90's per-multiprocessor limits (CUDA occupancy rules): registers, allocated per warp in
+# units of 256 (8 a thread); resident warps and blocks; shared memory, 1 KiB of it reserved a block
+_REGISTERS_PER_SM, _REGISTER_UNIT = 65536, 8
+_WARPS_PER_SM, _BLOCKS_PER_SM = 64, 32
+_SHARED_PER_SM, _SHARED_PER_BLOCK_RESERVED = 233472, 1024
+
+
+def resident_warps(registers: int, shared_bytes: int, num_warps: int, programs: int, sms: int) -> int:
+    """The warps a multiprocessor holds at once running a launch of ``programs`` programs of
+    ``num_warps`` warps on ``sms`` multiprocessors, each thread holding ``registers`` and each
+    program ``shared_bytes``: what hides its latency (the issue floor assumes it is hidden).
+    The least of what the registers, the shared memory, the warp and block limits, and the
+    busiest multiprocessor's share of the programs allow."""
+    per_warp = -(-max(registers, 1) // _REGISTER_UNIT) * _REGISTER_UNIT * 32
+    blocks = min(_REGISTERS_PER_SM // per_warp // num_warps,
+                 _SHARED_PER_SM // (shared_bytes + _SHARED_PER_BLOCK_RESERVED),
+                 _WARPS_PER_SM // num_warps, _BLOCKS_PER_SM, -(-programs // sms))
+    return blocks * num_warps
 
 
 @dataclass

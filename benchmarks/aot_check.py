@@ -338,7 +338,8 @@ def _conv_label(conv: dict | None) -> str:
 
 def print_table(report: dict) -> None:
     print(f"{'kernel':28s} {'pass':15s} {'conv':34s} {'n':>3s} {'progs':>7s} {'w':>2s} {'regs':>4s} {'spill':>5s} "
-          f"{'smem':>6s} {'mma':>4s} {'instr/warp':>10s} {'issue us':>9s} {'dram us':>8s} {'mma us':>7s}  loads")
+          f"{'smem':>6s} {'w/SM':>4s} {'mma':>4s} {'instr/warp':>10s} {'issue us':>9s} {'dram us':>8s} {'mma us':>7s}  "
+          f"loads")
     for r in report["kernels"]:
         progs = 1
         for g in r["grid"]:
@@ -347,9 +348,11 @@ def print_table(report: dict) -> None:
             print(f"{r['kernel']:28s} {r['pass']:15s} {_conv_label(r['conv']):34s} FAILED {r['error']}")
             continue
         loads = ", ".join(f"{k}x{v}" for k, v in r["loads"].items())
+        resident = aot.resident_warps(r["registers"] or 255, r["shared_bytes"], r["num_warps"], progs,
+                                      report["gpu_profile"]["sms"])
         print(f"{r['kernel']:28s} {r['pass']:15s} {_conv_label(r['conv']):34s} {r['launches']:3d} {progs:7d} "
               f"{r['num_warps']:2d} {r['registers']!s:>4s} {r['spill_bytes']!s:>5s} {r['shared_bytes']:6d} "
-              f"{r['hgmma'] + r['hmma']:4d} {r['dyn_instr_per_warp']:10d} {r['issue_floor_us']:9.1f} "
+              f"{resident:4d} {r['hgmma'] + r['hmma']:4d} {r['dyn_instr_per_warp']:10d} {r['issue_floor_us']:9.1f} "
               f"{r['dram_floor_us']:8.1f} {r['tensor_floor_us']:7.1f}  {loads}")
     t = report["traffic"]
     print(f"\nstep floor: {report['total_floor_ms']:.3f} ms = {report['floor_img_per_s']:.0f} images/s "

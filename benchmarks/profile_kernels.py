@@ -16,8 +16,11 @@ GPU does not bear out. The floors are an H200's (132 multiprocessors at
 card's copy bandwidth, measured as ``run.py`` measures it (an H100 copies about
 3.0 TB/s, an H200 4.1). The registers each kernel ran with are printed beside
 the static model's count (they differ where the JIT compiled another
-specialization than the one the static model read). PyTorch's own kernels
-(the loss, the optimizer, a head) have no static row.
+specialization than the one the static model read), and from the static rows
+the warps a multiprocessor holds at once (``aot.resident_warps``: few warps and
+a ratio far above 1 point at latency the issue floor assumes hidden) and which
+floor binds (issue, DRAM or tensor). PyTorch's own kernels (the loss, the
+optimizer, a head) have no static row.
 
 Needs a CUDA device.
 """
@@ -26,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import tempfile
@@ -38,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aru_kernels import aot  # noqa: E402
 
 def _grid(value) -> tuple[int, int, int]:
     """A grid as three dimensions: the trace's ``[x, y, z]`` (or its text), or a launch's 1 to 3."""
@@ -78,7 +83,8 @@ def join(events: list[dict], static: dict | None, copy_TBps: float | None = None
         m["us"] += e["us"]
         if e["registers"] is not None:
             m["registers"].add(int(e["registers"]))
-    floors: dict[tuple, dict] = defaultdict(lambda: {"launches": 0, "floor_us": 0.0, "registers": set()})
+    floors: dict[tuple, dict] = defaultdict(lambda: {"launches": 0, "floor_us": 0.0, "registers": set(),
+                                                     "resident": set(), "bound": defaultdict(float)})
     for r in (static or {}).get("kernels", []):
         if "error" in r:
             continue
@@ -86,6 +92,11 @@ def join(events: list[dict], static: dict | None, copy_TBps: float | None = None
         f["launches"] += r["launches"]
         f["floor_us"] += r["launches"] * card_floor_us(r, scale)
         f["registers"].add(int(r["registers"]))
+        programs = math.prod(r["grid"])
+        f["resident"].add(aot.resident_warps(int(r["registers"]), r["shared_bytes"], r["num_warps"], programs,
+                                             static["gpu_profile"]["sms"]))
+        kinds = {"issue": r["issue_floor_us"], "dram": r["dram_floor_us"] * scale, "tensor": r["tensor_floor_us"]}
+        f["bound"][max(kinds, key=kinds.get)] += r["launches"] * max(kinds.values())
     rows = []
     for (name, grid), m in sorted(measured.items(), key=lambda kv: -kv[1]["us"]):
         f = floors.get((name, grid))
@@ -94,6 +105,8 @@ def join(events: list[dict], static: dict | None, copy_TBps: float | None = None
                      "static_launches": f["launches"] if f else None,
                      "floor_us": round(f["floor_us"], 3) if f else None,
                      "static_registers": sorted(f["registers"]) if f else None,
+                     "warps_per_sm": min(f["resident"]) if f else None,
+                     "bound": max(f["bound"], key=f["bound"].get) if f else None,
                      "ratio": round(m["us"] / f["floor_us"], 3) if f and f["floor_us"] > 0 else None})
     unseen = [{"kernel": name, "grid": list(grid), "static_launches": f["launches"],
                "floor_us": round(f["floor_us"], 3)}
@@ -108,7 +121,7 @@ def join(events: list[dict], static: dict | None, copy_TBps: float | None = None
 
 def format_report(report: dict) -> str:
     lines = [f"{'kernel':34s} {'grid':>16s} {'n':>4s} {'us':>9s} {'floor us':>9s} {'x floor':>7s} "
-             f"{'regs':>7s} {'static':>7s}"]
+             f"{'regs':>7s} {'static':>7s} {'w/SM':>4s} {'bound':>6s}"]
     for r in report["kernels"]:
         grid = "x".join(str(g) for g in r["grid"])
         floor = f"{r['floor_us']:9.1f}" if r["floor_us"] is not None else f"{'-':>9s}"
@@ -117,8 +130,9 @@ def format_report(report: dict) -> str:
                                       f" (static {r['static_launches']})")
         regs = ",".join(map(str, r["registers"])) or "-"
         static_regs = ",".join(map(str, r["static_registers"])) if r["static_registers"] else "-"
+        resident = f"{r['warps_per_sm']:4d}" if r["warps_per_sm"] is not None else f"{'-':>4s}"
         lines.append(f"{r['kernel'][:34]:34s} {grid:>16s} {count:>4s} {r['us']:9.1f} {floor} {ratio} "
-                     f"{regs:>7s} {static_regs:>7s}")
+                     f"{regs:>7s} {static_regs:>7s} {resident} {r['bound'] or '-':>6s}")
     lines.append(f"\nkernel time of the step: {report['total_us'] / 1e3:.3f} ms; the kernels with a static row: "
                  f"{report['matched_us'] / 1e3:.3f} ms against a floor of {report['matched_floor_us'] / 1e3:.3f} ms "
                  f"(DRAM floors x{report['bandwidth_scale']:.3f} for this card's copy bandwidth)")

@@ -460,14 +460,15 @@ def test_profile_sets_each_kernel_beside_its_static_floor(profile_py):
     launches, microseconds, the ratio, registers both ways; PyTorch's kernels have no floor, and
     static rows the step never ran are listed. The DRAM part of the floors follows the card's
     copy bandwidth."""
-    def row(kernel, grid, launches, issue, dram, tensor, registers):
+    def row(kernel, grid, launches, issue, dram, tensor, registers, warps=8):
         return {"kernel": kernel, "grid": grid, "launches": launches, "issue_floor_us": issue, "dram_floor_us": dram,
-                "tensor_floor_us": tensor, "floor_us": max(issue, dram, tensor), "registers": registers}
+                "tensor_floor_us": tensor, "floor_us": max(issue, dram, tensor), "registers": registers,
+                "num_warps": warps, "shared_bytes": 0}
 
-    static = {"gpu_profile": {"copy_TBps": 4.144}, "kernels": [
+    static = {"gpu_profile": {"copy_TBps": 4.144, "sms": 132}, "kernels": [
         row("conv_bn_act_kernel", [1568], 2, 10.0, 4.0, 5.0, 90),  # issue-bound, at half the bandwidth too
         row("conv_bn_act_kernel", [1568], 1, 12.0, 20.0, 5.0, 138),  # DRAM-bound
-        row("tap_grads_kernel", [8, 66], 1, 180.0, 200.0, 120.0, 255),
+        row("tap_grads_kernel", [8, 66], 1, 180.0, 200.0, 120.0, 255, warps=2),
         row("bn_finalize_kernel", [4], 1, 0.4, 0.02, 0.0, 56),
         {"kernel": "broken_kernel", "grid": [1], "launches": 1, "error": "CompilationError: ..."}]}
     trace = _trace(("conv_bn_act_kernel", [1568, 1, 1], 12.0, 90), ("tap_grads_kernel", [8, 66, 1], 300.0, 255),
@@ -483,6 +484,11 @@ def test_profile_sets_each_kernel_beside_its_static_floor(profile_py):
     assert conv["ratio"] == pytest.approx(1.375) and conv["registers"] == conv["static_registers"] == [90, 138]
     tap = rows["tap_grads_kernel", (8, 66, 1)]
     assert tap["ratio"] == pytest.approx(1.5) and tap["static_registers"] == [255]
+    # warps a multiprocessor holds, the fewest of the group's rows; the floor that binds, by weight
+    assert (tap["warps_per_sm"], tap["bound"], conv["warps_per_sm"]) == (8, "dram", 8)
+    alone = {**static, "kernels": [row("bn_relu_kernel", [1], 1, 5.0, 1.0, 0.0, 32, warps=4)]}
+    (lone,) = profile_py.join(profile_py.kernel_events(_trace(("bn_relu_kernel", [1, 1, 1], 7.0, 32))), alone)["kernels"]
+    assert (lone["warps_per_sm"], lone["bound"]) == (4, "issue")  # one program of 4 warps
     torch_kernel = rows["void at::native::vectorized_elementwise_kernel<4>", (100, 1, 1)]
     assert torch_kernel["floor_us"] is None and torch_kernel["ratio"] is None
     assert [(u["kernel"], u["floor_us"]) for u in report["unseen_static"]] == [("bn_finalize_kernel", 0.4)]
@@ -495,6 +501,7 @@ def test_profile_sets_each_kernel_beside_its_static_floor(profile_py):
     half = {(r["kernel"], tuple(r["grid"])): r for r in profile_py.join(events, static, copy_TBps=2.072)["kernels"]}
     assert half["conv_bn_act_kernel", (1568, 1, 1)]["floor_us"] == 2 * 10.0 + 40.0
     assert half["tap_grads_kernel", (8, 66, 1)]["floor_us"] == 400.0
+    assert half["conv_bn_act_kernel", (1568, 1, 1)]["bound"] == "dram"  # 40 us of DRAM against 20 of issue
 
 
 def test_profile_refuses_another_steps_floors_and_a_machine_without_gpu(profile_py, tmp_path, capsys):

@@ -427,6 +427,23 @@ def test_static_issue_floor_is_the_busiest_scheduler():
     assert issue(4 * 132, 4) == pytest.approx(2 * one)
 
 
+def test_resident_warps_follow_the_occupancy_limits():
+    """The warps a multiprocessor holds at once, the first of the limits reached: registers
+    (allocated in units of 8 a thread), shared memory (1 KiB reserved a block), 64 warps,
+    32 blocks, and the programs the busiest multiprocessor gets."""
+    from aru_kernels.aot import resident_warps
+
+    assert resident_warps(255, 0, 2, 528, 132) == 8  # tap_grads_kernel: 256 x 32 registers a warp
+    assert resident_warps(138, 0, 4, 528, 132) == 12  # 144 a thread: 14 warps' worth, 3 programs of 4
+    assert resident_warps(100, 0, 2, 10**4, 132) == 18  # 104 a thread: 19 warps' worth, 9 programs of 2
+    assert resident_warps(234, 0, 8, 6272, 132) == 8
+    assert resident_warps(40, 0, 4, 10**4, 132) == 48  # registers for 51 warps: 12 programs of 4
+    assert resident_warps(64, 100_000, 4, 10**4, 132) == 8  # shared memory for 2 programs
+    assert resident_warps(64, 0, 8, 128, 132) == 8  # one program a multiprocessor at most
+    assert resident_warps(64, 0, 8, 133, 132) == 16
+    assert resident_warps(16, 0, 1, 10**5, 132) == 32  # 32 blocks
+
+
 def test_static_tensor_floor_counts_each_mma_by_its_shape():
     """A warpgroup MMA is shared by its 4 warps, a warp MMA is the warp's own, a TF32 FLOP
     costs two bf16 ones; loops repeat them as they repeat instructions, and the floor is the
