@@ -25,8 +25,10 @@ from .runtime import interpreting
 __all__ = [
     "ConvPlan",
     "TAP_KINDS",
+    "TAP_PROGRAMS_PER_SM",
     "Tiles",
     "tap_key",
+    "tap_plan",
     "tuned_table",
     "use_tuned_table",
     "gpu_slug",
@@ -758,15 +760,20 @@ def tap_grads_fuse(kh: int, kw: int, stride: int, padding: int, dilation: int, g
     return all(MIN_DOT <= gp * c // groups <= TAP_GRADS_MAX_PACK for c in (c_in, c_out))
 
 
-def _tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int,
-              maxnreg: int | None) -> tuple[WgradPlan, int]:
-    """The grid of the two tap kernels: splits for about four programs a multiprocessor
-    (:func:`_even_splits`: 32 packs take 16 splits, 512 programs, not 17 and a fifth
+TAP_PROGRAMS_PER_SM = 4  # the tap kernels' programs a multiprocessor, unless a tuned entry says otherwise
+
+
+def tap_plan(conv: ConvPlan, device: torch.device, block_m: int, num_warps: int, maxnreg: int | None,
+              per_sm: int) -> tuple[WgradPlan, int]:
+    """The grid of the two tap kernels: splits for about ``per_sm`` programs a multiprocessor
+    (:func:`_even_splits`: at four, 32 packs take 16 splits, 512 programs, not 17 and a fifth
     program on 16 multiprocessors), each of at least four steps of ``block_m`` pixels;
-    and the rows of the program's ring, which holds two steps and the taps' reach either way."""
+    and the rows of the program's ring, which holds two steps and the taps' reach either way.
+    The programs a multiprocessor gets bound the warps it holds as its registers do
+    (:func:`aru_kernels.aot.resident_warps`), so a tuned entry raising one raises the other."""
     sms = _multiprocessors(device)
     cap = _cdiv(conv.m, 4 * block_m)
-    splits = _even_splits(conv.packs, sms, 4, _cdiv(4 * sms, conv.packs), cap)
+    splits = _even_splits(conv.packs, sms, per_sm, _cdiv(per_sm * sms, conv.packs), cap)
     reach = 2 * (conv.padding * conv.w + conv.padding)
     plan = WgradPlan(conv, block_m, conv.kh * conv.kw * conv.cin_p, conv.cout_p, splits, num_warps, num_stages=1,
                      maxnreg=maxnreg)
@@ -785,16 +792,18 @@ def tap_key(kind: str, conv: ConvPlan) -> str:
 
 
 def _tap_tiles(kind: str, conv: ConvPlan, device: torch.device,
-               rule: tuple[int, int]) -> tuple[int, int, int | None]:
-    """``(pixels a step, warps, register cap)`` of a tap kernel: the tuned table's for
-    ``device`` where it has this launch (its entry's ``tiles``: ``block_m``, ``num_warps`` and
-    optionally ``maxnreg``, fewer registers a thread for more warps a multiprocessor), else
-    ``rule`` with no cap."""
+               rule: tuple[int, int]) -> tuple[int, int, int | None, int]:
+    """``(pixels a step, warps, register cap, programs a multiprocessor)`` of a tap kernel:
+    the tuned table's for ``device`` where it has this launch (its entry's ``tiles``:
+    ``block_m``, ``num_warps`` and optionally ``maxnreg`` and ``programs_per_sm``: fewer
+    registers a thread and more programs, for more warps a multiprocessor), else ``rule``
+    with no cap and :data:`TAP_PROGRAMS_PER_SM`."""
     entry = tuned_table(device).get(tap_key(kind, conv))
     if entry is None:
-        return (*rule, None)
+        return (*rule, None, TAP_PROGRAMS_PER_SM)
     tiles = entry["tiles"]
-    return tiles["block_m"], tiles["num_warps"], tiles.get("maxnreg")
+    return (tiles["block_m"], tiles["num_warps"], tiles.get("maxnreg"),
+            tiles.get("programs_per_sm") or TAP_PROGRAMS_PER_SM)
 
 
 def plan_tap_grads(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
@@ -805,7 +814,7 @@ def plan_tap_grads(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int
     on 8; the launch is bound by its DRAM floor (201 us) either way. Every such tile takes
     254-255 registers, 8 warps a multiprocessor; a tuned entry may cap them (``maxnreg``)."""
     rule = (256, 4) if _large_blocks() else (64, 2)
-    return _tap_plan(conv, device, *_tap_tiles("tap_grads", conv, device, rule))
+    return tap_plan(conv, device, *_tap_tiles("tap_grads", conv, device, rule))
 
 
 def plan_tap_forward(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, int]:
@@ -815,4 +824,4 @@ def plan_tap_forward(conv: ConvPlan, device: torch.device) -> tuple[WgradPlan, i
     (138 registers, DRAM floors 104.1, 54.2, 29.4); 128 pixels on 2 warps (mma.sync,
     190 registers) 107.5, 54.1, 28.1; 128 on 4 warps 127.2, 64.1, 33.4; 64 on 2 warps
     118.1, 59.5, 30.2. Or the tuned table's."""
-    return _tap_plan(conv, device, *_tap_tiles("tap_forward", conv, device, (256, 4)))
+    return tap_plan(conv, device, *_tap_tiles("tap_forward", conv, device, (256, 4)))

@@ -13,9 +13,10 @@ can hit). Launches are taken in order of the pixels they cover, largest first.
 Before them, the tap kernels of the training steps (``aru_kernels.tap_grads``: a
 stride-1 grouped 3x3's forward normalizing its input once, and its two gradients
 in one launch), each through its operator with a candidate as its tuned entry:
-pixels a step, warps and a cap on a thread's registers (``TAP_CANDIDATES``: the
-gradients hold 254-255 registers at any tile, 8 warps a multiprocessor, so more
-resident warps cost spills), keyed by ``plans.tap_key``.
+pixels a step, warps, a cap on a thread's registers and programs a multiprocessor
+(``TAP_CANDIDATES``: the gradients hold 254-255 registers at any tile and four
+2-warp programs a multiprocessor, 8 warps, so more resident warps cost spills and
+splits), keyed by ``plans.tap_key``.
 
 On a GPU: all candidates of a launch are compiled first, in parallel worker
 processes (for this GPU's architecture, into Triton's cache); then each
@@ -42,7 +43,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, astuple, dataclass, replace
 from pathlib import Path
 
 if "--dry-run" in sys.argv[1:] and not __import__("torch").cuda.is_available():
@@ -92,22 +93,23 @@ def draw(shape: tuple, dtype: torch.dtype, device, gen, channels_last: bool = Fa
 
 @dataclass(frozen=True)
 class TapTiles:
-    """A tap kernel's tiles: pixels a step, warps and a cap on a thread's registers, None for
-    ptxas's own choice (``aru_kernels.plans.plan_tap_grads``)."""
+    """A tap kernel's tiles: pixels a step, warps, a cap on a thread's registers (None: ptxas's
+    own choice) and programs a multiprocessor (``aru_kernels.plans.plan_tap_grads``)."""
 
     block_m: int
     num_warps: int
     maxnreg: int | None = None
+    programs_per_sm: int = plans.TAP_PROGRAMS_PER_SM
 
 
 # Candidates of each tap kernel, the rules' (on a GPU) first: fewer pixels a step or more warps
-# (more warps a program), more pixels, and registers capped (more programs a multiprocessor, to
-# hide the latency of the ring's round trips, against spills: benchmarks/NOTES.md has each one's
-# registers, spills and floors at stage 1).
+# (more warps a program), more pixels, and more warps a multiprocessor, to hide the latency of
+# the ring's round trips: registers capped (against spills) and programs enough to use them
+# (benchmarks/NOTES.md has each one's registers, spills, resident warps and floors at stage 1).
 TAP_CANDIDATES = {"tap_grads": [TapTiles(64, 2), TapTiles(32, 2), TapTiles(64, 4), TapTiles(128, 4),
-                                TapTiles(32, 2, 200), TapTiles(64, 2, 168)],
-                  "tap_forward": [TapTiles(256, 4), TapTiles(128, 4), TapTiles(128, 2), TapTiles(64, 2),
-                                  TapTiles(256, 4, 128), TapTiles(128, 2, 168)]}
+                                TapTiles(64, 2, 168, 6), TapTiles(64, 2, 128, 8)],
+                  "tap_forward": [TapTiles(256, 4), TapTiles(128, 4), TapTiles(128, 2), TapTiles(64, 2, None, 8),
+                                  TapTiles(256, 4, 128), TapTiles(128, 4, None, 5)]}
 
 
 @dataclass(frozen=True)
@@ -131,7 +133,7 @@ class TapLaunch:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         with plans.use_tuned_table({}):
             plan, _ = (plans.plan_tap_grads if self.kind == "tap_grads" else plans.plan_tap_forward)(self.conv, device)
-        return TapTiles(plan.block_m, plan.num_warps, plan.maxnreg)
+        return TapTiles(plan.block_m, plan.num_warps, plan.maxnreg)  # the rules' programs a multiprocessor
 
     def candidates(self) -> list[TapTiles]:
         rule = self.default_tiles()
@@ -169,7 +171,8 @@ class TapLaunch:
         plan_tap = plans.plan_tap_grads if self.kind == "tap_grads" else plans.plan_tap_forward
         with plans.use_tuned_table({plans.tap_key(self.kind, conv): {"tiles": asdict(tiles)}}):
             plan, _ = plan_tap(conv, x.device)
-            if (plan.block_m, plan.num_warps, plan.maxnreg) != (tiles.block_m, tiles.num_warps, tiles.maxnreg):
+            meant, _ = plans.tap_plan(conv, x.device, *astuple(tiles))
+            if plan != meant:
                 raise RuntimeError(f"tune: the tuned entry for {self.kind} did not apply: {plan}")
             if self.kind == "tap_grads":
                 return tuple(tap_ops.tap_conv_grads(**args))

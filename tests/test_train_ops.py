@@ -599,19 +599,25 @@ def test_weight_gradient_splits_take_the_fewest_for_the_soonest_finish():
 
 
 @pytest.mark.parametrize("plan_tap", ["plan_tap_grads", "plan_tap_forward"])
-def test_tap_kernel_splits_keep_the_busiest_multiprocessor_even(plan_tap):
-    """The ring kernels' grid (packs x splits, about four programs a multiprocessor) on an
-    H200: the busiest multiprocessor takes within plans.WGRAD_SPLIT_SLACK of an even share of
-    the work, for resnext50_32x4d's stride-1 grouped 3x3s (8, 16 and 32 packs at batch 256;
-    17 splits of 32 packs put a fifth program on 16 multiprocessors)."""
+@pytest.mark.parametrize("per_sm", [None, 6, 8], ids=["rules", "tuned6", "tuned8"])
+def test_tap_kernel_splits_keep_the_busiest_multiprocessor_even(plan_tap, per_sm):
+    """The ring kernels' grid (packs x splits, about four programs a multiprocessor, or a tuned
+    entry's ``programs_per_sm``) on an H200: the busiest multiprocessor takes within
+    plans.WGRAD_SPLIT_SLACK of an even share of the work, for resnext50_32x4d's stride-1
+    grouped 3x3s (8, 16 and 32 packs at batch 256; 17 splits of 32 packs put a fifth program
+    on 16 multiprocessors)."""
+    kind = "tap_grads" if plan_tap == "plan_tap_grads" else "tap_forward"
     for c, hw in ((128, 56), (256, 28), (512, 14)):
         with plans.device_block_sizes():
             conv = plans.plan_conv((256, c, hw, hw), (c, c // 32, 3, 3), torch.bfloat16, padding=1, groups=32,
                                    has_prologue=True)
-            plan, _ = getattr(plans, plan_tap)(conv, torch.device("meta"))
+            table = {plans.tap_key(kind, conv): {"tiles": {"block_m": 64, "num_warps": 2, "programs_per_sm": per_sm}}}
+            with plans.use_tuned_table(table if per_sm else {}):
+                plan, _ = getattr(plans, plan_tap)(conv, torch.device("meta"))
         packs, splits = plan.conv.packs, plan.splits
         busiest = -(-packs * splits // 132) / splits
-        assert 4 * 132 <= 1.1 * packs * splits, (packs, splits)
+        target = per_sm or plans.TAP_PROGRAMS_PER_SM
+        assert target * 132 <= 1.1 * packs * splits <= 1.1 * 1.1 * target * 132, (packs, splits)
         assert busiest <= packs / 132 * plans.WGRAD_SPLIT_SLACK, (packs, splits)
 
 
@@ -767,7 +773,7 @@ def test_tap_conv_grads_match_float64(device, case, rules):
     splits of several steps each, so the ring wraps and the taps reach across steps,
     splits and images; unwritten outputs read NaN. ``tuned``: the GPU's rules with a
     tuned table's entry for the launch (32 pixels a step on 4 warps, registers capped at
-    200), which the launch takes."""
+    200, 6 programs a multiprocessor), which the launch takes."""
     groups, cg, dil = {"gw4": (32, 4, 1), "gw8_scaled": (8, 8, 1), "gw2_no_mean_no_relu": (4, 8, 1),
                        "dense16_dil2": (1, 16, 2), "bf16": (8, 4, 1)}[case]
     dtype = torch.bfloat16 if case == "bf16" else torch.float32
@@ -788,7 +794,8 @@ def test_tap_conv_grads_match_float64(device, case, rules):
     with plans.device_block_sizes() if rules != "interpreter" else contextlib.nullcontext():
         conv = plans.plan_conv(x.shape, weight.shape, dtype, padding=dil, dilation=dil, groups=groups,
                                has_prologue=True, pro_mean=pro[0] is not None)
-        table = {plans.tap_key("tap_grads", conv): {"tiles": {"block_m": 32, "num_warps": 4, "maxnreg": 200}}}
+        table = {plans.tap_key("tap_grads", conv): {"tiles": {"block_m": 32, "num_warps": 4, "maxnreg": 200,
+                                                              "programs_per_sm": 6}}}
         with plans.use_tuned_table(table) if rules == "tuned" else contextlib.nullcontext():
             plan, ring = plans.plan_tap_grads(conv, x.device)
             if rules != "interpreter":  # several steps a split
@@ -801,6 +808,8 @@ def test_tap_conv_grads_match_float64(device, case, rules):
             assert launches[0].args.get("maxnreg") == plan.maxnreg  # a compile option, with the cap only
             assert ((plan.block_m, plan.num_warps, plan.maxnreg) == (32, 4, 200) if rules == "tuned"
                     else plan.block_m != 32 and plan.maxnreg is None)
+            if rules == "tuned":
+                assert plan == plans.tap_plan(conv, x.device, 32, 4, 200, 6)[0]
             dw, dx, sums = torch.ops.aru.tap_conv_grads(*args)
     dw_ref, dx_ref, sums_ref = _tap_grads_reference(x, dy, weight, y, mean, st_a, st_b, st_c, pro, not plain, dil,
                                                     groups, dtype)
