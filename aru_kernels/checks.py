@@ -6,6 +6,7 @@ expected and what came, before any kernel runs.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -15,18 +16,26 @@ from .plans import out_size
 from .runtime import kernel_device_error
 
 __all__ = ["SUPPORTED_DTYPES", "check_vector", "check_conv_inputs", "check_activation", "check_runnable",
-           "single"]
+           "check_prologue", "check_batch_norm", "single"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def single(v, name: str, op: str = "conv_bn_act") -> int:
-    """An int from an int or a pair of equal ints (the kernels take square strides and paddings)."""
+    """An int from an int or a pair of equal ints (the kernels take square strides and paddings);
+    a float, a string (``padding="same"``) or another pair is refused, not rounded."""
     if isinstance(v, (tuple, list)):
         if len(v) != 2 or v[0] != v[1]:
             raise ValueError(f"{op}: {name} must be an int or a pair of equal ints; got {v}")
         v = v[0]
-    return int(v)
+    if isinstance(v, str):
+        raise ValueError(f"{op}: {name} must be an int or a pair of equal ints; got {v!r} "
+                         f"(string paddings such as 'same' are not taken: pass the int)")
+    try:
+        return operator.index(v)
+    except TypeError:
+        raise TypeError(f"{op}: {name} must be an int or a pair of equal ints; got {v!r} "
+                        f"({type(v).__name__})") from None
 
 
 def check_vector(v: Optional[Tensor], name: str, length: int, what: str, op: str = "conv_bn_act") -> None:
@@ -37,6 +46,46 @@ def check_vector(v: Optional[Tensor], name: str, length: int, what: str, op: str
         raise ValueError(f"{op}: {name} must be a 1-D tensor of {length} ({what}); got {shape}")
     if not v.is_floating_point():
         raise TypeError(f"{op}: {name} must be floating point; got {v.dtype}")
+
+
+def check_prologue(op: str, in_mean: Optional[Tensor], in_scale: Optional[Tensor], in_shift: Optional[Tensor],
+                   in_relu: bool = False) -> None:
+    """The prologue ``relu?(in_scale * (x - in_mean) + in_shift)``: ``in_scale`` and ``in_shift``
+    together, ``in_mean`` and ``in_relu`` only with them (a ReLU alone would be ignored)."""
+    if (in_scale is None) != (in_shift is None) or (in_mean is not None and in_scale is None):
+        raise ValueError(f"{op}: in_scale and in_shift come together (the prologue applies both), "
+                         f"in_mean only with them")
+    if in_relu and in_scale is None:
+        raise ValueError(f"{op}: in_relu is the prologue's ReLU, applied after in_scale and in_shift; got "
+                         f"in_relu=True without them (for a ReLU alone, pass in_scale=ones and in_shift=zeros)")
+
+
+def check_batch_norm(op: str, channels: int, device: torch.device, *, bn_weight: Optional[Tensor] = None,
+                     bn_bias: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
+                     running_var: Optional[Tensor] = None, num_batches_tracked: Optional[Tensor] = None,
+                     momentum: Optional[float] = 0.1, eps: float = 1e-5, training: bool = True) -> None:
+    """A batch norm of ``channels`` channels as ``F.batch_norm`` checks it: affine parameters and
+    running statistics 1-D of ``channels``, floating point, on ``device``; the running
+    statistics in a pair, ``momentum=None`` (the cumulative average) with the batch count;
+    ``eps`` positive in training, not negative in eval."""
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: running_mean and running_var come together")
+    if running_mean is not None and momentum is None and num_batches_tracked is None:
+        raise ValueError(f"{op}: momentum=None (cumulative moving average) needs num_batches_tracked "
+                         "to count the batches; got None")
+    for name, v in (("bn_weight", bn_weight), ("bn_bias", bn_bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        check_vector(v, name, channels, "one per output channel", op)
+        if v is not None and v.device != device:
+            raise ValueError(f"{op}: {name} is on {v.device} but the input is on {device}")
+    count = num_batches_tracked
+    if count is not None and (not isinstance(count, Tensor) or count.numel() != 1):
+        got = tuple(count.shape) if isinstance(count, Tensor) else repr(count)
+        raise ValueError(f"{op}: num_batches_tracked must be a tensor of one element; got {got}")
+    if training and not eps > 0:
+        raise ValueError(f"{op}: eps must be positive during training, but got {eps}")
+    if not training and not eps >= 0:
+        raise ValueError(f"{op}: eps must be non-negative, but got {eps}")
 
 
 def check_activation(t: Tensor, name: str, op: str) -> None:

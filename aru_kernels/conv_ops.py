@@ -24,7 +24,7 @@ import triton
 from torch import Tensor
 
 from . import conv as _conv
-from .checks import check_conv_inputs, check_runnable
+from .checks import check_conv_inputs, check_prologue, check_runnable
 from .bn_ops import relu_mask_shape
 from .launch import launch
 from .maxpool import stride_blocks
@@ -172,9 +172,7 @@ def conv_bn_act_into(
         x, weight, vectors_out=(("mean", mean), ("var", var), ("scale", scale), ("shift", shift)),
         vectors_in=(("in_mean", in_mean), ("in_scale", in_scale), ("in_shift", in_shift)),
         residual=residual, stride=stride, padding=padding, dilation=dilation, groups=groups)
-    if (in_scale is None) != (in_shift is None) or (in_mean is not None and in_scale is None):
-        raise ValueError("conv_bn_act: in_scale and in_shift come together (the prologue applies both), "
-                         "in_mean only with them")
+    check_prologue("conv_bn_act", in_mean, in_scale, in_shift, in_relu and block_end is None)
     check_runnable("conv_bn_act", ("input", x), ("weight", weight))
     n, c_out = x.shape[0], weight.shape[0]
     if out is None:

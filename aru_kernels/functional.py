@@ -20,7 +20,8 @@ from torch import Tensor
 # (imported to register the aru:: operators)
 from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth, tap_ops  # noqa: F401
 from .block_ops import ConvBN, ResidualBlocksTrain, recompute_normalized_inputs
-from .checks import check_activation, check_conv_inputs, check_runnable, check_vector, single
+from .checks import (check_activation, check_batch_norm, check_conv_inputs, check_prologue, check_runnable,
+                     check_vector, single)
 from .plans import out_size
 from .stem_ops import StemTrain
 from .sync_bn import SyncConvBatchStats, synchronized
@@ -148,12 +149,16 @@ def conv_bn_act(
         unsupported devices, non-channels_last input.
     """
     stride, padding, dilation = _conv_args("conv_bn_act", x, weight, stride, padding, dilation)
+    check_prologue("conv_bn_act", in_mean, in_scale, in_shift, in_relu)
+    if var is not None and not eps >= 0:
+        raise ValueError(f"conv_bn_act: eps must be non-negative, but got {eps}")
     x, residual = _autocast(x, residual)
     if _strided_few_channels(x, weight, stride):  # the stem: rewritten as a stride-1 conv of 2x2 blocks
         p, q = check_conv_inputs(
             x, weight, vectors_out=(("mean", mean), ("var", var), ("scale", scale), ("shift", shift)),
             vectors_in=(("in_mean", in_mean), ("in_scale", in_scale), ("in_shift", in_shift)),
             residual=residual, stride=stride, padding=padding, dilation=dilation, groups=groups)
+        check_runnable("conv_bn_act", ("input", x), ("weight", weight))  # before the rewrite's own launch
         x, weight, stride, padding = _space_to_depth(x, weight, stride, padding, dilation, groups,
                                                      in_scale is not None, p, q)
     op = torch.ops.aru.conv_bn_squeeze if squeeze else torch.ops.aru.conv_bn_act
@@ -210,17 +215,22 @@ def conv_bn_train(
     squeeze), taken in the same epilogue; differentiable (not with
     synchronized statistics). Inputs and errors as :func:`conv_bn_act`;
     besides, like ``nn.BatchNorm2d``, a batch of one value per channel raises
-    ``ValueError``, and so does ``momentum=None`` with running statistics but
-    no ``num_batches_tracked`` (the cumulative average needs the count).
+    ``ValueError``, and so do ``momentum=None`` with running statistics but
+    no ``num_batches_tracked`` (the cumulative average needs the count), an
+    ``eps`` that is not positive, and affine parameters or running statistics
+    that are not 1-D floating-point tensors of ``C_out`` on the input's device.
     """
     stride, padding, dilation = _conv_args("conv_bn_train", x, weight, stride, padding, dilation)
     (x,) = _autocast(x)
-    _check_running("conv_bn_train", running_mean, running_var, num_batches_tracked, momentum)
     sync = sync_stats and synchronized(process_group)
     n, c_out = x.shape[0], weight.shape[0]
     p, q = check_conv_inputs(x, weight, vectors_in=(("in_mean", in_mean), ("in_scale", in_scale),
                                                      ("in_shift", in_shift)),
                              stride=stride, padding=padding, dilation=dilation, groups=groups)
+    check_prologue("conv_bn_train", in_mean, in_scale, in_shift, in_relu)
+    check_batch_norm("conv_bn_train", c_out, x.device, bn_weight=bn_weight, bn_bias=bn_bias,
+                     running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
+                     momentum=momentum, eps=eps)
     if n * p * q == 1 and not sync:
         _one_value_per_channel((n, c_out, p, q))
     if running_mean is not None and num_batches_tracked is not None:
@@ -251,12 +261,11 @@ def conv_bn_train(
     return (y, mean, scale, shift, sq) if squeeze else (y, mean, scale, shift)
 
 
-def _check_running(op: str, running_mean, running_var, num_batches_tracked, momentum) -> None:
-    if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{op}: running_mean and running_var come together")
-    if running_mean is not None and momentum is None and num_batches_tracked is None:
-        raise ValueError(f"{op}: momentum=None (cumulative moving average) needs num_batches_tracked "
-                         "to count the batches; got None")
+def _check_conv_bn(op: str, c: ConvBN, device: torch.device) -> None:
+    """A :class:`ConvBN`'s batch norm against its conv's output channels (:func:`check_batch_norm`)."""
+    check_batch_norm(op, c.weight.shape[0], device, bn_weight=c.bn_weight, bn_bias=c.bn_bias,
+                     running_mean=c.running_mean, running_var=c.running_var,
+                     num_batches_tracked=c.num_batches_tracked, momentum=c.momentum, eps=c.eps)
 
 
 def _one_value_per_channel(size) -> None:
@@ -275,7 +284,9 @@ def residual_block_train(x: Tensor, chain, downsample: Optional[ConvBN] = None) 
     its gradients are those of :func:`conv_bn_train` x n + :func:`bn_add_relu`;
     backward writes fewer activation-sized tensors (no separate addition of
     the residual gradient; see :mod:`aru_kernels.block_ops`). Inputs and
-    errors as :func:`conv_bn_train`; returns a channels_last tensor.
+    errors as :func:`conv_bn_train`; besides, each conv must take the channels
+    the one before it gives, and the identity must have the chain output's
+    shape (``ValueError`` otherwise). Returns a channels_last tensor.
     """
     return residual_blocks_train(x, [(chain, downsample)], op="residual_block_train")
 
@@ -301,14 +312,22 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
         if not chain:
             raise ValueError(f"{op}: chain needs at least one ConvBN")
         where = f"{op}: block {b}" if len(blocks) > 1 else op
-        if c_in != chain[0].weight.shape[1] * chain[0].groups:
-            raise ValueError(f"{where}: its first conv takes {chain[0].weight.shape[1] * chain[0].groups} "
-                             f"input channels; the block input has {c_in}")
         convs = chain + ([downsample] if downsample is not None else [])
+        for i, c in enumerate(convs):  # each conv takes its input's channels: the block's or the last conv's
+            if not isinstance(c.weight, Tensor) or c.weight.dim() != 4:
+                shape = tuple(c.weight.shape) if isinstance(c.weight, Tensor) else type(c.weight).__name__
+                raise ValueError(f"{where}: a conv weight must be 4-D [C_out, C_in/groups, KH, KW]; got {shape}")
+            takes = c.weight.shape[1] * c.groups
+            given = c_in if i in (0, len(chain)) else chain[i - 1].weight.shape[0]
+            if takes != given:
+                name = "its downsample" if i == len(chain) else f"its conv {i}"
+                source = "the block input has" if i in (0, len(chain)) else f"conv {i - 1} gives"
+                raise ValueError(f"{where}: {name} takes {takes} input channels (weight of shape "
+                                 f"{tuple(c.weight.shape)}, groups={c.groups}); {source} {given}")
         configs = []
         for c in convs:
             geometry = _conv_args(op, x, c.weight, c.stride, c.padding, c.dilation)
-            _check_running(op, c.running_mean, c.running_var, c.num_batches_tracked, c.momentum)
+            _check_conv_bn(where, c, x.device)
             configs.append((*geometry, int(c.groups), None if c.momentum is None else float(c.momentum),
                             float(c.eps)))
         h_in, w_in = h, w
@@ -317,10 +336,18 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
                 h, w = h_in, w_in
             kh, kw = c.weight.shape[2:]
             h, w = out_size(h, kh, *cfg[:3]), out_size(w, kw, *cfg[:3])
+            if h < 1 or w < 1:
+                raise ValueError(f"{where}: conv {i} makes an empty output of {h}x{w} pixels")
             if n * h * w == 1:
                 _one_value_per_channel((n, c.weight.shape[0], h, w))
             if i == len(chain) - 1:
                 h_out, w_out = h, w
+        out_shape = (chain[-1].weight.shape[0], h_out, w_out)
+        identity = (c_in, h_in, w_in) if downsample is None else (downsample.weight.shape[0], h, w)
+        if identity != out_shape:  # relu(h + identity) adds the two as they are
+            raise ValueError(f"{where}: the chain gives [C, H, W] = {list(out_shape)} but the identity "
+                             f"({'the block input' if downsample is None else 'its downsample'}) is "
+                             f"{list(identity)}; they are added")
         h, w, c_in = h_out, w_out, chain[-1].weight.shape[0]
         layout.append((tuple(configs), downsample is not None))
         everything += convs
@@ -364,7 +391,8 @@ def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
     geometry = _conv_args(op, x, conv.weight, conv.stride, conv.padding, conv.dilation)
     check_conv_inputs(x, conv.weight, stride=geometry[0], padding=geometry[1], dilation=geometry[2],
                       groups=int(conv.groups))
-    _check_running(op, conv.running_mean, conv.running_var, conv.num_batches_tracked, conv.momentum)
+    _check_conv_bn(op, conv, x.device)
+    check_runnable(op, ("x", x), ("weight", conv.weight))
     window = tuple(single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
                                                          (padding, "padding")))
     n, _, h, w = x.shape

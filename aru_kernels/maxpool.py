@@ -36,7 +36,7 @@ from .launch import launch
 from .plans import elementwise_blocks, max_pool_blocks
 from .pool_window import max_pool_grad_class
 
-__all__ = ["pool_size", "stride_blocks", "bn_relu_maxpool", "bn_relu_maxpool_backward"]
+__all__ = ["pool_size", "stride_blocks", "window_fits", "bn_relu_maxpool", "bn_relu_maxpool_backward"]
 
 
 @triton.jit
@@ -251,8 +251,13 @@ def stride_blocks(size: int, stride: int, padding: int) -> int:
     return (size - 1 + padding) // stride + 1
 
 
+def window_fits(kernel_size: int, stride: int, padding: int) -> bool:
+    """Whether the kernels take this max-pool window (square, no dilation, floor mode)."""
+    return 1 <= kernel_size <= 11 and stride >= 1 and 0 <= padding <= kernel_size // 2
+
+
 def _check_window(kernel_size: int, stride: int, padding: int) -> None:
-    if not 1 <= kernel_size <= 11 or stride < 1 or not 0 <= padding <= kernel_size // 2:
+    if not window_fits(kernel_size, stride, padding):
         raise ValueError("bn_relu_maxpool: needs 1 <= kernel_size <= 11, stride >= 1 and "
                          f"0 <= padding <= kernel_size // 2; got kernel_size={kernel_size}, stride={stride}, "
                          f"padding={padding}")

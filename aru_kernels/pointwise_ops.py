@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import conv as _conv
 from .bn_ops import relu_mask_shape
-from .checks import check_activation, check_vector
+from .checks import check_activation, check_prologue, check_vector
 from .conv_ops import (block_end_sums, conv_geometry, conv_input_grad, conv_input_grad_block_end,
                        conv_weight_grad, nhwc_empty, sum_slabs)
 from .launch import launch
@@ -55,9 +55,7 @@ def _check(x, dy, weight, stat_y, vectors, residual, relu_mask, end_y, end_mean,
                                                                                prologue)):
         check_vector(v, name, c_in, "one per input channel", _OP)
     in_mean, in_scale, in_shift = prologue
-    if (in_scale is None) != (in_shift is None) or (in_mean is not None and in_scale is None):
-        raise ValueError(f"{_OP}: in_scale and in_shift come together (the prologue applies both), in_mean only "
-                         f"with them")
+    check_prologue(_OP, in_mean, in_scale, in_shift)
     if in_scale is not None and (residual is not None or relu_mask is not None):
         raise ValueError(f"{_OP}: a prologue's backward takes no residual and no block end")
     if relu_mask is not None:

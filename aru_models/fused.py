@@ -49,6 +49,7 @@ from torch.nn.modules.utils import _pair
 
 from aru_kernels import (ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, residual_blocks_train,
                          stem_train)
+from aru_kernels.maxpool import window_fits
 from aru_kernels.sync_bn import synchronized
 
 __all__ = ["resnet_forward", "block_forward", "layers_forward", "layer_forward", "parts_forward", "stem_forward",
@@ -390,14 +391,19 @@ def _own_parts(block: nn.Module) -> BlockParts | None:
 
 def _fusable_pool(pool: nn.Module | None) -> bool:
     """An ``nn.MaxPool2d`` that :func:`aru_kernels.bn_relu_maxpool` computes: square
-    windows, no dilation, floor mode, no indices returned, no hooks to run."""
+    windows the kernels take (:func:`aru_kernels.maxpool.window_fits`), no dilation, floor
+    mode, no indices returned, no hooks to run."""
     if type(pool) is not nn.MaxPool2d or pool.ceil_mode or pool.return_indices or _hooked(pool):
         return False
 
     def square(v) -> bool:
         return not isinstance(v, (tuple, list)) or (len(v) == 2 and v[0] == v[1])
+
+    def one(v) -> int:
+        return v[0] if isinstance(v, (tuple, list)) else v
     return (all(square(v) for v in (pool.kernel_size, pool.stride, pool.padding))
-            and pool.dilation in (1, (1, 1), [1, 1]))
+            and pool.dilation in (1, (1, 1), [1, 1])
+            and window_fits(one(pool.kernel_size), one(pool.stride or pool.kernel_size), one(pool.padding)))
 
 
 def stem_forward(pairs, x: Tensor, pool: nn.Module | None = None) -> Tensor:

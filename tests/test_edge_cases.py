@@ -823,3 +823,164 @@ def test_bn_add_relu_takes_strided_vectors(device):
             for v in (strided, [t.contiguous() for t in strided])]
     assert (outs[1] > 0).any()
     assert torch.equal(outs[0], outs[1])
+
+
+# -- what F.conv2d and F.batch_norm refuse, refused too (never a plausible wrong number) -------------
+
+
+def _bn_buffers(c, device, **wrong):
+    """A batch norm's parameters and buffers for ``c`` channels, some replaced by ``wrong``."""
+    t = {"bn_weight": torch.rand(c, device=device) + 0.5, "bn_bias": torch.randn(c, device=device),
+         "running_mean": torch.zeros(c, device=device), "running_var": torch.ones(c, device=device),
+         "num_batches_tracked": torch.tensor(0, device=device)}
+    t.update(wrong)
+    return t
+
+
+_WRONG_BN = {  # name -> (replacement for 8 channels, the error's type and message)
+    "running_mean_short": ("running_mean", lambda d: torch.zeros(4, device=d), ValueError,
+                           r"running_mean must be a 1-D tensor of 8 \(one per output channel\); got \(4,\)"),
+    "running_var_long": ("running_var", lambda d: torch.ones(16, device=d), ValueError,
+                         r"running_var must be a 1-D tensor of 8 .*got \(16,\)"),
+    "bn_bias_short": ("bn_bias", lambda d: torch.zeros(4, device=d), ValueError,
+                      r"bn_bias must be a 1-D tensor of 8 .*got \(4,\)"),
+    "bn_weight_2d": ("bn_weight", lambda d: torch.ones(8, 1, device=d), ValueError,
+                     r"bn_weight must be a 1-D tensor of 8 .*got \(8, 1\)"),
+    "running_mean_int": ("running_mean", lambda d: torch.zeros(8, dtype=torch.int64, device=d), TypeError,
+                         "running_mean must be floating point; got torch.int64"),
+    "running_var_meta": ("running_var", lambda d: torch.ones(8, device="meta"), ValueError,
+                         "running_var is on meta but the input is on"),
+}
+
+
+@pytest.mark.parametrize("op", ["conv_bn_train", "residual_block_train", "stem_train"])
+@pytest.mark.parametrize("wrong", list(_WRONG_BN))
+def test_batch_norm_vectors_of_another_size_dtype_or_device_are_refused(device, op, wrong):
+    """As ``F.batch_norm`` refuses them ("running_mean should contain 8 elements not 4"): a
+    running statistic or an affine parameter of another length, rank, dtype or device. The
+    kernels would read or write past it. Nothing is updated by the failed call."""
+    name, make, error, message = _WRONG_BN[wrong]
+    t = _bn_buffers(8, device, **{name: make(device)})
+    before = {k: v.clone() for k, v in t.items() if v.device.type != "meta"}
+    if op == "conv_bn_train":
+        x = cl(torch.randn(2, 8, 4, 4, device=device))
+        call = lambda: aru_kernels.conv_bn_train(x, torch.randn(8, 8, 1, 1, device=device), **t)  # noqa: E731
+    elif op == "residual_block_train":
+        x = cl(torch.randn(2, 8, 4, 4, device=device))
+        good = aru_kernels.ConvBN(torch.randn(8, 8, 1, 1, device=device), None, None)
+        wrong_one = aru_kernels.ConvBN(torch.randn(8, 8, 1, 1, device=device), **t)
+        call = lambda: aru_kernels.residual_block_train(x, [good, wrong_one])  # noqa: E731
+    else:
+        x = cl(torch.randn(2, 3, 16, 16, device=device))
+        conv = aru_kernels.ConvBN(torch.randn(8, 3, 7, 7, device=device), **t, stride=2, padding=3)
+        call = lambda: aru_kernels.stem_train(x, conv)  # noqa: E731
+    with pytest.raises(error, match=message):
+        call()
+    for k, v in before.items():
+        assert torch.equal(t[k], v), f"{k} changed by a refused call"
+
+
+def test_eps_is_checked_as_pytorch_checks_it(device):
+    """Positive in training, not negative in eval (``F.batch_norm``'s rule)."""
+    x = cl(torch.randn(2, 4, 3, 3, device=device))
+    w = torch.randn(4, 4, 1, 1, device=device)
+    for eps in (0.0, -1e-3):
+        with pytest.raises(ValueError, match=f"eps must be positive during training, but got {eps}"):
+            F.batch_norm(x, None, None, training=True, eps=eps)
+        with pytest.raises(ValueError, match=f"eps must be positive during training, but got {eps}"):
+            aru_kernels.conv_bn_train(x, w, None, None, eps=eps)
+    v = torch.rand(4, device=device) + 0.5
+    with pytest.raises(ValueError, match="eps must be non-negative, but got -1"):
+        aru_kernels.conv_bn_act(x, w, mean=v, var=v, eps=-1.0)
+    out = aru_kernels.conv_bn_act(x, w, mean=v, var=v, eps=0.0)  # allowed in eval, as in PyTorch
+    expected = F.batch_norm(F.conv2d(x.double(), w.double()), v.double(), v.double(), eps=0.0)
+    assert_close(out, expected, torch.float32)
+
+
+def test_a_block_whose_identity_is_not_the_chains_shape_is_refused(device):
+    """``relu(bn(conv(...)) + identity)`` needs the identity (the block input, or its
+    downsample's output) in the chain output's shape; each conv needs the channels the one
+    before it gives. PyTorch raises on the addition; so does the fused block, before any
+    kernel runs (the kernels would read the identity's memory as the chain's shape)."""
+    x = cl(torch.randn(2, 8, 4, 4, device=device))
+
+    def cb(c_out, c_in, k=1, stride=1):
+        return aru_kernels.ConvBN(torch.randn(c_out, c_in, k, k, device=device), None, None, stride=stride,
+                                  padding=k // 2)
+
+    cases = [
+        ([cb(8, 8), cb(4, 8)], None, r"the chain gives \[C, H, W\] = \[4, 4, 4\] but the identity \(the block "
+                                     r"input\) is \[8, 4, 4\]"),
+        ([cb(8, 8), cb(8, 8, 3, 2)], None, r"the chain gives \[C, H, W\] = \[8, 2, 2\] but the identity"),
+        ([cb(8, 8), cb(16, 8, 3, 2)], cb(16, 8), r"\[16, 2, 2\] but the identity \(its downsample\) is \[16, 4, 4\]"),
+        ([cb(8, 8), cb(16, 8, 3, 2)], cb(8, 8, 1, 2),
+         r"\[16, 2, 2\] but the identity \(its downsample\) is \[8, 2, 2\]"),
+        ([cb(8, 8), cb(8, 4)], None, r"its conv 1 takes 4 input channels .*; conv 0 gives 8"),
+        ([cb(8, 8)], cb(8, 4), r"its downsample takes 4 input channels .*; the block input has 8"),
+    ]
+    for chain, downsample, message in cases:
+        with pytest.raises(ValueError, match=message):
+            aru_kernels.residual_block_train(x, chain, downsample)
+    with pytest.raises(RuntimeError):  # PyTorch, the first case
+        torch.relu(torch.randn(2, 4, 4, 4, device=device) + x)
+
+
+def test_in_relu_without_the_prologue_is_refused(device):
+    """``in_relu`` is the prologue's ReLU, after ``in_scale`` and ``in_shift``: alone it would be
+    dropped, so it is refused."""
+    x = cl(torch.randn(2, 8, 4, 4, device=device))
+    w = torch.randn(8, 8, 1, 1, device=device)
+    with pytest.raises(ValueError, match="in_relu=True without them"):
+        aru_kernels.conv_bn_act(x, w, in_relu=True)
+    with pytest.raises(ValueError, match="in_relu=True without them"):
+        aru_kernels.conv_bn_train(x, w, None, None, in_relu=True)
+    ones, zeros = torch.ones(8, device=device), torch.zeros(8, device=device)  # the ReLU alone, as the message says
+    assert_close(aru_kernels.conv_bn_act(x, w, in_scale=ones, in_shift=zeros, in_relu=True),
+                 F.conv2d(x.double().relu(), w.double()), torch.float32)
+
+
+@pytest.mark.parametrize("padding,error,message", [
+    ("same", ValueError, "padding must be an int or a pair of equal ints; got 'same'"),
+    (1.5, TypeError, r"padding must be an int or a pair of equal ints; got 1.5 \(float\)"),
+    ((1.0, 1.0), TypeError, r"got 1.0 \(float\)"),
+])
+def test_paddings_that_are_not_ints_are_refused_not_rounded(device, padding, error, message):
+    import numpy as np
+
+    x = cl(torch.randn(1, 4, 5, 5, device=device))
+    w = torch.randn(4, 4, 3, 3, device=device)
+    with pytest.raises(error, match=message):
+        aru_kernels.conv_bn_act(x, w, padding=padding)
+    assert aru_kernels.conv_bn_act(x, w, padding=np.int64(1)).shape == (1, 4, 5, 5)  # an int by operator.index
+
+
+_STEM_ON_CPU = """
+import torch, aru_kernels
+x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
+conv = aru_kernels.ConvBN(torch.randn(8, 3, 7, 7), None, None, stride=2, padding=3)
+for call in (lambda: aru_kernels.conv_bn_act(x, conv.weight, stride=2, padding=3),
+             lambda: aru_kernels.stem_train(x, conv)):
+    try:
+        call()
+        print("ran")
+    except Exception as exc:
+        print(type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
+"""
+
+
+def test_the_stem_says_where_it_runs_before_rewriting_its_input():
+    """A stride-2 conv of 3 channels (the stem) is rewritten over 2x2 blocks by a kernel of its
+    own: on the CPU without the interpreter (Triton compiling for a GPU that is not there),
+    the device error comes first, as for every op, not Triton's driver error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", _STEM_ON_CPU], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line]
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr[-2000:]
+    for line, op in zip(lines, ("conv_bn_act", "stem_train")):
+        assert line.startswith(f"RuntimeError {op}: ") and "must be on a CUDA device" in line, line

@@ -319,8 +319,8 @@ def test_hooked_block_is_called_in_training(device):
 
 def test_stem_pool_runs_as_module_when_it_cannot_be_fused(device):
     """In training the stem's max-pool is one pass with its batch norm and ReLU; a pool
-    with a hook, or one the kernel does not compute (ceil mode), runs as the module,
-    with the same results where the two agree."""
+    with a hook, or one the kernel does not compute (ceil mode, a window over 11), runs as
+    the module, with the same results where the two agree."""
     from aru_models.fused import stem_forward
 
     torch.manual_seed(0)
@@ -332,7 +332,8 @@ def test_stem_pool_runs_as_module_when_it_cannot_be_fused(device):
     seen = []
     hooked.register_forward_hook(lambda m, i, o: seen.append(o.shape))
     results = []
-    for pool in (torch.nn.MaxPool2d(3, 2, 1), hooked, torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True)):
+    for pool in (torch.nn.MaxPool2d(3, 2, 1), hooked, torch.nn.MaxPool2d(3, 2, 1, ceil_mode=True),
+                 torch.nn.MaxPool2d(13, 2, 6)):
         log = OpLog()
         with log:
             out = stem_forward([(conv, bn)], x, pool)
@@ -340,11 +341,12 @@ def test_stem_pool_runs_as_module_when_it_cannot_be_fused(device):
         results.append((log.ops, out, [p.grad.clone() for p in (conv.weight, bn.weight, bn.bias)]))
         conv.zero_grad()
         bn.zero_grad()
-    (fused_ops, out, grads), (module_ops, out_m, grads_m), (ceil_ops, out_c, _) = results
+    (fused_ops, out, grads), (module_ops, out_m, grads_m), (ceil_ops, out_c, _), (wide_ops, out_w, _) = results
     assert "aru.bn_relu_maxpool" in fused_ops and not [op for op in fused_ops if "max_pool" in op]
-    for ops in (module_ops, ceil_ops):
+    for ops in (module_ops, ceil_ops, wide_ops):
         assert "aten.max_pool2d_with_indices" in ops and "aru.bn_relu_maxpool" not in ops
     assert seen == [torch.Size([2, 16, 5, 5])] and out_c.shape == (2, 16, 6, 5)  # ceil mode's extra row
+    assert out_w.shape == out.shape
     assert_close(out, out_m, torch.float32, what="output")
     for name, a, b in zip(("conv weight", "bn weight", "bn bias"), grads, grads_m):
         assert_close(a, b, torch.float32, what=f"gradient of {name}")

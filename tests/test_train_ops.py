@@ -303,8 +303,8 @@ def test_residual_blocks_train_errors(device):
     wide = aru_kernels.ConvBN(torch.randn(16, 8, 1, 1, device=device), None, None)
     with pytest.raises(ValueError, match="needs at least one block"):
         aru_kernels.residual_blocks_train(x, [])
-    with pytest.raises(ValueError, match="block 1: its first conv takes 8 input channels; the block input has 16"):
-        aru_kernels.residual_blocks_train(x, [([wide], None), ([conv], None)])
+    with pytest.raises(ValueError, match=r"block 1: its conv 0 takes 8 input channels .*; the block input has 16"):
+        aru_kernels.residual_blocks_train(x, [([wide], wide), ([conv], None)])
 
 
 def test_residual_blocks_train_second_backward_and_saved_tensor_hooks(device):
