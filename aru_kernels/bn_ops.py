@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from . import batchnorm as _bn
+from .checks import check_vector
 from .launch import launch
 from .plans import elementwise_blocks, finalize_blocks, finalize_chunks, pool_blocks
 
@@ -55,6 +56,8 @@ def finalize_stats(c: int, count: int, tile_mean: Tensor, tile_m2: Tensor, runni
     An empty batch leaves the running statistics as they are, as
     ``nn.BatchNorm2d`` does; its mean is 0 and its invstd 1/sqrt(eps).
     """
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        check_vector(v, name, c, "one per channel: the finalize writes that many", "batch norm")
     device = tile_mean.device
     mean = torch.empty(c, dtype=torch.float32, device=device)
     invstd = torch.empty_like(mean)

@@ -398,12 +398,9 @@ def _fusable_pool(pool: nn.Module | None) -> bool:
 
     def square(v) -> bool:
         return not isinstance(v, (tuple, list)) or (len(v) == 2 and v[0] == v[1])
-
-    def one(v) -> int:
-        return v[0] if isinstance(v, (tuple, list)) else v
     return (all(square(v) for v in (pool.kernel_size, pool.stride, pool.padding))
             and pool.dilation in (1, (1, 1), [1, 1])
-            and window_fits(one(pool.kernel_size), one(pool.stride or pool.kernel_size), one(pool.padding)))
+            and window_fits(*(_pair(v)[0] for v in (pool.kernel_size, pool.stride, pool.padding))))
 
 
 def stem_forward(pairs, x: Tensor, pool: nn.Module | None = None) -> Tensor:

@@ -348,11 +348,11 @@ def print_table(report: dict) -> None:
             print(f"{r['kernel']:28s} {r['pass']:15s} {_conv_label(r['conv']):34s} FAILED {r['error']}")
             continue
         loads = ", ".join(f"{k}x{v}" for k, v in r["loads"].items())
-        resident = aot.resident_warps(r["registers"] or 255, r["shared_bytes"], r["num_warps"], progs,
-                                      report["gpu_profile"]["sms"])
+        resident = "-" if r["registers"] is None else aot.resident_warps(
+            r["registers"], r["shared_bytes"], r["num_warps"], progs, report["gpu_profile"]["sms"])
         print(f"{r['kernel']:28s} {r['pass']:15s} {_conv_label(r['conv']):34s} {r['launches']:3d} {progs:7d} "
               f"{r['num_warps']:2d} {r['registers']!s:>4s} {r['spill_bytes']!s:>5s} {r['shared_bytes']:6d} "
-              f"{resident:4d} {r['hgmma'] + r['hmma']:4d} {r['dyn_instr_per_warp']:10d} {r['issue_floor_us']:9.1f} "
+              f"{resident!s:>4s} {r['hgmma'] + r['hmma']:4d} {r['dyn_instr_per_warp']:10d} {r['issue_floor_us']:9.1f} "
               f"{r['dram_floor_us']:8.1f} {r['tensor_floor_us']:7.1f}  {loads}")
     t = report["traffic"]
     print(f"\nstep floor: {report['total_floor_ms']:.3f} ms = {report['floor_img_per_s']:.0f} images/s "

@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from aru_kernels import aot  # noqa: E402
 
+
 def _grid(value) -> tuple[int, int, int]:
     """A grid as three dimensions: the trace's ``[x, y, z]`` (or its text), or a launch's 1 to 3."""
     if isinstance(value, str):
@@ -62,10 +63,16 @@ def kernel_events(trace: dict) -> list[dict]:
              "registers": e.get("args", {}).get("registers per thread")} for e in events]
 
 
+def card_floors_us(row: dict, bandwidth_scale: float = 1.0) -> dict:
+    """A static row's issue, DRAM and tensor floors, the DRAM floor scaled by ``bandwidth_scale``
+    (the static profile's copy bandwidth over this card's)."""
+    return {"issue": row["issue_floor_us"], "dram": row["dram_floor_us"] * bandwidth_scale,
+            "tensor": row["tensor_floor_us"]}
+
+
 def card_floor_us(row: dict, bandwidth_scale: float = 1.0) -> float:
-    """A static row's floor with its DRAM floor scaled by ``bandwidth_scale`` (the static
-    profile's copy bandwidth over this card's): the largest of issue, DRAM and tensor floors."""
-    return max(row["issue_floor_us"], row["dram_floor_us"] * bandwidth_scale, row["tensor_floor_us"])
+    """A static row's floor on this card: the largest of :func:`card_floors_us`."""
+    return max(card_floors_us(row, bandwidth_scale).values())
 
 
 def join(events: list[dict], static: dict | None, copy_TBps: float | None = None) -> dict:
@@ -95,7 +102,7 @@ def join(events: list[dict], static: dict | None, copy_TBps: float | None = None
         programs = math.prod(r["grid"])
         f["resident"].add(aot.resident_warps(int(r["registers"]), r["shared_bytes"], r["num_warps"], programs,
                                              static["gpu_profile"]["sms"]))
-        kinds = {"issue": r["issue_floor_us"], "dram": r["dram_floor_us"] * scale, "tensor": r["tensor_floor_us"]}
+        kinds = card_floors_us(r, scale)
         f["bound"][max(kinds, key=kinds.get)] += r["launches"] * max(kinds.values())
     rows = []
     for (name, grid), m in sorted(measured.items(), key=lambda kv: -kv[1]["us"]):

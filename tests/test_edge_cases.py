@@ -880,6 +880,19 @@ def test_batch_norm_vectors_of_another_size_dtype_or_device_are_refused(device, 
         assert torch.equal(t[k], v), f"{k} changed by a refused call"
 
 
+def test_the_finalize_refuses_running_statistics_of_another_size(device):
+    """The batch-norm finalize writes one running mean and variance per channel: every path to it
+    (here the operator itself, under the public functions' own checks) refuses buffers of
+    another length rather than writing past them."""
+    x = cl(torch.randn(2, 8, 4, 4, device=device))
+    w = torch.randn(8, 8, 1, 1, device=device)
+    for rm, rv in ((torch.zeros(4, device=device), torch.ones(4, device=device)),
+                   (torch.zeros(8, device=device), torch.ones(16, device=device))):
+        with pytest.raises(ValueError, match="batch norm: running_(mean|var) must be a 1-D tensor of 8"):
+            torch.ops.aru.conv_bn_stats(x, w, None, None, None, rm, rv, torch.tensor(0, device=device), 1, 0, 1, 1,
+                                        False, 0.1, 1e-5)
+
+
 def test_eps_is_checked_as_pytorch_checks_it(device):
     """Positive in training, not negative in eval (``F.batch_norm``'s rule)."""
     x = cl(torch.randn(2, 4, 3, 3, device=device))
