@@ -15,10 +15,22 @@ from torch import Tensor
 from .plans import out_size
 from .runtime import kernel_device_error
 
-__all__ = ["SUPPORTED_DTYPES", "check_vector", "check_conv_inputs", "check_activation", "check_runnable",
-           "check_prologue", "check_batch_norm", "single"]
+__all__ = ["SUPPORTED_DTYPES", "MAX_PIXELS", "check_pixels", "check_vector", "check_conv_inputs", "check_activation",
+           "check_runnable", "check_prologue", "check_batch_norm", "single"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+# The most pixels (N x H x W) an activation may hold. The kernels index pixels with 32-bit
+# integers (element offsets are 64-bit: the channel multiply is taken in int64), and a row
+# index runs up to a few hundred thousand past the last pixel; 2**30 leaves room for that.
+MAX_PIXELS = 2 ** 30
+
+
+def check_pixels(op: str, name: str, n: int, h: int, w: int) -> None:
+    """At most :data:`MAX_PIXELS` pixels in one activation (a batch of 21,399 at 224 x 224)."""
+    if n * h * w > MAX_PIXELS:
+        raise ValueError(f"{op}: {name} has {n * h * w:,} pixels (N*H*W = {n}*{h}*{w}); the kernels index "
+                         f"pixels with 32-bit integers and take at most {MAX_PIXELS:,}: split the batch")
 
 
 def single(v, name: str, op: str = "conv_bn_act") -> int:
@@ -94,6 +106,7 @@ def check_activation(t: Tensor, name: str, op: str) -> None:
         raise ValueError(f"{op}: {name} must be 4-D [N, C, H, W]; got shape {tuple(t.shape)}")
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{op}: {name} dtype must be one of float32, float16, bfloat16; got {t.dtype}")
+    check_pixels(op, name, t.shape[0], t.shape[2], t.shape[3])
     if not t.is_contiguous(memory_format=torch.channels_last):
         raise ValueError(
             f"{op}: {name} must be channels_last (NHWC) contiguous; got strides {tuple(t.stride())} "
@@ -142,6 +155,8 @@ def check_conv_inputs(x, weight, *, vectors_out=(), vectors_in=(), residual=None
     if p < 1 or q < 1:
         raise ValueError(f"conv_bn_act: input of spatial size {h}x{w} is too small for a {kh}x{kw} "
                          f"kernel (padding={padding}, dilation={dilation})")
+    check_pixels("conv_bn_act", "input", n, h, w)
+    check_pixels("conv_bn_act", "output", n, p, q)
     for name, v in vectors_out:
         check_vector(v, name, c_out, "one per output channel")
     for name, v in vectors_in:

@@ -20,8 +20,8 @@ from torch import Tensor
 # (imported to register the aru:: operators)
 from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth, tap_ops  # noqa: F401
 from .block_ops import ConvBN, ResidualBlocksTrain, recompute_normalized_inputs
-from .checks import (check_activation, check_batch_norm, check_conv_inputs, check_prologue, check_runnable,
-                     check_vector, single)
+from .checks import (check_activation, check_batch_norm, check_conv_inputs, check_pixels, check_prologue,
+                     check_runnable, check_vector, single)
 from .plans import out_size
 from .stem_ops import StemTrain
 from .sync_bn import SyncConvBatchStats, synchronized
@@ -338,6 +338,7 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
             h, w = out_size(h, kh, *cfg[:3]), out_size(w, kw, *cfg[:3])
             if h < 1 or w < 1:
                 raise ValueError(f"{where}: conv {i} makes an empty output of {h}x{w} pixels")
+            check_pixels(where, f"conv {i}'s output", n, h, w)
             if n * h * w == 1:
                 _one_value_per_channel((n, c.weight.shape[0], h, w))
             if i == len(chain) - 1:

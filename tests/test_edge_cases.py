@@ -998,3 +998,50 @@ def test_the_stem_says_where_it_runs_before_rewriting_its_input():
     assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr[-2000:]
     for line, op in zip(lines, ("conv_bn_act", "stem_train")):
         assert line.startswith(f"RuntimeError {op}: ") and "must be on a CUDA device" in line, line
+
+
+# The largest batch of 224 x 224 images the kernels take (32-bit pixel indices).
+_MOST_IMAGES = aru_kernels.checks.MAX_PIXELS // (224 * 224)
+
+
+def _meta(n, c=8, size=224):
+    """An activation that holds no memory: the checks run on shapes alone."""
+    return cl(torch.empty(n, c, size, size, device="meta"))
+
+
+def _vec(c=8):
+    return torch.ones(c, device="meta")
+
+
+_TOO_MANY_PIXELS = {
+    "conv_bn_act_input": lambda n: aru_kernels.conv_bn_act(_meta(n + 1), torch.empty(8, 8, 1, 1, device="meta")),
+    # in range, but the padding makes a 226 x 226 output of too many pixels
+    "conv_bn_act_output": lambda n: aru_kernels.conv_bn_act(_meta(n), torch.empty(8, 8, 1, 1, device="meta"),
+                                                            padding=1),
+    "conv_bn_train": lambda n: aru_kernels.conv_bn_train(_meta(n + 1), torch.empty(8, 8, 1, 1, device="meta"),
+                                                         _vec(), _vec()),
+    "bn_add_relu": lambda n: aru_kernels.bn_add_relu(_meta(n + 1), _vec(), _vec()),
+    "bn_relu_maxpool": lambda n: aru_kernels.bn_relu_maxpool(_meta(n + 1), _vec(), _vec()),
+    "stem_train": lambda n: aru_kernels.stem_train(
+        _meta(n + 1, 3), aru_kernels.ConvBN(torch.empty(8, 3, 1, 1, device="meta"), _vec(), _vec())),
+    # the block input in range, its second conv's output (padded) not
+    "residual_block_train": lambda n: aru_kernels.residual_block_train(
+        _meta(n), [aru_kernels.ConvBN(torch.empty(8, 8, 1, 1, device="meta"), _vec(), _vec()),
+                   aru_kernels.ConvBN(torch.empty(8, 8, 1, 1, device="meta"), _vec(), _vec(), padding=1)]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_TOO_MANY_PIXELS))
+def test_activations_of_more_pixels_than_32_bit_indices_reach_are_refused(case):
+    """The kernels index pixels (N x H x W) with 32-bit integers: an activation of more than
+    ``MAX_PIXELS`` is refused with what came and what to do, not indexed past its end. On the
+    meta device (no memory), every public operator."""
+    with pytest.raises(ValueError, match=r"pixels \(N\*H\*W = \d+\*\d+\*\d+\); the kernels index pixels with "
+                                         r"32-bit integers and take at most 1,073,741,824: split the batch"):
+        _TOO_MANY_PIXELS[case](_MOST_IMAGES)
+
+
+def test_the_most_pixels_are_taken():
+    x = _meta(_MOST_IMAGES)
+    assert aru_kernels.conv_bn_act(x, torch.empty(8, 8, 1, 1, device="meta")).shape == x.shape
+    assert aru_kernels.bn_add_relu(x, _vec(), _vec()).shape == x.shape
