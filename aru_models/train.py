@@ -21,11 +21,18 @@ After each epoch the run prints ``Epoch N, Loss: L, Accuracy: A`` (training
 loss and accuracy, the latter a fraction) and then ``Validation Accuracy: V``;
 at the end a summary with the training throughput in images/s.
 
-``--checkpoint PATH`` is rewritten atomically after every epoch (model,
-optimizer, schedule, gradient scaler, epoch, step, random states); ``--resume``
-continues from it, so a run stopped mid-way loses at most the epoch in
-progress. ``--resume`` without an existing checkpoint is an error rather than a
-fresh start, so that a mistyped path cannot silently restart a long run.
+``--checkpoint PATH`` is rewritten atomically after every epoch, and where
+``--max-steps`` cuts an epoch short (model, optimizer state, gradient scaler,
+epoch and the steps taken in it, random states); ``--resume`` continues from
+it, inside the epoch where it was cut, so a run stopped mid-way loses at most
+the epoch in progress. ``--resume`` without an existing checkpoint is an error
+rather than a fresh start, so that a mistyped path cannot silently restart a
+long run. The learning-rate schedule is not stored: it follows from
+``--optimizer``, ``--lr``, ``--epochs`` and the step, so a run resumed with more
+``--epochs`` (or another ``--lr`` or ``--weight-decay``) continues on the
+schedule those arguments give, from the step it reached. A run resumed with the
+same arguments follows the uninterrupted one exactly; another ``--model``,
+``--optimizer``, ``--dataset`` or ``--batch-size`` is refused.
 
 Runs are reproducible from ``--seed``: it seeds the model's initialization, the
 data order (a permutation per epoch) and the augmentation (a generator per
@@ -120,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "python-pickle folder in --data-dir; folder: DIR/train/<class>/* and DIR/val/<class>/*")
     p.add_argument("--data-dir", default=None, help="where cifar10 or folder data lives")
     p.add_argument("--image-size", type=int, default=None,
-                   help="side length folder images are resized to (default: 32 for resnext29_* models, 224 otherwise)")
+                   help="side length --dataset folder images are resized to (default: 32 for resnext29_* models, "
+                        "224 otherwise); digits and cifar10 images are 32x32")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64,
                    help="global batch: each of N processes takes batch-size/N images (default: %(default)s)")
@@ -137,9 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="batch-norm statistics over all processes' images, not each process's own")
     p.add_argument("--checkpoint", default=None, metavar="PATH", help="written atomically after every epoch")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint (which must exist)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="a non-negative integer (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps in total (the last epoch may be cut short)")
+                   help="stop after this many optimizer steps in total (the last epoch may be cut short); the "
+                        "learning-rate schedule stays the one of --epochs")
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes (default: 0 for in-memory digits/cifar10, up to 8 for folder)")
     return p
@@ -294,6 +303,19 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
+def _check_writable(path: Path) -> None:
+    """Refuse a checkpoint path that cannot be written, before any training."""
+    if path.is_dir():
+        raise ValueError(f"--checkpoint {path} is a directory; give the path of a file")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise ValueError(f"--checkpoint {path}: cannot write there ({e.strerror or e})") from e
+
+
 def save_checkpoint(state: dict, path: str | Path) -> None:
     """Write ``state`` with ``torch.save`` so that ``path`` always holds a complete
     checkpoint: into a temporary file beside it, flushed to disk, then renamed over it.
@@ -393,8 +415,20 @@ class Trainer:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
         if args.max_steps is not None and args.max_steps < 1:
             raise ValueError(f"--max-steps must be at least 1; got {args.max_steps}")
-        if args.lr <= 0:
-            raise ValueError(f"--lr must be positive; got {args.lr}")
+        if not (math.isfinite(args.lr) and args.lr > 0):
+            raise ValueError(f"--lr must be positive and finite; got {args.lr}")
+        if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
+            raise ValueError(f"--weight-decay must be non-negative and finite; got {args.weight_decay}")
+        if args.seed < 0:
+            raise ValueError(f"--seed must be a non-negative integer; got {args.seed}")
+        if args.image_size is not None:
+            if args.dataset != "folder":
+                raise ValueError(f"--image-size resizes --dataset folder images; {args.dataset} images are 32x32 "
+                                 f"(leave --image-size out)")
+            if args.image_size < 1:
+                raise ValueError(f"--image-size must be at least 1; got {args.image_size}")
+        if args.data_dir is not None and args.dataset == "digits":
+            raise ValueError("--data-dir is for --dataset cifar10 or folder; digits comes with scikit-learn")
         if args.batch_size % self.world_size:
             raise ValueError(f"--batch-size {args.batch_size} is the global batch and must be divisible by "
                              f"the number of processes, {self.world_size}")
@@ -402,6 +436,8 @@ class Trainer:
             raise ValueError("--resume needs --checkpoint PATH")
         if args.resume and not Path(args.checkpoint).is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {args.checkpoint}; run without --resume to start one")
+        if args.checkpoint and self.is_main:
+            _check_writable(Path(args.checkpoint))
         self.device = self._device(args.device)
         self.impl = args.impl or default_impl()
         if self.impl == "fused" and self.device.type == "cpu" and not interpreting():
@@ -417,7 +453,8 @@ class Trainer:
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
             self._owns_group = True
 
-        image_size = args.image_size or (32 if args.model.startswith("resnext29") else 224)
+        image_size = args.image_size if args.image_size is not None else (
+            32 if args.model.startswith("resnext29") else 224)
         self.data = datasets.load_data(args.dataset, args.data_dir, image_size)
         workers = args.workers if args.workers is not None else (
             min(8, os.cpu_count() or 1) if args.dataset == "folder" else 0)
@@ -435,13 +472,12 @@ class Trainer:
         if args.sync_bn and self.world_size > 1:
             self.model = convert_sync_batchnorm(self.model, self.device)
         self.model.to(self.device, memory_format=self.memory_format)
-        total = self.steps_per_epoch * args.epochs
-        if args.max_steps is not None:
-            total = min(total, args.max_steps)
-        self.optimizer, self.scheduler = make_optimizer(self.model, args.optimizer, args.lr, args.weight_decay, total)
+        self.optimizer, self.scheduler = make_optimizer(self.model, args.optimizer, args.lr, args.weight_decay,
+                                                        self.steps_per_epoch * args.epochs)
         self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self.result = TrainResult()
         self.start_epoch = 0
+        self.start_step = 0  # steps of start_epoch already taken (an epoch --max-steps cut short)
         if args.resume:
             self._load(args.checkpoint)
         self.net = self.model
@@ -472,29 +508,44 @@ class Trainer:
             raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(f"--resume: {path} is not a checkpoint of this trainer (format {CHECKPOINT_FORMAT})")
-        for key in ("model", "optimizer", "dataset"):
-            saved, now = state["config"][key], getattr(self.args, key)
+        for key in ("model", "optimizer", "dataset", "batch_size"):
+            saved, now = state["config"].get(key, getattr(self.args, key)), getattr(self.args, key)
             if saved != now:
-                raise ValueError(f"--resume: {path} was written with --{key} {saved}, not {now}")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+                raise ValueError(f"--resume: {path} was written with --{key.replace('_', '-')} {saved}, not {now}")
+        # The hyperparameters are this run's arguments; the checkpoint holds the state (momentum, Adam's moments).
+        configured = [{k: v for k, v in group.items() if k != "params"} for group in self.optimizer.param_groups]
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            first = str(e).strip().splitlines()
+            raise ValueError(f"--resume: {path} holds a {state['config']['model']} that does not fit this run's "
+                             f"(another number of classes?): {' '.join(line.strip() for line in first[:3])}") from e
+        for group, config in zip(self.optimizer.param_groups, configured):
+            group.update(config)
+        steps = state["history"]["steps"]
+        # the schedule from the arguments, at the step reached (its constructor steps once more)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.scheduler.lr_lambdas[0],
+                                                           last_epoch=steps - 1)
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_states(state["rng"])
         self.start_epoch = state["epoch"]
+        self.start_step = state.get("epoch_steps", 0)
         self.result = TrainResult(**state["history"])
 
-    def _save(self, path: str, epoch: int) -> None:
+    def _save(self, path: str, epoch: int, epoch_steps: int) -> None:
+        """``epoch`` whole epochs done, and ``epoch_steps`` steps of the next."""
         r = self.result
         save_checkpoint({
             "format": CHECKPOINT_FORMAT,
-            "config": {"model": self.args.model, "optimizer": self.args.optimizer, "dataset": self.args.dataset},
+            "config": {"model": self.args.model, "optimizer": self.args.optimizer, "dataset": self.args.dataset,
+                       "batch_size": self.args.batch_size},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": epoch,
+            "epoch_steps": epoch_steps,
             "rng": _rng_states(),
             "history": {"losses": r.losses, "accuracies": r.accuracies, "val_accuracies": r.val_accuracies,
                         "steps": r.steps},
@@ -521,17 +572,21 @@ class Trainer:
                                        rank=self.rank, world_size=self.world_size, memory_format=self.memory_format)
             yield x, labels.to(self.device, non_blocking=True)
 
-    def train_epoch(self, epoch: int) -> tuple[float, float, int, float]:
-        """One pass over the training data (cut short at ``--max-steps``): mean loss,
-        accuracy and images over all processes, and the seconds it took."""
-        steps = len(self.train_loader)
+    def train_epoch(self, epoch: int, skip: int = 0) -> tuple[float, float, int, float]:
+        """One pass over the training data (cut short at ``--max-steps``; its first ``skip``
+        batches, taken before a resume, drawn and passed over): mean loss, accuracy and
+        images over all processes, and the seconds it took."""
+        steps = len(self.train_loader) - skip
         if self.args.max_steps is not None:
             steps = min(steps, self.args.max_steps - self.result.steps)
         totals = torch.zeros(3, dtype=torch.float64, device=self.device)  # loss sum, correct, images
         bar = ProgressBar(steps, enabled=self.is_main)
         self.net.train()
+        batches = self.batches(epoch)
+        for _ in itertools.islice(batches, skip):  # the same draws of the order and the augmentation
+            pass
         start = time.perf_counter()
-        for i, (x, labels) in enumerate(itertools.islice(self.batches(epoch), steps)):
+        for i, (x, labels) in enumerate(itertools.islice(batches, steps)):
             loss, correct = train_step(self.net, x, labels, self.optimizer, amp_dtype=self.amp_dtype,
                                        scaler=self.scaler)
             self.scheduler.step()
@@ -552,7 +607,10 @@ class Trainer:
         for epoch in range(self.start_epoch, args.epochs):
             if args.max_steps is not None and r.steps >= args.max_steps:
                 break
-            loss, accuracy, count, seconds = self.train_epoch(epoch)
+            skip = self.start_step if epoch == self.start_epoch else 0
+            before = r.steps
+            loss, accuracy, count, seconds = self.train_epoch(epoch, skip)
+            taken = skip + r.steps - before  # steps of this epoch so far
             images += count
             r.train_seconds += seconds
             correct, seen = self._all_reduce(
@@ -565,7 +623,8 @@ class Trainer:
                 print(f"Epoch {epoch + 1}, Loss: {loss:.4f}, Accuracy: {accuracy:.4f}")
                 print(f"Validation Accuracy: {r.val_accuracy:.4f}", flush=True)
                 if args.checkpoint:
-                    self._save(args.checkpoint, epoch + 1)
+                    whole = taken == self.steps_per_epoch
+                    self._save(args.checkpoint, epoch + whole, 0 if whole else taken)
         r.images_per_second = images / r.train_seconds if r.train_seconds else 0.0
         if self.is_main:
             where = f"{self.world_size} x {self.device.type}" if self.world_size > 1 else str(self.device)

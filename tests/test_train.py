@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import io
+import math
 import os
 import pickle
 import re
@@ -147,7 +148,61 @@ def test_resume_continues_the_same_trajectory(cifar_dir, tmp_path, monkeypatch, 
     momentum_a = [s["momentum_buffer"] for s in a["optimizer"]["state"].values()]
     momentum_b = [s["momentum_buffer"] for s in b["optimizer"]["state"].values()]
     assert all(torch.equal(x, y) for x, y in zip(momentum_a, momentum_b, strict=True))
-    assert a["scheduler"] == b["scheduler"]
+    assert [g["lr"] for g in a["optimizer"]["param_groups"]] == [g["lr"] for g in b["optimizer"]["param_groups"]]
+
+
+def test_resume_inside_an_epoch_cut_by_max_steps(cifar_dir, tmp_path, capsys):
+    """A run cut at step 7 of 10 by --max-steps saves the 2 steps it took of its second epoch;
+    resumed, it takes the other 3 and ends where the uninterrupted run does, bit for bit (the
+    schedule is the one of --epochs, whatever --max-steps)."""
+    straight = train.main(tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(tmp_path / "straight.pt")))
+    cut = tmp_path / "cut.pt"
+    assert train.main(tiny_args(cifar_dir, "--epochs", "2", "--max-steps", "7", "--checkpoint", str(cut))).steps == 7
+    saved = load_state(cut)
+    assert (saved["epoch"], saved["epoch_steps"]) == (1, 2)
+    resumed = train.main(tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(cut), "--resume"))
+    assert resumed.steps == straight.steps == 10
+    assert len(resumed.losses) == 3  # epoch 1, the cut part of epoch 2, its rest
+    a, b = load_state(tmp_path / "straight.pt"), load_state(cut)
+    assert (b["epoch"], b["epoch_steps"]) == (2, 0)
+    for name, value in a["model"].items():
+        assert torch.equal(value, b["model"][name]), f"{name} differs between the straight and the resumed run"
+
+
+def test_resume_takes_the_schedule_of_its_arguments(cifar_dir, tmp_path, capsys):
+    """Resumed with more --epochs and another --lr, SGD continues on the cosine of the new
+    arguments from the step reached (the checkpoint's schedule would end at 0: no update)."""
+    path = tmp_path / "run.pt"
+    train.main(tiny_args(cifar_dir, "--epochs", "1", "--checkpoint", str(path)))
+    before = load_state(path)
+    assert before["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)  # 5 of 5 steps
+    train.main(tiny_args(cifar_dir, "--epochs", "3", "--checkpoint", str(path), "--resume", "--lr", "0.2",
+                         "--weight-decay", "1e-3", "--max-steps", "8"))
+    after = load_state(path)
+    group = after["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(0.2 * 0.5 * (1 + math.cos(math.pi * 8 / 15)), rel=1e-12)
+    assert group["initial_lr"] == 0.2 and group["weight_decay"] == 1e-3
+    changed = [name for name, v in before["model"].items() if v.is_floating_point()
+               and not torch.equal(v, after["model"][name])]
+    assert "fc.weight" in changed
+
+    train.main(tiny_args(cifar_dir, "--epochs", "4", "--checkpoint", str(path), "--resume", "--max-steps", "16"))
+    group = load_state(path)["optimizer"]["param_groups"][0]
+    assert group["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 16 / 20)), rel=1e-12)
+
+
+def test_resume_refuses_what_it_cannot_continue(cifar_dir, tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    train.main(tiny_args(cifar_dir, "--epochs", "1", "--checkpoint", str(path)))
+    capsys.readouterr()
+    argv = tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(path), "--resume")
+    expect_usage_error(argv[:argv.index("--batch-size")] + ["--batch-size", "4"] + argv[argv.index("--optimizer"):],
+                       capsys, "--batch-size 8, not 4")
+    state = load_state(path)
+    state["model"]["fc.weight"] = state["model"]["fc.weight"][:7]  # a model of 7 classes
+    state["model"]["fc.bias"] = state["model"]["fc.bias"][:7]
+    torch.save(state, path)
+    expect_usage_error(argv, capsys, str(path), "does not fit", "fc.weight")
 
 
 @pytest.mark.parametrize("options", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"]],
@@ -398,9 +453,24 @@ def test_bad_data_paths_fail_clearly(case, tmp_path, capsys):
     (["--batch-size", "0"], ["--batch-size", "at least 1"]),
     (["--epochs", "0"], ["--epochs"]),
     (["--device", "tpu"], ["--device", "tpu"]),
-], ids=["model", "amp", "batch-size", "epochs", "device"])
+    (["--seed", "-1"], ["--seed", "non-negative", "-1"]),
+    (["--lr", "inf"], ["--lr", "finite", "inf"]),
+    (["--weight-decay", "nan"], ["--weight-decay", "nan"]),
+    (["--image-size", "64"], ["--image-size", "digits images are 32x32"]),
+    (["--dataset", "folder", "--image-size", "0"], ["--image-size must be at least 1; got 0"]),
+    (["--data-dir", "somewhere"], ["--data-dir", "digits"]),
+], ids=["model", "amp", "batch-size", "epochs", "device", "seed", "lr", "weight-decay", "image-size-digits",
+        "image-size-0", "data-dir-digits"])
 def test_bad_arguments_fail_clearly(argv, expected, capsys):
     expect_usage_error(["--impl", "eager", *argv], capsys, *expected)
+
+
+def test_checkpoint_that_cannot_be_written_is_refused_before_training(cifar_dir, tmp_path, capsys):
+    expect_usage_error(tiny_args(cifar_dir, "--checkpoint", str(tmp_path)), capsys, str(tmp_path), "directory")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    expect_usage_error(tiny_args(cifar_dir, "--checkpoint", str(blocker / "run.pt")), capsys, "cannot write there")
+    assert capsys.readouterr().out == ""  # no epoch ran
 
 
 def test_batch_size_must_split_over_processes(cifar_dir, monkeypatch, capsys):
