@@ -864,10 +864,33 @@ EXTERNAL = ("timm:", "tv-detection:")  # model names resolved by timm / torchvis
 
 def _comma_list(parser: argparse.ArgumentParser, values: list[str], allowed: tuple[str, ...], what: str) -> list[str]:
     items = [v for value in values for v in value.split(",") if v]
+    if not items:
+        parser.error(f"--{what} names none; choose from {', '.join(allowed)}")
     unknown = [v for v in items if v not in allowed and not (what == "model" and v.startswith(EXTERNAL))]
     if unknown:
         parser.error(f"unknown {what} {', '.join(map(repr, unknown))}; choose from {', '.join(allowed)}")
+    for name in items:
+        why = _unknown_external(name) if what == "model" and name.startswith(EXTERNAL) else None
+        if why:
+            parser.error(why)
     return list(dict.fromkeys(items))
+
+
+def _unknown_external(name: str) -> str | None:
+    """Why ``timm:NAME`` or ``tv-detection:NAME`` names no model (None: it does, or timm is not
+    installed, which its row reports)."""
+    prefix, _, arch = name.partition(":")
+    if prefix == "timm":
+        try:
+            import timm
+        except ImportError:
+            return None
+        return None if timm.is_model(arch) else f"unknown model {name!r}: timm {timm.__version__} has no {arch!r}"
+    import torchvision.models.resnet as tv_resnet
+
+    names = [n for n in tv_resnet.__all__ if n[0].islower()]  # what resnet_fpn_backbone builds
+    return None if arch in names else (f"unknown model {name!r}: torchvision's FPN backbones are built from "
+                                       f"{', '.join(names)}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -925,13 +948,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    if args.time_limit is not None and not args.time_limit > 0:
+        parser.error(f"--time-limit must be positive; got {args.time_limit}")
+    if args.from_json and not Path(args.from_json).is_file():
+        parser.error(f"--from-json {args.from_json}: no such file")
     return args
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.from_json:
-        results = Results.from_json(json.loads(Path(args.from_json).read_text()))
+        try:
+            results = Results.from_json(json.loads(Path(args.from_json).read_text()))
+        except (ValueError, KeyError, TypeError) as exc:
+            print(f"run.py: error: --from-json {args.from_json} is not a results file of run.py "
+                  f"({type(exc).__name__}: {exc})", file=sys.stderr)
+            return 2
         print_report(results)
         if args.plot:
             plot(results, args.plot)

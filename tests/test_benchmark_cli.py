@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,11 @@ def test_from_json_reprints_without_measuring(cpu_run, run_py, capsys):
     out = capsys.readouterr().out
     assert "resnet18" in out and "s4_g32w32" in out
 
+    other = path.parent / "other.json"
+    other.write_text(json.dumps({"rows": []}))  # JSON, but not run.py's
+    assert run_py.main(["--from-json", str(other)]) == 2
+    assert f"--from-json {other} is not a results file of run.py (KeyError" in capsys.readouterr().err
+
 
 def test_fused_rows_and_a_wrong_result_exits_nonzero(run_py, tmp_path, monkeypatch, capsys):
     """Fused model and layer rows through the interpreter (in-process: the test
@@ -252,11 +258,12 @@ def test_fused_rows_and_a_wrong_result_exits_nonzero(run_py, tmp_path, monkeypat
     assert "gave wrong results" in capsys.readouterr().out
 
 
-def test_external_models_by_prefix(run_py, tmp_path):
+def test_external_models_by_prefix(run_py, tmp_path, monkeypatch):
     """tv-detection:NAME benchmarks a torchvision FPN backbone fused with aru_models.fuse
-    (its fused output checked against eager's); a timm name timm cannot build is a
-    row with a note, not a crash."""
+    (its fused output checked against eager's); a timm model where timm is not installed is
+    a row with a note, not a crash."""
     pytest.importorskip("torchvision")
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm fails
     out = tmp_path / "external.json"
     code = run_py.main(["--impl", "eager,fused", "--model", "tv-detection:resnet18", "timm:no_such_model",
                         "--mode", "infer", "--img-size", "16", "--warmup", "0", "--iters", "1", "--no-layers",
@@ -267,7 +274,7 @@ def test_external_models_by_prefix(run_py, tmp_path):
         row = rows[("tv-detection:resnet18", impl)]
         assert row["img_per_s"] > 0 and not row["failed"] and row["note"] == "", row
         missing = rows[("timm:no_such_model", impl)]
-        assert missing["img_per_s"] is None and "no_such_model" in missing["note"], missing
+        assert missing["img_per_s"] is None and "needs timm" in missing["note"], missing
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -275,8 +282,17 @@ def test_external_models_by_prefix(run_py, tmp_path):
     (["--impl", "eager,cudnn"], "unknown impl 'cudnn'"),
     (["--mode", "eval"], "invalid choice: 'eval'"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
-], ids=["unknown-model", "unknown-impl", "unknown-mode", "zero-batch"])
-def test_bad_arguments_exit_nonzero_with_a_message(run_py, capsys, argv, message):
+    (["--impl", ","], "--impl names none"),
+    (["--model", ""], "--model names none"),
+    (["--time-limit", "-5"], "--time-limit must be positive; got -5.0"),
+    (["--from-json", "/no/such/results.json"], "--from-json /no/such/results.json: no such file"),
+    (["--model", "tv-detection:resnet9000"], "unknown model 'tv-detection:resnet9000': torchvision's FPN"),
+    (["--model", "timm:no_such_model"], "unknown model 'timm:no_such_model': timm 0.0 has no 'no_such_model'"),
+], ids=["unknown-model", "unknown-impl", "unknown-mode", "zero-batch", "no-impl", "no-model", "time-limit",
+        "from-json", "tv-detection", "timm"])
+def test_bad_arguments_exit_nonzero_with_a_message(run_py, capsys, monkeypatch, argv, message):
+    # a timm that knows no model (timm itself need not be installed)
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(is_model=lambda name: False, __version__="0.0"))
     with pytest.raises(SystemExit) as exc:
         run_py.main(argv)
     assert exc.value.code != 0
