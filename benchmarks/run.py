@@ -948,8 +948,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
-    if args.time_limit is not None and not args.time_limit > 0:
-        parser.error(f"--time-limit must be positive; got {args.time_limit}")
+    if args.time_limit is not None and not args.time_limit >= 0:  # 0: every row reported unavailable
+        parser.error(f"--time-limit must be at least 0; got {args.time_limit}")
     if args.from_json and not Path(args.from_json).is_file():
         parser.error(f"--from-json {args.from_json}: no such file")
     return args

@@ -277,6 +277,15 @@ def test_external_models_by_prefix(run_py, tmp_path, monkeypatch):
         assert missing["img_per_s"] is None and "needs timm" in missing["note"], missing
 
 
+def test_a_time_limit_of_zero_starts_no_row(run_py, tmp_path):
+    """What ``gpu_check.py`` passes when its budget is spent: every row reported, none measured."""
+    out = tmp_path / "none.json"
+    assert run_py.main(["--time-limit", "0", "--model", "resnext29_tiny", "--impl", "eager", "--mode", "infer",
+                        "--no-layers", "--img-size", "16", "--warmup", "0", "--iters", "1", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["models"]
+    assert len(rows) == 1 and rows[0]["img_per_s"] is None and "--time-limit reached" in rows[0]["note"], rows
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--model", "resnet9000"], "unknown model 'resnet9000'"),
     (["--impl", "eager,cudnn"], "unknown impl 'cudnn'"),
@@ -284,7 +293,7 @@ def test_external_models_by_prefix(run_py, tmp_path, monkeypatch):
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--impl", ","], "--impl names none"),
     (["--model", ""], "--model names none"),
-    (["--time-limit", "-5"], "--time-limit must be positive; got -5.0"),
+    (["--time-limit", "-5"], "--time-limit must be at least 0; got -5.0"),
     (["--from-json", "/no/such/results.json"], "--from-json /no/such/results.json: no such file"),
     (["--model", "tv-detection:resnet9000"], "unknown model 'tv-detection:resnet9000': torchvision's FPN"),
     (["--model", "timm:no_such_model"], "unknown model 'timm:no_such_model': timm 0.0 has no 'no_such_model'"),
