@@ -143,9 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true", help="NHWC model weights and inputs")
     p.add_argument("--sync-bn", action="store_true",
                    help="batch-norm statistics over all processes' images, not each process's own")
-    p.add_argument("--checkpoint", default=None, metavar="PATH", help="written atomically after every epoch")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="written atomically after every epoch, and where --max-steps stops inside one")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint (which must exist)")
-    p.add_argument("--seed", type=int, default=0, help="a non-negative integer (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2**32) (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None,
                    help="stop after this many optimizer steps in total (the last epoch may be cut short); the "
                         "learning-rate schedule stays the one of --epochs")
@@ -307,13 +308,16 @@ def _check_writable(path: Path) -> None:
     """Refuse a checkpoint path that cannot be written, before any training."""
     if path.is_dir():
         raise ValueError(f"--checkpoint {path} is a directory; give the path of a file")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.unlink(tmp)
-    except OSError as e:
-        raise ValueError(f"--checkpoint {path}: cannot write there ({e.strerror or e})") from e
+    existing = next(p for p in path.absolute().parents if p.exists())  # what is there now (nothing is created)
+    if existing == path.absolute().parent:
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=existing)
+            os.close(fd)
+            os.unlink(tmp)
+        except OSError as e:
+            raise ValueError(f"--checkpoint {path}: cannot write there ({e.strerror or e})") from e
+    elif not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--checkpoint {path}: cannot create its folder in {existing}")
 
 
 def save_checkpoint(state: dict, path: str | Path) -> None:
@@ -328,6 +332,9 @@ def save_checkpoint(state: dict, path: str | Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # as open() would have made it (mkstemp's file is private)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -419,8 +426,8 @@ class Trainer:
             raise ValueError(f"--lr must be positive and finite; got {args.lr}")
         if args.weight_decay is not None and not (math.isfinite(args.weight_decay) and args.weight_decay >= 0):
             raise ValueError(f"--weight-decay must be non-negative and finite; got {args.weight_decay}")
-        if args.seed < 0:
-            raise ValueError(f"--seed must be a non-negative integer; got {args.seed}")
+        if not 0 <= args.seed < 2 ** 32:
+            raise ValueError(f"--seed must be an integer in [0, 2**32); got {args.seed}")
         if args.image_size is not None:
             if args.dataset != "folder":
                 raise ValueError(f"--image-size resizes --dataset folder images; {args.dataset} images are 32x32 "
@@ -478,6 +485,7 @@ class Trainer:
         self.result = TrainResult()
         self.start_epoch = 0
         self.start_step = 0  # steps of start_epoch already taken (an epoch --max-steps cut short)
+        self.start_totals = (0.0, 0.0, 0)  # and their summed loss, correct predictions and images
         if args.resume:
             self._load(args.checkpoint)
         self.net = self.model
@@ -506,7 +514,8 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not all(
+                key in state for key in ("config", "model", "optimizer", "epoch", "history", "rng")):
             raise ValueError(f"--resume: {path} is not a checkpoint of this trainer (format {CHECKPOINT_FORMAT})")
         for key in ("model", "optimizer", "dataset", "batch_size"):
             saved, now = state["config"].get(key, getattr(self.args, key)), getattr(self.args, key)
@@ -517,7 +526,7 @@ class Trainer:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError, KeyError) as e:
+        except (RuntimeError, ValueError) as e:
             first = str(e).strip().splitlines()
             raise ValueError(f"--resume: {path} holds a {state['config']['model']} that does not fit this run's "
                              f"(another number of classes?): {' '.join(line.strip() for line in first[:3])}") from e
@@ -530,12 +539,26 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         _set_rng_states(state["rng"])
-        self.start_epoch = state["epoch"]
-        self.start_step = state.get("epoch_steps", 0)
+        # Where the run stands, from its step count. A checkpoint without epoch_steps (an older
+        # one) saved an epoch cut by --max-steps as whole: its steps tell.
+        epoch, epoch_steps = divmod(steps, self.steps_per_epoch)
+        if (state["epoch"], state.get("epoch_steps", epoch_steps)) != (epoch, epoch_steps) and not (
+                "epoch_steps" not in state and steps <= state["epoch"] * self.steps_per_epoch):
+            raise ValueError(f"--resume: {path} is at step {steps}, {state['epoch']} whole epoch(s) and "
+                             f"{state.get('epoch_steps', 0)} step(s) of the next; this run's data gives "
+                             f"{self.steps_per_epoch} steps an epoch (the dataset changed?)")
+        self.start_epoch, self.start_step = epoch, epoch_steps
+        totals = state.get("epoch_totals")
+        self.start_totals = tuple(totals) if epoch_steps and totals else (0.0, 0.0, 0)
         self.result = TrainResult(**state["history"])
+        if epoch_steps and not totals:  # an older checkpoint's cut epoch: its entry stays, the rest is a new one
+            self.result.losses.append(float("nan"))
+            self.result.accuracies.append(float("nan"))
+            self.result.val_accuracies.append(float("nan"))
 
-    def _save(self, path: str, epoch: int, epoch_steps: int) -> None:
-        """``epoch`` whole epochs done, and ``epoch_steps`` steps of the next."""
+    def _save(self, path: str, epoch: int, epoch_steps: int, epoch_totals: tuple | None) -> None:
+        """``epoch`` whole epochs done, and ``epoch_steps`` steps of the next (their summed
+        loss, correct predictions and images: ``epoch_totals``)."""
         r = self.result
         save_checkpoint({
             "format": CHECKPOINT_FORMAT,
@@ -546,6 +569,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "epoch": epoch,
             "epoch_steps": epoch_steps,
+            "epoch_totals": epoch_totals,
             "rng": _rng_states(),
             "history": {"losses": r.losses, "accuracies": r.accuracies, "val_accuracies": r.val_accuracies,
                         "steps": r.steps},
@@ -574,8 +598,8 @@ class Trainer:
 
     def train_epoch(self, epoch: int, skip: int = 0) -> tuple[float, float, int, float]:
         """One pass over the training data (cut short at ``--max-steps``; its first ``skip``
-        batches, taken before a resume, drawn and passed over): mean loss, accuracy and
-        images over all processes, and the seconds it took."""
+        batches, taken before a resume, drawn and passed over): the summed loss, the correct
+        predictions and the images over all processes, and the seconds it took."""
         steps = len(self.train_loader) - skip
         if self.args.max_steps is not None:
             steps = min(steps, self.args.max_steps - self.result.steps)
@@ -598,33 +622,41 @@ class Trainer:
         loss_sum, correct, count = self._all_reduce(totals).tolist()
         seconds = time.perf_counter() - start
         bar.close()
-        return loss_sum / count, correct / count, int(count), seconds
+        return loss_sum, correct, int(count), seconds
 
     def fit(self) -> TrainResult:
         """Train from the start (or the checkpoint) to ``--epochs`` or ``--max-steps``."""
         args, r = self.args, self.result
         images = 0
+        finished = self.start_epoch >= args.epochs or (args.max_steps is not None and r.steps >= args.max_steps)
+        if finished and self.is_main:
+            print(f"Nothing to train: the checkpoint is at step {r.steps} ({self.start_epoch} whole epoch(s)); "
+                  f"--epochs {args.epochs}, --max-steps {args.max_steps}", flush=True)
         for epoch in range(self.start_epoch, args.epochs):
             if args.max_steps is not None and r.steps >= args.max_steps:
                 break
-            skip = self.start_step if epoch == self.start_epoch else 0
+            skip, partial = (self.start_step, self.start_totals) if epoch == self.start_epoch else (0, (0.0, 0.0, 0))
+            if skip:  # the epoch's entry so far, written when it was cut, is replaced by the whole of it
+                del r.losses[-1], r.accuracies[-1], r.val_accuracies[-1]
             before = r.steps
-            loss, accuracy, count, seconds = self.train_epoch(epoch, skip)
+            loss_sum, correct, count, seconds = self.train_epoch(epoch, skip)
             taken = skip + r.steps - before  # steps of this epoch so far
             images += count
             r.train_seconds += seconds
-            correct, seen = self._all_reduce(
+            totals = (partial[0] + loss_sum, partial[1] + correct, partial[2] + count)
+            loss, accuracy = totals[0] / totals[2], totals[1] / totals[2]
+            val_correct, seen = self._all_reduce(
                 evaluate(self.model, self.val_loader, self.data, self.device, amp_dtype=self.amp_dtype,
                          memory_format=self.memory_format)).tolist()
             r.losses.append(loss)
             r.accuracies.append(accuracy)
-            r.val_accuracies.append(correct / seen)
+            r.val_accuracies.append(val_correct / seen)
             if self.is_main:
                 print(f"Epoch {epoch + 1}, Loss: {loss:.4f}, Accuracy: {accuracy:.4f}")
                 print(f"Validation Accuracy: {r.val_accuracy:.4f}", flush=True)
                 if args.checkpoint:
                     whole = taken == self.steps_per_epoch
-                    self._save(args.checkpoint, epoch + whole, 0 if whole else taken)
+                    self._save(args.checkpoint, epoch + whole, 0 if whole else taken, None if whole else totals)
         r.images_per_second = images / r.train_seconds if r.train_seconds else 0.0
         if self.is_main:
             where = f"{self.world_size} x {self.device.type}" if self.world_size > 1 else str(self.device)

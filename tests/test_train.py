@@ -162,7 +162,11 @@ def test_resume_inside_an_epoch_cut_by_max_steps(cifar_dir, tmp_path, capsys):
     assert (saved["epoch"], saved["epoch_steps"]) == (1, 2)
     resumed = train.main(tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(cut), "--resume"))
     assert resumed.steps == straight.steps == 10
-    assert len(resumed.losses) == 3  # epoch 1, the cut part of epoch 2, its rest
+    # epoch 2's entry, written for its first 2 steps when cut, is replaced by the whole epoch's
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-12)
+    assert resumed.accuracies == straight.accuracies and resumed.val_accuracies == straight.val_accuracies
+    out = capsys.readouterr().out
+    assert out.count("Trained resnext29_tiny") == 3 and out.count("2 epoch(s), 10 steps") == 2, out
     a, b = load_state(tmp_path / "straight.pt"), load_state(cut)
     assert (b["epoch"], b["epoch_steps"]) == (2, 0)
     for name, value in a["model"].items():
@@ -191,18 +195,35 @@ def test_resume_takes_the_schedule_of_its_arguments(cifar_dir, tmp_path, capsys)
     assert group["lr"] == pytest.approx(0.05 * 0.5 * (1 + math.cos(math.pi * 16 / 20)), rel=1e-12)
 
 
+def test_resume_of_a_finished_run_says_so(cifar_dir, tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    train.main(tiny_args(cifar_dir, "--epochs", "1", "--checkpoint", str(path)))
+    capsys.readouterr()
+    result = train.main(tiny_args(cifar_dir, "--epochs", "1", "--checkpoint", str(path), "--resume"))
+    assert result.steps == 5 and len(result.losses) == 1
+    assert "Nothing to train: the checkpoint is at step 5 (1 whole epoch(s))" in capsys.readouterr().out
+
+
 def test_resume_refuses_what_it_cannot_continue(cifar_dir, tmp_path, capsys):
     path = tmp_path / "run.pt"
     train.main(tiny_args(cifar_dir, "--epochs", "1", "--checkpoint", str(path)))
     capsys.readouterr()
+    original = load_state(path)
     argv = tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(path), "--resume")
     expect_usage_error(argv[:argv.index("--batch-size")] + ["--batch-size", "4"] + argv[argv.index("--optimizer"):],
                        capsys, "--batch-size 8, not 4")
-    state = load_state(path)
+    state = copy.deepcopy(original)
     state["model"]["fc.weight"] = state["model"]["fc.weight"][:7]  # a model of 7 classes
     state["model"]["fc.bias"] = state["model"]["fc.bias"][:7]
     torch.save(state, path)
     expect_usage_error(argv, capsys, str(path), "does not fit", "fc.weight")
+    state = copy.deepcopy(original)
+    state["history"]["steps"] = 4  # not where its epochs say: the data gives 5 steps an epoch
+    torch.save(state, path)
+    expect_usage_error(argv, capsys, str(path), "is at step 4, 1 whole epoch(s)", "5 steps an epoch")
+    del original["optimizer"]
+    torch.save(original, path)
+    expect_usage_error(argv, capsys, str(path), "is not a checkpoint of this trainer")
 
 
 @pytest.mark.parametrize("options", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"]],
@@ -453,14 +474,15 @@ def test_bad_data_paths_fail_clearly(case, tmp_path, capsys):
     (["--batch-size", "0"], ["--batch-size", "at least 1"]),
     (["--epochs", "0"], ["--epochs"]),
     (["--device", "tpu"], ["--device", "tpu"]),
-    (["--seed", "-1"], ["--seed", "non-negative", "-1"]),
+    (["--seed", "-1"], ["--seed must be an integer in [0, 2**32); got -1"]),
+    (["--seed", str(2 ** 32)], ["--seed must be an integer in [0, 2**32); got 4294967296"]),
     (["--lr", "inf"], ["--lr", "finite", "inf"]),
     (["--weight-decay", "nan"], ["--weight-decay", "nan"]),
     (["--image-size", "64"], ["--image-size", "digits images are 32x32"]),
     (["--dataset", "folder", "--image-size", "0"], ["--image-size must be at least 1; got 0"]),
     (["--data-dir", "somewhere"], ["--data-dir", "digits"]),
-], ids=["model", "amp", "batch-size", "epochs", "device", "seed", "lr", "weight-decay", "image-size-digits",
-        "image-size-0", "data-dir-digits"])
+], ids=["model", "amp", "batch-size", "epochs", "device", "seed", "seed-2**32", "lr", "weight-decay",
+        "image-size-digits", "image-size-0", "data-dir-digits"])
 def test_bad_arguments_fail_clearly(argv, expected, capsys):
     expect_usage_error(["--impl", "eager", *argv], capsys, *expected)
 
@@ -469,8 +491,25 @@ def test_checkpoint_that_cannot_be_written_is_refused_before_training(cifar_dir,
     expect_usage_error(tiny_args(cifar_dir, "--checkpoint", str(tmp_path)), capsys, str(tmp_path), "directory")
     blocker = tmp_path / "file"
     blocker.write_text("")
-    expect_usage_error(tiny_args(cifar_dir, "--checkpoint", str(blocker / "run.pt")), capsys, "cannot write there")
+    expect_usage_error(tiny_args(cifar_dir, "--checkpoint", str(blocker / "run.pt")), capsys,
+                       "cannot write there (Not a directory)")
+    expect_usage_error(tiny_args(cifar_dir, "--checkpoint", str(blocker / "sub" / "run.pt")), capsys,
+                       f"cannot create its folder in {blocker}")
     assert capsys.readouterr().out == ""  # no epoch ran
+    # a run refused for another reason leaves no folder behind for its checkpoint
+    expect_usage_error(tiny_args(tmp_path / "no-data", "--checkpoint", str(tmp_path / "a" / "b" / "run.pt")),
+                       capsys, "no-data")
+    assert not (tmp_path / "a").exists()
+
+
+def test_checkpoint_file_mode_follows_the_umask(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    umask = os.umask(0o022)
+    try:
+        train.save_checkpoint({"epoch": 1}, path)
+    finally:
+        os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o644
 
 
 def test_batch_size_must_split_over_processes(cifar_dir, monkeypatch, capsys):
