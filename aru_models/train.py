@@ -485,7 +485,7 @@ class Trainer:
         self.result = TrainResult()
         self.start_epoch = 0
         self.start_step = 0  # steps of start_epoch already taken (an epoch --max-steps cut short)
-        self.start_totals = (0.0, 0.0, 0)  # and their summed loss, correct predictions and images
+        self.start_totals = None  # and their summed loss, correct predictions and images, where saved
         if args.resume:
             self._load(args.checkpoint)
         self.net = self.model
@@ -548,13 +548,9 @@ class Trainer:
                              f"{state.get('epoch_steps', 0)} step(s) of the next; this run's data gives "
                              f"{self.steps_per_epoch} steps an epoch (the dataset changed?)")
         self.start_epoch, self.start_step = epoch, epoch_steps
-        totals = state.get("epoch_totals")
-        self.start_totals = tuple(totals) if epoch_steps and totals else (0.0, 0.0, 0)
+        totals = state.get("epoch_totals")  # (an older checkpoint has none: its cut epoch's entry stays)
+        self.start_totals = tuple(totals) if epoch_steps and totals else None
         self.result = TrainResult(**state["history"])
-        if epoch_steps and not totals:  # an older checkpoint's cut epoch: its entry stays, the rest is a new one
-            self.result.losses.append(float("nan"))
-            self.result.accuracies.append(float("nan"))
-            self.result.val_accuracies.append(float("nan"))
 
     def _save(self, path: str, epoch: int, epoch_steps: int, epoch_totals: tuple | None) -> None:
         """``epoch`` whole epochs done, and ``epoch_steps`` steps of the next (their summed
@@ -635,9 +631,11 @@ class Trainer:
         for epoch in range(self.start_epoch, args.epochs):
             if args.max_steps is not None and r.steps >= args.max_steps:
                 break
-            skip, partial = (self.start_step, self.start_totals) if epoch == self.start_epoch else (0, (0.0, 0.0, 0))
-            if skip:  # the epoch's entry so far, written when it was cut, is replaced by the whole of it
+            skip = self.start_step if epoch == self.start_epoch else 0
+            partial = self.start_totals if epoch == self.start_epoch else None
+            if partial:  # the epoch's entry so far, written when it was cut, is replaced by the whole of it
                 del r.losses[-1], r.accuracies[-1], r.val_accuracies[-1]
+            partial = partial or (0.0, 0.0, 0)
             before = r.steps
             loss_sum, correct, count, seconds = self.train_epoch(epoch, skip)
             taken = skip + r.steps - before  # steps of this epoch so far
