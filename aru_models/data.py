@@ -270,9 +270,12 @@ def train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0,
     ``world_size``-th index of it, so the first ``batch_size`` images of every
     process together are the first ``batch_size * world_size`` of the permutation
     -- the batch a single process with the global batch size would see. The last,
-    incomplete batch is dropped.
+    incomplete batch is dropped, and so is the permutation's tail that would not
+    give every process an image (the sampler does not pad it with repeats, which
+    would make a batch that one process does not see).
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                 drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=pin_memory)
 

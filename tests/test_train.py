@@ -381,6 +381,27 @@ def test_fused_sync_bn_two_processes_take_the_step_of_one(cifar_dir, tmp_path, c
             assert torch.equal(two[name], value), name
 
 
+@pytest.mark.parametrize("images, world_size, per_rank", [(10, 3, 4), (10, 3, 3), (11, 2, 5), (12, 4, 1), (7, 1, 3)])
+def test_train_loader_shards_are_the_single_process_batches(images, world_size, per_rank):
+    """The processes' batches of a step, interleaved, are the batch one process with
+    the global batch size takes, step for step, and no process pads its share with
+    repeated images (10 images over 3 processes of 4 would otherwise make one step
+    of 12, two of them seen twice, where one process of 12 takes none)."""
+    dataset = data.TensorImages(torch.arange(images).view(-1, 1, 1, 1), torch.arange(images))
+    whole = data.train_loader(dataset, per_rank * world_size, seed=3)
+    shards = [data.train_loader(dataset, per_rank, seed=3, rank=r, world_size=world_size)
+              for r in range(world_size)]
+    for epoch in (0, 1):
+        for loader in (whole, *shards):
+            loader.sampler.set_epoch(epoch)
+        expected = [labels.tolist() for _, labels in whole]
+        steps = [[labels.tolist() for _, labels in loader] for loader in shards]
+        assert all(len(s) == len(expected) for s in steps), (len(expected), [len(s) for s in steps])
+        got = [[i for step in zip(*(s[k] for s in steps)) for i in step] for k in range(len(expected))]
+        assert got == expected
+        assert all(len(set(batch)) == len(batch) for batch in got)
+
+
 def test_augmentation_does_not_depend_on_the_number_of_processes():
     x = torch.randn(8, 3, 8, 8)
     whole = data.random_crop_flip(x, 2, torch.Generator().manual_seed(5))
