@@ -21,9 +21,9 @@ epoch of the digits data takes seconds on a CPU (about 10 s on two busy cores;
 ``python -m aru_models.train``, 5 such epochs, reaches 92% validation
 accuracy); it is meant for quick runs and tests.
 
-The blocks are those of the ImageNet models, so every block has an ``impl``
-and runs through the fused kernels when it is ``"fused"``; the stem and the
-classifier run as torch operators either way.
+The blocks are those of the ImageNet models, so every block has an ``impl``;
+with ``"fused"`` the stem (its conv, batch norm and ReLU) and every block run
+through the fused kernels, and the classifier as a torch operator.
 """
 
 from __future__ import annotations
