@@ -126,12 +126,16 @@ def _bn_stats_fake(y, tile_mean, tile_m2, running_mean, running_var, num_batches
 
 
 def stats_term(dmean: Optional[Tensor], dinvstd: Optional[Tensor], invstd: Tensor,
-               count: int) -> tuple[Tensor, Tensor]:
+               count: int | Tensor) -> tuple[Tensor, Tensor]:
     """``(a, b)`` with dL/dy through the batch statistics = ``a + b*(y - mean)``:
     ``a = dL/dmean / count``, ``b = -dL/dinvstd * invstd^3 / count`` (the mean's
     own term in the variance vanishes: the centred values sum to zero).
-    Absent gradients count as zeros."""
-    inv_count = 1.0 / max(1, count)
+    Absent gradients count as zeros. ``count`` may be a tensor (per channel, or
+    one value) where it is known on the device only."""
+    if isinstance(count, Tensor):
+        inv_count = (1.0 / count.clamp(min=1)).to(torch.float32)
+    else:
+        inv_count = 1.0 / max(1, count)
     zero = torch.zeros_like(invstd)
     a = zero if dmean is None else dmean.float() * inv_count
     b = zero if dinvstd is None else -dinvstd.float() * invstd.pow(3) * inv_count

@@ -142,7 +142,7 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd, output[5])
 
 
-def conv_bn_stats_grads(ctx, dy, dmean, dinvstd, count: int, d_squeeze=None):
+def conv_bn_stats_grads(ctx, dy, dmean, dinvstd, count: int | torch.Tensor, d_squeeze=None):
     """The conv's input gradients from dL/dy of the data path and dL/d(mean, invstd)
     taken over ``count`` values per channel (and dL/d of each image's mean of y,
     ``d_squeeze`` [N, C]); ``ctx`` saved (x, weight, in_mean, in_scale, in_shift,

@@ -233,10 +233,10 @@ def conv_bn_train(
                      momentum=momentum, eps=eps)
     if n * p * q == 1 and not sync:
         _one_value_per_channel((n, c_out, p, q))
-    if running_mean is not None and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
     if sync and squeeze:
         raise NotImplementedError("conv_bn_train: squeeze with statistics synchronized across processes")
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     sq = None
     if sync:
         y, mean, invstd, unbiased, count = SyncConvBatchStats.apply(

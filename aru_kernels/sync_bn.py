@@ -51,13 +51,16 @@ class SyncConvBatchStats(torch.autograd.Function):
         mean = (n * g[:, 0]).sum(0) / total.clamp(min=1)
         m2 = (g[:, 1] + n * (g[:, 0] - mean).square()).sum(0)
         invstd = torch.rsqrt(m2 / total.clamp(min=1) + eps)
-        ctx.count = int(total[0].item()) if total.numel() else 0
+        # the backward's 1/count stays on the device: reading the count here would wait for the exchange
+        ctx.count = total.clone()
         ctx.group = group
         ctx.conv_cfg = (stride, padding, dilation, groups, in_relu)
         ctx.slots = (0, 1, (2, 3, 4))
         ctx.ahead = a is not None
         ctx.save_for_backward(x, weight, in_mean, in_scale, in_shift, y, mean, invstd, a)
-        unbiased = m2 / (total - 1).clamp(min=1)
+        # one value a channel over all processes has no unbiased variance: NaN, as PyTorch's
+        # m2 * count / (count - 1) gives (an empty batch gives 0, and updates nothing)
+        unbiased = torch.where(total == 1, torch.nan, m2 / (total - 1).clamp(min=1))
         ctx.mark_non_differentiable(unbiased, total)
         return y, mean, invstd, unbiased, total
 

@@ -690,8 +690,10 @@ def wide_resnet101_2(*, weights: WeightsArg = None, progress: bool = True, impl:
 def _norm_layer_like(norm: nn.Module) -> NormLayer:
     """A ``norm_layer`` that builds norms configured like ``norm``."""
     if isinstance(norm, (nn.BatchNorm2d, nn.SyncBatchNorm)):
+        # a SyncBatchNorm's process group too: its repr does not show it, so a lost one would go unnoticed
+        group = {"process_group": norm.process_group} if isinstance(norm, nn.SyncBatchNorm) else {}
         return functools.partial(type(norm), eps=norm.eps, momentum=norm.momentum, affine=norm.affine,
-                                 track_running_stats=norm.track_running_stats)
+                                 track_running_stats=norm.track_running_stats, **group)
     if isinstance(norm, nn.GroupNorm):
         return lambda channels: nn.GroupNorm(norm.num_groups, channels, eps=norm.eps, affine=norm.affine)
     return type(norm)
@@ -709,8 +711,8 @@ def from_torchvision(model: nn.Module, impl: str | None = None) -> ResNet:
     The configuration is read from the instance: block type, blocks per stage,
     groups, width per group, which stages dilate, classes, and the norm layer
     (its type; eps, momentum, affine and ``track_running_stats`` of batch
-    norms; groups, eps and affine of group norms; other types are called with
-    the channel count). A model changed after it was built (``model.maxpool =
+    norms, and the process group of synchronized ones; groups, eps and affine
+    of group norms; other types are called with the channel count). A model changed after it was built (``model.maxpool =
     nn.Identity()``, a new stem) is refused rather than converted into
     something else: every module must match what that configuration builds.
 
@@ -758,6 +760,11 @@ def from_torchvision(model: nn.Module, impl: str | None = None) -> ResNet:
         line, found, built = _first_difference(repr(model), repr(converted))
         raise TypeError(f"expected a torchvision ResNet as its constructor builds it; line {line} of this model's "
                         f"repr is {found!r} where its configuration builds {built!r}")
+    mixed = [name for name, m in model.named_modules()
+             if isinstance(m, nn.SyncBatchNorm) and m.process_group is not getattr(model.bn1, "process_group", None)]
+    if mixed:
+        raise TypeError(f"expected a torchvision ResNet whose SyncBatchNorms share one process group; {mixed[0]}'s "
+                        "is not bn1's")
     converted.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     for name, p in converted.named_parameters():

@@ -432,6 +432,19 @@ def test_one_value_per_channel_raises_like_pytorch(device):
         aru_kernels.conv_bn_train(x, torch.eye(10, device=device).view(10, 10, 1, 1), None, None)
 
 
+def test_refused_synchronized_squeeze_counts_no_batch(device, monkeypatch):
+    """A call refused before computing anything leaves the batch count as it was
+    (the statistics' exchange is stood in for: the refusal comes first)."""
+    monkeypatch.setattr(aru_kernels.functional, "synchronized", lambda group: True)
+    x = cl(torch.randn(2, 4, 3, 3, device=device))
+    rm, rv, count = torch.zeros(4, device=device), torch.ones(4, device=device), torch.tensor(5, device=device)
+    with pytest.raises(NotImplementedError, match="squeeze with statistics synchronized"):
+        aru_kernels.conv_bn_train(x, torch.eye(4, device=device).view(4, 4, 1, 1), None, None, rm, rv, count,
+                                  sync_stats=True, squeeze=True)
+    assert count.item() == 5
+    assert torch.equal(rm, torch.zeros(4, device=device)) and torch.equal(rv, torch.ones(4, device=device))
+
+
 def test_cumulative_average_needs_the_batch_count(device):
     x = cl(torch.randn(2, 4, 3, 3, device=device))
     rm, rv = torch.zeros(4, device=device), torch.ones(4, device=device)

@@ -364,6 +364,20 @@ def test_from_torchvision_keeps_a_group_norm():
         assert_equal_outputs(ours(x), theirs(x))
 
 
+def test_from_torchvision_keeps_a_sync_batch_norms_process_group():
+    """A SyncBatchNorm's process group is not in its repr: the conversion must carry it
+    (a lost one syncs over every process instead of the group), and refuse norms of
+    several groups it cannot express with one norm layer."""
+    group, other = object(), object()  # stand-ins: the modules only hold the group until a forward
+    theirs = nn.SyncBatchNorm.convert_sync_batchnorm(tv_models.resnet18(num_classes=10), process_group=group)
+    ours = aru_models.from_torchvision(theirs, impl="eager")
+    norms = [m for m in ours.modules() if isinstance(m, nn.SyncBatchNorm)]
+    assert len(norms) == 20 and all(m.process_group is group for m in norms)
+    theirs.layer3[1].bn2.process_group = other
+    with pytest.raises(TypeError, match="layer3.1.bn2's is not bn1's"):
+        aru_models.from_torchvision(theirs)
+
+
 # --- impl -----------------------------------------------------------------------------------
 
 

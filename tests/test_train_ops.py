@@ -1243,17 +1243,25 @@ def test_opcheck_training_ops(device):
         torch.ops.aru.conv_input_grad(torch.randn_like(y1), w1, x, m, s, b, 1, 0, 1, 1, True, None, gram, None, b)
 
 
-def _sync_worker(rank, world, init_file, x, ws, affine, result_file):
-    """One process of test_sync_stats_two_processes_match_one: its half of the batch."""
+def _sync_worker(rank, world, init_file, x, ws, affine, result_file, split):
+    """One process of test_sync_stats_two_processes_match_one: its ``split[rank]`` images
+    of the batch. The forward and backward read no number back to the host (``Tensor.item``
+    raises): a read would wait for the statistics' exchange at every batch norm."""
     import os as _os
 
     _os.environ["TRITON_INTERPRET"] = "1"
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    item = torch.Tensor.item
     try:
-        out = _sync_block(x[rank::world].clone(), ws, affine, sync=True)
-        (out.float().square().sum() / x.shape[0]).backward()
+        start = sum(split[:rank])
+        torch.Tensor.item = _no_host_read
+        try:
+            out = _sync_block(x[start:start + split[rank]].clone(), ws, affine, sync=True)
+            (out.float().square().sum() / x.shape[0]).backward()
+        finally:
+            torch.Tensor.item = item
         grads = [t.grad for t in (*ws, *affine)]
         for g in grads:
             dist.all_reduce(g)  # DDP's reduction (a sum here: each process holds 1/world of the loss)
@@ -1261,6 +1269,46 @@ def _sync_worker(rank, world, init_file, x, ws, affine, result_file):
             torch.save({"grads": grads, "running": affine[0].running}, result_file)
     finally:
         dist.destroy_process_group()
+
+
+def _one_value_worker(rank, world, init_file, x, w, result_file):
+    """One process of test_sync_stats_one_value_a_channel: rank 0 holds the one image, rank 1 none."""
+    import os as _os
+
+    _os.environ["TRITON_INTERPRET"] = "1"
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state = dict(running_mean=torch.zeros(4), running_var=torch.ones(4), num_batches_tracked=torch.tensor(0))
+        y, mean, scale, shift = aru_kernels.conv_bn_train(x[:1 - rank], w, None, None, **state, sync_stats=True)
+        if rank == 0:
+            torch.save({"y": scale.view(1, -1, 1, 1) * (y - mean.view(1, -1, 1, 1)) + shift.view(1, -1, 1, 1),
+                        **state}, result_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_stats_one_value_a_channel(tmp_path):
+    """One value a channel over all processes: no error (PyTorch's SyncBatchNorm raises
+    only in one process), the output normalized to 0 and the running variance NaN, as
+    PyTorch's count / (count - 1) makes it; the running mean moves to the value."""
+    import torch.multiprocessing as mp
+
+    x = channels_last(torch.randn(1, 4, 1, 1))
+    w = torch.randn(4, 4, 1, 1)
+    result = tmp_path / "rank0.pt"
+    mp.spawn(_one_value_worker, args=(2, str(tmp_path / "init"), x, w, str(result)), nprocs=2)
+    got = torch.load(result)
+    assert torch.equal(got["y"], torch.zeros_like(got["y"]))
+    assert_close(got["running_mean"], 0.1 * torch.nn.functional.conv2d(x, w).flatten(), torch.float32,
+                 what="running mean")
+    assert got["running_var"].isnan().all(), got["running_var"]
+    assert got["num_batches_tracked"].item() == 1
+
+
+def _no_host_read(self):
+    raise AssertionError("a synchronized batch norm read a tensor's value on the host")
 
 
 def _sync_block(x, ws, affine, sync):
@@ -1274,9 +1322,11 @@ def _sync_block(x, ws, affine, sync):
     return aru_kernels.bn_add_relu(y2, s2, b2, x, mean=m2)
 
 
-def test_sync_stats_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("split", [(2, 2), (3, 1), (0, 4)], ids=["even", "uneven", "one-empty"])
+def test_sync_stats_two_processes_match_one(tmp_path, split):
     """Batch statistics all-gathered over two gloo processes, gradients all-reduced:
-    the same gradients and running statistics as one process on the whole batch."""
+    the same gradients and running statistics as one process on the whole batch,
+    however the images are split between the processes (one may have none)."""
     import torch.multiprocessing as mp
 
     x = channels_last(torch.randn(4, 16, 6, 5) * 2 + 1)
@@ -1290,7 +1340,7 @@ def test_sync_stats_two_processes_match_one(tmp_path):
 
     fresh = [_leaf(t.detach()) for t in (*ws, *affine)]
     result = tmp_path / "rank0.pt"
-    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), x, fresh[:2], fresh[2:], str(result)), nprocs=2)
+    mp.spawn(_sync_worker, args=(2, str(tmp_path / "init"), x, fresh[:2], fresh[2:], str(result), split), nprocs=2)
     got = torch.load(result, weights_only=False)
     for i, (g, e) in enumerate(zip(got["grads"], expected)):
         assert_close(g, e, torch.float32, what=f"gradient {i} with synchronized statistics")
