@@ -712,9 +712,10 @@ def from_torchvision(model: nn.Module, impl: str | None = None) -> ResNet:
     groups, width per group, which stages dilate, classes, and the norm layer
     (its type; eps, momentum, affine and ``track_running_stats`` of batch
     norms, and the process group of synchronized ones; groups, eps and affine
-    of group norms; other types are called with the channel count). A model changed after it was built (``model.maxpool =
-    nn.Identity()``, a new stem) is refused rather than converted into
-    something else: every module must match what that configuration builds.
+    of group norms; other types are called with the channel count). A model
+    changed after it was built (``model.maxpool = nn.Identity()``, a new stem)
+    is refused rather than converted into something else: every module must
+    match what that configuration builds.
 
     The result holds copies of ``model``'s parameters and buffers with their
     devices, dtypes and ``requires_grad``, and every submodule's train/eval
