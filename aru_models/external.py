@@ -14,26 +14,29 @@
 
 Each recognized module gets a ``forward`` of its own that runs the kernels
 (:mod:`aru_models.fused`) and reads the module's parameters and buffers as
-they are at each call. Nothing else changes: parameters, buffers, their names
-in ``state_dict``, ``requires_grad``, train/eval modes. ``fuse(model,
+they are at each call; where they cannot compute the module as it is at a
+call (hooks on its submodules, see :class:`UnfusedWarning`), that call runs
+the class's own forward. Nothing else changes: parameters, buffers, their
+names in ``state_dict``, ``requires_grad``, train/eval modes. ``fuse(model,
 impl="eager")`` removes those forwards again.
 """
 
 from __future__ import annotations
 
-import types
+import functools
 import warnings
 from collections import OrderedDict
 
 from torch import Tensor, nn
 
 from . import fused
+from .fused import UnfusedWarning
 
 __all__ = ["fuse", "UnfusedWarning"]
 
-
-class UnfusedWarning(UserWarning):
-    """Some recognized ResNet-family modules of a model stay on PyTorch's path."""
+# where the classes fuse recognizes by name are defined (other models reuse the names:
+# timm's RegNet and TResNet blocks, torchvision's video ResNets)
+_RESNET_MODULES = ("torchvision.models.resnet", "timm.models.resnet")
 
 
 def _from(module: nn.Module, *packages: str) -> bool:
@@ -49,7 +52,7 @@ def _is_identity(m) -> bool:
 
 
 def _is_block(m: nn.Module) -> bool:
-    return (type(m).__name__ in ("Bottleneck", "BasicBlock") and _from(m, "torchvision", "timm")
+    return (type(m).__name__ in ("Bottleneck", "BasicBlock") and type(m).__module__ in _RESNET_MODULES
             and hasattr(m, "conv1") and hasattr(m, "conv2"))
 
 
@@ -84,13 +87,19 @@ def block_parts(block: nn.Module) -> fused.BlockParts:
 
 
 def _block_forward(self, x: Tensor) -> Tensor:
-    return fused.parts_forward(block_parts(self), x)
+    return fused.block_forward(self, x, functools.partial(type(self).forward, self), block_parts)
+
+
+def _switched(m: nn.Module, attr: str):
+    """The function of ours that ``m.<attr>`` was switched to (None if it was not)."""
+    switched = m.__dict__.get(attr)
+    fn = getattr(switched, "func", None)
+    return fn if fn in _FORWARDS and getattr(switched, "args", None) == (m,) else None
 
 
 def _fused_parts(block: nn.Module):
     """The parts of a block this module switched to the kernels; None for any other module."""
-    bound = block.__dict__.get("forward")
-    return block_parts(block) if getattr(bound, "__func__", None) is _block_forward else None
+    return block_parts(block) if _switched(block, "forward") is _block_forward else None
 
 
 def _stem_pairs(conv1, bn1, act) -> list:
@@ -115,16 +124,24 @@ def _stages(model: nn.Module) -> list:
     return [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
 
 
+def _stem(x: Tensor, conv1, bn1, act, pool) -> Tensor:
+    return fused.stem(x, [conv1, bn1, act], functools.partial(_stem_pairs, conv1, bn1, act), pool)
+
+
 def _torchvision_forward_impl(self, x: Tensor) -> Tensor:
     import torch
 
-    x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x, self.maxpool)
+    x = _stem(x, self.conv1, self.bn1, self.relu, self.maxpool)
     x = fused.layers_forward(_stages(self), x, _fused_parts, pool=self.avgpool)
     return self.fc(torch.flatten(x, 1))
 
 
 def _timm_forward_features(self, x: Tensor) -> Tensor:
-    x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.act1), x, self.maxpool)
+    if getattr(self, "grad_checkpointing", False):  # switched on after fuse: timm's checkpointed stages
+        warnings.warn("impl='fused': ResNet runs on PyTorch's path at this call: grad_checkpointing is on",
+                      fused.UnfusedWarning, stacklevel=2)
+        return type(self).forward_features(self, x)
+    x = _stem(x, self.conv1, self.bn1, self.act1, self.maxpool)
     return fused.layers_forward(_stages(self), x, _fused_parts)
 
 
@@ -138,7 +155,7 @@ def _getter_forward(self, x: Tensor):
         pool, taken = None, 3
         if len(items) > 3 and items[3][0] == "maxpool" and "maxpool" not in self.return_layers:
             pool, taken = items[3][1], 4
-        x = fused.stem_forward(_stem_pairs(self.conv1, self.bn1, self.relu), x, pool)
+        x = _stem(x, self.conv1, self.bn1, self.relu, pool)
         items = items[taken:]
     for name, module in items:
         x = fused.layer_forward(module, x, _fused_parts)
@@ -153,13 +170,14 @@ _FORWARDS = (_block_forward, _torchvision_forward_impl, _timm_forward_features, 
 def _stem_override(m: nn.Module):
     """(method name, fused method, stem modules) for a recognized ResNet model or detection body."""
     name = type(m).__name__
-    if name == "ResNet" and _from(m, "torchvision"):
+    if name == "ResNet" and type(m).__module__ == "torchvision.models.resnet":
         return "_forward_impl", _torchvision_forward_impl, (m.conv1, m.bn1, m.relu)
-    if name == "ResNet" and _from(m, "timm"):
+    if name == "ResNet" and type(m).__module__ == "timm.models.resnet":
         if getattr(m, "grad_checkpointing", False):
             raise NotImplementedError("grad_checkpointing is on: the stem and stages stay as timm runs them")
         return "forward_features", _timm_forward_features, (m.conv1, m.bn1, m.act1)
-    if name == "IntermediateLayerGetter" and _from(m, "torchvision") and hasattr(m, "conv1"):
+    if (name == "IntermediateLayerGetter" and _from(m, "torchvision")
+            and [n for n, _ in list(m.named_children())[:3]] == list(_STEM)):  # a torchvision ResNet's body
         if set(_STEM) & set(m.return_layers):
             raise NotImplementedError(f"the stem's own outputs are returned ({sorted(m.return_layers)})")
         return "forward", _getter_forward, (m.conv1, m.bn1, m.relu)
@@ -169,8 +187,7 @@ def _stem_override(m: nn.Module):
 def _unfuse(model: nn.Module) -> None:
     for m in model.modules():
         for attr in ("forward", "_forward_impl", "forward_features"):
-            bound = m.__dict__.get(attr)
-            if getattr(bound, "__func__", None) in _FORWARDS:
+            if _switched(m, attr) is not None:
                 del m.__dict__[attr]
 
 
@@ -196,7 +213,11 @@ def fuse(model: nn.Module, impl: str = "fused", *, strict: bool = False) -> nn.M
     Warns:
         UnfusedWarning: once, listing each recognized module left on PyTorch's
             path and why (an activation other than ReLU, blur-pool
-            anti-aliasing, a norm layer other than batch norm, ...).
+            anti-aliasing, a norm layer other than batch norm, a conv or norm
+            subclass with a forward of its own, ...). A forward warns too
+            where it runs a module as PyTorch's at that call (hooks on its
+            submodules, batch norms of a block in both modes, a conv bias
+            in training).
 
     Raises:
         ValueError: an unknown ``impl``; with ``strict``, any module that
@@ -204,16 +225,17 @@ def fuse(model: nn.Module, impl: str = "fused", *, strict: bool = False) -> nn.M
     """
     if impl not in ("fused", "eager"):
         raise ValueError(f"impl must be 'fused' or 'eager'; got {impl!r}")
-    _unfuse(model)
-    own = [m for m in model.modules() if hasattr(m, "set_impl") and _from(m, "aru_models")]
-    for m in own:
-        m.set_impl(impl)
-    if impl == "eager":
-        return model
+    from .resnet import BasicBlock, Bottleneck
+
+    own = [m for m in model.modules() if _from(m, "aru_models") and hasattr(m, "impl")]
     plan, skipped = [], []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules() if impl == "fused" else ():
         try:
-            if _is_block(m):
+            if _from(m, "aru_models") and isinstance(m, (BasicBlock, Bottleneck)):
+                fused.block_parts(m)  # switched with impl below: checked, to be reported
+            elif _from(m, "aru_models") and hasattr(m, "set_impl"):
+                fused.own_stem_pairs(m)
+            elif _is_block(m):
                 block_parts(m)
                 plan.append((m, "forward", _block_forward))
             else:
@@ -226,8 +248,16 @@ def fuse(model: nn.Module, impl: str = "fused", *, strict: bool = False) -> nn.M
     if skipped and strict:
         raise ValueError("fuse(strict=True): these modules cannot run on the fused kernels:\n  "
                          + "\n  ".join(skipped))
+    _unfuse(model)
+    for m in own:
+        if hasattr(m, "set_impl"):
+            m.set_impl(impl)
+        else:
+            m.impl = impl
+    if impl == "eager":
+        return model
     for m, attr, fn in plan:
-        setattr(m, attr, types.MethodType(fn, m))
+        setattr(m, attr, functools.partial(fn, m))  # (a bound method would not pickle: torch.save(model))
     if skipped:
         warnings.warn("fuse: left on PyTorch's path:\n  " + "\n  ".join(skipped), UnfusedWarning, stacklevel=2)
     if not plan and not own and not skipped:

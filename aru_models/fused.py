@@ -41,6 +41,9 @@ and in both modes the global average pool and the classifier, stay PyTorch.
 
 from __future__ import annotations
 
+import functools
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -53,7 +56,16 @@ from aru_kernels.maxpool import window_fits
 from aru_kernels.sync_bn import synchronized
 
 __all__ = ["resnet_forward", "block_forward", "layers_forward", "layer_forward", "parts_forward", "stem_forward",
-           "block_parts", "BlockParts", "conv_bn", "conv_bn_batch_stats", "is_frozen_bn"]
+           "stem", "block_parts", "BlockParts", "conv_bn", "conv_bn_batch_stats", "is_frozen_bn",
+           "UnfusedWarning"]
+
+
+class UnfusedWarning(UserWarning):
+    """Modules of a model left on PyTorch's path: reported by :func:`aru_models.fuse`,
+    or by a forward that cannot run the kernels at that call (hooks on a block's
+    submodules, batch norms of a block in training and eval mode at once, a
+    convolution with a bias in training, a layer replaced by one the kernels do
+    not compute), which then calls the modules as they are."""
 
 
 def is_frozen_bn(bn: nn.Module) -> bool:
@@ -65,11 +77,18 @@ def is_frozen_bn(bn: nn.Module) -> bool:
 def _uses_batch_stats(bn: nn.Module) -> bool:
     if is_frozen_bn(bn):
         return False
-    return bn.training or bn.running_mean is None
+    return bn.training or getattr(bn, "running_mean", None) is None
+
+
+_BN_FORWARDS = (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
 
 
 def _check_bn(bn: nn.Module) -> None:
-    if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) or is_frozen_bn(bn)):
+    # a subclass with a forward of its own (timm's BatchNormAct2d: its activation inside) computes something
+    # else, unless it is a batch norm synchronized across processes (a process_group attribute, as
+    # nn.SyncBatchNorm's; the training CLI's for CPUs), whose statistics the kernels gather themselves
+    own_forward = type(bn).forward not in _BN_FORWARDS and not hasattr(bn, "process_group")
+    if not (isinstance(bn, (nn.BatchNorm2d, nn.SyncBatchNorm)) and not own_forward or is_frozen_bn(bn)):
         raise NotImplementedError(f"impl='fused' fuses BatchNorm2d (or FrozenBatchNorm2d) norm layers; "
                                   f"got {type(bn).__name__}")
 
@@ -77,6 +96,10 @@ def _check_bn(bn: nn.Module) -> None:
 def _check_conv(conv: nn.Module) -> None:
     if not isinstance(conv, nn.Conv2d):
         raise NotImplementedError(f"impl='fused' fuses nn.Conv2d convolutions; got {type(conv).__name__}")
+    if type(conv).forward is not nn.Conv2d.forward or type(conv)._conv_forward is not nn.Conv2d._conv_forward:
+        # weight standardization, "same" padding computed per input, ...
+        raise NotImplementedError(f"impl='fused' fuses nn.Conv2d convolutions; {type(conv).__name__} has a "
+                                  "forward of its own")
     if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
         raise NotImplementedError(f"impl='fused' supports numeric zero padding; got {conv.padding!r}, "
                                   f"padding_mode={conv.padding_mode!r}")
@@ -101,18 +124,24 @@ class BlockParts:
     drop_block: nn.Module | None = None
 
     def check(self) -> "BlockParts":
-        for conv, bn in self.chain + ((self.downsample[1:],) if self.downsample else ()):
+        for conv, bn in self.pairs():
             _check_conv(conv)
             _check_bn(bn)
         return self
 
     def norms(self) -> list[nn.Module]:
-        return [bn for _, bn in self.chain] + ([self.downsample[2]] if self.downsample else [])
+        return [bn for _, bn in self.pairs()]
+
+    def pairs(self) -> tuple:
+        """Every (conv, bn) of the block, the downsample's last."""
+        return self.chain + ((self.downsample[1:],) if self.downsample else ())
 
 
 def block_parts(block: nn.Module) -> BlockParts:
     """The parts of a ``BasicBlock`` or ``Bottleneck`` of this package or torchvision
     (``conv1``/``bn1``/.../``downsample`` = Sequential(conv, bn))."""
+    if not isinstance(block.relu, nn.ReLU):
+        raise NotImplementedError(f"relu is {type(block.relu).__name__}, not ReLU")
     chain = [(block.conv1, block.bn1), (block.conv2, block.bn2)]
     if hasattr(block, "conv3"):  # Bottleneck: 1x1 -> 3x3 (grouped: the ARU) -> 1x1
         chain.append((block.conv3, block.bn3))
@@ -196,7 +225,9 @@ def _excitation(se: nn.Module | None):
     """timm's ``SEModule`` as a function of the squeeze ([N, C] means) to the
     excitation ([N, C], fp32): its own layers on the [N, C, 1, 1] means; None for
     anything else (then the module runs as it is)."""
-    if type(se).__name__ != "SEModule" or not all(hasattr(se, a) for a in ("fc1", "bn", "act", "fc2", "gate")):
+    if (type(se).__name__ != "SEModule" or not type(se).__module__.startswith("timm.")
+            or not all(hasattr(se, a) for a in ("fc1", "bn", "act", "fc2", "gate"))
+            or getattr(se, "add_maxpool", False)):  # a max over the pixels beside the mean: not the squeeze we take
         return None
 
     def excite(means: Tensor) -> Tensor:
@@ -317,12 +348,67 @@ def parts_forward(parts: BlockParts, x: Tensor) -> Tensor:
     return _block_train(parts, x) if modes == {True} else _block_eval(parts, x)
 
 
-def block_forward(block: nn.Module, x: Tensor) -> Tensor:
-    """Output of a residual ``block`` (BasicBlock or Bottleneck) for activations ``x``.
+def _hooks_below(module: nn.Module, itself: bool = False) -> str | None:
+    """The name of a submodule of ``module`` (``module`` too with ``itself``) whose call
+    runs hooks; the kernels would skip them."""
+    from torch.nn.modules import module as _m
+    if (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+            or _m._global_backward_pre_hooks):
+        return "every module (global hooks)"
+    stack = [("", module)] if itself else [(name, m) for name, m in module._modules.items() if m is not None]
+    while stack:  # (named_modules() builds every name: a few us a module, at every forward)
+        name, m = stack.pop()
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+            return name or type(m).__name__
+        stack += [(f"{name}.{child}" if name else child, c) for child, c in m._modules.items() if c is not None]
+    return None
 
-    Returns a channels_last tensor whatever the input's memory format.
+
+def _state_reason(pairs) -> str | None:
+    """Why the kernels cannot run (conv, bn) ``pairs`` as they are now; None if they can."""
+    modes = {_uses_batch_stats(bn) for _, bn in pairs}
+    if len(modes) > 1:
+        return "its batch norms are in training and in eval mode at once"
+    if modes == {True} and any(conv.bias is not None for conv, _ in pairs):
+        return "a convolution with a bias, in training"
+    return None
+
+
+def _fusable(block: nn.Module, parts_of, itself: bool = False) -> tuple[BlockParts | None, str | None]:
+    """``(parts_of(block), None)`` where the kernels can compute ``block`` as it is now,
+    ``(None, why)`` where not (hooks on its submodules, or on itself with ``itself``)."""
+    hooked = _hooks_below(block, itself)
+    if hooked is not None:
+        return None, f"hooks on {hooked}"
+    try:
+        parts = parts_of(block)
+    except NotImplementedError as e:
+        return None, str(e)
+    if parts is None:
+        return None, "not switched to the kernels"
+    why = _state_reason(parts.pairs())
+    return (None, why) if why is not None else (parts, None)
+
+
+def block_forward(block: nn.Module, x: Tensor, eager: Callable[[Tensor], Tensor] | None = None,
+                  parts_of: Callable[[nn.Module], BlockParts] = block_parts) -> Tensor:
+    """Output of a residual ``block`` (BasicBlock or Bottleneck) for activations ``x``,
+    its parts read by ``parts_of``.
+
+    Where the kernels cannot compute the block as it is at this call (hooks on
+    its submodules, which they would skip; see :class:`UnfusedWarning`),
+    ``eager(x)`` runs it instead, with an :class:`UnfusedWarning` saying why;
+    without ``eager``, ``NotImplementedError``. Returns a channels_last tensor
+    whatever the input's memory format (``eager``'s result as it comes).
     """
-    return parts_forward(block_parts(block), x)
+    parts, why = _fusable(block, parts_of)
+    if why is not None:
+        if eager is None:
+            raise NotImplementedError(why)
+        warnings.warn(f"impl='fused': {type(block).__name__} runs on PyTorch's path at this call: {why}",
+                      UnfusedWarning, stacklevel=3)
+        return eager(x)
+    return parts_forward(parts, x)
 
 
 def _hooked(m: nn.Module) -> bool:
@@ -361,7 +447,7 @@ def layers_forward(layers, x: Tensor, parts_of=None, pool: nn.Module | None = No
             x = layer(flush(x))
             continue
         for block in layer:
-            parts = None if _hooked(block) else parts_of(block)
+            parts, _ = _fusable(block, parts_of, itself=True)  # (a block with hooks of its own is called)
             if parts is not None and {_uses_batch_stats(bn) for bn in parts.norms()} == {True} and _one_node(parts):
                 run.append((block, parts))
                 continue
@@ -386,7 +472,7 @@ def layer_forward(layer: nn.Module, x: Tensor, parts_of=None) -> Tensor:
 
 def _own_parts(block: nn.Module) -> BlockParts | None:
     """This package's blocks (switched to the kernels) as :class:`BlockParts`."""
-    return block_parts(block) if getattr(block, "impl", None) == "fused" else None
+    return block_parts(block) if getattr(block, "impl", None) == "fused" and hasattr(block, "conv1") else None
 
 
 def _fusable_pool(pool: nn.Module | None) -> bool:
@@ -432,12 +518,48 @@ def stem_forward(pairs, x: Tensor, pool: nn.Module | None = None) -> Tensor:
     return x if pool is None else pool(x)
 
 
+def stem(x: Tensor, modules: list, pairs_of: Callable[[], list], pool: nn.Module | None = None) -> Tensor:
+    """A network's stem: ``modules`` (its conv, or a deep stem's Sequential, its batch
+    norm and its ReLU) applied to ``x``, then ``pool`` if given; through
+    :func:`stem_forward` with the (conv, bn) pairs ``pairs_of()`` gives where the
+    kernels can run them as they are at this call, else by calling the modules, with
+    an :class:`UnfusedWarning` saying why (hooks on them, which the kernels would
+    skip; a norm or conv they do not compute, ``pairs_of`` raising
+    ``NotImplementedError``; batch norms in both modes; a conv bias in training)."""
+    hooked = [name for m in modules for name in [_hooks_below(m, itself=True)] if name]
+    why = f"hooks on {hooked[0]}" if hooked else None
+    if why is None:
+        try:
+            pairs = pairs_of()
+            why = _state_reason(pairs)
+        except NotImplementedError as e:
+            why = str(e)
+    if why is None:
+        return stem_forward(pairs, x, pool)
+    warnings.warn(f"impl='fused': the stem runs on PyTorch's path at this call: {why}", UnfusedWarning,
+                  stacklevel=3)
+    for m in modules:
+        x = m(x)
+    return x if pool is None else pool(x)
+
+
+def own_stem_pairs(model: nn.Module) -> list:
+    """The (conv, bn) pair of this package's networks' stem (``conv1``, ``bn1``,
+    ``relu``); ``NotImplementedError`` for what the kernels do not compute."""
+    if not isinstance(model.relu, nn.ReLU):
+        raise NotImplementedError(f"the stem's activation is {type(model.relu).__name__}, not ReLU")
+    _check_conv(model.conv1)
+    _check_bn(model.bn1)
+    return [(model.conv1, model.bn1)]
+
+
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     """Logits of ``model`` (an :class:`aru_models.resnet.ResNet`, or a network
     with its ``conv1``/``bn1``/[``maxpool``]/``layer*``/``avgpool``/``fc`` layout
     such as :class:`aru_models.cifar.CifarResNeXt`)
     for images ``x``, in any memory format (made channels_last once, here)."""
-    x = stem_forward([(model.conv1, model.bn1)], x, getattr(model, "maxpool", None))  # CIFAR networks have none
+    x = stem(x, [model.conv1, model.bn1, model.relu], functools.partial(own_stem_pairs, model),
+             getattr(model, "maxpool", None))  # CIFAR networks have none
     x = layers_forward(_stages(model), x, pool=model.avgpool)
     return model.fc(torch.flatten(x, 1))
 

@@ -142,7 +142,11 @@ class BasicBlock(nn.Module):
         if self.impl == "fused":
             from . import fused
 
-            return fused.block_forward(self, x)
+            # the modules' own calls where the kernels cannot compute the block as it is now
+            return fused.block_forward(self, x, self._eager_forward)
+        return self._eager_forward(x)
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
         identity = x
 
         out = self.conv1(x)
@@ -215,7 +219,11 @@ class Bottleneck(nn.Module):
         if self.impl == "fused":
             from . import fused
 
-            return fused.block_forward(self, x)
+            # the modules' own calls where the kernels cannot compute the block as it is now
+            return fused.block_forward(self, x, self._eager_forward)
+        return self._eager_forward(x)
+
+    def _eager_forward(self, x: Tensor) -> Tensor:
         identity = x
 
         out = self.conv1(x)

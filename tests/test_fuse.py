@@ -266,3 +266,161 @@ def test_fused_squeeze_excitation_inference_holds_no_more_than_eager():
     print({k: f"{v / 2**30:.3f} GiB" for k, v in peaks.items()})
     assert peaks["eager"] > 2**30  # (the activations of batch 256 are counted)
     assert peaks["fused"] <= 1.01 * peaks["eager"]
+
+
+# --- what the kernels do not compute stays PyTorch's -----------------------------------------
+
+
+def _eval_pair(model):
+    """A model with non-trivial statistics in eval mode and its unconverted float64 twin."""
+    model = randomize_norms(model).eval()
+    return model, _double_twin(model)
+
+
+def test_hooks_inside_blocks_and_stem_run(device):
+    """Hooks on a block's or the stem's submodules (a weight-norm pre-hook, a feature grab,
+    one that changes the output) run: the kernels would skip them, so those modules run
+    as PyTorch's, with an UnfusedWarning; the logits are the hooked model's."""
+    model, twin = _eval_pair(plain_resnext(num_classes=5))
+    model, twin = model.to(device), twin.to(device)
+    for m in (model, twin):
+        m.layer1[0].conv2.register_forward_hook(lambda mod, args, out: out * 2)
+    seen = []
+    model.conv1.register_forward_hook(lambda mod, args, out: seen.append("stem"))
+    model.layer2[0].bn1.register_forward_pre_hook(lambda mod, args: seen.append("bn1"))
+    aru_models.fuse(model)
+    x = torch.randn(2, 3, 21, 19, device=device)
+    with warnings.catch_warnings(record=True) as record, torch.no_grad():
+        warnings.simplefilter("always")
+        out = model(x)
+    messages = " | ".join(str(r.message) for r in record if issubclass(r.category, aru_models.UnfusedWarning))
+    for why in ("the stem runs on PyTorch's path", "hooks on conv2", "hooks on bn1"):
+        assert why in messages, messages
+    assert seen == ["stem", "bn1"]
+    with torch.no_grad():
+        assert_close(out, twin(x.double()), torch.float32, what="logits with hooks")
+
+
+@pytest.mark.parametrize("variant", ["se-maxpool", "bn-act", "std-conv", "same-conv"])
+def test_layers_computing_something_else_are_not_fused_as_plain_ones(variant, device):
+    """A squeeze-excitation with a max beside its mean, a batch norm with its activation
+    inside (timm's BatchNormAct2d), convolutions with a forward of their own (weight
+    standardization, "same" padding per input): each is computed as the model's own
+    module, never as the plain layer the kernels take it for."""
+    from functools import partial
+
+    from timm.layers import BatchNormAct2d, Conv2dSame, SEModule, StdConv2d
+
+    kwargs = {"se-maxpool": dict(block_args=dict(attn_layer=partial(SEModule, add_maxpool=True))),
+              "bn-act": dict(norm_layer=BatchNormAct2d)}.get(variant, {})
+    model = plain_resnext(num_classes=5, **kwargs)
+    if variant in ("std-conv", "same-conv"):
+        c = model.layer2[0].conv2
+        make = StdConv2d if variant == "std-conv" else Conv2dSame
+        model.layer2[0].conv2 = make(c.in_channels, c.out_channels, 3, stride=2, groups=c.groups, bias=False,
+                                     **({"padding": 1} if variant == "std-conv" else {}))
+    model, twin = _eval_pair(model)
+    model, twin = model.to(device), twin.to(device)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        aru_models.fuse(model)
+    reported = [str(r.message) for r in record if issubclass(r.category, aru_models.UnfusedWarning)]
+    if variant == "se-maxpool":
+        assert reported == []  # (the block is fused; its squeeze-excitation runs as the module)
+    else:
+        assert reported and ("layer2.0" in reported[0]) and ("BatchNormAct2d" in reported[0] or
+                                                            "has a forward of its own" in reported[0])
+    x = torch.randn(2, 3, 21, 19, device=device)
+    with torch.no_grad():
+        assert_close(model(x), twin(x.double()), torch.float32, what=f"logits ({variant})")
+
+
+def test_other_models_with_the_block_names_are_left_alone():
+    """timm's RegNet and TResNet and torchvision's video ResNets name their blocks
+    Bottleneck or BasicBlock too; they are not ResNet blocks of the kinds fuse knows."""
+    tv_video = pytest.importorskip("torchvision.models.video")
+    for model in (timm.create_model("regnetx_002"), timm.create_model("tresnet_m", num_classes=10),
+                  tv_video.r3d_18(num_classes=10)):
+        with pytest.warns(aru_models.UnfusedWarning, match="no ResNet-family block or stem found"):
+            aru_models.fuse(model)
+        assert _fused_forwards(model) == []
+
+
+def test_detection_getter_over_a_timm_resnet(device):
+    """An IntermediateLayerGetter over timm's ResNet (its stem's activation is ``act1``):
+    its blocks are fused, the getter runs as it is."""
+    from torchvision.models._utils import IntermediateLayerGetter
+
+    model, _ = _eval_pair(plain_resnext(num_classes=5))
+    getter = IntermediateLayerGetter(model, {"layer1": "c2", "layer2": "c3"}).to(device)
+    twin = _double_twin(getter)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        aru_models.fuse(getter)
+    assert _fused_forwards(getter) == ["layer1.0", "layer2.0"]
+    x = torch.randn(2, 3, 21, 19, device=device)
+    with torch.no_grad():
+        feats, expected = getter(x), twin(x.double())
+    for name in ("c2", "c3"):
+        assert_close(feats[name], expected[name], torch.float32, what=f"feature map {name}")
+
+
+def test_fused_model_saved_whole_loads(tmp_path, device):
+    """torch.save(model) of a fused model loads back fused, its forwards bound to the loaded
+    modules (and deepcopy's to the copy's); fuse(impl="eager") still undoes them."""
+    model, twin = _eval_pair(plain_resnext(num_classes=5))
+    model, twin = model.to(device), twin.to(device)
+    aru_models.fuse(model)
+    torch.save(model, tmp_path / "model.pt")
+    for loaded in (torch.load(tmp_path / "model.pt", weights_only=False), copy.deepcopy(model)):
+        assert _fused_forwards(loaded) == _fused_forwards(model) and _fused_forwards(model)
+        assert loaded.layer1[0].forward.args[0] is loaded.layer1[0]
+        x = torch.randn(2, 3, 21, 19, device=device)
+        log = OpLog()
+        with torch.no_grad(), log:
+            out = loaded(x)
+        assert "aru.conv_bn_act" in log.ops
+        with torch.no_grad():
+            assert_close(out, twin(x.double()), torch.float32, what="logits of the loaded model")
+        aru_models.fuse(loaded, impl="eager")
+        assert _fused_forwards(loaded) == []
+
+
+@pytest.mark.parametrize("change", ["conv-bias", "mixed-modes"])
+def test_block_the_kernels_cannot_train_as_it_is_runs_eagerly(change, device):
+    """In training, a block with a biased convolution, or whose batch norms are partly in
+    eval mode, runs as timm's own forward at that call (an UnfusedWarning says why):
+    the step is the unconverted model's."""
+    model = randomize_norms(plain_resnext(num_classes=5)).to(device).train()
+    block = model.layer2[0]
+    if change == "conv-bias":
+        c = block.conv1
+        block.conv1 = torch.nn.Conv2d(c.in_channels, c.out_channels, 1, bias=True).to(device)
+    else:
+        block.bn2.eval()
+    twin, eager = _double_twin(model), copy.deepcopy(model)
+    aru_models.fuse(model, strict=True)
+    x = torch.randn(2, 3, 21, 19, device=device)
+    why = "a convolution with a bias" if change == "conv-bias" else "in training and in eval mode at once"
+    with pytest.warns(aru_models.UnfusedWarning, match=why):
+        out = model(x)
+    outs = [out, eager(x), twin(x.double())]
+    assert_close(out, outs[2], torch.float32, what="logits")
+    for o in outs:
+        o.square().sum().backward()
+    # (batch norms over 2 images at 2x2 leave eager float32 itself about 1e-3 off float64)
+    for (name, p), q, r in zip(model.named_parameters(), eager.parameters(), twin.parameters()):
+        assert_as_accurate(p.grad, q.grad, r.grad, what=f"gradient of {name}")
+
+
+def test_grad_checkpointing_switched_on_after_fuse_is_honoured(device):
+    """fuse refuses a timm model with grad_checkpointing on; switched on afterwards, the
+    stem and stages run as timm's checkpointed forward (an UnfusedWarning says so)."""
+    model, twin = _eval_pair(plain_resnext(num_classes=5))
+    model, twin = model.to(device), twin.to(device)
+    aru_models.fuse(model)
+    model.set_grad_checkpointing(True)
+    x = torch.randn(2, 3, 21, 19, device=device)
+    with pytest.warns(aru_models.UnfusedWarning, match="grad_checkpointing is on"):
+        out = model(x)
+    assert_close(out, twin(x.double()), torch.float32, what="logits")

@@ -317,6 +317,54 @@ def test_hooked_block_is_called_in_training(device):
         assert_close(a.grad, b.grad, torch.float32, what=f"gradient of {name}")
 
 
+def test_own_blocks_and_stem_the_kernels_cannot_run_now_run_eagerly(device):
+    """impl='fused' where the kernels cannot compute a module as it is at that call: a
+    block whose batch norms are partly in eval mode, hooks on a block's conv or on the
+    stem's batch norm. Those run as the eager forward (an UnfusedWarning says why), the
+    rest fused; the step is the eager twin's."""
+    torch.manual_seed(0)
+    model = aru_models.resnext29_tiny(impl="fused").to(device).train()
+    randomize_bn(model)
+    model.layer2[1].bn3.eval()
+    twin = copy.deepcopy(model).set_impl("eager")
+    seen = []
+    for m in (model, twin):
+        m.layer3[0].conv2.register_forward_hook(lambda mod, args, out: out * 0.5)
+    model.bn1.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    x = torch.randn(2, 3, 12, 12, device=device)
+    with pytest.warns(aru_models.UnfusedWarning) as record:
+        out = model(x)
+    messages = " | ".join(str(r.message) for r in record)
+    for why in ("training and in eval mode at once", "hooks on conv2", "the stem runs on PyTorch's path"):
+        assert why in messages, messages
+    assert seen == [torch.Size([2, 8, 12, 12])]
+    expected = twin(x)
+    assert_close(out, expected, torch.float32, what="logits")
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert_close(a.grad, b.grad, torch.float32, what=f"gradient of {name}")
+
+
+def test_own_model_with_group_norm_is_reported_and_runs_eagerly():
+    """This package's model built with a norm layer the kernels do not compute: fuse reports
+    it (and with strict refuses, changing nothing), and impl='fused' runs it as the eager
+    forward instead of failing inside the kernels' path."""
+    def gn(c):
+        return torch.nn.GroupNorm(2, c)
+    model = aru_models.resnet18(num_classes=5, norm_layer=gn, impl="eager").eval()
+    with pytest.raises(ValueError, match=r"layer1\.0: .*got GroupNorm"):
+        aru_models.fuse(model, strict=True)
+    assert {m.impl for m in model.modules() if hasattr(m, "impl")} == {"eager"}
+    with pytest.warns(aru_models.UnfusedWarning, match="got GroupNorm"):
+        aru_models.fuse(model)
+    x = torch.randn(2, 3, 20, 20)
+    with torch.no_grad():
+        expected = copy.deepcopy(model).set_impl("eager")(x)
+        with pytest.warns(aru_models.UnfusedWarning, match="got GroupNorm"):
+            assert torch.equal(model(x), expected)
+
+
 def test_stem_pool_runs_as_module_when_it_cannot_be_fused(device):
     """In training the stem's max-pool is one pass with its batch norm and ReLU; a pool
     with a hook, or one the kernel does not compute (ceil mode, a window over 11), runs as

@@ -318,6 +318,7 @@ def torchrun(argv: list[str], nproc: int = 2) -> str:
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    assert "UnfusedWarning" not in proc.stderr, proc.stderr[-4000:]  # --impl fused ran the kernels throughout
     return proc.stdout
 
 
