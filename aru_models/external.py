@@ -191,6 +191,14 @@ def _unfuse(model: nn.Module) -> None:
                 del m.__dict__[attr]
 
 
+def _replacing(m: nn.Module, attr: str, fn) -> tuple:
+    """(m, attr, fn): ``m.<attr>`` to be switched to ``fn``; NotImplementedError where the
+    instance holds a function of its own there (the user's: it would be lost)."""
+    if attr in m.__dict__ and _switched(m, attr) is None:
+        raise NotImplementedError(f"its {attr} was replaced on the instance")
+    return m, attr, fn
+
+
 def fuse(model: nn.Module, impl: str = "fused", *, strict: bool = False) -> nn.Module:
     """Run ``model``'s ResNet-family blocks and stem on the fused kernels, in place.
 
@@ -237,12 +245,12 @@ def fuse(model: nn.Module, impl: str = "fused", *, strict: bool = False) -> nn.M
                 fused.own_stem_pairs(m)
             elif _is_block(m):
                 block_parts(m)
-                plan.append((m, "forward", _block_forward))
+                plan.append(_replacing(m, "forward", _block_forward))
             else:
                 stem = _stem_override(m)
                 if stem is not None:
                     _stem_pairs(*stem[2])
-                    plan.append((m, stem[0], stem[1]))
+                    plan.append(_replacing(m, stem[0], stem[1]))
         except NotImplementedError as why:
             skipped.append(f"{name or type(m).__name__}: {why}")
     if skipped and strict:

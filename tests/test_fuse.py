@@ -424,3 +424,18 @@ def test_grad_checkpointing_switched_on_after_fuse_is_honoured(device):
     with pytest.warns(aru_models.UnfusedWarning, match="grad_checkpointing is on"):
         out = model(x)
     assert_close(out, twin(x.double()), torch.float32, what="logits")
+
+
+def test_a_forward_replaced_on_the_instance_is_kept():
+    """A block whose forward the user replaced on the instance keeps it: fuse reports the
+    block instead of overwriting it, and fuse(impl="eager") leaves it in place."""
+    model = plain_resnext(num_classes=5)
+    block = model.layer2[0]
+    mine = block.forward
+    block.forward = lambda x: mine(x)
+    patched = block.forward
+    with pytest.warns(aru_models.UnfusedWarning, match=r"layer2\.0: its forward was replaced on the instance"):
+        aru_models.fuse(model)
+    assert block.forward is patched and "layer1.0" in _fused_forwards(model)
+    aru_models.fuse(model, impl="eager")
+    assert block.forward is patched and _fused_forwards(model) == ["layer2.0"]
