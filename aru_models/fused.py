@@ -34,6 +34,11 @@ between the last batch norm and the residual add (other attention modules,
 stochastic depth, in training DropBlock) run as they are on a materialized
 normalized branch. ``FrozenBatchNorm2d`` is applied like an eval-mode batch norm.
 
+Where the kernels cannot compute a block or stem as it is at a call (hooks on
+its submodules, which they would skip; batch norms in both modes; a conv
+bias in training; a layer replaced by one they do not compute), that call
+runs the module's own forward, with an :class:`UnfusedWarning` saying why.
+
 Activations stay channels_last (NHWC) between kernels. In training the stem's
 last batch norm, ReLU and max-pool are one pass; in inference the max-pool,
 and in both modes the global average pool and the classifier, stay PyTorch.
