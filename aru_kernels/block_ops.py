@@ -367,7 +367,9 @@ def _block_backward(configs, has_ds: bool, x: Tensor, convs, per, dz: Tensor, su
         stride, padding, dilation, groups, _, _ = configs[k]
         d_w, d_b, st_a, st_b = _bn_grads(d_shift, d_scale, invstd, scale, bn_weights[k], rows(y))
         grads[k][1] = d_w
-        grads[k][2] = None if bn_biases[k] is None else d_b.to(bn_biases[k].dtype)
+        # a copy: d_b is a row of the sums, the same row for the last batch norm and the downsample's
+        # (both add to z); autograd keeps what it is given as .grad, so two biases would share it
+        grads[k][2] = None if bn_biases[k] is None else d_b.to(bn_biases[k].dtype, copy=True)
         inner = 0 < k < chain  # its input is the previous conv's output, normalized on the way in
         src = per[k - 1][0] if inner else x
         pro = (per[k - 1][1], per[k - 1][3], per[k - 1][4]) if inner else (None, None, None)

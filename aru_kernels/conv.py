@@ -760,11 +760,15 @@ def conv_wgrad_kernel(
                 y_t = tl.load(y_ptr + g_off, mask=g_ok, other=0.0)
                 if DGRAD:
                     g = g + _prologue(y_t, g_ok, cn, n_ok, st_mean_ptr, st_b_ptr, st_a_ptr, True, False)
-                else:
+                elif WHOLE_G or dy_ptr.dtype.element_ty != tl.float16:
                     # unmasked: a row or channel outside the tile gets a finite term (y and the
                     # vectors load 0 there), which meets only zeros of A in the dot and is never
                     # stored. (DGRAD keeps the mask: without it, its epilogue spills.)
                     g = g + _prologue(y_t, True, cn, n_ok, st_mean_ptr, st_b_ptr, st_a_ptr, True, False)
+                else:
+                    # float16: outside the tile's rows that term, a - b * mean, passes 65504 where
+                    # |mean| >> std, turns inf in the cast below, and inf * 0 in the dot is NaN
+                    g = g + _prologue(y_t, m_ok[:, None], cn, n_ok, st_mean_ptr, st_b_ptr, st_a_ptr, True, False)
                 if SQ_TERM:
                     g_img = (rm // (P * Q)).to(tl.int64)
                     g += tl.load(st_sq_ptr + g_img[:, None] * C_OUT + cn[None, :], mask=g_ok, other=0.0)

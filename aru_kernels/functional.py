@@ -138,9 +138,11 @@ def conv_bn_act(
 
     Non-finite inputs: small groups are computed in block-diagonal packs of
     16 channels, so an inf or NaN input of one group turns the other groups
-    of its pack NaN (``0 * inf``) where ``F.conv2d`` confines it to its group.
-    A non-finite input never yields a finite output where ``F.conv2d``'s is
-    non-finite.
+    of its pack NaN (``0 * inf``) where ``F.conv2d`` confines it to its group;
+    a strided conv over few channels (the stem, run as a conv of 2x2 pixel
+    blocks with an odd kernel padded by zero taps) turns NaN the outputs
+    whose window ends just before such a pixel too. A non-finite input never
+    yields a finite output where ``F.conv2d``'s is non-finite.
 
     Raises:
         ValueError / TypeError / RuntimeError with what was expected and what

@@ -222,16 +222,23 @@ def test_nan_gradients_follow_pytorch(device):
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # 0 * inf in the interpreter
+@pytest.mark.parametrize("case", ["packed-groups", "stem"])
 @pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")], ids=["inf", "-inf", "nan"])
-def test_non_finite_input_never_gives_a_finite_result_where_pytorch_does_not(device, value):
+def test_non_finite_input_never_gives_a_finite_result_where_pytorch_does_not(device, value, case):
     """Packed small groups may spread a non-finite value to the other groups of its
-    pack (documented); they must never hide one."""
-    x = torch.randn(1, 32, 3, 3, device=device)
-    x[0, 3, 1, 1] = value
+    pack, and the stem's 2x2-block form to the outputs beside its window (documented);
+    they must never hide one."""
+    if case == "packed-groups":
+        x = torch.randn(1, 32, 3, 3, device=device)
+        x[0, 3, 1, 1] = value
+        weight, conv = torch.randn(32, 4, 3, 3, device=device), dict(padding=1, groups=8)
+    else:  # a 7x7 stride-2 conv over 3 channels: a stride-1 conv of 2x2 pixel blocks, its taps padded to 8x8
+        x = torch.randn(1, 3, 11, 11, device=device)
+        x[0, 1, 4, 6] = value
+        weight, conv = torch.randn(8, 3, 7, 7, device=device), dict(stride=2, padding=3)
     x = cl(x)
-    weight = torch.randn(32, 4, 3, 3, device=device)
-    out = aru_kernels.conv_bn_act(x, weight, padding=1, groups=8)
-    expected = F.conv2d(x.double(), weight.double(), padding=1, groups=8)
+    out = aru_kernels.conv_bn_act(x, weight, **conv)
+    expected = F.conv2d(x.double(), weight.double(), **conv)
     hidden = ~torch.isfinite(expected) & torch.isfinite(out)
     assert not hidden.any(), f"{int(hidden.sum())} outputs are finite where F.conv2d's are not"
     finite = torch.isfinite(out)

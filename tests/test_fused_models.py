@@ -317,6 +317,23 @@ def test_hooked_block_is_called_in_training(device):
         assert_close(a.grad, b.grad, torch.float32, what=f"gradient of {name}")
 
 
+def test_gradients_accumulate_over_two_backward_passes(device):
+    """Two backward passes without zero_grad leave every parameter's gradient at twice one
+    pass's, exactly: no two parameters' .grad share memory (the last batch norm's bias and
+    the downsample's did, so each pass added to both twice)."""
+    torch.manual_seed(0)
+    model = aru_models.resnext29_tiny(impl="fused").to(device).train()
+    randomize_bn(model)
+    x = torch.randn(2, 3, 12, 12, device=device)
+    model(x).square().sum().backward()
+    once = {name: p.grad.clone() for name, p in model.named_parameters()}
+    starts = [p.grad.data_ptr() for p in model.parameters()]
+    assert len(set(starts)) == len(starts), "parameters share a gradient tensor"
+    model(x).square().sum().backward()  # (batch statistics: the same step again)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, 2 * once[name]), name
+
+
 def test_own_blocks_and_stem_the_kernels_cannot_run_now_run_eagerly(device):
     """impl='fused' where the kernels cannot compute a module as it is at that call: a
     block whose batch norms are partly in eval mode, hooks on a block's conv or on the

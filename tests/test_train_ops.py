@@ -13,7 +13,7 @@ import torch
 import aru_kernels
 from aru_kernels import block_ops, plans
 from aru_kernels import reference as ref
-from helpers import OpLog, assert_close, rel_error
+from helpers import OpLog, assert_as_accurate, assert_close, rel_error
 from test_conv_op import GROUPINGS, KERNELS, channels_last
 
 # Every buffer an operator allocates starts as NaN: unwritten gradient elements fail.
@@ -1345,3 +1345,37 @@ def test_sync_stats_two_processes_match_one(tmp_path, split):
     for i, (g, e) in enumerate(zip(got["grads"], expected)):
         assert_close(g, e, torch.float32, what=f"gradient {i} with synchronized statistics")
     assert_close(got["running"], expected_running, torch.float32, what="running statistics")
+
+
+@pytest.mark.parametrize("conv", [dict(k=1, stride=1, groups=1, hw=4), dict(k=3, stride=2, groups=2, hw=4)],
+                         ids=["1x1", "3x3s2g2"])
+def test_float16_weight_gradient_of_channels_far_from_zero(device, conv):
+    """float16, channels whose mean is 100 standard deviations from zero, a loss scale of 64:
+    the batch statistics' term of dL/dy is large where y is far from the mean, so the
+    weight gradient's tile rows past the last pixel (y = 0 there) must not take it (it
+    overflowed float16 to inf, and inf * 0 made the weight gradient NaN). float16 keeps
+    y - mean to a few percent here, so the gradients are held to eager float16's accuracy."""
+    k, stride, groups, hw = conv["k"], conv["stride"], conv["groups"], conv["hw"]
+    torch.manual_seed(0)
+    c, cg = 4, 4 // groups
+    x = channels_last((1.0 + 0.01 * torch.randn(2, c, hw, hw, device=device)).half())
+    w = torch.randn(c, cg, k, k, device=device) * 0.002
+    w[torch.arange(c), torch.arange(c) % cg, k // 2, k // 2] += 1.0  # each output near its own input channel
+    w = w.half()
+    p = (hw - k) // stride + 1
+    gz = 64.0 * torch.randn(2, c, p, p, device=device, dtype=torch.float64)
+    grads = {}
+    for impl, dtype in (("ours", torch.float16), ("eager", torch.float16), ("exact", torch.float64)):
+        xs, ws = x.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+        if impl == "ours":
+            y, mean, scale, shift = aru_kernels.conv_bn_train(xs, ws, None, None, stride=stride, groups=groups)
+            z = scale.view(1, -1, 1, 1) * (y.float() - mean.view(1, -1, 1, 1)) + shift.view(1, -1, 1, 1)
+        else:
+            y = torch.nn.functional.conv2d(xs, ws, stride=stride, groups=groups)
+            z = torch.nn.functional.batch_norm(y if dtype == torch.float64 else y.float(), None, None, training=True)
+        (z.double() * gz).sum().backward()
+        grads[impl] = (ws.grad, xs.grad)
+    assert all(torch.isfinite(g).all() for g in grads["exact"])
+    for i, name in enumerate(("weight", "input")):
+        assert torch.isfinite(grads["ours"][i]).all(), f"{name} gradient not finite"
+        assert_as_accurate(grads["ours"][i], grads["eager"][i], grads["exact"][i], what=f"{name} gradient")
