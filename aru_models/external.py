@@ -138,8 +138,7 @@ def _torchvision_forward_impl(self, x: Tensor) -> Tensor:
 
 def _timm_forward_features(self, x: Tensor) -> Tensor:
     if getattr(self, "grad_checkpointing", False):  # switched on after fuse: timm's checkpointed stages
-        warnings.warn("impl='fused': ResNet runs on PyTorch's path at this call: grad_checkpointing is on",
-                      fused.UnfusedWarning, stacklevel=2)
+        fused.warn_unfused("impl='fused': ResNet runs on PyTorch's path at this call: grad_checkpointing is on")
         return type(self).forward_features(self, x)
     x = _stem(x, self.conv1, self.bn1, self.act1, self.maxpool)
     return fused.layers_forward(_stages(self), x, _fused_parts)

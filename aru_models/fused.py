@@ -47,6 +47,8 @@ and in both modes the global average pool and the classifier, stay PyTorch.
 from __future__ import annotations
 
 import functools
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -353,6 +355,26 @@ def parts_forward(parts: BlockParts, x: Tensor) -> Tensor:
     return _block_train(parts, x) if modes == {True} else _block_eval(parts, x)
 
 
+def _library_file(filename: str) -> bool:
+    """Whether a frame's file belongs to this package or to the libraries whose modules call it."""
+    roots = [os.path.dirname(os.path.abspath(__file__))] + [
+        os.path.dirname(os.path.abspath(m.__file__)) for name in ("torch", "timm", "torchvision")
+        if (m := sys.modules.get(name)) is not None and getattr(m, "__file__", None)]
+    return any(filename.startswith(root + os.sep) for root in roots)
+
+
+def warn_unfused(message: str) -> None:
+    """An :class:`UnfusedWarning` attributed to the first caller outside this package,
+    torch, timm and torchvision (the user's line, for filters by module); none while
+    torch.compile traces (it cannot trace ``warnings.warn``: the fallback itself traces)."""
+    if torch.compiler.is_compiling():
+        return
+    level, frame = 2, sys._getframe(1)
+    while frame is not None and _library_file(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UnfusedWarning, stacklevel=level)
+
+
 def _hooks_below(module: nn.Module, itself: bool = False) -> str | None:
     """The name of a submodule of ``module`` (``module`` too with ``itself``) whose call
     runs hooks; the kernels would skip them."""
@@ -410,8 +432,7 @@ def block_forward(block: nn.Module, x: Tensor, eager: Callable[[Tensor], Tensor]
     if why is not None:
         if eager is None:
             raise NotImplementedError(why)
-        warnings.warn(f"impl='fused': {type(block).__name__} runs on PyTorch's path at this call: {why}",
-                      UnfusedWarning, stacklevel=3)
+        warn_unfused(f"impl='fused': {type(block).__name__} runs on PyTorch's path at this call: {why}")
         return eager(x)
     return parts_forward(parts, x)
 
@@ -541,8 +562,7 @@ def stem(x: Tensor, modules: list, pairs_of: Callable[[], list], pool: nn.Module
             why = str(e)
     if why is None:
         return stem_forward(pairs, x, pool)
-    warnings.warn(f"impl='fused': the stem runs on PyTorch's path at this call: {why}", UnfusedWarning,
-                  stacklevel=3)
+    warn_unfused(f"impl='fused': the stem runs on PyTorch's path at this call: {why}")
     for m in modules:
         x = m(x)
     return x if pool is None else pool(x)

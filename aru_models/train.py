@@ -280,7 +280,7 @@ class _CPUSyncBatchNorm2d(nn.BatchNorm2d):
                 self.num_batches_tracked += 1
                 momentum = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
                 self.running_mean.lerp_(mean.to(self.running_mean.dtype), momentum)
-                unbiased = var * (count / (count - 1).clamp_min(1))
+                unbiased = var * count / (count - 1)  # one value a channel: NaN, as SyncBatchNorm's
                 self.running_var.lerp_(unbiased.to(self.running_var.dtype), momentum)
         return y.to(x.dtype)
 

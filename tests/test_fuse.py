@@ -293,9 +293,11 @@ def test_hooks_inside_blocks_and_stem_run(device):
     with warnings.catch_warnings(record=True) as record, torch.no_grad():
         warnings.simplefilter("always")
         out = model(x)
-    messages = " | ".join(str(r.message) for r in record if issubclass(r.category, aru_models.UnfusedWarning))
+    unfused = [r for r in record if issubclass(r.category, aru_models.UnfusedWarning)]
+    messages = " | ".join(str(r.message) for r in unfused)
     for why in ("the stem runs on PyTorch's path", "hooks on conv2", "hooks on bn1"):
         assert why in messages, messages
+    assert {r.filename for r in unfused} == {__file__}, "the warnings name the caller's line"
     assert seen == ["stem", "bn1"]
     with torch.no_grad():
         assert_close(out, twin(x.double()), torch.float32, what="logits with hooks")
@@ -439,3 +441,20 @@ def test_a_forward_replaced_on_the_instance_is_kept():
     assert block.forward is patched and "layer1.0" in _fused_forwards(model)
     aru_models.fuse(model, impl="eager")
     assert block.forward is patched and _fused_forwards(model) == ["layer2.0"]
+
+
+@pytest.mark.parametrize("change", ["hook", "mixed-modes"])
+def test_torch_compile_fullgraph_traces_the_per_call_fallback(change, device):
+    """A block the kernels cannot compute at this call (a hook on its conv, batch norms in
+    both modes) runs as timm's forward under torch.compile(fullgraph=True) too: the
+    fallback traces (its warning is not issued while tracing)."""
+    model = randomize_norms(plain_resnext(num_classes=5)).to(device).train(change == "mixed-modes")
+    if change == "hook":
+        model.layer1[0].conv2.register_forward_hook(lambda mod, args, out: out * 2)
+    else:
+        model.layer1[0].bn2.eval()
+    twin = copy.deepcopy(model)
+    aru_models.fuse(model)
+    x = torch.randn(2, 3, 19, 21, device=device)
+    out = torch.compile(model, fullgraph=True, backend="aot_eager")(x)
+    assert_close(out, twin(x), torch.float32, what="compiled logits")

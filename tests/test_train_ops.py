@@ -1282,9 +1282,13 @@ def _one_value_worker(rank, world, init_file, x, w, result_file):
     try:
         state = dict(running_mean=torch.zeros(4), running_var=torch.ones(4), num_batches_tracked=torch.tensor(0))
         y, mean, scale, shift = aru_kernels.conv_bn_train(x[:1 - rank], w, None, None, **state, sync_stats=True)
+        from aru_models.train import _CPUSyncBatchNorm2d  # the training CLI's eager one, for CPUs
+
+        eager = _CPUSyncBatchNorm2d(4).train()
+        eager(torch.nn.functional.conv2d(x[:1 - rank], w))
         if rank == 0:
             torch.save({"y": scale.view(1, -1, 1, 1) * (y - mean.view(1, -1, 1, 1)) + shift.view(1, -1, 1, 1),
-                        **state}, result_file)
+                        "eager_running_var": eager.running_var, **state}, result_file)
     finally:
         dist.destroy_process_group()
 
@@ -1304,6 +1308,7 @@ def test_sync_stats_one_value_a_channel(tmp_path):
     assert_close(got["running_mean"], 0.1 * torch.nn.functional.conv2d(x, w).flatten(), torch.float32,
                  what="running mean")
     assert got["running_var"].isnan().all(), got["running_var"]
+    assert got["eager_running_var"].isnan().all(), got["eager_running_var"]  # the CLI's eager path agrees
     assert got["num_batches_tracked"].item() == 1
 
 
