@@ -102,30 +102,12 @@ def _fused_parts(block: nn.Module):
     return block_parts(block) if _switched(block, "forward") is _block_forward else None
 
 
-def _stem_pairs(conv1, bn1, act) -> list:
-    """(conv, bn) pairs of a stem each followed by ReLU: ``conv1`` a conv, or timm's deep
-    stem Sequential(conv, bn, act, conv, bn, act, conv); the last conv's norm is ``bn1``."""
-    if not _is_relu(act):
-        raise NotImplementedError(f"the stem's activation is {type(act).__name__}, not ReLU")
-    if isinstance(conv1, nn.Sequential):
-        mods = list(conv1)
-        if len(mods) != 7 or not all(_is_relu(m) for m in (mods[2], mods[5])):
-            raise NotImplementedError(f"stem {[type(m).__name__ for m in mods]} is not conv, bn, relu x2, conv")
-        pairs = [(mods[0], mods[1]), (mods[3], mods[4]), (mods[6], bn1)]
-    else:
-        pairs = [(conv1, bn1)]
-    for conv, bn in pairs:
-        fused._check_conv(conv)
-        fused._check_bn(bn)
-    return pairs
-
-
 def _stages(model: nn.Module) -> list:
     return [getattr(model, f"layer{i}") for i in range(1, 5) if hasattr(model, f"layer{i}")]
 
 
 def _stem(x: Tensor, conv1, bn1, act, pool) -> Tensor:
-    return fused.stem(x, [conv1, bn1, act], functools.partial(_stem_pairs, conv1, bn1, act), pool)
+    return fused.stem(x, [conv1, bn1, act], functools.partial(fused.stem_pairs, conv1, bn1, act), pool)
 
 
 def _torchvision_forward_impl(self, x: Tensor) -> Tensor:
@@ -241,14 +223,14 @@ def fuse(model: nn.Module, impl: str = "fused", *, strict: bool = False) -> nn.M
             if _from(m, "aru_models") and isinstance(m, (BasicBlock, Bottleneck)):
                 fused.block_parts(m)  # switched with impl below: checked, to be reported
             elif _from(m, "aru_models") and hasattr(m, "set_impl"):
-                fused.own_stem_pairs(m)
+                fused.stem_pairs(m.conv1, m.bn1, m.relu)
             elif _is_block(m):
                 block_parts(m)
                 plan.append(_replacing(m, "forward", _block_forward))
             else:
                 stem = _stem_override(m)
                 if stem is not None:
-                    _stem_pairs(*stem[2])
+                    fused.stem_pairs(*stem[2])
                     plan.append(_replacing(m, stem[0], stem[1]))
         except NotImplementedError as why:
             skipped.append(f"{name or type(m).__name__}: {why}")

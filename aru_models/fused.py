@@ -63,8 +63,8 @@ from aru_kernels.maxpool import window_fits
 from aru_kernels.sync_bn import synchronized
 
 __all__ = ["resnet_forward", "block_forward", "layers_forward", "layer_forward", "parts_forward", "stem_forward",
-           "stem", "block_parts", "BlockParts", "conv_bn", "conv_bn_batch_stats", "is_frozen_bn",
-           "UnfusedWarning"]
+           "stem", "stem_pairs", "warn_unfused", "block_parts", "BlockParts", "conv_bn", "conv_bn_batch_stats",
+           "is_frozen_bn", "UnfusedWarning"]
 
 
 class UnfusedWarning(UserWarning):
@@ -355,22 +355,18 @@ def parts_forward(parts: BlockParts, x: Tensor) -> Tensor:
     return _block_train(parts, x) if modes == {True} else _block_eval(parts, x)
 
 
-def _library_file(filename: str) -> bool:
-    """Whether a frame's file belongs to this package or to the libraries whose modules call it."""
-    roots = [os.path.dirname(os.path.abspath(__file__))] + [
-        os.path.dirname(os.path.abspath(m.__file__)) for name in ("torch", "timm", "torchvision")
-        if (m := sys.modules.get(name)) is not None and getattr(m, "__file__", None)]
-    return any(filename.startswith(root + os.sep) for root in roots)
-
-
 def warn_unfused(message: str) -> None:
     """An :class:`UnfusedWarning` attributed to the first caller outside this package,
     torch, timm and torchvision (the user's line, for filters by module); none while
     torch.compile traces (it cannot trace ``warnings.warn``: the fallback itself traces)."""
     if torch.compiler.is_compiling():
         return
+    # this package's folder and those of the libraries whose modules call it
+    libraries = [sys.modules.get(name) for name in ("torch", "timm", "torchvision")]
+    roots = tuple(os.path.dirname(os.path.abspath(path)) + os.sep
+                  for path in [__file__] + [getattr(m, "__file__", None) for m in libraries] if path)
     level, frame = 2, sys._getframe(1)
-    while frame is not None and _library_file(frame.f_code.co_filename):
+    while frame is not None and frame.f_code.co_filename.startswith(roots):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, UnfusedWarning, stacklevel=level)
 
@@ -378,14 +374,12 @@ def warn_unfused(message: str) -> None:
 def _hooks_below(module: nn.Module, itself: bool = False) -> str | None:
     """The name of a submodule of ``module`` (``module`` too with ``itself``) whose call
     runs hooks; the kernels would skip them."""
-    from torch.nn.modules import module as _m
-    if (_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-            or _m._global_backward_pre_hooks):
+    if _global_hooks():
         return "every module (global hooks)"
     stack = [("", module)] if itself else [(name, m) for name, m in module._modules.items() if m is not None]
     while stack:  # (named_modules() builds every name: a few us a module, at every forward)
         name, m = stack.pop()
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        if _own_hooks(m):
             return name or type(m).__name__
         stack += [(f"{name}.{child}" if name else child, c) for child, c in m._modules.items() if c is not None]
     return None
@@ -437,12 +431,20 @@ def block_forward(block: nn.Module, x: Tensor, eager: Callable[[Tensor], Tensor]
     return parts_forward(parts, x)
 
 
+def _global_hooks() -> bool:
+    """Module hooks registered for every module (``register_module_forward_hook`` and kin)."""
+    from torch.nn.modules import module as _m
+    return bool(_m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
+                or _m._global_backward_pre_hooks)
+
+
+def _own_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+
+
 def _hooked(m: nn.Module) -> bool:
     """A module whose call runs hooks (its own or global ones): it must be called."""
-    from torch.nn.modules import module as _m
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                or _m._global_forward_hooks or _m._global_forward_pre_hooks or _m._global_backward_hooks
-                or _m._global_backward_pre_hooks)
+    return _global_hooks() or _own_hooks(m)
 
 
 def layers_forward(layers, x: Tensor, parts_of=None, pool: nn.Module | None = None) -> Tensor:
@@ -568,14 +570,23 @@ def stem(x: Tensor, modules: list, pairs_of: Callable[[], list], pool: nn.Module
     return x if pool is None else pool(x)
 
 
-def own_stem_pairs(model: nn.Module) -> list:
-    """The (conv, bn) pair of this package's networks' stem (``conv1``, ``bn1``,
-    ``relu``); ``NotImplementedError`` for what the kernels do not compute."""
-    if not isinstance(model.relu, nn.ReLU):
-        raise NotImplementedError(f"the stem's activation is {type(model.relu).__name__}, not ReLU")
-    _check_conv(model.conv1)
-    _check_bn(model.bn1)
-    return [(model.conv1, model.bn1)]
+def stem_pairs(conv1, bn1, act) -> list:
+    """(conv, bn) pairs of a stem each followed by ReLU: ``conv1`` a conv, or timm's deep
+    stem Sequential(conv, bn, act, conv, bn, act, conv); the last conv's norm is ``bn1``.
+    ``NotImplementedError`` for what the kernels do not compute."""
+    if not isinstance(act, nn.ReLU):
+        raise NotImplementedError(f"the stem's activation is {type(act).__name__}, not ReLU")
+    if isinstance(conv1, nn.Sequential):
+        mods = list(conv1)
+        if len(mods) != 7 or not all(isinstance(m, nn.ReLU) for m in (mods[2], mods[5])):
+            raise NotImplementedError(f"stem {[type(m).__name__ for m in mods]} is not conv, bn, relu x2, conv")
+        pairs = [(mods[0], mods[1]), (mods[3], mods[4]), (mods[6], bn1)]
+    else:
+        pairs = [(conv1, bn1)]
+    for conv, bn in pairs:
+        _check_conv(conv)
+        _check_bn(bn)
+    return pairs
 
 
 def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
@@ -583,8 +594,8 @@ def resnet_forward(model: nn.Module, x: Tensor) -> Tensor:
     with its ``conv1``/``bn1``/[``maxpool``]/``layer*``/``avgpool``/``fc`` layout
     such as :class:`aru_models.cifar.CifarResNeXt`)
     for images ``x``, in any memory format (made channels_last once, here)."""
-    x = stem(x, [model.conv1, model.bn1, model.relu], functools.partial(own_stem_pairs, model),
-             getattr(model, "maxpool", None))  # CIFAR networks have none
+    parts = (model.conv1, model.bn1, model.relu)
+    x = stem(x, list(parts), functools.partial(stem_pairs, *parts), getattr(model, "maxpool", None))  # (CIFAR: none)
     x = layers_forward(_stages(model), x, pool=model.avgpool)
     return model.fc(torch.flatten(x, 1))
 
