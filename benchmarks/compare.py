@@ -1,6 +1,7 @@
 """A GPU run's figures beside their predictions and the bars to beat, as tables for NOTES.md.
 
     python benchmarks/compare.py benchmarks/results/gpu_check_nvidia_h200_2026-12-08.json
+    python benchmarks/compare.py RUN_tuned.json --first RUN.json   # a fused-only re-run beside RUN's eager rows
 
 Reads a ``benchmarks/run.py`` JSON and the static model's reports of the same
 steps (``benchmarks/results/static_<arch>_*.json``: ``aot_check.py``, and
@@ -17,6 +18,9 @@ steps (``benchmarks/results/static_<arch>_*.json``: ``aot_check.py``, and
   (the batch over the step's floor), and the bars: fused at least
   ``torch.compile``; in training, peak memory at most 0.8x eager's; on the
   baseline's GPU, the moonshots (resnext50_32x4d at resnet50's compiled figures).
+  A re-run of fused rows alone (after tuning, or under ``--recompute-normalized``)
+  takes the eager and ``torch.compile`` figures of a first run of the same GPU and
+  step (``--first``), marked.
 
 Floors are the static model's, an H200's, but for their DRAM part, taken at the
 run's own copy bandwidth (``copy_TBps``), as ``profile_kernels.py`` takes them.
@@ -81,15 +85,24 @@ def layer_table(run: dict, static: dict | None, scale: float) -> list[str]:
     return lines
 
 
-def model_table(run: dict, statics: dict, scale: float) -> list[str]:
+def model_table(run: dict, statics: dict, scale: float, first: dict | None = None) -> list[str]:
     rows = {(r["model"], r["mode"], r["impl"]): r for r in run["models"]}
+    others = {(r["model"], r["mode"], r["impl"]): r for r in (first or {}).get("models", [])}
     on_baseline_gpu = run.get("gpu") == BASELINE_GPU
     lines = ["| model | mode | fused img/s | eager | torch.compile | static ceiling | fused / compile | "
              "peak GiB, fused / eager | bars |", "|---|---|---|---|---|---|---|---|---|"]
+
+    def measured(model: str, mode: str, impl: str, value: str) -> tuple[float | None, str]:
+        """This run's figure, else the first run's (marked)."""
+        if rows.get((model, mode, impl), {}).get(value) is not None:
+            return rows[model, mode, impl][value], ""
+        other = others.get((model, mode, impl), {}).get(value)
+        return other, (" (first run)" if other is not None else "")
+
     for model, mode in dict.fromkeys((r["model"], r["mode"]) for r in run["models"]):
         fused = rows.get((model, mode, "fused"), {}).get("img_per_s")
-        eager_row = rows.get((model, mode, "eager"), {})
-        compiled, mark = rows.get((model, mode, "compile"), {}).get("img_per_s"), ""
+        eager, eager_mark = measured(model, mode, "eager", "img_per_s")
+        compiled, mark = measured(model, mode, "compile", "img_per_s")
         if compiled is None and on_baseline_gpu and (model, mode) in BASELINE_MODELS:
             compiled, mark = BASELINE_MODELS[model, mode]["compile"], " (baseline)"
         static = statics.get((model, mode))
@@ -97,30 +110,39 @@ def model_table(run: dict, statics: dict, scale: float) -> list[str]:
         bars = []
         if fused and compiled:
             bars.append(f"vs compile {_verdict(fused >= compiled)}")
-        peak, eager_peak = rows.get((model, mode, "fused"), {}).get("peak_mem_GiB"), eager_row.get("peak_mem_GiB")
+        peak = rows.get((model, mode, "fused"), {}).get("peak_mem_GiB")
+        eager_peak, peak_mark = measured(model, mode, "eager", "peak_mem_GiB")
         peak_ratio = peak / eager_peak if peak and eager_peak else None
         if mode == "train" and peak_ratio is not None:
             bars.append(f"peak {_verdict(peak_ratio <= PEAK_BAR)}")
         if fused and on_baseline_gpu and (model, mode) in MOONSHOTS:
             bars.append(f"moonshot {MOONSHOTS[model, mode]:,} {_verdict(fused >= MOONSHOTS[model, mode])}")
-        lines.append(f"| {model} | {mode} | {_fmt(fused, ',.0f')} | {_fmt(eager_row.get('img_per_s'), ',.0f')} | "
+        lines.append(f"| {model} | {mode} | {_fmt(fused, ',.0f')} | {_fmt(eager, ',.0f')}{eager_mark} | "
                      f"{_fmt(compiled, ',.0f')}{mark} | {_fmt(ceiling, ',.0f')} | "
                      f"{_fmt(fused / compiled if fused and compiled else None, '.2f')} | "
-                     f"{_fmt(peak, '.2f')} / {_fmt(eager_peak, '.2f')} ({_fmt(peak_ratio, '.2f')}) | "
+                     f"{_fmt(peak, '.2f')} / {_fmt(eager_peak, '.2f')}{peak_mark} ({_fmt(peak_ratio, '.2f')}) | "
                      f"{'; '.join(bars) or '-'} |")
     return lines
 
 
-def compare(run: dict, results: Path = RESULTS, arch: int = 90) -> str:
-    """The Markdown report of ``run`` (a ``benchmarks/run.py`` JSON)."""
+_SAME_STEP = ("gpu", "dtype", "batch_size", "img_size", "channels_last")
+
+
+def compare(run: dict, results: Path = RESULTS, arch: int = 90, first: dict | None = None) -> str:
+    """The Markdown report of ``run`` (a ``benchmarks/run.py`` JSON); ``first``, a run of the
+    same GPU and step, gives the figures ``run`` has no row for (eager's, torch.compile's)."""
     def load(name: str) -> dict | None:
         path = results / f"static_{arch}_{name}.json"
         return json.loads(path.read_text()) if path.exists() else None
 
-    def same_step(report: dict | None) -> dict | None:  # the static floors of the run's batch and size only
-        size = (report or {}).get("img_size"), (report or {}).get("batch_size")
-        return report if size == (run.get("img_size", 224), run["batch_size"]) else None
+    def same_step(report: dict | None) -> dict | None:  # the static floors of the run's batch, size and step only
+        key = ("img_size", "batch_size", "recompute_normalized")
+        got = tuple((report or {}).get(k, False) for k in key)
+        return report if got == (run.get("img_size", 224), run["batch_size"], run.get("recompute_normalized", False)) \
+            else None
 
+    if first is not None and any(first.get(k) != run.get(k) for k in _SAME_STEP):
+        first = None  # another GPU or step: its figures are not comparable
     layers = same_step(load("layers"))
     reference = layers or next(iter(filter(None, (load(f"{m}_{d}") for m, d in BASELINE_MODELS))), None)
     scale = (reference["gpu_profile"]["copy_TBps"] / run["copy_TBps"]
@@ -132,11 +154,12 @@ def compare(run: dict, results: Path = RESULTS, arch: int = 90) -> str:
             statics[model, mode] = report
     out = [f"{run['gpu']}, torch {run['torch']}, triton {run['triton']}, {run['dtype']}, batch {run['batch_size']}, "
            f"copy {_fmt(run.get('copy_TBps'), '.3f')} TB/s, {run['date']} (static floors: sm_{arch}, DRAM part "
-           f"x{scale:.3f} for this card's copy bandwidth)", ""]
+           f"x{scale:.3f} for this card's copy bandwidth)"
+           + (", normalized inputs recomputed" if run.get("recompute_normalized") else ""), ""]
     if run["layers"]:
         out += layer_table(run, layers, scale) + [""]
     if run["models"]:
-        out += model_table(run, statics, scale)
+        out += model_table(run, statics, scale, first)
     return "\n".join(out)
 
 
@@ -145,10 +168,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run", type=Path, help="a benchmarks/run.py JSON (e.g. gpu_check_<gpu>_<date>.json)")
     ap.add_argument("--results", type=Path, default=RESULTS, help="where the static reports are")
     ap.add_argument("--arch", type=int, default=90, help="the static reports' architecture (default 90)")
+    ap.add_argument("--first", type=Path, help="a run of the same GPU and step whose eager and torch.compile "
+                                                "rows stand in for those RUN lacks")
     args = ap.parse_args(argv)
-    if not args.run.exists():
-        ap.error(f"no such file: {args.run}")
-    print(compare(json.loads(args.run.read_text()), args.results, args.arch))
+    for path in (args.run, args.first):
+        if path is not None and not path.exists():
+            ap.error(f"no such file: {path}")
+    first = json.loads(args.first.read_text()) if args.first else None
+    print(compare(json.loads(args.run.read_text()), args.results, args.arch, first))
     return 0
 
 

@@ -26,20 +26,26 @@ In order, within ``--budget`` seconds (default 540):
 4. ``benchmarks/profile_kernels.py``: resnext50_32x4d's fused inference forward
    and training step, each kernel's time beside its static floor ->
    ``OUTDIR/profile_<gpu>_<date>_{infer,train}.json`` (GPU only);
-5. ``benchmarks/tune.py`` with what is left of the budget but the last row's
-   share: the conv tiles of both models, written to
-   ``aru_kernels/tuned/<gpu>.json`` after every launch;
-6. the fused rows again, with the tuned table ->
-   ``OUTDIR/gpu_check_<gpu>_<date>_tuned.json``;
-7. resnext50_32x4d's fused training step under ``--recompute-normalized``
+5. resnext50_32x4d's fused training step under ``--recompute-normalized``
    (the 3x3s' normalized inputs recomputed by the backward, not held: its
    speed and peak memory) -> ``OUTDIR/gpu_check_<gpu>_<date>_recompute.json``;
-8. ``benchmarks/compare.py`` over those JSON files: the measured figures beside
-   the static floors and the bars -> ``OUTDIR/compare_<gpu>_<date>.md``.
+6. ``benchmarks/tune.py`` with what is left of the budget but the last row's
+   share: the conv tiles of both models, written to
+   ``aru_kernels/tuned/<gpu>.json`` after every launch;
+7. the fused rows again, with the tuned table ->
+   ``OUTDIR/gpu_check_<gpu>_<date>_tuned.json``;
+8. ``benchmarks/compare.py`` over those JSON files (the later runs beside the
+   first run's eager rows): the measured figures beside the static floors and
+   the bars -> ``OUTDIR/compare_<gpu>_<date>.md``.
 
 Every step writes its JSON as it goes, so a run stopped at the budget keeps
-what it measured. Exit status: 0 when the tests passed and every step
-finished cleanly, 1 otherwise.
+what it measured. With ``--archive FILE``, every file the check wrote (into
+OUTDIR, and the tuned table) is also packed into one gzipped tar after every
+step, paths relative to the checkout (``tar xzf FILE`` in a checkout puts them
+in place): one file to copy off a machine that is given back after the run.
+SIGTERM or SIGINT stops the step in flight and its processes, then the check
+writes its summary and archive and exits. Exit status: 0 when the tests passed
+and every step finished cleanly, 1 otherwise.
 
 Without CUDA the same steps run in a CPU mode that checks the script itself
 in a minute: GPU tests skipped, the cache warmed for resnext29_tiny's inference
@@ -59,6 +65,7 @@ import re
 import signal
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -69,6 +76,23 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Seconds kept back from the benchmark's row budget for the row in flight and the report.
 _ROW_MARGIN_S = 40
+
+# The steps' processes now running (each the leader of its own process group): what a
+# SIGTERM or SIGINT stops before the check writes its summary.
+_RUNNING: set[subprocess.Popen] = set()
+
+
+class Stopped(Exception):
+    """The check was told to stop (SIGTERM or SIGINT)."""
+
+
+def _stop(signum, frame) -> None:
+    for proc in list(_RUNNING):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    raise Stopped(signal.Signals(signum).name)
 
 
 def gpu_models() -> list[str]:
@@ -117,6 +141,7 @@ def run_logged(cmd: list[str], log_path: Path, timeout_s: float, echo: bool = Tr
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True)
+        _RUNNING.add(proc)
 
         def stop() -> None:
             timed_out.set()
@@ -131,7 +156,8 @@ def run_logged(cmd: list[str], log_path: Path, timeout_s: float, echo: bool = Tr
                 log.write(line)
         finally:
             timer.cancel()
-        rc = proc.wait()
+            rc = proc.wait()
+            _RUNNING.discard(proc)
     if timed_out.is_set():
         print(f"stopped after {timeout_s:.0f} s", flush=True)
     return rc, timed_out.is_set()
@@ -146,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="at most this much of it for the tests (default: 120)")
     parser.add_argument("--skip-tests", action="store_true", help="benchmark only")
     parser.add_argument("--compile", action="store_true", help="also the torch.compile rows (minutes to compile)")
+    parser.add_argument("--archive", type=Path, metavar="FILE",
+                        help="also pack every file the check writes (OUTDIR's, the tuned table) into this "
+                             ".tar.gz after every step, paths relative to the checkout")
     args = parser.parse_args(argv)
-    start = time.monotonic()
+    start, started_at = time.monotonic(), time.time()
     args.outdir.mkdir(parents=True, exist_ok=True)
 
     info = versions()
@@ -159,6 +188,29 @@ def main(argv: list[str] | None = None) -> int:
     tag = f"{slug(info['gpu']) if on_gpu else 'cpu'}_{today}"
     print(flush=True)
 
+    def pack() -> None:
+        if args.archive is not None:
+            archive(args.archive, args.outdir, started_at - 1, tuned_table_path(info) if on_gpu else None)
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    steps_ok, tests_ok = [], True
+    try:
+        tests_ok = checks(args, start, tag, on_gpu, info, steps_ok, pack)
+    except Stopped as exc:
+        print(f"\nstopped by {exc}: the step in flight and its processes killed", flush=True)
+        steps_ok.append(False)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        print(f"gpu check took {time.monotonic() - start:.0f} s")
+        summarize(args.outdir, tag)
+        pack()
+    return 0 if tests_ok and all(steps_ok) else 1
+
+
+def checks(args, start: float, tag: str, on_gpu: bool, info: dict, steps_ok: list, pack) -> bool:
+    """The steps, in order, each one's success appended to ``steps_ok`` and the archive
+    packed after it; returns whether the tests passed."""
     warming = start_warm_cache(args, tag, on_gpu, info)  # on the other cores, beside the tests
     tests_ok = True
     if not args.skip_tests:
@@ -170,31 +222,62 @@ def main(argv: list[str] | None = None) -> int:
         tests_ok = rc in (0, 5) and not timed_out
         print(f"\ntests: {'passed' if tests_ok else 'FAILED' if not timed_out else 'TIMED OUT'} "
               f"(pytest exit status {rc}); log: {log}\n", flush=True)
+        pack()
 
-    steps_ok = [finish_warm_cache(*warming)]
+    steps_ok.append(finish_warm_cache(*warming))
     json_path = args.outdir / f"gpu_check_{tag}.json"
     impls = "eager,fused,compile" if args.compile else "eager,fused"
     share = 0.5 if on_gpu else 0.8  # of what is left: the first benchmark (the bars); then profiles, tuning, re-runs
     steps_ok.append(benchmark(args, start, json_path, impls, layers=True, on_gpu=on_gpu, tag=tag, share=share))
+    pack()
 
     if on_gpu:
         steps_ok.append(profile(args, tag, info))
+        pack()
+        # the fused training step holding less (aru_kernels.recompute_normalized_inputs): speed and peak; one
+        # row, before tuning takes what is left
+        steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_recompute.json", "fused",
+                                  layers=False, on_gpu=True, tag=f"{tag}_recompute", share=0.2,
+                                  extra=("--mode", "train", "--model", "resnext50_32x4d", "--recompute-normalized")))
+        pack()
 
     left = args.budget - (time.monotonic() - start)
     rc, timed_out = run_logged(tune_command(on_gpu, max(left * 0.6 - _ROW_MARGIN_S, 0)),
                                args.outdir / f"tune_{tag}.log", max(left * 0.7, 1))
     steps_ok.append(rc == 0 and not timed_out)
     print(f"\ntuning: {'finished' if steps_ok[-1] else 'FAILED or TIMED OUT'}\n", flush=True)
+    pack()
 
     steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_tuned.json", "fused", layers=on_gpu,
-                              on_gpu=on_gpu, tag=f"{tag}_tuned", share=0.8 if on_gpu else 1.0))
-    if on_gpu:  # the fused training step holding less (aru_kernels.recompute_normalized_inputs): speed and peak
-        steps_ok.append(benchmark(args, start, args.outdir / f"gpu_check_{tag}_recompute.json", "fused",
-                                  layers=False, on_gpu=True, tag=f"{tag}_recompute", share=1.0,
-                                  extra=("--mode", "train", "--model", "resnext50_32x4d", "--recompute-normalized")))
-    print(f"gpu check took {time.monotonic() - start:.0f} s")
-    summarize(args.outdir, tag)
-    return 0 if tests_ok and all(steps_ok) else 1
+                              on_gpu=on_gpu, tag=f"{tag}_tuned", share=1.0))
+    pack()
+    return tests_ok
+
+
+def tuned_table_path(info: dict) -> Path:
+    """Where ``benchmarks/tune.py`` writes this GPU's tuned table (``aru_kernels/tuned/<gpu>.json``)."""
+    return REPO / "aru_kernels" / "tuned" / f"{slug(info['gpu'])}.json"
+
+
+def archive(path: Path, outdir: Path, since: float, tuned: Path | None) -> None:
+    """Pack the files written into ``outdir`` since ``since`` (a ``time.time()``), and ``tuned``
+    where it exists, into the gzipped tar ``path`` (replaced whole: a stopped write leaves the
+    previous archive), each under its path relative to the checkout (else its name)."""
+    tmp = path.with_name(path.name + ".tmp")
+    files = sorted(f for f in outdir.iterdir() if f.is_file() and f.stat().st_mtime >= since
+                   and f.resolve() not in (path.resolve(), tmp.resolve()))
+    if tuned is not None and tuned.is_file():
+        files.append(tuned)
+
+    def name(f: Path) -> str:
+        f = f.resolve()
+        return str(f.relative_to(REPO)) if f.is_relative_to(REPO) else f.name
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tmp, "w:gz") as tar:
+        for f in files:
+            tar.add(f, arcname=name(f))
+    tmp.replace(path)
 
 
 def tune_command(on_gpu: bool, budget: float) -> list[str]:
@@ -232,17 +315,20 @@ def profile(args, tag: str, info: dict, timeout_s: float = 60) -> bool:
 
 
 def summarize(outdir: Path, tag: str) -> None:
-    """``benchmarks/compare.py`` over the benchmarks' JSON: measured beside predicted, and the
-    bars, printed and written to ``OUTDIR/compare_<gpu>_<date>.md``."""
+    """``benchmarks/compare.py`` over the benchmarks' JSON (the later runs, fused rows only,
+    beside the first run's eager rows): measured beside predicted, and the bars, printed and
+    written to ``OUTDIR/compare_<gpu>_<date>.md``."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     from compare import compare
 
-    parts = []
-    for suffix in ("", "_tuned", "_recompute"):
+    parts, first = [], None
+    for suffix in ("", "_recompute", "_tuned"):
         path = outdir / f"gpu_check_{tag}{suffix}.json"
         if path.exists():
             try:
-                parts.append(f"## {path.name}\n\n{compare(json.loads(path.read_text()))}\n")
+                run = json.loads(path.read_text())
+                parts.append(f"## {path.name}\n\n{compare(run, first=first)}\n")
+                first = first or run
             except Exception as exc:  # a summary must not hide the results themselves
                 parts.append(f"## {path.name}\n\ncould not compare: {type(exc).__name__}: {exc}\n")
     if parts:
@@ -308,9 +394,10 @@ def _cache_dir() -> Path:
 
 
 def _cache_entries() -> int:
-    """Kernels in Triton's cache: one directory each."""
+    """Kernels in Triton's cache: the directories holding a compiled binary (``.cubin``;
+    not the launchers' C modules, which the cache holds too)."""
     d = _cache_dir()
-    return sum(1 for _ in d.iterdir()) if d.is_dir() else 0
+    return sum(1 for e in d.iterdir() if e.is_dir() and any(e.glob("*.cubin"))) if d.is_dir() else 0
 
 
 def bench_command(json_path: Path, impls: str, layers: bool, on_gpu: bool, time_limit: float,

@@ -35,7 +35,9 @@ What is measured, on a CUDA device:
   momentum 0.9) on random images and labels, median of ``--iters`` steps
   timed with CUDA events after ``--warmup`` steps; ``torch.compile`` time is
   spent before the warm-up and reported separately. Peak memory is
-  ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps.
+  ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps (not
+  the first step, whose cuDNN algorithm search with ``cudnn.benchmark`` takes
+  workspaces the steady steps do not).
   Fused and compiled models load the eager model's weights; their inference
   output is compared with the eager model's.
 
@@ -625,12 +627,12 @@ class ModelBench:
         if row.impl == "compile":
             model = torch.compile(model)
         step = self.step(model, row.mode)
-        if cfg.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(cfg.device)
         t0 = time.perf_counter()
         out = step()
         _sync(cfg.device)
         row.first_step_s = round(time.perf_counter() - t0, 1)
+        if cfg.device.type == "cuda":  # after the first step: not cuDNN's algorithm search, nor compiling
+            torch.cuda.reset_peak_memory_stats(cfg.device)
         ms = median_ms(step, cfg.device, cfg.warmup, cfg.iters)
         row.img_per_s = float(f"{cfg.batch_size / (ms * 1e-3):.4g}")  # 4 digits, however slow (never 0.0)
         if cfg.device.type == "cuda":

@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import tarfile
 import types
 from pathlib import Path
 
@@ -316,7 +317,8 @@ def test_gpu_protocol_cpu_mode(tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_CACHE_DIR=str(tmp_path / "triton"))
     env.pop("TRITON_INTERPRET", None)
     proc = subprocess.run(
-        [sys.executable, str(RUN_PY.parent / "gpu_check.py"), str(tmp_path), "--skip-tests", "--budget", "600"],
+        [sys.executable, str(RUN_PY.parent / "gpu_check.py"), str(tmp_path), "--skip-tests", "--budget", "600",
+         "--archive", str(tmp_path / "packed" / "check.tar.gz")],
         env=env, capture_output=True, text=True, timeout=900, cwd=RUN_PY.parents[1],
     )
     assert proc.returncode == 0, f"gpu_check.py exited {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}"
@@ -336,6 +338,10 @@ def test_gpu_protocol_cpu_mode(tmp_path):
     fused_layers = [r for r in first["layers"] if r["impl"] == "fused"]  # interpreted, checked against PyTorch
     assert sorted({r["pass"] for r in fused_layers}) == ["bwd", "fwd", "train_fwd"], first["layers"]
     assert all(r["us"] and not r["failed"] for r in fused_layers), fused_layers
+    with tarfile.open(tmp_path / "packed" / "check.tar.gz") as tar:  # every file written, in one archive
+        packed = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    written = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert packed == written and len(written) >= 7, sorted(packed)
 
 
 @pytest.mark.slow
@@ -570,12 +576,82 @@ def test_gpu_protocol_profiles_against_the_committed_static_reports(tmp_path, ca
         assert "none is present" in log and "describes another step" not in log, log
 
 
+def test_gpu_protocol_stopped_kills_the_step_in_flight_and_still_packs(tmp_path):
+    """A SIGTERM to the GPU protocol (a machine taken back, a command's time limit) stops the
+    step in flight with every process it started (each step runs in a session of its own, which
+    outlives its parent otherwise), and the check still writes its summary and archive."""
+    script = tmp_path / "stop.py"
+    script.write_text(f"""
+import importlib.util, os, signal, sys, threading, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("aru_gpu_check", {str(RUN_PY.parent / "gpu_check.py")!r})
+gpu_check = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(gpu_check)
+out = Path(sys.argv[1])
+
+def checks(args, start, tag, on_gpu, info, steps_ok, pack):
+    (out / "gpu_check_cpu_x.json").write_text("{{}}")
+    pack()
+    threading.Timer(2, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    gpu_check.run_logged(["sh", "-c", "echo $$ > " + str(out / "step.pid") + "; exec sleep 120"],
+                         out / "step.log", 300)
+    steps_ok.append(True)
+    return True
+
+gpu_check.checks = checks
+t0 = time.monotonic()
+rc = gpu_check.main([str(out), "--archive", str(out.parent / "check.tar.gz")])
+print("rc", rc, "seconds", round(time.monotonic() - t0))
+""")
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, timeout=120,
+                          cwd=RUN_PY.parents[1], env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert "stopped by SIGTERM" in proc.stdout and "rc 1 seconds" in proc.stdout, proc.stdout + proc.stderr
+    assert int(proc.stdout.split("seconds")[-1]) < 60
+    pid = int((out / "step.pid").read_text())
+    with pytest.raises(ProcessLookupError):  # the step's sleep is gone, not re-parented and running on
+        for _ in range(50):
+            os.kill(pid, 0)
+            __import__("time").sleep(0.1)
+    with tarfile.open(tmp_path / "check.tar.gz") as tar:
+        assert {"gpu_check_cpu_x.json", "step.log", "step.pid"} <= set(tar.getnames()), tar.getnames()
+
+
 @pytest.fixture(scope="module")
 def tune_py():
     sys.path.insert(0, str(RUN_PY.parent))
     import tune
 
     return tune
+
+
+def test_tune_keeps_the_rules_unless_a_candidate_beats_them_by_the_margin(tune_py):
+    """A candidate is written only where its median beats the rules' tiles by ``TUNE_MARGIN``:
+    a tie within the timing noise keeps the rules (and a table of noise is never credited)."""
+    rule, a, b = "rule", "a", "b"
+    margin = tune_py.TUNE_MARGIN
+    assert margin > 0
+    assert tune_py.winner({rule: 100.0, a: 100.0 * (1 - margin / 2), b: 101.0}, rule) is None
+    assert tune_py.winner({rule: 100.0, a: 100.0 * (1 - 2 * margin), b: 90.0}, rule) == b
+    assert tune_py.winner({a: 1.0}, rule) is None  # the rules themselves untimed: nothing to beat
+
+
+def test_tune_writes_its_table_whole_or_not_at_all(tune_py, tmp_path, monkeypatch):
+    """The tuned table is replaced whole: a write stopped midway (a tuning run killed at its
+    budget) leaves the previous table, which the launchers can still read."""
+    path = tmp_path / "gpu.json"
+    tune_py.write_table({"entries": {"k": 1}}, path)
+    real = Path.write_text
+
+    def half_then_killed(self, text, *args, **kwargs):
+        real(self, text[: len(text) // 2])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", half_then_killed)
+    with pytest.raises(KeyboardInterrupt):
+        tune_py.write_table({"entries": {"k": 2, "other": 3}}, path)
+    monkeypatch.undo()
+    assert json.loads(path.read_text()) == {"entries": {"k": 1}}
 
 
 def test_tune_dry_run_checks_the_tap_kernels_candidates(tune_py, monkeypatch, capsys):
@@ -712,3 +788,29 @@ def test_compare_sets_a_gpu_run_beside_its_predictions_and_bars(tmp_path, capsys
     path = tmp_path / "run.json"
     path.write_text(json.dumps(_gpu_run()))
     assert compare.main([str(path)]) == 0 and "| s1_g32w4 | bwd |" in capsys.readouterr().out
+
+
+def test_compare_sets_a_fused_rerun_beside_the_first_runs_eager_rows(tmp_path, capsys):
+    """A re-run of the fused rows alone (the protocol's run under --recompute-normalized, its run
+    after tuning) is compared with the eager figures of the first run on the same GPU and step,
+    marked as such, peak memory included; a first run of another GPU lends nothing. The static
+    ceiling is the same step's only: the committed report holds the normalized inputs, so a run
+    recomputing them gets none."""
+    compare = _script("compare")
+    first = _gpu_run()
+    fused_train = {**first["models"][3], "peak_mem_GiB": 10.0}
+    rerun = {**first, "recompute_normalized": True, "layers": [], "models": [fused_train]}
+    (row,) = [line for line in compare.compare(rerun, first=first).splitlines()
+              if line.startswith("| resnext50_32x4d | train |")]
+    assert ("| 5,000 | 3,691 (first run) | 5,254 (baseline) | - | 0.95 | 10.00 / 14.39 (first run) (0.69) | "
+            "vs compile **not met**; peak met;") in row, row
+    alone = compare.compare(rerun)
+    assert "| 5,000 | - | 5,254 (baseline) | - | 0.95 | 10.00 / - (-) |" in alone, alone
+    elsewhere = compare.compare(rerun, first={**first, "gpu": "NVIDIA H100 80GB HBM3"})
+    assert "(first run)" not in elsewhere and "10.00 / - (-)" in elsewhere
+    tuned = {**first, "layers": [], "models": [first["models"][3]]}  # the same step: the static ceiling stays
+    assert "| 5,000 | 3,691 (first run) | 5,254 (baseline) | 14,034 |" in compare.compare(tuned, first=first)
+    (tmp_path / "first.json").write_text(json.dumps(first))
+    (tmp_path / "rerun.json").write_text(json.dumps(rerun))
+    assert compare.main([str(tmp_path / "rerun.json"), "--first", str(tmp_path / "first.json")]) == 0
+    assert "3,691 (first run)" in capsys.readouterr().out
