@@ -272,9 +272,14 @@ def train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0,
     -- the batch a single process with the global batch size would see. The last,
     incomplete batch is dropped, and so is the permutation's tail that would not
     give every process an image (the sampler does not pad it with repeats, which
-    would make a batch that one process does not see).
+    would make a batch that one process does not see). ``seed`` is an integer in
+    ``[0, 2**32)``; the sampler draws epoch ``e`` from ``seed * 2**32 + e``, so that no two
+    seeds share an order (``seed + e`` would give seed ``s + 1`` seed ``s``'s orders one
+    epoch early).
     """
-    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+    if not 0 <= seed < 2**32:
+        raise ValueError(f"train_loader: seed must be an integer in [0, 2**32); got {seed}")
+    sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed << 32,
                                  drop_last=True)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=pin_memory)

@@ -576,6 +576,15 @@ class Trainer:
             dist.all_reduce(t)
         return t
 
+    def _broadcast_buffers(self) -> None:
+        """Every process's buffers (the batch norms' running statistics) made rank 0's, as
+        DistributedDataParallel makes them at each training forward: without --sync-bn each
+        process's last step updated them from its own images, and the validation that follows
+        is of one model, the checkpoint's."""
+        if self.world_size > 1:
+            for buffer in self.model.buffers():
+                dist.broadcast(buffer, 0)
+
     def batches(self, epoch: int):
         """This process's training batches of ``epoch`` as model inputs and labels on the device.
 
@@ -643,6 +652,7 @@ class Trainer:
             r.train_seconds += seconds
             totals = (partial[0] + loss_sum, partial[1] + correct, partial[2] + count)
             loss, accuracy = totals[0] / totals[2], totals[1] / totals[2]
+            self._broadcast_buffers()
             val_correct, seen = self._all_reduce(
                 evaluate(self.model, self.val_loader, self.data, self.device, amp_dtype=self.amp_dtype,
                          memory_format=self.memory_format)).tolist()
@@ -663,12 +673,16 @@ class Trainer:
                   flush=True)
         return r
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        """Tear the process group down (one this trainer started). After a failure
+        (``failed``) no process waits for the others: they may be waiting in a collective of
+        their own that this one never joins, and the error must reach the launcher."""
         if self._owns_group and dist.is_initialized():
             # Every process reaches the end before any tears its group down: a gloo
             # peer whose connections close under it mid-shutdown aborts its process.
             try:
-                dist.barrier()
+                if not failed:
+                    dist.barrier()
             finally:
                 # DistributedDataParallel's reducer holds the group: let it go now, while the
                 # interpreter is whole, and not at its finalization, where a gloo group's last
@@ -681,11 +695,17 @@ class Trainer:
 
 def train(args: argparse.Namespace) -> TrainResult:
     """Run training for parsed arguments (see :func:`build_parser`); errors propagate."""
-    trainer = Trainer(args)
+    return _fit(Trainer(args))
+
+
+def _fit(trainer: Trainer) -> TrainResult:
     try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+        result = trainer.fit()
+    except BaseException:
+        trainer.close(failed=True)
+        raise
+    trainer.close()
+    return result
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
@@ -698,10 +718,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         trainer = Trainer(args)
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
         parser.error(str(e))
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
+    return _fit(trainer)
 
 
 if __name__ == "__main__":

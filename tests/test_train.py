@@ -363,6 +363,70 @@ def test_two_processes_take_the_step_of_one(cifar_dir, tmp_path, sync_bn, capsys
 
 
 
+def torchrun_script(tmp_path: Path, body: str, argv: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    """``body`` (Python, with ``train`` imported and ``args`` the parsed ``argv``) run as a
+    script by two gloo processes."""
+    script = tmp_path / "script.py"
+    script.write_text("import sys\nimport torch\nimport torch.distributed as dist\nfrom aru_models import data, train\n"
+                      "torch.set_num_threads(1)\nargs = train.build_parser().parse_args(sys.argv[1:])\n" + body)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_validation_of_two_processes_is_of_rank_zeros_model(tmp_path):
+    """Without --sync-bn each process's last step updates its batch norms' running statistics
+    from its own images (DistributedDataParallel copies rank 0's only at a training forward).
+    The validation accuracy printed is of one model, rank 0's, which the checkpoint holds:
+    every process validates with rank 0's buffers, and the accuracy is that of rank 0's model
+    alone on every validation image."""
+    root = tmp_path / "cifar"
+    write_cifar(root, test=200)
+    body = """
+trainer = train.Trainer(args)
+result = trainer.fit()
+for name, buffer in trainer.model.named_buffers():
+    copies = [torch.empty_like(buffer) for _ in range(2)]
+    dist.all_gather(copies, buffer)
+    assert torch.equal(copies[0], copies[1]), name
+if trainer.rank == 0:
+    correct, seen = train.evaluate(trainer.model, data.val_loader(trainer.data.val, 64), trainer.data,
+                                   trainer.device).tolist()
+    print("printed", result.val_accuracy, "rank 0 alone", correct / seen, "of", seen)
+    assert seen == 200 and result.val_accuracy == correct / seen
+dist.barrier()
+trainer.close()
+"""
+    proc = torchrun_script(tmp_path, body, tiny_args(root, "--epochs", "1"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
+    assert "rank 0 alone" in proc.stdout, proc.stdout
+
+
+def test_a_failing_process_ends_the_run_with_its_error(tmp_path):
+    """An error in one process (here rank 0's checkpoint write on a full disk) ends the run:
+    that process does not wait for the others at the end (they wait in the next step's
+    gradient all-reduce, which it never joins), so it exits with its error, and the launcher
+    stops the rest."""
+    root = tmp_path / "cifar"
+    write_cifar(root)
+    body = """
+save = train.Trainer._save
+
+def full_disk(self, *a, **k):
+    if self.rank == 0:
+        raise OSError(28, "No space left on device")
+    save(self, *a, **k)
+
+train.Trainer._save = full_disk
+train.train(args)
+"""
+    argv = tiny_args(root, "--epochs", "3", "--checkpoint", str(tmp_path / "run.pt"))
+    proc = torchrun_script(tmp_path, body, argv, timeout=120)
+    assert proc.returncode != 0
+    assert "No space left on device" in proc.stdout + proc.stderr, proc.stderr[-4000:]
+
+
 def test_fused_sync_bn_two_processes_take_the_step_of_one(cifar_dir, tmp_path, capsys):
     """``--impl fused --sync-bn`` over two gloo processes: the fused kernels all-gather
     each batch norm's statistics and all-reduce their gradients, so one step on a
@@ -401,6 +465,24 @@ def test_train_loader_shards_are_the_single_process_batches(images, world_size, 
         got = [[i for step in zip(*(s[k] for s in steps)) for i in step] for k in range(len(expected))]
         assert got == expected
         assert all(len(set(batch)) == len(batch) for batch in got)
+
+
+def test_train_loader_seeds_do_not_share_orders():
+    """Seed s + 1 does not take seed s's orders one epoch early (as a sampler seeded with
+    seed + epoch would), and a seed out of [0, 2**32) is refused."""
+    dataset = data.TensorImages(torch.arange(64).view(-1, 1, 1, 1), torch.arange(64))
+
+    def order(seed: int, epoch: int) -> list[int]:
+        loader = data.train_loader(dataset, 64, seed=seed)
+        loader.sampler.set_epoch(epoch)
+        return next(iter(loader))[1].tolist()
+
+    assert order(3, 0) == order(3, 0) != order(3, 1)
+    for seed in (0, 1, 7):
+        assert order(seed, 1) != order(seed + 1, 0)
+    for bad in (-1, 2**32):
+        with pytest.raises(ValueError, match=r"\[0, 2\*\*32\)"):
+            data.train_loader(dataset, 8, seed=bad)
 
 
 def test_augmentation_does_not_depend_on_the_number_of_processes():
