@@ -52,6 +52,9 @@ BASELINE_MODELS = {("resnext50_32x4d", "infer"): {"eager": 12625, "compile": 180
 # same FLOPs without groups)
 MOONSHOTS = {("resnext50_32x4d", "infer"): 23190, ("resnext50_32x4d", "train"): 6840}
 PEAK_BAR = 0.8  # training peak memory, a fraction of eager's
+# A row whose host time (run.py's host_us / host_ms: launching alone) is this share of its measured
+# time or more is marked host-bound: the GPU waited for the launches, and the time is the host's.
+HOST_BOUND = 0.9
 STAGE1_FWD_BAR = 2.0  # the stage-1 forward's speed-up over cuDNN's conv alone
 
 
@@ -67,8 +70,16 @@ def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else "met" if ok else "**not met**"
 
 
+def _host_bound(measured: float | None, host: float | None, unit: str) -> str:
+    """`` (host-bound: ...)`` where the host's time reaches :data:`HOST_BOUND` of the measured."""
+    if measured and host is not None and host >= HOST_BOUND * measured:
+        return f" (host-bound: {host:.1f} {unit} to launch)"
+    return ""
+
+
 def layer_table(run: dict, static: dict | None, scale: float) -> list[str]:
     us = {(r["layer"], r["pass"], r["impl"]): r["us"] for r in run["layers"]}
+    host = {(r["layer"], r["pass"], r["impl"]): r.get("host_us") for r in run["layers"]}
     floors = {(r["layer"], r["pass"]): _floor_us(r["kernels"], scale) for r in (static or {}).get("layers", [])}
     lines = ["| layer | pass | fused us | cudnn us | cudnn_conv us | floor us | x floor | vs cudnn_conv | bar |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -81,7 +92,9 @@ def layer_table(run: dict, static: dict | None, scale: float) -> list[str]:
             ok = speedup >= (STAGE1_FWD_BAR if (layer, pass_) == ("s1_g32w4", "fwd") else 1.0) * (1 + 1e-12)
         lines.append(f"| {layer} | {pass_} | {_fmt(fused)} | {_fmt(us.get((layer, pass_, 'cudnn')))} | "
                      f"{_fmt(conv)} | {_fmt(floor)} | {_fmt(fused / floor if fused and floor else None, '.2f')} | "
-                     f"{_fmt(speedup, '.2f')} | {_verdict(ok)} |")
+                     f"{_fmt(speedup, '.2f')} | {_verdict(ok)}"
+                     f"{_host_bound(fused, host.get((layer, pass_, 'fused')), 'us')}"
+                     f"{_host_bound(conv, host.get((layer, pass_, 'cudnn_conv')), 'us').replace('host', 'cuDNN host')} |")
     return lines
 
 
@@ -117,6 +130,10 @@ def model_table(run: dict, statics: dict, scale: float, first: dict | None = Non
             bars.append(f"peak {_verdict(peak_ratio <= PEAK_BAR)}")
         if fused and on_baseline_gpu and (model, mode) in MOONSHOTS:
             bars.append(f"moonshot {MOONSHOTS[model, mode]:,} {_verdict(fused >= MOONSHOTS[model, mode])}")
+        fused_row = rows.get((model, mode, "fused"), {})
+        if fused and fused_row.get("host_ms") is not None:
+            bound = _host_bound(run["batch_size"] / fused * 1e3, fused_row["host_ms"], "ms a step")
+            bars += [bound.strip(" ()")] if bound else []
         lines.append(f"| {model} | {mode} | {_fmt(fused, ',.0f')} | {_fmt(eager, ',.0f')}{eager_mark} | "
                      f"{_fmt(compiled, ',.0f')}{mark} | {_fmt(ceiling, ',.0f')} | "
                      f"{_fmt(fused / compiled if fused and compiled else None, '.2f')} | "

@@ -38,6 +38,10 @@ What is measured, on a CUDA device:
   ``torch.cuda.max_memory_allocated`` over the warm-up and timed steps (not
   the first step, whose cuDNN algorithm search with ``cudnn.benchmark`` takes
   workspaces the steady steps do not).
+* On a GPU each row also records its time on the host alone (``host_us`` a
+  layer call, ``host_ms`` a step: launching, the GPU idle before it). Where it
+  reaches the measured time the GPU waited for the host, and the figure is the
+  host's, not the kernels'.
   Fused and compiled models load the eager model's weights; their inference
   output is compared with the eager model's.
 
@@ -167,15 +171,17 @@ class ModelRow:
     first_step_s: float | None = None  # the first call: Triton's JIT compiles, cuDNN's search, torch.compile
     note: str = ""
     failed: bool = False
+    host_ms: float | None = None  # a step's time on the host alone (GPU only; host_ms)
 
     def clear(self) -> None:
         """Drop the measurements of a row that was not measured, or measured wrong."""
-        self.img_per_s = self.peak_mem_GiB = None
+        self.img_per_s = self.peak_mem_GiB = self.host_ms = None
 
     def to_json(self) -> dict:
         return {"model": self.model, "mode": self.mode, "impl": self.impl,
                 "img_per_s": self.img_per_s, "peak_mem_GiB": self.peak_mem_GiB,
-                "first_step_s": self.first_step_s, "failed": self.failed, "note": self.note}
+                "first_step_s": self.first_step_s, "host_ms": self.host_ms, "failed": self.failed,
+                "note": self.note}
 
 
 @dataclass
@@ -189,14 +195,15 @@ class LayerRow:
     nbytes: int = 0
     note: str = ""
     failed: bool = False
+    host_us: float | None = None  # a call's time on the host alone (GPU only; host_ms)
 
     def clear(self) -> None:
         """Drop the measurements of a row that was not measured, or measured wrong."""
-        self.us = self.frac_of_copy_bw = None
+        self.us = self.frac_of_copy_bw = self.host_us = None
 
     def to_json(self) -> dict:
         return {"layer": self.layer, "impl": self.impl, "pass": self.pass_,
-                "us": self.us, "frac_of_copy_bw": self.frac_of_copy_bw,
+                "us": self.us, "frac_of_copy_bw": self.frac_of_copy_bw, "host_us": self.host_us,
                 "failed": self.failed, "note": self.note}
 
 
@@ -214,10 +221,11 @@ class Results:
     def from_json(cls, data: dict) -> "Results":
         header = {k: v for k, v in data.items() if k not in ("models", "layers")}
         models = [ModelRow(r["model"], r["mode"], r["impl"], r["img_per_s"], r["peak_mem_GiB"],
-                           r.get("first_step_s"), note=r.get("note", ""), failed=r.get("failed", False))
-                  for r in data["models"]]
+                           r.get("first_step_s"), note=r.get("note", ""), failed=r.get("failed", False),
+                           host_ms=r.get("host_ms")) for r in data["models"]]
         layers = [LayerRow(r["layer"], r["impl"], r["pass"], r["us"], r["frac_of_copy_bw"],
-                           note=r.get("note", ""), failed=r.get("failed", False)) for r in data["layers"]]
+                           note=r.get("note", ""), failed=r.get("failed", False), host_us=r.get("host_us"))
+                  for r in data["layers"]]
         return cls(header, models, layers)
 
 
@@ -252,6 +260,23 @@ def median_ms(fn: Callable[[], object], device: torch.device, warmup: int, iters
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def host_ms(fn: Callable[[], object], device: torch.device, calls: int = 3) -> float | None:
+    """Median time of one call of ``fn`` on the host, in milliseconds: from its start until
+    it returns, the GPU idle before it (synchronized), so that nothing it launches waits for
+    a full queue. A call whose host time reaches its GPU time is bound by its launching: the
+    GPU waits for the host, and its measured time is the host's. None off a GPU."""
+    if device.type != "cuda":
+        return None
+    times = []
+    for _ in range(calls):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    _sync(device)
     return statistics.median(times)
 
 
@@ -476,6 +501,8 @@ def measure_layer(row: LayerRow, layer: GroupedConvLayer, cfg: Config, copy_TBps
     else:
         us = kernel_ms(fn, cfg) * 1e3
     row.us = round(us, 2)
+    host = host_ms(fn, cfg.device)
+    row.host_us = round(host * 1e3, 2) if host is not None else None
     row.frac_of_copy_bw = round(layer.nbytes(row.pass_) / (us * 1e-6) / (copy_TBps * 1e12), 4)
     if row.impl == "fused":
         if row.pass_ == "fwd":
@@ -635,6 +662,8 @@ class ModelBench:
             torch.cuda.reset_peak_memory_stats(cfg.device)
         ms = median_ms(step, cfg.device, cfg.warmup, cfg.iters)
         row.img_per_s = float(f"{cfg.batch_size / (ms * 1e-3):.4g}")  # 4 digits, however slow (never 0.0)
+        host = host_ms(step, cfg.device)
+        row.host_ms = round(host, 3) if host is not None else None
         if cfg.device.type == "cuda":
             row.peak_mem_GiB = round(torch.cuda.max_memory_allocated(cfg.device) / 2**30, 3)
         if row.mode == "train":

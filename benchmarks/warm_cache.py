@@ -19,6 +19,11 @@ loads it instead of compiling. A launch whose tensors sit at other alignments
 than the meta tensors' (a view starting off a 16-byte boundary) is another
 specialization: the JIT still compiles that one itself.
 
+Triton 3.6 and older also build a C launcher for each kernel signature (gcc,
+about a second) at its first launch, and cache it too; where the CUDA driver is
+present, each worker builds its kernels' launchers beside them. Later Triton
+launches every kernel through one generic launcher: nothing to build.
+
 Needs no GPU (``--arch`` names the target) and must not run under
 ``TRITON_INTERPRET=1``. Exits non-zero if a kernel fails to compile: it
 would fail at its launch too.
@@ -86,19 +91,35 @@ def distinct_launches(models: list[str], modes: list[str], *, arch: int, batch: 
     return list(seen.values())
 
 
-def _compile(index: int, arch: int) -> tuple[int, float, str | None]:
+def build_launcher(kernel) -> bool:
+    """Build (into Triton's cache) the C launcher Triton 3.6 and older make for a compiled
+    kernel's signature at its first launch; False where there is none to build (a generic
+    launcher) or it cannot be built here (no CUDA driver: the first launch builds it)."""
+    from triton.backends.nvidia import driver
+
+    if not hasattr(driver, "make_launcher"):
+        return False
+    try:
+        driver.CudaLauncher(kernel.src, kernel.metadata)
+    except Exception:
+        return False
+    return True
+
+
+def _compile(index: int, arch: int) -> tuple[int, float, str | None, bool]:
     launch = _LAUNCHES[index]
     t0 = time.perf_counter()
     try:
-        aot.compile_launch(launch, arch)
+        kernel = aot.compile_launch(launch, arch)
     except Exception as exc:  # report every failure, not just the first
         first = str(exc).splitlines()[0] if str(exc) else ""
-        return index, time.perf_counter() - t0, f"{type(exc).__name__}: {first}"
-    return index, time.perf_counter() - t0, None
+        return index, time.perf_counter() - t0, f"{type(exc).__name__}: {first}", False
+    return index, time.perf_counter() - t0, None, build_launcher(kernel)
 
 
-def warm(launches: list[Launch], arch: int, jobs: int) -> list[tuple[int, float, str | None]]:
-    """Compile ``launches`` for ``sm_<arch>`` in ``jobs`` forked processes; (index, seconds, error) each."""
+def warm(launches: list[Launch], arch: int, jobs: int) -> list[tuple[int, float, str | None, bool]]:
+    """Compile ``launches`` for ``sm_<arch>`` in ``jobs`` forked processes; (index, seconds, error,
+    whether its launcher was built) each."""
     global _LAUNCHES
     _LAUNCHES = launches
     if jobs <= 1:
@@ -143,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     results = warm(launches, args.arch, max(1, args.jobs))
     wall = time.perf_counter() - t1
-    errors = [(i, e) for i, _, e in results if e]
-    serial = sum(s for _, s, _ in results)
+    errors = [(i, e) for i, _, e, _ in results if e]
+    serial = sum(s for _, s, _, _ in results)
+    launchers = sum(built for *_, built in results)
     print(f"compiled {len(results) - len(errors)} of {len(launches)} for sm_{args.arch} in {wall:.1f} s on "
           f"{args.jobs} processes ({serial:.1f} s of compiling, which the JIT would spend one after another); "
-          f"cache: {aot.cache_dir()}")
+          f"{launchers} launchers built; cache: {aot.cache_dir()}")
     for i, e in sorted(errors):
         launch = launches[i]
         print(f"FAILED: {launch.kernel.fn.__name__} {launch.role} {launch.meta.get('conv')}: {e}")

@@ -26,8 +26,8 @@ RUN_PY = Path(__file__).resolve().parents[1] / "benchmarks" / "run.py"
 
 TOP_LEVEL = {"gpu", "torch", "triton", "date", "dtype", "batch_size", "img_size", "channels_last",
              "recompute_normalized", "copy_TBps", "models", "layers"}
-MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "first_step_s", "failed", "note"}
-LAYER_ROW = {"layer", "impl", "pass", "us", "frac_of_copy_bw", "failed", "note"}
+MODEL_ROW = {"model", "mode", "impl", "img_per_s", "peak_mem_GiB", "first_step_s", "host_ms", "failed", "note"}
+LAYER_ROW = {"layer", "impl", "pass", "us", "frac_of_copy_bw", "host_us", "failed", "note"}
 LAYERS = {"s1_g32w4", "s2_g32w8", "s3_g32w16", "s4_g32w32"}
 
 
@@ -413,6 +413,26 @@ def test_warm_cache_compiles_what_the_jit_loads(tmp_path):
     assert got["compiled_by_jit"] == [], got  # ... from the cache: no entry under another key
 
 
+@pytest.mark.gpu
+def test_warm_cache_builds_the_launchers_the_first_launches_would(tmp_path):
+    """Triton 3.6 and older build a C launcher per kernel signature at the first launch (gcc,
+    about a second each, inside the first steps' time); warm_cache.py builds them beside the
+    kernels, into the same cache."""
+    from triton.backends.nvidia import driver
+
+    if not hasattr(driver, "make_launcher"):
+        pytest.skip("this Triton launches every kernel through one generic launcher: none to build")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "cache")
+    proc = subprocess.run([sys.executable, str(RUN_PY.parent / "warm_cache.py"), "--model", "resnext29_tiny",
+                           "--mode", "infer", "--arch", "90", "--batch-size", "2", "--img-size", "32", "--jobs", "4"],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=RUN_PY.parents[1])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    built = int(re.search(r"(\d+) launchers built", proc.stdout)[1])
+    modules = list((tmp_path / "cache").glob("*/__triton_launcher*"))
+    assert built > 0 and modules, proc.stdout[-2000:]
+
+
 _TUNE_SPECIALIZATIONS = """
 import json, sys
 sys.path.insert(0, sys.argv[1])
@@ -788,6 +808,29 @@ def test_compare_sets_a_gpu_run_beside_its_predictions_and_bars(tmp_path, capsys
     path = tmp_path / "run.json"
     path.write_text(json.dumps(_gpu_run()))
     assert compare.main([str(path)]) == 0 and "| s1_g32w4 | bwd |" in capsys.readouterr().out
+
+
+def test_compare_marks_rows_bound_by_their_launching():
+    """A row whose host time (launching alone) reaches 0.9 of its measured time is marked
+    host-bound: the GPU waited for the host, so the figure is not the kernels'."""
+    compare = _script("compare")
+    run = _gpu_run()
+    host = {("s2_g32w8", "fwd", "fused"): 95.0, ("s1_g32w4", "fwd", "fused"): 60.0,
+            ("s2_g32w8", "fwd", "cudnn_conv"): 190.0}
+    for r in run["layers"]:
+        r["host_us"] = host.get((r["layer"], r["pass"], r["impl"]))
+    run["models"][1]["host_ms"] = 10.5  # inference, 24,000 img/s at batch 256: 10.67 ms a step
+    run["models"][3]["host_ms"] = 20.0  # training, 5,000 img/s: 51.2 ms a step
+    lines = compare.compare(run).splitlines()
+
+    def row(*cells):
+        (found,) = [line for line in lines if line.startswith("| " + " | ".join(cells) + " |")]
+        return found
+    assert row("s2_g32w8", "fwd").endswith(
+        "| 1.92 | met (host-bound: 95.0 us to launch) (cuDNN host-bound: 190.0 us to launch) |")
+    assert row("s1_g32w4", "fwd").endswith("| 2.35 | met |")
+    assert "; host-bound: 10.5 ms a step to launch |" in row("resnext50_32x4d", "infer")
+    assert "host-bound" not in row("resnext50_32x4d", "train")
 
 
 def test_compare_sets_a_fused_rerun_beside_the_first_runs_eager_rows(tmp_path, capsys):
