@@ -70,10 +70,10 @@ def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else "met" if ok else "**not met**"
 
 
-def _host_bound(measured: float | None, host: float | None, unit: str) -> str:
+def _host_bound(measured: float | None, host: float | None, unit: str, who: str = "host") -> str:
     """`` (host-bound: ...)`` where the host's time reaches :data:`HOST_BOUND` of the measured."""
     if measured and host is not None and host >= HOST_BOUND * measured:
-        return f" (host-bound: {host:.1f} {unit} to launch)"
+        return f" ({who}-bound: {host:.1f} {unit} to launch)"
     return ""
 
 
@@ -94,7 +94,7 @@ def layer_table(run: dict, static: dict | None, scale: float) -> list[str]:
                      f"{_fmt(conv)} | {_fmt(floor)} | {_fmt(fused / floor if fused and floor else None, '.2f')} | "
                      f"{_fmt(speedup, '.2f')} | {_verdict(ok)}"
                      f"{_host_bound(fused, host.get((layer, pass_, 'fused')), 'us')}"
-                     f"{_host_bound(conv, host.get((layer, pass_, 'cudnn_conv')), 'us').replace('host', 'cuDNN host')} |")
+                     f"{_host_bound(conv, host.get((layer, pass_, 'cudnn_conv')), 'us', 'cuDNN host')} |")
     return lines
 
 
