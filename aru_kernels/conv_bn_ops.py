@@ -71,7 +71,7 @@ def conv_with_stats(x, weight, in_mean, in_scale, in_shift, stride, padding, dil
     y, tile_mean, tile_m2 = conv_bn_act_into(None, src, weight, in_mean=pro[0], in_scale=pro[1], in_shift=pro[2],
                                              stride=stride, padding=padding, dilation=dilation, groups=groups,
                                              in_relu=pro[3], stats=True, squeeze=squeeze)
-    block_m = stats_plan(src, weight, *pro[:2], pro[3], stride, padding, dilation, groups).block_m
+    block_m = stats_plan(src, weight, *pro[:2], pro[3], stride, padding, dilation, groups, squeeze=squeeze).block_m
     if squeeze:
         pq = y.shape[2] * y.shape[3]
         return (y, *image_statistics(tile_mean, tile_m2, y.shape[0], pq, block_m), pq, a)

@@ -319,14 +319,16 @@ def image_statistics(tile_mean: Tensor, tile_m2: Tensor, n: int, rows_per_image:
 
 
 def stats_plan(x, weight, in_mean, in_scale, in_relu, stride, padding, dilation, groups,
-               block_end: Optional[bool] = None) -> ConvPlan:
-    """The plan of an ``aru::conv_stats`` launch, which fixes its statistics tiles
-    (the batch-norm finalize needs their row count); ``block_end`` (None: no
-    block-end prologue) says whether that prologue's identity has a batch norm."""
+               block_end: Optional[bool] = None, squeeze: bool = False) -> ConvPlan:
+    """The plan of an ``aru::conv_stats`` launch (``aru::conv_bn_squeeze``'s with
+    ``squeeze``: tiles of one image each), which fixes its statistics tiles (the
+    batch-norm finalize needs their row count); ``block_end`` (None: no block-end
+    prologue) says whether that prologue's identity has a batch norm."""
     pro = in_scale is not None and block_end is None
     return plan_conv(x.shape, weight.shape, x.dtype, stride=stride, padding=padding, dilation=dilation,
                      groups=groups, has_prologue=pro, pro_mean=pro and in_mean is not None, pro_relu=pro and in_relu,
-                     stats=True, pro_end=block_end is not None, pro_end_affine=bool(block_end), device=x.device)
+                     stats=True, pro_end=block_end is not None, pro_end_affine=bool(block_end), squeeze=squeeze,
+                     device=x.device)
 
 
 @_conv_stats_op.register_fake

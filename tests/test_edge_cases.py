@@ -708,6 +708,28 @@ def test_training_squeeze_from_per_image_statistics_tiles(device):
         assert_close(ours[name].grad, refs[name].grad, torch.float32, what=f"gradient of {name}")
 
 
+def test_training_squeeze_where_its_tiles_are_narrower_than_the_plain_convs(device):
+    """A training 1x1 of 256 channels takes 128-row tiles without ``squeeze`` but 64 with it,
+    where 128 would pad an image's rows more (12 x 16 pixels: 2 x 128 against 3 x 64; on an
+    H200 the SE-ResNeXt's stage-2 conv3 at 28 x 28 and batch 256): the batch statistics
+    merge the tiles the launch wrote, so the mean, 1/std and per-image means match float64."""
+    if device.type != "cpu":
+        pytest.skip("the GPU's own rules are those on a GPU: this is their case on a 1-multiprocessor GPU")
+    g = torch.Generator().manual_seed(0)
+    x = cl(torch.randn(2, 256, 12, 16, generator=g) + 0.5)
+    weight = cl(torch.randn(256, 256, 1, 1, generator=g) / 16)
+    with plans.device_block_sizes(multiprocessors=1):
+        squeezed = plans.plan_conv(x.shape, weight.shape, x.dtype, stats=True, squeeze=True)
+        plain = plans.plan_conv(x.shape, weight.shape, x.dtype, stats=True)
+        assert (squeezed.block_m, plain.block_m) == (64, 128)
+        y, mean, scale, shift, means = aru_kernels.conv_bn_train(x, weight, None, None, squeeze=True)
+    y_ref = F.conv2d(x.double(), weight.double())
+    var = y_ref.var((0, 2, 3), unbiased=False)
+    assert_close(mean, y_ref.mean((0, 2, 3)), torch.float32, what="batch mean")
+    assert_close(scale, (var + 1e-5).rsqrt(), torch.float32, what="1/std")
+    assert_close(means, y_ref.mean((2, 3)), torch.float32, what="per-image means")
+
+
 @pytest.mark.usefixtures("device_blocks")
 @pytest.mark.parametrize("affine", [False, True], ids=["identity", "downsample_bn"])
 def test_bn_add_relu_with_a_branch_scale(device, affine):
