@@ -71,8 +71,11 @@ def finalize_stats(c: int, count: int, tile_mean: Tensor, tile_m2: Tensor, runni
             new_rm.copy_(running_mean)
             new_rv.copy_(running_var)
         return mean, invstd, new_rm, new_rv
-    block_t, block_c = finalize_blocks(c)
     tiles = tile_mean.shape[0]
+    if isinstance(count, int) and tiles != -(-count // tile_rows):
+        raise RuntimeError(f"finalize_stats: {tiles} statistics tiles do not hold {count} values in tiles of "
+                           f"{tile_rows} (the last fewer): the launch wrote other tiles than the finalize reads")
+    block_t, block_c = finalize_blocks(c)
     per_chunk = finalize_chunks(tiles, c, device)
     if per_chunk < tiles:  # combine chunks of tiles in parallel first
         chunks = -(-tiles // per_chunk)

@@ -311,6 +311,10 @@ def image_statistics(tile_mean: Tensor, tile_m2: Tensor, n: int, rows_per_image:
         empty = tile_mean.new_zeros((n, c))
         return empty, empty.clone()
     tiles = tile_mean.shape[0] // n
+    if tile_mean.shape[0] != n * -(-rows_per_image // block_m):
+        raise RuntimeError(f"image_statistics: {tile_mean.shape[0]} statistics tiles are not {n} images of "
+                           f"{rows_per_image} pixels in tiles of {block_m}: the launch wrote other tiles than "
+                           f"this merge reads")
     counts = (rows_per_image - torch.arange(tiles, device=tile_mean.device) * block_m).clamp(max=block_m)
     counts = counts.to(torch.float32).view(1, tiles, 1)
     tm, tm2 = tile_mean.view(n, tiles, c), tile_m2.view(n, tiles, c)
