@@ -176,9 +176,15 @@ def gpu_slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def tuned_table_file(gpu_name: str) -> Path:
+    """The tuned table of the GPU model ``gpu_name`` (``torch.cuda.get_device_name``):
+    ``aru_kernels/tuned/<gpu_slug>.json``, which ``benchmarks/tune.py`` writes."""
+    return _TUNED_DIR / f"{gpu_slug(gpu_name)}.json"
+
+
 @functools.lru_cache(maxsize=None)
-def _table_file(slug: str) -> dict:
-    path = _TUNED_DIR / f"{slug}.json"
+def _table_file(gpu_name: str) -> dict:
+    path = tuned_table_file(gpu_name)
     return json.loads(path.read_text())["entries"] if path.exists() else {}
 
 
@@ -190,7 +196,7 @@ def tuned_table(device: torch.device | None) -> dict:
         return _table_override
     if device is None or device.type != "cuda":
         return {}
-    return _table_file(gpu_slug(torch.cuda.get_device_name(device)))
+    return _table_file(torch.cuda.get_device_name(device))
 
 
 @contextlib.contextmanager

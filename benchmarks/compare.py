@@ -70,11 +70,11 @@ def _verdict(ok: bool | None) -> str:
     return "-" if ok is None else "met" if ok else "**not met**"
 
 
-def _host_bound(measured: float | None, host: float | None, unit: str, who: str = "host") -> str:
-    """`` (host-bound: ...)`` where the host's time reaches :data:`HOST_BOUND` of the measured."""
+def _host_bound(measured: float | None, host: float | None, unit: str, who: str = "host") -> list[str]:
+    """``["host-bound: ..."]`` where the host's time reaches :data:`HOST_BOUND` of the measured, else ``[]``."""
     if measured and host is not None and host >= HOST_BOUND * measured:
-        return f" ({who}-bound: {host:.1f} {unit} to launch)"
-    return ""
+        return [f"{who}-bound: {host:.1f} {unit} to launch"]
+    return []
 
 
 def layer_table(run: dict, static: dict | None, scale: float) -> list[str]:
@@ -93,8 +93,9 @@ def layer_table(run: dict, static: dict | None, scale: float) -> list[str]:
         lines.append(f"| {layer} | {pass_} | {_fmt(fused)} | {_fmt(us.get((layer, pass_, 'cudnn')))} | "
                      f"{_fmt(conv)} | {_fmt(floor)} | {_fmt(fused / floor if fused and floor else None, '.2f')} | "
                      f"{_fmt(speedup, '.2f')} | {_verdict(ok)}"
-                     f"{_host_bound(fused, host.get((layer, pass_, 'fused')), 'us')}"
-                     f"{_host_bound(conv, host.get((layer, pass_, 'cudnn_conv')), 'us', 'cuDNN host')} |")
+                     + "".join(f" ({m})" for m in _host_bound(fused, host.get((layer, pass_, "fused")), "us")
+                               + _host_bound(conv, host.get((layer, pass_, "cudnn_conv")), "us", "cuDNN host"))
+                     + " |")
     return lines
 
 
@@ -130,10 +131,8 @@ def model_table(run: dict, statics: dict, scale: float, first: dict | None = Non
             bars.append(f"peak {_verdict(peak_ratio <= PEAK_BAR)}")
         if fused and on_baseline_gpu and (model, mode) in MOONSHOTS:
             bars.append(f"moonshot {MOONSHOTS[model, mode]:,} {_verdict(fused >= MOONSHOTS[model, mode])}")
-        fused_row = rows.get((model, mode, "fused"), {})
-        if fused and fused_row.get("host_ms") is not None:
-            bound = _host_bound(run["batch_size"] / fused * 1e3, fused_row["host_ms"], "ms a step")
-            bars += [bound.strip(" ()")] if bound else []
+        if fused:
+            bars += _host_bound(run["batch_size"] / fused * 1e3, rows[model, mode, "fused"].get("host_ms"), "ms a step")
         lines.append(f"| {model} | {mode} | {_fmt(fused, ',.0f')} | {_fmt(eager, ',.0f')}{eager_mark} | "
                      f"{_fmt(compiled, ',.0f')}{mark} | {_fmt(ceiling, ',.0f')} | "
                      f"{_fmt(fused / compiled if fused and compiled else None, '.2f')} | "

@@ -61,7 +61,6 @@ import datetime
 import importlib.util
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -73,6 +72,10 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # (run as a script, without the package installed)
+    sys.path.insert(0, str(REPO))
+
+from aru_kernels.plans import gpu_slug, tuned_table_file  # noqa: E402
 
 # Seconds kept back from the benchmark's row budget for the row in flight and the report.
 _ROW_MARGIN_S = 40
@@ -98,11 +101,6 @@ def _stop(signum, frame) -> None:
 def gpu_models() -> list[str]:
     """The models benchmarked on a GPU: timm's SE-ResNeXt too where timm is installed."""
     return ["resnext50_32x4d", "resnet50", *(["timm:seresnext50_32x4d"] if importlib.util.find_spec("timm") else [])]
-
-
-def slug(name: str) -> str:
-    """``"NVIDIA H100 80GB HBM3"`` -> ``"nvidia_h100_80gb_hbm3"``."""
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def versions() -> dict[str, str]:
@@ -185,12 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{key.ljust(width)}  {value}")
     on_gpu = torch.cuda.is_available()
     today = datetime.datetime.now(datetime.timezone.utc).date().isoformat()
-    tag = f"{slug(info['gpu']) if on_gpu else 'cpu'}_{today}"
+    tag = f"{gpu_slug(info['gpu']) if on_gpu else 'cpu'}_{today}"
     print(flush=True)
 
     def pack() -> None:
         if args.archive is not None:
-            archive(args.archive, args.outdir, started_at - 1, tuned_table_path(info) if on_gpu else None)
+            archive(args.archive, args.outdir, started_at - 1, tuned_table_file(info["gpu"]) if on_gpu else None)
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     steps_ok, tests_ok = [], True
@@ -252,11 +250,6 @@ def checks(args, start: float, tag: str, on_gpu: bool, info: dict, steps_ok: lis
                               on_gpu=on_gpu, tag=f"{tag}_tuned", share=1.0))
     pack()
     return tests_ok
-
-
-def tuned_table_path(info: dict) -> Path:
-    """Where ``benchmarks/tune.py`` writes this GPU's tuned table (``aru_kernels/tuned/<gpu>.json``)."""
-    return REPO / "aru_kernels" / "tuned" / f"{slug(info['gpu'])}.json"
 
 
 def archive(path: Path, outdir: Path, since: float, tuned: Path | None) -> None:
@@ -386,8 +379,6 @@ def finish_warm_cache(thread: threading.Thread, logs: list, results: list) -> bo
 
 
 def _cache_dir() -> Path:
-    if str(REPO) not in sys.path:  # (run as a script, without the package installed)
-        sys.path.insert(0, str(REPO))
     from aru_kernels.aot import cache_dir
 
     return Path(cache_dir())

@@ -58,7 +58,6 @@ from aru_kernels import conv_ops, plans  # noqa: E402
 from aru_kernels.plans import ConvPlan, Tiles  # noqa: E402
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-TUNED_DIR = Path(plans.__file__).resolve().parent / "tuned"
 
 
 def conv_launch_plans(models: list[str], modes: list[str], batch: int, img: int, dtype: torch.dtype,
@@ -510,8 +509,9 @@ def tune(all_plans: list[ConvPlan], dtype: torch.dtype, budget: float, table_pat
             best = min(timings, key=timings.get)
             print(f"  {item.key()[:90]}: rules {timings.get(rule, float('nan')) * 1e3:.1f} us, "
                   f"best {timings[best] * 1e3:.1f} us {best}", flush=True)
-            if winner(timings, rule) is not None:
-                entries[item.key()] = {"tiles": asdict(best), "us": round(timings[best] * 1e3, 2),
+            chosen = winner(timings, rule)
+            if chosen is not None:
+                entries[item.key()] = {"tiles": asdict(chosen), "us": round(timings[chosen] * 1e3, 2),
                                        "rules_us": round(timings[rule] * 1e3, 2)}
                 write_table(table, table_path)
     print(f"tuned table: {table_path} ({len(entries)} entries)")
@@ -551,7 +551,7 @@ def main(argv=None) -> int:
         return dry_run(all_plans, dtype, torch.float32 if autocast else dtype, taps=taps)
     if not torch.cuda.is_available():
         ap.error("tuning times kernels on a GPU; without one, use --dry-run")
-    path = TUNED_DIR / f"{plans.gpu_slug(torch.cuda.get_device_name(0))}.json"
+    path = plans.tuned_table_file(torch.cuda.get_device_name(0))
     return tune(all_plans, dtype, args.budget, path, args.jobs, torch.float32 if autocast else dtype, taps=taps)
 
 
