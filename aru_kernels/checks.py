@@ -124,56 +124,57 @@ def check_runnable(op: str, *named: tuple[str, Optional[Tensor]]) -> None:
 
 
 def check_conv_inputs(x, weight, *, vectors_out=(), vectors_in=(), residual=None, stride=1, padding=0,
-                      dilation=1, groups=1) -> tuple[int, int]:
+                      dilation=1, groups=1, op: str = "conv_bn_act") -> tuple[int, int]:
     """Raise a clear error for anything the conv kernel cannot take; return the output size (P, Q).
 
     ``vectors_out`` / ``vectors_in`` are ``(name, tensor)`` pairs of
-    per-output-channel and per-input-channel vectors.
+    per-output-channel and per-input-channel vectors; ``op`` names the public
+    function in the messages.
     """
     if x.dim() != 4:
-        raise ValueError(f"conv_bn_act: input must be 4-D [N, C, H, W]; got shape {tuple(x.shape)}")
+        raise ValueError(f"{op}: input must be 4-D [N, C, H, W]; got shape {tuple(x.shape)}")
     if weight.dim() != 4:
-        raise ValueError(f"conv_bn_act: weight must be 4-D [C_out, C_in/groups, KH, KW]; "
+        raise ValueError(f"{op}: weight must be 4-D [C_out, C_in/groups, KH, KW]; "
                          f"got shape {tuple(weight.shape)}")
     if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"conv_bn_act: input dtype must be one of float32, float16, bfloat16; got {x.dtype}")
+        raise TypeError(f"{op}: input dtype must be one of float32, float16, bfloat16; got {x.dtype}")
     if not weight.is_floating_point():
-        raise TypeError(f"conv_bn_act: weight must be floating point; got {weight.dtype}")
+        raise TypeError(f"{op}: weight must be floating point; got {weight.dtype}")
     if stride < 1 or padding < 0 or dilation < 1:
-        raise ValueError(f"conv_bn_act: need stride >= 1, padding >= 0, dilation >= 1; "
+        raise ValueError(f"{op}: need stride >= 1, padding >= 0, dilation >= 1; "
                          f"got stride={stride}, padding={padding}, dilation={dilation}")
     n, c_in, h, w = x.shape
     c_out, cin_g, kh, kw = weight.shape
     if groups < 1 or c_in % groups or c_out % groups:
-        raise ValueError(f"conv_bn_act: groups={groups} must divide both in_channels={c_in} "
+        raise ValueError(f"{op}: groups={groups} must divide both in_channels={c_in} "
                          f"and out_channels={c_out}")
     if cin_g * groups != c_in:
-        raise ValueError(f"conv_bn_act: weight of shape {tuple(weight.shape)} with groups={groups} "
+        raise ValueError(f"{op}: weight of shape {tuple(weight.shape)} with groups={groups} "
                          f"expects {cin_g * groups} input channels; input has {c_in}")
     p = out_size(h, kh, stride, padding, dilation)
     q = out_size(w, kw, stride, padding, dilation)
     if p < 1 or q < 1:
-        raise ValueError(f"conv_bn_act: input of spatial size {h}x{w} is too small for a {kh}x{kw} "
+        raise ValueError(f"{op}: input of spatial size {h}x{w} is too small for a {kh}x{kw} "
                          f"kernel (padding={padding}, dilation={dilation})")
-    check_pixels("conv_bn_act", "input", n, h, w)
-    check_pixels("conv_bn_act", "output", n, p, q)
+    check_pixels(op, "input", n, h, w)
+    check_pixels(op, "output", n, p, q)
     for name, v in vectors_out:
-        check_vector(v, name, c_out, "one per output channel")
+        check_vector(v, name, c_out, "one per output channel", op)
     for name, v in vectors_in:
-        check_vector(v, name, c_in, "one per input channel")
+        check_vector(v, name, c_in, "one per input channel", op)
     if residual is not None:
         if tuple(residual.shape) != (n, c_out, p, q):
-            raise ValueError(f"conv_bn_act: residual must have the output's shape {(n, c_out, p, q)}; "
+            raise ValueError(f"{op}: residual must have the output's shape {(n, c_out, p, q)}; "
                              f"got {tuple(residual.shape)}")
         if residual.dtype != x.dtype:
-            raise TypeError(f"conv_bn_act: residual dtype {residual.dtype} differs from input dtype {x.dtype}")
+            raise TypeError(f"{op}: residual dtype {residual.dtype} differs from input dtype {x.dtype}")
     for name, t in [("weight", weight), ("residual", residual), *vectors_out, *vectors_in]:
         if t is not None and t.device != x.device:
-            raise ValueError(f"conv_bn_act: {name} is on {t.device} but input is on {x.device}")
+            raise ValueError(f"{op}: {name} is on {t.device} but input is on {x.device}")
     for name, t in (("input", x), ("residual", residual)):
         if t is not None and not t.is_contiguous(memory_format=torch.channels_last):
             raise ValueError(
-                f"conv_bn_act: {name} must be channels_last (NHWC) contiguous; got strides "
+                f"{op}: {name} must be channels_last (NHWC) contiguous; got strides "
                 f"{tuple(t.stride())} for shape {tuple(t.shape)}. Convert with "
                 f"t.contiguous(memory_format=torch.channels_last)")
     return p, q

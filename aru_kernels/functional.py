@@ -228,7 +228,8 @@ def conv_bn_train(
     n, c_out = x.shape[0], weight.shape[0]
     p, q = check_conv_inputs(x, weight, vectors_in=(("in_mean", in_mean), ("in_scale", in_scale),
                                                      ("in_shift", in_shift)),
-                             stride=stride, padding=padding, dilation=dilation, groups=groups)
+                             stride=stride, padding=padding, dilation=dilation, groups=groups,
+                             op="conv_bn_train")
     check_prologue("conv_bn_train", in_mean, in_scale, in_shift, in_relu)
     check_batch_norm("conv_bn_train", c_out, x.device, bn_weight=bn_weight, bn_bias=bn_bias,
                      running_mean=running_mean, running_var=running_var, num_batches_tracked=num_batches_tracked,
@@ -321,8 +322,11 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
                 raise ValueError(f"{where}: a conv weight must be 4-D [C_out, C_in/groups, KH, KW]; got {shape}")
             takes = c.weight.shape[1] * c.groups
             given = c_in if i in (0, len(chain)) else chain[i - 1].weight.shape[0]
+            name = "its downsample" if i == len(chain) else f"its conv {i}"
+            if c.groups < 1 or given % c.groups or c.weight.shape[0] % c.groups:
+                raise ValueError(f"{where}: {name}'s groups={c.groups!r} must divide its in_channels={given} "
+                                 f"and out_channels={c.weight.shape[0]}")
             if takes != given:
-                name = "its downsample" if i == len(chain) else f"its conv {i}"
                 source = "the block input has" if i in (0, len(chain)) else f"conv {i - 1} gives"
                 raise ValueError(f"{where}: {name} takes {takes} input channels (weight of shape "
                                  f"{tuple(c.weight.shape)}, groups={c.groups}); {source} {given}")
@@ -393,7 +397,7 @@ def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
         raise ValueError(f"{op}: x takes no gradient here (the images); it requires one")
     geometry = _conv_args(op, x, conv.weight, conv.stride, conv.padding, conv.dilation)
     check_conv_inputs(x, conv.weight, stride=geometry[0], padding=geometry[1], dilation=geometry[2],
-                      groups=int(conv.groups))
+                      groups=int(conv.groups), op=op)
     _check_conv_bn(op, conv, x.device)
     check_runnable(op, ("x", x), ("weight", conv.weight))
     window = tuple(single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),

@@ -15,8 +15,20 @@ __all__ = ["interpreting", "fused_available", "default_impl", "kernel_device_err
 
 
 def interpreting() -> bool:
-    """True when Triton kernels run in the interpreter (on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when this package's Triton kernels run in the interpreter (on CPU tensors):
+    when ``TRITON_INTERPRET=1`` was set as they were imported. Triton decides it then,
+    so the variable's value now does not change it."""
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return False
+    from . import relu_bits  # any kernel module: Triton made all of them the same way
+
+    return isinstance(relu_bits.store_relu_mask, InterpretedFunction)
+
+
+def _interpret_set_late() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and not interpreting()
 
 
 def fused_available() -> bool:
@@ -46,4 +58,6 @@ def kernel_device_error(t: torch.Tensor, name: str) -> str | None:
         return None
     where = "a CUDA device" + (" (or a CPU tensor with TRITON_INTERPRET=1 set before import)"
                                if t.device.type == "cpu" else "")
-    return f"{name} must be on {where}; got a tensor on {t.device}"
+    late = (" (TRITON_INTERPRET=1 is set, but only after aru_kernels was imported: Triton reads it as the "
+            "kernels are imported, so set it before)" if t.device.type == "cpu" and _interpret_set_late() else "")
+    return f"{name} must be on {where}; got a tensor on {t.device}{late}"

@@ -1042,6 +1042,61 @@ def test_the_stem_says_where_it_runs_before_rewriting_its_input():
         assert line.startswith(f"RuntimeError {op}: ") and "must be on a CUDA device" in line, line
 
 
+_INTERPRET_LATE = """
+import os, torch, aru_kernels
+os.environ["TRITON_INTERPRET"] = "1"  # after the import: Triton has made the kernels for a GPU
+print(aru_kernels.interpreting(), aru_kernels.fused_available())
+x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+try:
+    aru_kernels.conv_bn_act(x, torch.randn(16, 4, 3, 3), padding=1, groups=4)
+except Exception as exc:
+    print(type(exc).__name__, str(exc).splitlines()[0])
+"""
+
+
+def test_the_interpreter_chosen_after_import_is_named_in_the_error():
+    """Triton reads TRITON_INTERPRET as the kernels are imported. Set later, the kernels are
+    still the GPU's: the library says so (not Triton's driver error), and does not claim to
+    run on the CPU."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", _INTERPRET_LATE], env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line]
+    assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr[-2000:]
+    assert lines[0] == "False False", lines[0]
+    assert lines[1].startswith("RuntimeError conv_bn_act: ") and "only after aru_kernels was imported" in lines[1], \
+        lines[1]
+
+
+@pytest.mark.parametrize("case", ["conv_bn_train", "stem_train", "groups"])
+def test_input_errors_name_the_function_called(case):
+    """The shared input checks name the public function the user called, and a block's groups
+    that do not divide its channels are reported as such."""
+    cl = torch.channels_last
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=cl)
+    one = dict(bn_weight=None, bn_bias=None)
+    if case == "conv_bn_train":
+        with pytest.raises(ValueError, match=r"^conv_bn_train: groups=3 must divide"):
+            aru_kernels.conv_bn_train(x, torch.randn(16, 5, 3, 3), **one, padding=1, groups=3)
+        with pytest.raises(ValueError, match=r"^conv_bn_train: input must be channels_last"):
+            aru_kernels.conv_bn_train(x.contiguous(), torch.randn(16, 4, 3, 3), **one, padding=1, groups=4)
+    elif case == "stem_train":
+        imgs = torch.randn(2, 3, 4, 4).contiguous(memory_format=cl)
+        with pytest.raises(ValueError, match=r"^stem_train: input of spatial size 4x4 is too small"):
+            aru_kernels.stem_train(imgs, aru_kernels.ConvBN(torch.randn(8, 3, 7, 7), None, None, stride=2))
+    else:
+        chain = [aru_kernels.ConvBN(torch.randn(8, 16, 1, 1), None, None),
+                 aru_kernels.ConvBN(torch.randn(8, 3, 3, 3), None, None, padding=1, groups=3),
+                 aru_kernels.ConvBN(torch.randn(16, 8, 1, 1), None, None)]
+        with pytest.raises(ValueError, match=r"its conv 1's groups=3 must divide its in_channels=8"):
+            aru_kernels.residual_block_train(x, chain)
+
+
 # The largest batch of 224 x 224 images the kernels take (32-bit pixel indices).
 _MOST_IMAGES = aru_kernels.checks.MAX_PIXELS // (224 * 224)
 
