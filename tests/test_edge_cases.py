@@ -1010,6 +1010,21 @@ def test_paddings_that_are_not_ints_are_refused_not_rounded(device, padding, err
     assert aru_kernels.conv_bn_act(x, w, padding=np.int64(1)).shape == (1, 4, 5, 5)  # an int by operator.index
 
 
+def _printed_without_interpreter(script: str, count: int) -> list[str]:
+    """The non-empty lines ``script`` prints in a fresh CPU-only process started without
+    TRITON_INTERPRET (the kernels are the JIT's own); it must exit 0 and print ``count``."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line]
+    assert proc.returncode == 0 and len(lines) == count, proc.stdout + proc.stderr[-2000:]
+    return lines
+
+
 _STEM_ON_CPU = """
 import torch, aru_kernels
 x = torch.randn(1, 3, 16, 16).contiguous(memory_format=torch.channels_last)
@@ -1028,16 +1043,7 @@ def test_the_stem_says_where_it_runs_before_rewriting_its_input():
     """A stride-2 conv of 3 channels (the stem) is rewritten over 2x2 blocks by a kernel of its
     own: on the CPU without the interpreter (Triton compiling for a GPU that is not there),
     the device error comes first, as for every op, not Triton's driver error."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, "-c", _STEM_ON_CPU], env=env, capture_output=True, text=True,
-                          timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line]
-    assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr[-2000:]
+    lines = _printed_without_interpreter(_STEM_ON_CPU, 2)
     for line, op in zip(lines, ("conv_bn_act", "stem_train")):
         assert line.startswith(f"RuntimeError {op}: ") and "must be on a CUDA device" in line, line
 
@@ -1058,16 +1064,7 @@ def test_the_interpreter_chosen_after_import_is_named_in_the_error():
     """Triton reads TRITON_INTERPRET as the kernels are imported. Set later, the kernels are
     still the GPU's: the library says so (not Triton's driver error), and does not claim to
     run on the CPU."""
-    import os
-    import subprocess
-    import sys
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    proc = subprocess.run([sys.executable, "-c", _INTERPRET_LATE], env=env, capture_output=True, text=True,
-                          timeout=300)
-    lines = [line for line in proc.stdout.splitlines() if line]
-    assert proc.returncode == 0 and len(lines) == 2, proc.stdout + proc.stderr[-2000:]
+    lines = _printed_without_interpreter(_INTERPRET_LATE, 2)
     assert lines[0] == "False False", lines[0]
     assert lines[1].startswith("RuntimeError conv_bn_act: ") and "only after aru_kernels was imported" in lines[1], \
         lines[1]
