@@ -19,6 +19,10 @@ call (hooks on its submodules, see :class:`UnfusedWarning`), that call runs
 the class's own forward. Nothing else changes: parameters, buffers, their
 names in ``state_dict``, ``requires_grad``, train/eval modes. ``fuse(model,
 impl="eager")`` removes those forwards again.
+
+Those forwards are bound to their module: ``copy.deepcopy``, ``torch.save`` /
+``torch.load`` and ``nn.DataParallel``'s replicas (whose parameters are
+per-device copies) bind them to the copy.
 """
 
 from __future__ import annotations
@@ -165,11 +169,29 @@ def _stem_override(m: nn.Module):
     return None
 
 
+_ATTRS = ("forward", "_forward_impl", "forward_features")
+
+
+def _replicate(self: nn.Module) -> nn.Module:
+    """``nn.Module._replicate_for_data_parallel`` for a switched module: nn.DataParallel's
+    replica (a shallow copy that is given per-device parameters), with the switched
+    methods bound to the replica rather than to ``self``, whose parameters they would read."""
+    replica = type(self)._replicate_for_data_parallel(self)
+    for attr in _ATTRS:
+        if _switched(self, attr) is not None:
+            replica.__dict__[attr] = functools.partial(self.__dict__[attr].func, replica)
+    replica.__dict__["_replicate_for_data_parallel"] = functools.partial(_replicate, replica)
+    return replica
+
+
 def _unfuse(model: nn.Module) -> None:
     for m in model.modules():
-        for attr in ("forward", "_forward_impl", "forward_features"):
+        for attr in _ATTRS:
             if _switched(m, attr) is not None:
                 del m.__dict__[attr]
+        own = m.__dict__.get("_replicate_for_data_parallel")
+        if getattr(own, "func", None) is _replicate and own.args == (m,):
+            del m.__dict__["_replicate_for_data_parallel"]
 
 
 def _replacing(m: nn.Module, attr: str, fn) -> tuple:
@@ -247,6 +269,7 @@ def fuse(model: nn.Module, impl: str = "fused", *, strict: bool = False) -> nn.M
         return model
     for m, attr, fn in plan:
         setattr(m, attr, functools.partial(fn, m))  # (a bound method would not pickle: torch.save(model))
+        m._replicate_for_data_parallel = functools.partial(_replicate, m)
     if skipped:
         warnings.warn("fuse: left on PyTorch's path:\n  " + "\n  ".join(skipped), UnfusedWarning, stacklevel=2)
     if not plan and not own and not skipped:

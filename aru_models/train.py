@@ -148,8 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint (which must exist)")
     p.add_argument("--seed", type=int, default=0, help="an integer in [0, 2**32) (default: %(default)s)")
     p.add_argument("--max-steps", type=int, default=None,
-                   help="stop after this many optimizer steps in total (the last epoch may be cut short); the "
-                        "learning-rate schedule stays the one of --epochs")
+                   help="stop after this many optimizer steps in total (the last epoch may be cut short, and is then "
+                        "validated over the whole validation set); the learning-rate schedule stays the one of "
+                        "--epochs")
     p.add_argument("--workers", type=int, default=None,
                    help="data-loading processes (default: 0 for in-memory digits/cifar10, up to 8 for folder)")
     return p

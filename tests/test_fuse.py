@@ -388,6 +388,44 @@ def test_fused_model_saved_whole_loads(tmp_path, device):
         assert _fused_forwards(loaded) == []
 
 
+def _replicate_on_one_device(model, scales, monkeypatch):
+    """``torch.nn.parallel.replicate`` (what nn.DataParallel runs before each forward) without
+    CUDA: its broadcast gives replica j copies of the parameters and buffers with the
+    floating-point ones multiplied by ``scales[j]``, so that each replica computes something else."""
+    import sys
+
+    rep = sys.modules["torch.nn.parallel.replicate"]
+    monkeypatch.setattr(rep, "_get_device_index", lambda d, optional=False: d)
+    monkeypatch.setattr(rep, "_broadcast_coalesced_reshape", lambda tensors, scales, detach=False: [
+        [t.detach() * s if t.is_floating_point() else t.clone() for t in tensors] for s in scales])
+    return rep.replicate(model, scales)
+
+
+def test_data_parallel_replicas_run_with_their_own_parameters(monkeypatch, device):
+    """nn.DataParallel's replicas of a fused model share the original's instance dict, fused
+    forwards included: each replica's forwards are bound to it, so it computes with its own
+    (per-device) parameters, not the original's."""
+    model, twin64 = _eval_pair(plain_resnext(num_classes=5))
+    model, twin64 = model.to(device), twin64.to(device)
+    aru_models.fuse(model)
+    replicas = _replicate_on_one_device(model, [1.0, 1.5], monkeypatch)
+    x = torch.randn(2, 3, 21, 19, device=device)
+    for scale, replica in zip([1.0, 1.5], replicas):
+        assert replica.layer1[0].forward.args[0] is replica.layer1[0]
+        twin = copy.deepcopy(twin64)
+        with torch.no_grad():
+            for t in [*twin.parameters(), *twin.buffers()]:
+                if t.is_floating_point():
+                    t.mul_(scale)
+            log = OpLog()
+            with log:
+                out = replica(x)
+            assert "aru.conv_bn_act" in log.ops
+            assert_close(out, twin(x.double()), torch.float32, what=f"logits of the replica scaled by {scale}")
+    aru_models.fuse(model, impl="eager")
+    assert not [n for n, m in model.named_modules() if "_replicate_for_data_parallel" in m.__dict__]
+
+
 @pytest.mark.parametrize("change", ["conv-bias", "mixed-modes"])
 def test_block_the_kernels_cannot_train_as_it_is_runs_eagerly(change, device):
     """In training, a block with a biased convolution, or whose batch norms are partly in
