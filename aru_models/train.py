@@ -32,7 +32,8 @@ long run. The learning-rate schedule is not stored: it follows from
 ``--epochs`` (or another ``--lr`` or ``--weight-decay``) continues on the
 schedule those arguments give, from the step it reached. A run resumed with the
 same arguments follows the uninterrupted one exactly; another ``--model``,
-``--optimizer``, ``--dataset`` or ``--batch-size`` is refused.
+``--optimizer``, ``--dataset``, ``--batch-size`` or ``--seed`` (which orders the
+data) is refused.
 
 Runs are reproducible from ``--seed``: it seeds the model's initialization, the
 data order (a permutation per epoch) and the augmentation (a generator per
@@ -49,6 +50,7 @@ import gc
 import itertools
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -513,12 +515,16 @@ class Trainer:
     def _load(self, path: str) -> None:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # (torch's message advises weights_only=False: not for a file we wrote)
+            why = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+            raise ValueError(f"--resume: {path} is not a checkpoint of this trainer: it does not load as tensors and "
+                             f"plain values ({why.group(1).strip() if why else type(e).__name__})") from e
         except Exception as e:
             raise ValueError(f"--resume: {path} is not a readable checkpoint ({type(e).__name__}: {e})") from e
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or not all(
                 key in state for key in ("config", "model", "optimizer", "epoch", "history", "rng")):
             raise ValueError(f"--resume: {path} is not a checkpoint of this trainer (format {CHECKPOINT_FORMAT})")
-        for key in ("model", "optimizer", "dataset", "batch_size"):
+        for key in ("model", "optimizer", "dataset", "batch_size", "seed"):
             saved, now = state["config"].get(key, getattr(self.args, key)), getattr(self.args, key)
             if saved != now:
                 raise ValueError(f"--resume: {path} was written with --{key.replace('_', '-')} {saved}, not {now}")
@@ -560,7 +566,7 @@ class Trainer:
         save_checkpoint({
             "format": CHECKPOINT_FORMAT,
             "config": {"model": self.args.model, "optimizer": self.args.optimizer, "dataset": self.args.dataset,
-                       "batch_size": self.args.batch_size},
+                       "batch_size": self.args.batch_size, "seed": self.args.seed},
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
@@ -711,15 +717,21 @@ def _fit(trainer: Trainer) -> TrainResult:
 
 def main(argv: list[str] | None = None) -> TrainResult:
     """Command-line entry point: a configuration that cannot run (bad arguments, a
-    missing or malformed data folder, a missing checkpoint) prints ``error: ...``
-    with the usage and exits with status 2."""
+    missing or malformed data folder, a missing checkpoint, a batch too small for
+    some batch norm) prints ``error: ...`` with the usage and exits with status 2."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         trainer = Trainer(args)
     except (ValueError, FileNotFoundError, ImportError, NotImplementedError) as e:
         parser.error(str(e))
-    return _fit(trainer)
+    try:
+        return _fit(trainer)
+    except ValueError as e:  # found at the first step: too few values for some batch norm
+        if "more than 1 value per channel" not in str(e):
+            raise
+        parser.error(f"--batch-size {args.batch_size} ({args.batch_size // trainer.world_size} image(s) a process) "
+                     f"is too small for {args.model} in training: {e}")
 
 
 if __name__ == "__main__":

@@ -212,6 +212,8 @@ def test_resume_refuses_what_it_cannot_continue(cifar_dir, tmp_path, capsys):
     argv = tiny_args(cifar_dir, "--epochs", "2", "--checkpoint", str(path), "--resume")
     expect_usage_error(argv[:argv.index("--batch-size")] + ["--batch-size", "4"] + argv[argv.index("--optimizer"):],
                        capsys, "--batch-size 8, not 4")
+    expect_usage_error(argv[:argv.index("--seed")] + ["--seed", "1"] + argv[argv.index("--seed") + 2:],
+                       capsys, "--seed 0, not 1")  # (the seed orders the data: a cut epoch would not resume)
     state = copy.deepcopy(original)
     state["model"]["fc.weight"] = state["model"]["fc.weight"][:7]  # a model of 7 classes
     state["model"]["fc.bias"] = state["model"]["fc.bias"][:7]
@@ -224,6 +226,18 @@ def test_resume_refuses_what_it_cannot_continue(cifar_dir, tmp_path, capsys):
     del original["optimizer"]
     torch.save(original, path)
     expect_usage_error(argv, capsys, str(path), "is not a checkpoint of this trainer")
+    path.write_text("not a checkpoint\n")
+    message = expect_usage_error(argv, capsys, str(path), "is not a checkpoint of this trainer")
+    assert "weights_only" not in message, "no advice to unpickle arbitrary code"
+
+
+def test_a_batch_too_small_for_a_batch_norm_is_a_usage_error(cifar_dir, capsys):
+    """resnet18 at 32 x 32 reaches 1 x 1 pixels: one image a batch leaves one value per channel."""
+    argv = tiny_args(cifar_dir, "--epochs", "1", "--max-steps", "1")
+    argv[argv.index("resnext29_tiny")] = "resnet18"
+    argv[argv.index("--batch-size") + 1] = "1"
+    expect_usage_error(argv, capsys, "--batch-size 1 (1 image(s) a process) is too small for resnet18",
+                       "Expected more than 1 value per channel")
 
 
 @pytest.mark.parametrize("options", [["--amp", "bf16", "--channels-last"], ["--amp", "fp16"]],
