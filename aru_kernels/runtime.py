@@ -18,6 +18,16 @@ def interpreting() -> bool:
     """True when this package's Triton kernels run in the interpreter (on CPU tensors):
     when ``TRITON_INTERPRET=1`` was set as they were imported. Triton decides it then,
     so the variable's value now does not change it."""
+    global _interpreted
+    if _interpreted is None:  # (asked at every launch: found once, as it is fixed once the kernels are imported)
+        _interpreted = _kernels_interpreted()
+    return _interpreted
+
+
+_interpreted: bool | None = None
+
+
+def _kernels_interpreted() -> bool:
     try:
         from triton.runtime.interpreter import InterpretedFunction
     except ImportError:

@@ -94,11 +94,12 @@ def _block_forward(self, x: Tensor) -> Tensor:
     return fused.block_forward(self, x, functools.partial(type(self).forward, self), block_parts)
 
 
-def _switched(m: nn.Module, attr: str):
-    """The function of ours that ``m.<attr>`` was switched to (None if it was not)."""
+def _switched(m: nn.Module, attr: str, ours: tuple = ()):
+    """The function of ours (one of the forwards, or of ``ours``) that ``m.<attr>`` was
+    switched to, bound to ``m``; None if it was not."""
     switched = m.__dict__.get(attr)
     fn = getattr(switched, "func", None)
-    return fn if fn in _FORWARDS and getattr(switched, "args", None) == (m,) else None
+    return fn if fn in (*_FORWARDS, *ours) and getattr(switched, "args", None) == (m,) else None
 
 
 def _fused_parts(block: nn.Module):
@@ -189,8 +190,7 @@ def _unfuse(model: nn.Module) -> None:
         for attr in _ATTRS:
             if _switched(m, attr) is not None:
                 del m.__dict__[attr]
-        own = m.__dict__.get("_replicate_for_data_parallel")
-        if getattr(own, "func", None) is _replicate and own.args == (m,):
+        if _switched(m, "_replicate_for_data_parallel", (_replicate,)) is not None:
             del m.__dict__["_replicate_for_data_parallel"]
 
 
