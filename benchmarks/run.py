@@ -810,6 +810,10 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(line.rstrip() for line in lines)
 
 
+# Under the layer table of a run without CUDA, where the ``cudnn`` rows ran on other kernels.
+CPU_LAYERS_NOTE = "(no CUDA device: the cudnn and cudnn_conv rows ran PyTorch's CPU kernels, not cuDNN)"
+
+
 def format_layers(results: Results) -> str:
     copy_TBps = results.header.get("copy_TBps")
     cudnn = {(r.layer, r.pass_): r.us for r in results.layers if r.impl == "cudnn"}
@@ -852,6 +856,8 @@ def print_report(results: Results) -> None:
     if results.layers:
         print()
         print(format_layers(results))
+        if h["gpu"] == "cpu":
+            print(CPU_LAYERS_NOTE)
     print()
     print(format_models(results))
 

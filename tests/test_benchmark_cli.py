@@ -228,6 +228,13 @@ def test_from_json_reprints_without_measuring(cpu_run, run_py, capsys):
     assert run_py.main(["--from-json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "resnet18" in out and "s4_g32w32" in out
+    # a CPU run's layer table says its cuDNN rows ran PyTorch's CPU kernels; a GPU run's does not
+    assert out.count(run_py.CPU_LAYERS_NOTE) == 1
+    on_gpu = path.parent / "on_gpu.json"
+    on_gpu.write_text(json.dumps(dict(json.loads(path.read_text()), gpu="NVIDIA H200")))
+    assert run_py.main(["--from-json", str(on_gpu)]) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H200" in out and "s4_g32w32" in out and run_py.CPU_LAYERS_NOTE not in out
 
     other = path.parent / "other.json"
     other.write_text(json.dumps({"rows": []}))  # JSON, but not run.py's
