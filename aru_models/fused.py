@@ -36,7 +36,7 @@ normalized branch. ``FrozenBatchNorm2d`` is applied like an eval-mode batch norm
 
 Where the kernels cannot compute a block or stem as it is at a call (hooks on
 its submodules, which they would skip; batch norms in both modes; a conv
-bias in training; a layer replaced by one they do not compute), that call
+bias in training; float64 parameters; a layer replaced by one they do not compute), that call
 runs the module's own forward, with an :class:`UnfusedWarning` saying why.
 
 Activations stay channels_last (NHWC) between kernels. In training the stem's
@@ -59,6 +59,7 @@ from torch.nn.modules.utils import _pair
 
 from aru_kernels import (ConvBN, bn_add_relu, bn_relu_maxpool, conv_bn_act, conv_bn_train, residual_blocks_train,
                          stem_train)
+from aru_kernels.checks import SUPPORTED_DTYPES
 from aru_kernels.maxpool import window_fits
 from aru_kernels.sync_bn import synchronized
 
@@ -71,8 +72,8 @@ class UnfusedWarning(UserWarning):
     """Modules of a model left on PyTorch's path: reported by :func:`aru_models.fuse`,
     or by a forward that cannot run the kernels at that call (hooks on a block's
     submodules, batch norms of a block in training and eval mode at once, a
-    convolution with a bias in training, a layer replaced by one the kernels do
-    not compute), which then calls the modules as they are."""
+    convolution with a bias in training, float64 parameters, a layer replaced by
+    one the kernels do not compute), which then calls the modules as they are."""
 
 
 def is_frozen_bn(bn: nn.Module) -> bool:
@@ -387,6 +388,10 @@ def _hooks_below(module: nn.Module, itself: bool = False) -> str | None:
 
 def _state_reason(pairs) -> str | None:
     """Why the kernels cannot run (conv, bn) ``pairs`` as they are now; None if they can."""
+    dtypes = {conv.weight.dtype for conv, _ in pairs}
+    if not dtypes <= set(SUPPORTED_DTYPES):  # (model.double(): float64, for checks against references)
+        return (f"{'/'.join(sorted(str(d).removeprefix('torch.') for d in dtypes))} parameters "
+                "(the kernels compute in float32, float16 and bfloat16)")
     modes = {_uses_batch_stats(bn) for _, bn in pairs}
     if len(modes) > 1:
         return "its batch norms are in training and in eval mode at once"
@@ -553,7 +558,8 @@ def stem(x: Tensor, modules: list, pairs_of: Callable[[], list], pool: nn.Module
     kernels can run them as they are at this call, else by calling the modules, with
     an :class:`UnfusedWarning` saying why (hooks on them, which the kernels would
     skip; a norm or conv they do not compute, ``pairs_of`` raising
-    ``NotImplementedError``; batch norms in both modes; a conv bias in training)."""
+    ``NotImplementedError``; batch norms in both modes; a conv bias in training;
+    float64 parameters)."""
     hooked = [name for m in modules for name in [_hooks_below(m, itself=True)] if name]
     why = f"hooks on {hooked[0]}" if hooked else None
     if why is None:

@@ -363,6 +363,40 @@ def test_own_blocks_and_stem_the_kernels_cannot_run_now_run_eagerly(device):
         assert_close(a.grad, b.grad, torch.float32, what=f"gradient of {name}")
 
 
+@pytest.mark.parametrize("build", ["own", "torchvision"])
+def test_float64_model_runs_eagerly(build, device):
+    """``model.double()`` on a fused model (a check against a float64 reference): the kernels
+    compute in float32, float16 and bfloat16, so its stem and blocks run as the eager
+    forward, with an UnfusedWarning saying why; eval and training, outputs and gradients
+    those of the eager twin."""
+    torch.manual_seed(0)
+    if build == "own":
+        model = aru_models.resnext29_tiny(num_classes=5, impl="fused")
+    else:
+        model = aru_models.fuse(tv_models.resnet18(num_classes=5), strict=True)
+    randomize_bn(model)
+    model = model.to(device).double()
+    twin = copy.deepcopy(model)
+    aru_models.fuse(twin, impl="eager")
+    x = torch.randn(2, 3, 16, 16, device=device, dtype=torch.float64)
+    for mode in ("eval", "train"):
+        getattr(model, mode)(), getattr(twin, mode)()
+        with pytest.warns(aru_models.UnfusedWarning) as record:
+            out = model(x)
+        messages = {str(r.message) for r in record}
+        assert any("the stem runs on PyTorch's path" in m for m in messages), messages
+        assert all("float64 parameters" in m for m in messages), messages
+        expected = twin(x)
+        assert out.dtype == torch.float64
+        assert_close(out, expected, tol=1e-12, what=f"{mode} logits")
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert_close(a.grad, b.grad, tol=1e-12, what=f"gradient of {name}")
+    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+        assert_close(a, b, tol=1e-12, what=name)
+
+
 def test_own_model_with_group_norm_is_reported_and_runs_eagerly():
     """This package's model built with a norm layer the kernels do not compute: fuse reports
     it (and with strict refuses, changing nothing), and impl='fused' runs it as the eager
