@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from . import batchnorm as _bn
-from .checks import check_vector
+from .checks import check_vector, first_derivatives_only
 from .launch import launch
 from .plans import elementwise_blocks, finalize_blocks, finalize_chunks, pool_blocks
 
@@ -420,3 +420,8 @@ def _bn_add_relu_backward(ctx, dout):
 
 
 _bn_add_relu_op.register_autograd(_bn_add_relu_backward, setup_context=_bn_add_relu_setup)
+
+
+# (gradients: no derivative of their own)
+for _op in (_bn_add_relu_backward_op, bn_add_relu_grad_sums, bn_add_relu_scaled_backward):
+    first_derivatives_only(_op)

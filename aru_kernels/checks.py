@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
 from .plans import out_size
 from .runtime import kernel_device_error
@@ -123,6 +124,65 @@ def check_runnable(op: str, *named: tuple[str, Optional[Tensor]]) -> None:
             raise RuntimeError(f"{op}: {err}")
 
 
+def check_untransformed(op: str, *tensors: Optional[Tensor]) -> None:
+    """``NotImplementedError`` inside a ``torch.func`` transform (vmap, grad, jvp, ...)
+    and for an input with a forward-mode tangent (``torch.autograd.forward_ad``): the
+    operators have reverse-mode gradients only, and a custom operator without a forward
+    derivative gives a zero tangent rather than an error."""
+    if torch.compiler.is_compiling():
+        return
+    if torch._C._functorch.maybe_current_level() is not None:
+        raise NotImplementedError(f"{op}: torch.func transforms (vmap, grad, jvp, jacrev, ...) are not "
+                                  "supported by the fused operators; call them outside the transform, or "
+                                  "use the model with impl='eager' there")
+    if forward_ad._current_level >= 0 and any(
+            t is not None and forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise NotImplementedError(f"{op}: forward-mode automatic differentiation is not supported (an input "
+                                  "carries a torch.autograd.forward_ad tangent, which the fused operators "
+                                  "would drop); use reverse mode (backward), or impl='eager'")
+
+
+def first_derivatives_only(op) -> None:
+    """Give ``op``, a custom operator that computes the fused operators' gradients, a
+    derivative that raises: a gradient of those gradients (double backward, after
+    ``create_graph=True``) stops with what is unsupported rather than with PyTorch's
+    "no autograd formula" for an operator the caller never named."""
+    name = op._qualname
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"{name} computes gradients of the fused operators, which have first "
+                                  "derivatives only: double backward (a gradient of a gradient, through "
+                                  "create_graph=True) is not supported; use impl='eager' for it")
+    op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def overlapping(a: Tensor, b: Tensor) -> bool:
+    """Whether tensors ``a`` and ``b`` may share elements: the same storage and
+    intersecting spans of it (a conservative test for strided views)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    if sa._cdata != sb._cdata and (sa.data_ptr() != sb.data_ptr() or sa.data_ptr() == 0):
+        return False  # (not one storage, nor two over one address: meta tensors all have address 0)
+
+    def span(t: Tensor) -> tuple[int, int]:
+        first = t.storage_offset() * t.element_size()
+        last = first + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) * t.element_size()
+        return first, last + t.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def check_no_empty_images(op: str, x: Tensor) -> None:
+    """``F.conv2d``'s rule: a batch of images without pixels only with no images or no
+    channels (zero padding would otherwise make an output, and batch statistics, of
+    padding alone)."""
+    n, c, h, w = x.shape
+    if n > 0 and c > 0 and h * w == 0:
+        raise ValueError(f"{op}: only zero batch or zero channel inputs are supported (as for F.conv2d); "
+                         f"got input shape {list(x.shape)}")
+
+
 def check_conv_inputs(x, weight, *, vectors_out=(), vectors_in=(), residual=None, stride=1, padding=0,
                       dilation=1, groups=1, op: str = "conv_bn_act") -> tuple[int, int]:
     """Raise a clear error for anything the conv kernel cannot take; return the output size (P, Q).
@@ -143,6 +203,7 @@ def check_conv_inputs(x, weight, *, vectors_out=(), vectors_in=(), residual=None
     if stride < 1 or padding < 0 or dilation < 1:
         raise ValueError(f"{op}: need stride >= 1, padding >= 0, dilation >= 1; "
                          f"got stride={stride}, padding={padding}, dilation={dilation}")
+    check_no_empty_images(op, x)
     n, c_in, h, w = x.shape
     c_out, cin_g, kh, kw = weight.shape
     if groups < 1 or c_in % groups or c_out % groups:

@@ -24,7 +24,7 @@ import triton
 from torch import Tensor
 
 from . import conv as _conv
-from .checks import check_conv_inputs, check_prologue, check_runnable
+from .checks import check_conv_inputs, check_prologue, check_runnable, first_derivatives_only
 from .bn_ops import relu_mask_shape
 from .launch import launch
 from .maxpool import stride_blocks
@@ -832,3 +832,7 @@ def _conv_stats_backward(ctx, dy, _d_tile_mean, _d_tile_m2):
 
 
 _conv_stats_op.register_autograd(_conv_stats_backward, setup_context=_conv_stats_setup)
+
+
+for _op in (conv_input_grad, conv_input_grad_block_end, conv_weight_grad):  # (gradients: no derivative of their own)
+    first_derivatives_only(_op)

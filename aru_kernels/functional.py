@@ -20,8 +20,8 @@ from torch import Tensor
 # (imported to register the aru:: operators)
 from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth, tap_ops  # noqa: F401
 from .block_ops import ConvBN, ResidualBlocksTrain, recompute_normalized_inputs
-from .checks import (check_activation, check_batch_norm, check_conv_inputs, check_pixels, check_prologue,
-                     check_runnable, check_vector, single)
+from .checks import (check_activation, check_batch_norm, check_conv_inputs, check_no_empty_images, check_pixels,
+                     check_prologue, check_runnable, check_untransformed, check_vector, overlapping, single)
 from .plans import out_size
 from .stem_ops import StemTrain
 from .sync_bn import SyncConvBatchStats, synchronized
@@ -150,6 +150,7 @@ def conv_bn_act(
         that do not match (outside autocast), tensors on different or
         unsupported devices, non-channels_last input.
     """
+    check_untransformed("conv_bn_act", x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift)
     stride, padding, dilation = _conv_args("conv_bn_act", x, weight, stride, padding, dilation)
     check_prologue("conv_bn_act", in_mean, in_scale, in_shift, in_relu)
     if var is not None and not eps >= 0:
@@ -202,7 +203,8 @@ def conv_bn_train(
 
     Returns ``(y, mean, scale, shift)``: the raw conv output (channels_last)
     and fp32 per-channel vectors with ``bn(y) == scale*(y - mean) + shift``
-    (``scale`` = weight / std, ``shift`` = bias, zeros without one). Pass
+    (``scale`` = weight / std, ``shift`` = bias, zeros without one; an fp32
+    ``bn_bias`` is returned itself, not a copy, so modify neither in place). Pass
     them as the next conv's ``in_mean``/``in_scale``/``in_shift`` (with
     ``in_relu``) or to :func:`bn_add_relu`; the normalized activation is never
     written (except for kernels of 3x3 and up with a prologue, which
@@ -222,6 +224,7 @@ def conv_bn_train(
     ``eps`` that is not positive, and affine parameters or running statistics
     that are not 1-D floating-point tensors of ``C_out`` on the input's device.
     """
+    check_untransformed("conv_bn_train", x, weight, bn_weight, bn_bias, in_mean, in_scale, in_shift)
     stride, padding, dilation = _conv_args("conv_bn_train", x, weight, stride, padding, dilation)
     (x,) = _autocast(x)
     sync = sync_stats and synchronized(process_group)
@@ -288,8 +291,9 @@ def residual_block_train(x: Tensor, chain, downsample: Optional[ConvBN] = None) 
     backward writes fewer activation-sized tensors (no separate addition of
     the residual gradient; see :mod:`aru_kernels.block_ops`). Inputs and
     errors as :func:`conv_bn_train`; besides, each conv must take the channels
-    the one before it gives, and the identity must have the chain output's
-    shape (``ValueError`` otherwise). Returns a channels_last tensor.
+    the one before it gives, the identity must have the chain output's
+    shape, and no two batch norms may share running statistics (one module
+    applied twice: ``ValueError`` otherwise). Returns a channels_last tensor.
     """
     return residual_blocks_train(x, [(chain, downsample)], op="residual_block_train")
 
@@ -307,8 +311,11 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
     blocks = [([ConvBN(*c) for c in chain], None if ds is None else ConvBN(*ds)) for chain, ds in blocks]
     if not blocks:
         raise ValueError(f"{op}: needs at least one block")
+    check_untransformed(op, x, *(t for chain, ds in blocks for c in (*chain, ds) if c is not None
+                                 for t in c.tensors()))
     (x,) = _autocast(x)
     check_activation(x, "x", op)
+    check_no_empty_images(op, x)
     n, c_in, h, w = x.shape
     layout, everything = [], []
     for b, (chain, downsample) in enumerate(blocks):
@@ -358,11 +365,30 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
         h, w, c_in = h_out, w_out, chain[-1].weight.shape[0]
         layout.append((tuple(configs), downsample is not None))
         everything += convs
+    _check_running_unshared(op, everything)
     _count_batch(everything)
     out, *running = ResidualBlocksTrain.apply(tuple(layout), bool(pool), x,
                                               *(t for c in everything for t in c.tensors()))
     _update_running(everything, running)
     return out
+
+
+def _check_running_unshared(op: str, convs) -> None:
+    """``ValueError`` where two batch norms of one node keep their running statistics in
+    the same memory (one ``nn.BatchNorm2d`` used twice): the node updates each from the
+    values before the call, where PyTorch updates them once a use, in order. Not under
+    ``torch.compile``, which cannot trace storage addresses (the models' forwards never
+    give one node a batch norm twice: ``aru_models.fused``)."""
+    if torch.compiler.is_compiling():
+        return
+    buffers = [(i, t) for i, c in enumerate(convs) for t in (c.running_mean, c.running_var) if t is not None]
+    for k, (i, a) in enumerate(buffers):
+        for j, b in buffers[k + 1:]:
+            if j != i and overlapping(a, b):
+                raise ValueError(f"{op}: the batch norms of convs {i} and {j} (counted over the blocks' "
+                                 "chains and downsamples) share running statistics; a node updates each "
+                                 "once from the values before it, so use one per call (conv_bn_train) "
+                                 "for a batch norm applied twice")
 
 
 def _count_batch(convs) -> None:
@@ -391,6 +417,7 @@ def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
     :func:`bn_relu_maxpool`; ``x`` (the images) takes no gradient and must not need one.
     Returns a channels_last tensor."""
     conv = ConvBN(*conv)
+    check_untransformed(op, x, *conv.tensors())
     (x,) = _autocast(x)
     check_activation(x, "x", op)
     if x.requires_grad:
@@ -400,6 +427,7 @@ def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
                       groups=int(conv.groups), op=op)
     _check_conv_bn(op, conv, x.device)
     check_runnable(op, ("x", x), ("weight", conv.weight))
+    stride = kernel_size if stride is None else stride  # (F.max_pool2d's default)
     window = tuple(single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
                                                          (padding, "padding")))
     n, _, h, w = x.shape
@@ -438,6 +466,7 @@ def bn_add_relu(
     vectors are ``[C]``, used in fp32. The ReLU keeps NaN, as ``torch.relu``
     does. Differentiable in every tensor.
     """
+    check_untransformed("bn_add_relu", y, scale, shift, identity, id_scale, id_shift, mean, id_mean, branch_scale)
     y, identity = _autocast(y, identity)
     check_activation(y, "y", "bn_add_relu")
     c = y.shape[1]
@@ -487,12 +516,14 @@ def bn_relu_maxpool(y: Tensor, scale: Tensor, shift: Tensor, *, mean: Optional[T
 
     ``y`` is an ``[N, C, H, W]`` channels_last activation; the vectors are ``[C]``,
     used in fp32 (``mean`` absent: zeros). Square windows, no dilation, floor mode
-    (``nn.MaxPool2d(kernel_size, stride, padding)``); the window's first maximum takes
+    (``nn.MaxPool2d(kernel_size, stride, padding)``, ``stride=None`` its
+    ``kernel_size``); the window's first maximum takes
     the gradient, as in PyTorch, and NaN propagates. Differentiable in ``y`` and
     the vectors.
     """
-    (y,) = _autocast(y)
     op = "bn_relu_maxpool"
+    check_untransformed(op, y, scale, shift, mean)
+    (y,) = _autocast(y)
     check_activation(y, "y", op)
     c = y.shape[1]
     for name, v in (("mean", mean), ("scale", scale), ("shift", shift)):
@@ -502,6 +533,7 @@ def bn_relu_maxpool(y: Tensor, scale: Tensor, shift: Tensor, *, mean: Optional[T
     if scale is None or shift is None:
         raise ValueError(f"{op}: scale and shift are required")
     check_runnable(op, ("y", y))
+    stride = kernel_size if stride is None else stride  # (F.max_pool2d's default)
     k, s, p = (single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
                                                    (padding, "padding")))
     mean = torch.zeros(c, dtype=torch.float32, device=y.device) if mean is None else mean

@@ -30,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .batchnorm import _centred, _vec
+from .checks import first_derivatives_only
 from .bn_ops import rows
 from .conv import _relu
 from .launch import launch
@@ -362,3 +363,6 @@ def _backward(ctx, dout, _d_code):
 
 
 bn_relu_maxpool.register_autograd(_backward, setup_context=_setup)
+
+
+first_derivatives_only(bn_relu_maxpool_backward)  # (gradients: no derivative of their own)

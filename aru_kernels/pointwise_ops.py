@@ -22,7 +22,7 @@ from torch import Tensor
 
 from . import conv as _conv
 from .bn_ops import relu_mask_shape
-from .checks import check_activation, check_prologue, check_vector
+from .checks import check_activation, check_prologue, check_vector, first_derivatives_only
 from .conv_ops import (block_end_sums, conv_geometry, conv_input_grad, conv_input_grad_block_end,
                        conv_weight_grad, nhwc_empty, sum_slabs)
 from .launch import launch
@@ -166,3 +166,6 @@ def _pointwise_conv_grads_fake(x, dy, weight, stat_y, stat_mean, stat_a, stat_b,
             else x.new_empty(0, dtype=torch.float32))
     return (torch.empty(weight.shape, dtype=weight.dtype, device=x.device),
             torch.empty_like(x, memory_format=torch.channels_last), sums)
+
+
+first_derivatives_only(pointwise_conv_grads)  # (gradients: no derivative of their own)

@@ -22,7 +22,7 @@ import triton
 from torch import Tensor
 
 from . import tap_grads as _tap
-from .checks import check_activation, check_vector
+from .checks import check_activation, check_vector, first_derivatives_only
 from .conv_ops import conv_geometry, nhwc_empty, sum_slabs
 from .launch import launch
 from .plans import (MIN_DOT, TAP_GRADS_MAX_PACK, input_precision, plan_conv, plan_tap_forward, plan_tap_grads,
@@ -162,3 +162,6 @@ def tap_forward_stats(x: Tensor, weight: Tensor, in_mean: Optional[Tensor], in_s
         **plan.launch_options,
     )
     return y, tile_mean, tile_m2, plan.block_m
+
+
+first_derivatives_only(tap_conv_grads)  # (gradients: no derivative of their own)

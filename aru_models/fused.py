@@ -36,7 +36,8 @@ normalized branch. ``FrozenBatchNorm2d`` is applied like an eval-mode batch norm
 
 Where the kernels cannot compute a block or stem as it is at a call (hooks on
 its submodules, which they would skip; batch norms in both modes; a conv
-bias in training; float64 parameters; a layer replaced by one they do not compute), that call
+bias in training; a batch norm used twice in training; float64 parameters; a layer
+replaced by one they do not compute), that call
 runs the module's own forward, with an :class:`UnfusedWarning` saying why.
 
 Activations stay channels_last (NHWC) between kernels. In training the stem's
@@ -72,14 +73,23 @@ class UnfusedWarning(UserWarning):
     """Modules of a model left on PyTorch's path: reported by :func:`aru_models.fuse`,
     or by a forward that cannot run the kernels at that call (hooks on a block's
     submodules, batch norms of a block in training and eval mode at once, a
-    convolution with a bias in training, float64 parameters, a layer replaced by
-    one the kernels do not compute), which then calls the modules as they are."""
+    convolution with a bias in training, a batch norm used by two of a block's
+    convolutions in training, float64 parameters, a layer replaced by one the
+    kernels do not compute), which then calls the modules as they are."""
 
 
 def is_frozen_bn(bn: nn.Module) -> bool:
     """torchvision's (or timm's) ``FrozenBatchNorm2d``: fixed statistics and affine, as buffers."""
     return type(bn).__name__ == "FrozenBatchNorm2d" and all(
         hasattr(bn, a) for a in ("weight", "bias", "running_mean", "running_var", "eps"))
+
+
+def _nhwc(x: Tensor) -> Tensor:
+    """``x`` in channels_last memory format; ``ValueError`` for what is not a 4-D batch
+    (``nn.BatchNorm2d``'s message: ``F.conv2d`` alone takes one 3-D image)."""
+    if x.dim() != 4:
+        raise ValueError(f"expected 4D input (got {x.dim()}D input)")
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def _uses_batch_stats(bn: nn.Module) -> bool:
@@ -348,7 +358,7 @@ def _normalized(y: Tensor, mean: Tensor, scale: Tensor, shift: Tensor) -> Tensor
 
 def parts_forward(parts: BlockParts, x: Tensor) -> Tensor:
     """Output of the residual block ``parts`` for activations ``x`` (channels_last out)."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = _nhwc(x)
     modes = {_uses_batch_stats(bn) for bn in parts.norms()}
     if len(modes) > 1:
         raise NotImplementedError("impl='fused' needs a block's batch norms all in training or all "
@@ -397,7 +407,17 @@ def _state_reason(pairs) -> str | None:
         return "its batch norms are in training and in eval mode at once"
     if modes == {True} and any(conv.bias is not None for conv, _ in pairs):
         return "a convolution with a bias, in training"
+    if modes == {True} and _shares_norms([bn for _, bn in pairs]):
+        return "a batch norm used by two of its convolutions, in training"
     return None
+
+
+def _shares_norms(norms, others=()) -> bool:
+    """Whether a batch norm of ``norms`` appears twice among ``norms`` and ``others`` (one
+    module called twice: its running statistics are updated once a use, in order, which
+    one node of the kernels does not do)."""
+    ids = [id(bn) for bn in norms]
+    return len(set(ids)) < len(ids) or not {id(bn) for bn in others}.isdisjoint(ids)
 
 
 def _fusable(block: nn.Module, parts_of, itself: bool = False) -> tuple[BlockParts | None, str | None]:
@@ -470,7 +490,7 @@ def layers_forward(layers, x: Tensor, parts_of=None, pool: nn.Module | None = No
         if len(run) == 1 and not pooled:
             x = run[0][0](x)
         elif run:
-            x = residual_blocks_train(x.contiguous(memory_format=torch.channels_last),
+            x = residual_blocks_train(_nhwc(x),
                                       [_node_block(parts) for _, parts in run], pool=pooled)
         run.clear()
         return x
@@ -482,6 +502,8 @@ def layers_forward(layers, x: Tensor, parts_of=None, pool: nn.Module | None = No
         for block in layer:
             parts, _ = _fusable(block, parts_of, itself=True)  # (a block with hooks of its own is called)
             if parts is not None and {_uses_batch_stats(bn) for bn in parts.norms()} == {True} and _one_node(parts):
+                if _shares_norms(parts.norms(), [bn for _, earlier in run for bn in earlier.norms()]):
+                    x = flush(x)  # (a batch norm of an earlier block of the run: updated after it)
                 run.append((block, parts))
                 continue
             x = block(flush(x))
@@ -528,7 +550,7 @@ def stem_forward(pairs, x: Tensor, pool: nn.Module | None = None) -> Tensor:
     ``nn.MaxPool2d`` run as one pass (:func:`aru_kernels.bn_relu_maxpool`); a stem of
     one conv whose input takes no gradient is one autograd node with it
     (:func:`aru_kernels.stem_train`)."""
-    x = x.contiguous(memory_format=torch.channels_last)
+    x = _nhwc(x)
     modes = {_uses_batch_stats(bn) for _, bn in pairs}
     if len(modes) > 1:
         raise NotImplementedError("impl='fused' needs a stem's batch norms all in training or all in eval mode")
@@ -559,7 +581,7 @@ def stem(x: Tensor, modules: list, pairs_of: Callable[[], list], pool: nn.Module
     an :class:`UnfusedWarning` saying why (hooks on them, which the kernels would
     skip; a norm or conv they do not compute, ``pairs_of`` raising
     ``NotImplementedError``; batch norms in both modes; a conv bias in training;
-    float64 parameters)."""
+    a batch norm used twice in training; float64 parameters)."""
     hooked = [name for m in modules for name in [_hooks_below(m, itself=True)] if name]
     why = f"hooks on {hooked[0]}" if hooked else None
     if why is None:

@@ -157,6 +157,40 @@ def test_empty_batch_forward_and_backward(device):
     assert torch.equal(weight.grad, torch.zeros_like(weight)), "an empty batch has a zero weight gradient"
 
 
+def test_images_without_pixels_are_refused_as_f_conv2d_refuses_them(device):
+    """Images of zero height or width: ``F.conv2d`` takes them only with no images or no
+    channels. With padding the kernels would make an output of padding alone and, in
+    training, batch statistics of it that move the running statistics; each
+    convolution refuses them first, nothing changed. No images, or no channels, are
+    still taken."""
+    w = torch.randn(4, 4, 3, 3, device=device)
+    for shape in ((2, 4, 0, 5), (2, 4, 5, 0)):
+        x = cl(torch.randn(*shape, device=device))
+        with pytest.raises(RuntimeError, match="Only zero batch or zero channel inputs are supported"):
+            F.conv2d(x, w, padding=2)
+        rm, rv = torch.full((4,), 5.0, device=device), torch.full((4,), 5.0, device=device)
+        nb = torch.tensor(0, device=device)
+        calls = {
+            "conv_bn_act": lambda: aru_kernels.conv_bn_act(x, w, padding=2),
+            "conv_bn_train": lambda: aru_kernels.conv_bn_train(x, w, None, None, rm, rv, nb, padding=2),
+            "residual_block_train": lambda: aru_kernels.residual_block_train(
+                x, [aru_kernels.ConvBN(w, None, None, rm, rv, nb, padding=2),
+                    aru_kernels.ConvBN(w, None, None, padding=0)]),
+            "stem_train": lambda: aru_kernels.stem_train(
+                cl(torch.randn(shape[0], 3, *shape[2:], device=device)),
+                aru_kernels.ConvBN(torch.randn(4, 3, 7, 7, device=device), None, None, rm, rv, nb, stride=2,
+                                   padding=3)),
+        }
+        for op, call in calls.items():
+            with pytest.raises(ValueError, match=rf"^{op}: only zero batch or zero channel inputs are supported "
+                                                 rf"\(as for F.conv2d\); got input shape \[2, [34], {shape[2]}, "
+                                                 rf"{shape[3]}\]"):
+                call()
+            assert (rm == 5).all() and (rv == 5).all() and nb.item() == 0, op
+    out = aru_kernels.conv_bn_act(cl(torch.randn(0, 4, 0, 5, device=device)), w, padding=2)
+    assert out.shape == (0, 4, 2, 7)
+
+
 def test_zero_input_channels(device):
     """F.conv2d's backward takes no input channels: dx and dW are empty."""
     x = leaf(cl(torch.randn(2, 0, 4, 4, device=device)))
@@ -979,6 +1013,117 @@ def test_a_block_whose_identity_is_not_the_chains_shape_is_refused(device):
             aru_kernels.residual_block_train(x, chain, downsample)
     with pytest.raises(RuntimeError):  # PyTorch, the first case
         torch.relu(torch.randn(2, 4, 4, 4, device=device) + x)
+
+
+def test_a_node_whose_batch_norms_share_running_statistics_is_refused(device):
+    """One ``nn.BatchNorm2d`` applied after two convs updates its running statistics twice,
+    in order; a fused node updates each from the values before the call, so buffers shared
+    by two of its batch norms (in a block, or across the blocks of one node) are refused
+    before anything changes. Disjoint views of one flat buffer are taken, and match
+    PyTorch's updates."""
+    x = cl(torch.randn(2, 8, 4, 4, device=device))
+    ws = [torch.randn(8, 8, 1, 1, device=device) / 3 for _ in range(4)]
+    rm, rv, nb = torch.zeros(8, device=device), torch.ones(8, device=device), torch.tensor(0, device=device)
+    shared = [aru_kernels.ConvBN(w, None, None, rm, rv, nb) for w in ws]
+    big = torch.zeros(16, device=device)
+    calls = {
+        "in a block": lambda: aru_kernels.residual_block_train(x, shared[:2]),
+        "across blocks": lambda: aru_kernels.residual_blocks_train(
+            x, [([shared[0], aru_kernels.ConvBN(ws[1], None, None)], None), ([shared[2], shared[3]], None)]),
+        "a running var": lambda: aru_kernels.residual_block_train(
+            x, [aru_kernels.ConvBN(ws[0], None, None, rm.clone(), rv, nb), shared[1]]),
+        "overlapping views": lambda: aru_kernels.residual_block_train(
+            x, [aru_kernels.ConvBN(ws[0], None, None, big[:8], rv.clone(), nb),
+                aru_kernels.ConvBN(ws[1], None, None, big[4:12], rv.clone(), nb)]),
+    }
+    for what, call in calls.items():
+        with pytest.raises(ValueError, match=r"the batch norms of convs \d and \d .* share running statistics"):
+            call()
+        assert torch.equal(rm, torch.zeros_like(rm)) and torch.equal(rv, torch.ones_like(rv)), what
+        assert nb.item() == 0, what
+
+    flat = torch.zeros(32, device=device)  # [mean 0 | var 0 | mean 1 | var 1]
+    flat[8:16], flat[24:32] = 1.0, 1.0
+    bns = [torch.nn.BatchNorm2d(8).to(device) for _ in range(2)]
+    convs = [aru_kernels.ConvBN(w, None, None, flat[16 * i:16 * i + 8], flat[16 * i + 8:16 * i + 16],
+                                torch.tensor(0, device=device)) for i, w in enumerate(ws[:2])]
+    aru_kernels.residual_block_train(x, convs)
+    h = torch.relu(bns[0](F.conv2d(x, ws[0])))
+    bns[1](F.conv2d(h, ws[1]))
+    for i, bn in enumerate(bns):
+        assert_close(flat[16 * i:16 * i + 8], bn.running_mean, torch.float32, what=f"running mean {i}")
+        assert_close(flat[16 * i + 8:16 * i + 16], bn.running_var, torch.float32, what=f"running var {i}")
+
+
+def _normalized(train_outputs):
+    """``relu(bn(y))`` from ``conv_bn_train``'s ``(y, mean, scale, shift)``."""
+    y, mean, scale, shift = train_outputs
+    return aru_kernels.bn_add_relu(y, scale, shift, mean=mean)
+
+
+def _public_op_calls(device, requires_grad=False):
+    """Each public operator on small random inputs: name -> (differentiable inputs, call)."""
+    g = torch.Generator().manual_seed(3)
+
+    def r(*shape, cl_=False, pos=False):
+        t = torch.randn(*shape, generator=g)
+        t = (t.abs() + 0.5 if pos else t).to(device)
+        t = cl(t) if cl_ else t
+        return t.requires_grad_(requires_grad)
+    x, w3, w1 = r(2, 8, 5, 5, cl_=True), r(8, 8, 3, 3), r(8, 8, 1, 1)
+    bw, bb, img, ws = r(8, pos=True), r(8), cl(torch.randn(2, 3, 16, 16, generator=g).to(device)), r(8, 3, 7, 7)
+    return {
+        "conv_bn_act": ((x, w3, bw), lambda x, w, s: aru_kernels.conv_bn_act(x, w, padding=1, scale=s, shift=bb)),
+        "conv_bn_train": ((x, w3, bw), lambda x, w, s: _normalized(
+            aru_kernels.conv_bn_train(x, w, s, bb, padding=1))),
+        "bn_add_relu": ((x, bw, bb), lambda y, s, b: aru_kernels.bn_add_relu(y, s, b, identity=x.detach())),
+        "bn_relu_maxpool": ((x, bw, bb), lambda y, s, b: aru_kernels.bn_relu_maxpool(y, s, b)),
+        "residual_block_train": ((x, w1, bw), lambda x, w, s: aru_kernels.residual_block_train(
+            x, [aru_kernels.ConvBN(w, s, bb), aru_kernels.ConvBN(w3, None, None, padding=1)])),
+        "stem_train": ((ws, bw), lambda w, s: aru_kernels.stem_train(img, aru_kernels.ConvBN(w, s, bb, stride=2,
+                                                                                               padding=3))),
+    }
+
+
+def test_torch_func_transforms_and_forward_mode_ad_are_refused(device):
+    """The operators have reverse-mode gradients only. A custom operator without a forward
+    derivative gives a zero tangent under ``torch.func.jvp`` and none under
+    ``torch.autograd.forward_ad`` rather than an error, and vmap and grad fail inside
+    with PyTorch's own messages: each public operator refuses them, naming itself and
+    what is unsupported. Inside a dual level without a tangent, nothing is refused."""
+    import torch.autograd.forward_ad as fwAD
+
+    for name, (inputs, call) in _public_op_calls(device).items():
+        tangents = tuple(torch.randn_like(t) for t in inputs)
+        with pytest.raises(NotImplementedError, match=f"^{name}: torch.func transforms"):
+            torch.func.jvp(call, inputs, tangents)
+        with pytest.raises(NotImplementedError, match=f"^{name}: torch.func transforms"):
+            torch.func.vmap(call, in_dims=(None,) * (len(inputs) - 1) + (0,))(
+                *inputs[:-1], torch.stack([inputs[-1]] * 2))
+        with pytest.raises(NotImplementedError, match=f"^{name}: torch.func transforms"):
+            torch.func.grad(lambda *a: call(*a).sum())(*inputs)
+        with fwAD.dual_level():
+            for k in range(len(inputs)):  # a tangent on any one input
+                duals = [fwAD.make_dual(t, d) if i == k else t for i, (t, d) in enumerate(zip(inputs, tangents))]
+                with pytest.raises(NotImplementedError, match=f"^{name}: forward-mode automatic differentiation"):
+                    call(*duals)
+            assert torch.equal(call(*inputs), call(*inputs))  # no tangent: runs
+
+
+def test_double_backward_is_refused_with_a_message(device):
+    """First derivatives only: after ``create_graph=True`` the gradients take part in a
+    graph, and a gradient of them stops at the first gradient operator it reaches with
+    a message saying double backward is unsupported (not PyTorch's "no autograd formula"
+    for an operator the caller never called). The first-order gradients themselves are
+    those of a plain backward."""
+    for name, (inputs, call) in _public_op_calls(device, requires_grad=True).items():
+        plain = torch.autograd.grad(call(*inputs).square().sum(), inputs)
+        first = torch.autograd.grad(call(*inputs).square().sum(), inputs, create_graph=True)
+        for a, b in zip(first, plain):
+            assert_close(a, b, tol=1e-6, what=f"{name}: first-order gradient with create_graph")
+        with pytest.raises(NotImplementedError, match=r"aru::\w+ computes gradients of the fused operators, which "
+                                                      r"have first derivatives only: double backward"):
+            torch.autograd.grad(sum(g.square().sum() for g in first), inputs)
 
 
 def test_in_relu_without_the_prologue_is_refused(device):

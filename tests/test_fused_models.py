@@ -9,6 +9,7 @@ import copy
 import os
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -361,6 +362,55 @@ def test_own_blocks_and_stem_the_kernels_cannot_run_now_run_eagerly(device):
     expected.square().sum().backward()
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         assert_close(a.grad, b.grad, torch.float32, what=f"gradient of {name}")
+
+
+@pytest.mark.parametrize("where", ["in a block", "across blocks"])
+def test_a_batch_norm_used_twice_updates_its_running_statistics_twice(where, device):
+    """One BatchNorm2d module applied after two convs (``bn2 = bn1``): in training PyTorch
+    updates its running statistics once a use, in order. In one block, that block runs as
+    the eager forward (an UnfusedWarning says why); across blocks, the later block starts
+    a new node, after the earlier one's update. Outputs, gradients and every running
+    statistic are the eager twin's."""
+    torch.manual_seed(0)
+    model = aru_models.resnext29_tiny(num_classes=5, impl="fused").to(device).train()
+    randomize_bn(model)
+    if where == "in a block":
+        model.layer2[1].bn2 = model.layer2[1].bn1
+    else:
+        model.layer2[2].bn1 = model.layer2[1].bn1
+    twin = copy.deepcopy(model).set_impl("eager")  # (the copy shares the module as the model does)
+    x = torch.randn(2, 3, 12, 12, device=device)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        out = model(x)
+    messages = [str(r.message) for r in record if issubclass(r.category, aru_models.UnfusedWarning)]
+    if where == "in a block":
+        assert messages and all("a batch norm used by two of its convolutions" in m for m in messages), messages
+    else:
+        assert messages == [], messages
+    expected = twin(x)
+    assert_close(out, expected, torch.float32, what="logits")
+    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+        assert_close(a, b, torch.float32, what=name)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert_close(a.grad, b.grad, torch.float32, what=f"gradient of {name}")
+
+
+def test_a_single_3d_image_is_refused_as_batch_norm_refuses_it(device):
+    """F.conv2d takes one image without a batch dimension, nn.BatchNorm2d does not: a
+    fused model refuses it with the batch norm's message, in both modes, as eager does."""
+    x = torch.randn(3, 16, 16, device=device)
+    for model in (aru_models.resnext29_tiny(num_classes=5, impl="fused"),
+                  aru_models.fuse(tv_models.resnet18(num_classes=5), strict=True)):
+        model = model.to(device)
+        for mode in ("eval", "train"):
+            getattr(model, mode)()
+            for m in (model, copy.deepcopy(model).set_impl("eager") if hasattr(model, "set_impl")
+                      else aru_models.fuse(copy.deepcopy(model), impl="eager")):
+                with pytest.raises(ValueError, match=r"^expected 4D input \(got 3D input\)$"):
+                    m(x)
 
 
 @pytest.mark.parametrize("build", ["own", "torchvision"])

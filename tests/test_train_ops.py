@@ -9,6 +9,7 @@ import contextlib
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import aru_kernels
 from aru_kernels import block_ops, plans
@@ -1151,6 +1152,13 @@ def test_bn_relu_maxpool_errors(device):
         aru_kernels.bn_relu_maxpool(y, one, zero, kernel_size=(3, 2))
     with pytest.raises(ValueError, match="smaller than the 7x7 window"):
         aru_kernels.bn_relu_maxpool(y, one, zero, kernel_size=7, padding=0)
+    # stride=None is the window's size, as for F.max_pool2d
+    scale, shift = torch.rand(8, device=device) + 0.5, torch.randn(8, device=device)
+    out = aru_kernels.bn_relu_maxpool(y, scale, shift, kernel_size=2, stride=None, padding=0)
+    expected = F.max_pool2d(torch.relu(y.double() * scale.double().view(1, -1, 1, 1)
+                                       + shift.double().view(1, -1, 1, 1)), 2, stride=None)
+    assert out.shape == (1, 8, 2, 2)
+    assert_close(out, expected, torch.float32)
 
 
 def test_weight_gradient_is_deterministic_across_runs(device):
