@@ -156,21 +156,30 @@ def first_derivatives_only(op) -> None:
     op.register_autograd(backward, setup_context=lambda ctx, inputs, output: None)
 
 
-def overlapping(a: Tensor, b: Tensor) -> bool:
-    """Whether tensors ``a`` and ``b`` may share elements: the same storage and
-    intersecting spans of it (a conservative test for strided views)."""
-    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
-        return False
-    sa, sb = a.untyped_storage(), b.untyped_storage()
-    if sa._cdata != sb._cdata and (sa.data_ptr() != sb.data_ptr() or sa.data_ptr() == 0):
-        return False  # (not one storage, nor two over one address: meta tensors all have address 0)
-
-    def span(t: Tensor) -> tuple[int, int]:
-        first = t.storage_offset() * t.element_size()
-        last = first + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride())) * t.element_size()
-        return first, last + t.element_size()
-    (a0, a1), (b0, b1) = span(a), span(b)
-    return a0 < b1 and b0 < a1
+def shared_memory(owned) -> tuple | None:
+    """Two owners whose tensors may share elements, from ``owned``, ``(owner, tensor)``
+    pairs of tensors on one device with addresses (not meta): the first such pair
+    found, or None. Tensors may share where the address ranges they span intersect (a
+    conservative test for strided views); tensors of one owner are not compared. One
+    sort, not a comparison per pair."""
+    spans = []
+    for owner, t in owned:
+        n = t.numel()
+        if n == 0:
+            continue
+        extent = n - 1 if t.dim() == 1 and t.stride(0) == 1 else sum(
+            (k - 1) * abs(st) for k, st in zip(t.shape, t.stride()))
+        first = t.data_ptr()
+        spans.append((first, first + (extent + 1) * t.element_size(), owner))
+    spans.sort()
+    active: list = []  # the spans before this one that reach past its start
+    for first, end, owner in spans:
+        active = [a for a in active if a[1] > first]
+        for a in active:
+            if a[2] != owner:
+                return a[2], owner
+        active.append((first, end, owner))
+    return None
 
 
 def check_no_empty_images(op: str, x: Tensor) -> None:

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import bn_ops, conv_bn_ops, conv_ops, maxpool, pointwise_ops, space_to_depth, tap_ops  # noqa: F401
 from .block_ops import ConvBN, ResidualBlocksTrain, recompute_normalized_inputs
 from .checks import (check_activation, check_batch_norm, check_conv_inputs, check_no_empty_images, check_pixels,
-                     check_prologue, check_runnable, check_untransformed, check_vector, overlapping, single)
+                     check_prologue, check_runnable, check_untransformed, check_vector, shared_memory, single)
 from .plans import out_size
 from .stem_ops import StemTrain
 from .sync_bn import SyncConvBatchStats, synchronized
@@ -379,16 +379,16 @@ def _check_running_unshared(op: str, convs) -> None:
     values before the call, where PyTorch updates them once a use, in order. Not under
     ``torch.compile``, which cannot trace storage addresses (the models' forwards never
     give one node a batch norm twice: ``aru_models.fused``)."""
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or not convs or convs[0].weight.is_meta:  # (meta: no memory to share)
         return
-    buffers = [(i, t) for i, c in enumerate(convs) for t in (c.running_mean, c.running_var) if t is not None]
-    for k, (i, a) in enumerate(buffers):
-        for j, b in buffers[k + 1:]:
-            if j != i and overlapping(a, b):
-                raise ValueError(f"{op}: the batch norms of convs {i} and {j} (counted over the blocks' "
-                                 "chains and downsamples) share running statistics; a node updates each "
-                                 "once from the values before it, so use one per call (conv_bn_train) "
-                                 "for a batch norm applied twice")
+    shared = shared_memory((i, t) for i, c in enumerate(convs) for t in (c.running_mean, c.running_var)
+                           if t is not None)
+    if shared is not None:
+        i, j = sorted(shared)
+        raise ValueError(f"{op}: the batch norms of convs {i} and {j} (counted over the blocks' "
+                         "chains and downsamples) share running statistics; a node updates each "
+                         "once from the values before it, so use one per call (conv_bn_train) "
+                         "for a batch norm applied twice")
 
 
 def _count_batch(convs) -> None:

@@ -407,17 +407,10 @@ def _state_reason(pairs) -> str | None:
         return "its batch norms are in training and in eval mode at once"
     if modes == {True} and any(conv.bias is not None for conv, _ in pairs):
         return "a convolution with a bias, in training"
-    if modes == {True} and _shares_norms([bn for _, bn in pairs]):
+    if modes == {True} and len({id(bn) for _, bn in pairs}) < len(pairs):
+        # (one module called twice updates its running statistics once a use, in order: one node does not)
         return "a batch norm used by two of its convolutions, in training"
     return None
-
-
-def _shares_norms(norms, others=()) -> bool:
-    """Whether a batch norm of ``norms`` appears twice among ``norms`` and ``others`` (one
-    module called twice: its running statistics are updated once a use, in order, which
-    one node of the kernels does not do)."""
-    ids = [id(bn) for bn in norms]
-    return len(set(ids)) < len(ids) or not {id(bn) for bn in others}.isdisjoint(ids)
 
 
 def _fusable(block: nn.Module, parts_of, itself: bool = False) -> tuple[BlockParts | None, str | None]:
@@ -485,6 +478,7 @@ def layers_forward(layers, x: Tensor, parts_of=None, pool: nn.Module | None = No
     global average pool and they run as one node: their output is never written."""
     parts_of = parts_of or _own_parts
     run: list = []
+    in_run: set = set()  # ids of the batch norms of the blocks in ``run``
 
     def flush(x: Tensor, pooled: bool = False) -> Tensor:
         if len(run) == 1 and not pooled:
@@ -493,6 +487,7 @@ def layers_forward(layers, x: Tensor, parts_of=None, pool: nn.Module | None = No
             x = residual_blocks_train(_nhwc(x),
                                       [_node_block(parts) for _, parts in run], pool=pooled)
         run.clear()
+        in_run.clear()
         return x
 
     for layer in layers:
@@ -502,9 +497,11 @@ def layers_forward(layers, x: Tensor, parts_of=None, pool: nn.Module | None = No
         for block in layer:
             parts, _ = _fusable(block, parts_of, itself=True)  # (a block with hooks of its own is called)
             if parts is not None and {_uses_batch_stats(bn) for bn in parts.norms()} == {True} and _one_node(parts):
-                if _shares_norms(parts.norms(), [bn for _, earlier in run for bn in earlier.norms()]):
+                norms = {id(bn) for bn in parts.norms()}
+                if not norms.isdisjoint(in_run):
                     x = flush(x)  # (a batch norm of an earlier block of the run: updated after it)
                 run.append((block, parts))
+                in_run.update(norms)
                 continue
             x = block(flush(x))
     if pool is None:
