@@ -275,14 +275,17 @@ def train_loader(dataset: Dataset, batch_size: int, *, seed: int, rank: int = 0,
     would make a batch that one process does not see). ``seed`` is an integer in
     ``[0, 2**32)``; the sampler draws epoch ``e`` from ``seed * 2**32 + e``, so that no two
     seeds share an order (``seed + e`` would give seed ``s + 1`` seed ``s``'s orders one
-    epoch early).
+    epoch early). The loader draws nothing from torch's global generator (a resumed
+    run makes the cut epoch's iterator again).
     """
     if not 0 <= seed < 2**32:
         raise ValueError(f"train_loader: seed must be an integer in [0, 2**32); got {seed}")
     sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed << 32,
                                  drop_last=True)
+    # (a generator of its own: each iterator's worker seed is drawn from it, not from torch's global one)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=True, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=pin_memory)
+                      persistent_workers=workers > 0, pin_memory=pin_memory,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def val_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -290,7 +293,7 @@ def val_loader(dataset: Dataset, batch_size: int, *, rank: int = 0, world_size: 
     """Every image once across all processes: process ``rank`` takes indices ``rank, rank + world_size, ...``."""
     shard = Subset(dataset, range(rank, len(dataset), world_size))
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=workers,
-                      persistent_workers=workers > 0, pin_memory=pin_memory)
+                      persistent_workers=workers > 0, pin_memory=pin_memory, generator=torch.Generator().manual_seed(0))
 
 
 def prepare_batch(images: torch.Tensor, data: ImageData, device: torch.device, *, train: bool,

@@ -171,6 +171,9 @@ def test_resume_inside_an_epoch_cut_by_max_steps(cifar_dir, tmp_path, capsys):
     assert (b["epoch"], b["epoch_steps"]) == (2, 0)
     for name, value in a["model"].items():
         assert torch.equal(value, b["model"][name]), f"{name} differs between the straight and the resumed run"
+    # torch's global generator (a model's dropout or drop-path draws from it) ends where it does
+    # uninterrupted: the data loaders, made again for the cut epoch, draw from their own
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"]), "the global generator's state differs"
 
 
 def test_resume_takes_the_schedule_of_its_arguments(cifar_dir, tmp_path, capsys):
