@@ -7,6 +7,7 @@ executes, so they cover every builder.
 
 import copy
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -239,6 +240,30 @@ def test_two_identical_runs_give_bitwise_identical_gradients(device):
         assert torch.equal(a.grad, b.grad), f"{name}: gradients differ between two identical runs"
     for (name, a), b in zip(fused.named_buffers(), twin.buffers()):
         assert torch.equal(a, b), f"{name}: running statistics differ between two identical runs"
+
+
+@pytest.mark.slow
+def test_inductor_compiles_the_fused_training_step_to_the_same_numbers(device):
+    """``torch.compile``'s default backend (inductor, which generates code around the
+    operators and may choose its own strides) over a fused training step: the logits,
+    every gradient and every running statistic are those of the uncompiled fused model,
+    bit for bit."""
+    if device.type == "cpu" and not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")):
+        pytest.skip("inductor on the CPU needs a C++ compiler (g++ or c++) on the PATH")
+    torch.manual_seed(0)
+    model = aru_models.resnext29_tiny(num_classes=5, impl="fused").to(device).train()
+    randomize_bn(model)
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 3, 12, 12, device=device)
+    out = torch.compile(model, fullgraph=True)(x)
+    expected = twin(x)
+    assert torch.equal(out, expected), f"logits differ by {(out - expected).abs().max().item():.3g}"
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a.grad, b.grad), f"gradient of {name} differs by {(a.grad - b.grad).abs().max().item():.3g}"
+    for (name, a), b in zip(model.named_buffers(), twin.buffers()):
+        assert torch.equal(a, b), f"{name} differs"
 
 
 @pytest.mark.parametrize("name", ["resnet18", "resnext29_tiny"])
