@@ -1085,6 +1085,7 @@ def _public_op_calls(device, requires_grad=False):
     }
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # (torch.func's own import)
 def test_torch_func_transforms_and_forward_mode_ad_are_refused(device):
     """The operators have reverse-mode gradients only. A custom operator without a forward
     derivative gives a zero tangent under ``torch.func.jvp`` and none under
