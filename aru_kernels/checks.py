@@ -91,6 +91,10 @@ def check_batch_norm(op: str, channels: int, device: torch.device, *, bn_weight:
         check_vector(v, name, channels, "one per output channel", op)
         if v is not None and v.device != device:
             raise ValueError(f"{op}: {name} is on {v.device} but the input is on {device}")
+    for name, v in (("running_mean", running_mean), ("running_var", running_var)):
+        if v is not None and v.requires_grad:
+            raise ValueError(f"{op}: {name} requires grad; running statistics take no gradient "
+                             "(F.batch_norm refuses them too)")
     count = num_batches_tracked
     if count is not None and (not isinstance(count, Tensor) or count.numel() != 1):
         got = tuple(count.shape) if isinstance(count, Tensor) else repr(count)

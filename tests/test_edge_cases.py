@@ -926,6 +926,8 @@ _WRONG_BN = {  # name -> (replacement for 8 channels, the error's type and messa
                          "running_mean must be floating point; got torch.int64"),
     "running_var_meta": ("running_var", lambda d: torch.ones(8, device="meta"), ValueError,
                          "running_var is on meta but the input is on"),
+    "running_mean_requires_grad": ("running_mean", lambda d: torch.zeros(8, device=d, requires_grad=True), ValueError,
+                                   "running_mean requires grad; running statistics take no gradient"),
 }
 
 
