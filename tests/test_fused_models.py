@@ -250,6 +250,10 @@ def test_inductor_compiles_the_fused_training_step_to_the_same_numbers(device):
     bit for bit."""
     if device.type == "cpu" and not (shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")):
         pytest.skip("inductor on the CPU needs a C++ compiler (g++ or c++) on the PATH")
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 14):
+        pytest.skip(f"torch {torch.__version__}'s inductor formats every fallback operator's arguments for a log "
+                    "line, logged or not: past 400 s for this model's training step in torch 2.11 (2.14 formats "
+                    "it only when logged)")
     torch.manual_seed(0)
     model = aru_models.resnext29_tiny(num_classes=5, impl="fused").to(device).train()
     randomize_bn(model)
