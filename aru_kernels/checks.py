@@ -128,9 +128,10 @@ def check_runnable(op: str, *named: tuple[str, Optional[Tensor]]) -> None:
             raise RuntimeError(f"{op}: {err}")
 
 
-def check_untransformed(op: str, *tensors: Optional[Tensor]) -> None:
+def check_untransformed(op: str, tensors) -> None:
     """``NotImplementedError`` inside a ``torch.func`` transform (vmap, grad, jvp, ...)
-    and for an input with a forward-mode tangent (``torch.autograd.forward_ad``): the
+    and for an input of ``tensors`` (an iterable, None entries skipped; walked only inside
+    a forward-AD level) with a forward-mode tangent (``torch.autograd.forward_ad``): the
     operators have reverse-mode gradients only, and a custom operator without a forward
     derivative gives a zero tangent rather than an error."""
     if torch.compiler.is_compiling():

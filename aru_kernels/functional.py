@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Optional
 
 import torch
@@ -60,6 +61,13 @@ def _conv_args(op: str, x, weight, stride, padding, dilation):
         raise TypeError(f"{op}: input dtype {x.dtype} and weight dtype {weight.dtype} differ "
                         f"(outside autocast they must match, as for F.conv2d)")
     return geometry
+
+
+def _pool_window(op: str, kernel_size, stride, padding) -> tuple[int, int, int]:
+    """A max-pool window's ints as ``F.max_pool2d`` takes them (``stride=None``: ``kernel_size``)."""
+    stride = kernel_size if stride is None else stride
+    return tuple(single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
+                                                      (padding, "padding")))
 
 
 def _strided_few_channels(x: Tensor, weight: Tensor, stride: int) -> bool:
@@ -150,7 +158,7 @@ def conv_bn_act(
         that do not match (outside autocast), tensors on different or
         unsupported devices, non-channels_last input.
     """
-    check_untransformed("conv_bn_act", x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift)
+    check_untransformed("conv_bn_act", (x, weight, mean, var, scale, shift, residual, in_mean, in_scale, in_shift))
     stride, padding, dilation = _conv_args("conv_bn_act", x, weight, stride, padding, dilation)
     check_prologue("conv_bn_act", in_mean, in_scale, in_shift, in_relu)
     if var is not None and not eps >= 0:
@@ -224,7 +232,7 @@ def conv_bn_train(
     ``eps`` that is not positive, and affine parameters or running statistics
     that are not 1-D floating-point tensors of ``C_out`` on the input's device.
     """
-    check_untransformed("conv_bn_train", x, weight, bn_weight, bn_bias, in_mean, in_scale, in_shift)
+    check_untransformed("conv_bn_train", (x, weight, bn_weight, bn_bias, in_mean, in_scale, in_shift))
     stride, padding, dilation = _conv_args("conv_bn_train", x, weight, stride, padding, dilation)
     (x,) = _autocast(x)
     sync = sync_stats and synchronized(process_group)
@@ -311,8 +319,8 @@ def residual_blocks_train(x: Tensor, blocks, *, pool: bool = False, op: str = "r
     blocks = [([ConvBN(*c) for c in chain], None if ds is None else ConvBN(*ds)) for chain, ds in blocks]
     if not blocks:
         raise ValueError(f"{op}: needs at least one block")
-    check_untransformed(op, x, *(t for chain, ds in blocks for c in (*chain, ds) if c is not None
-                                 for t in c.tensors()))
+    check_untransformed(op, itertools.chain((x,), (t for chain, ds in blocks for c in (*chain, ds) if c is not None
+                                                  for t in c.tensors())))
     (x,) = _autocast(x)
     check_activation(x, "x", op)
     check_no_empty_images(op, x)
@@ -417,7 +425,7 @@ def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
     :func:`bn_relu_maxpool`; ``x`` (the images) takes no gradient and must not need one.
     Returns a channels_last tensor."""
     conv = ConvBN(*conv)
-    check_untransformed(op, x, *conv.tensors())
+    check_untransformed(op, (x, *conv.tensors()))
     (x,) = _autocast(x)
     check_activation(x, "x", op)
     if x.requires_grad:
@@ -427,9 +435,7 @@ def stem_train(x: Tensor, conv: ConvBN, *, kernel_size=3, stride=2, padding=1,
                       groups=int(conv.groups), op=op)
     _check_conv_bn(op, conv, x.device)
     check_runnable(op, ("x", x), ("weight", conv.weight))
-    stride = kernel_size if stride is None else stride  # (F.max_pool2d's default)
-    window = tuple(single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
-                                                         (padding, "padding")))
+    window = _pool_window(op, kernel_size, stride, padding)
     n, _, h, w = x.shape
     kh, kw = conv.weight.shape[2:]
     if n * out_size(h, kh, *geometry) * out_size(w, kw, *geometry) == 1:
@@ -466,7 +472,7 @@ def bn_add_relu(
     vectors are ``[C]``, used in fp32. The ReLU keeps NaN, as ``torch.relu``
     does. Differentiable in every tensor.
     """
-    check_untransformed("bn_add_relu", y, scale, shift, identity, id_scale, id_shift, mean, id_mean, branch_scale)
+    check_untransformed("bn_add_relu", (y, scale, shift, identity, id_scale, id_shift, mean, id_mean, branch_scale))
     y, identity = _autocast(y, identity)
     check_activation(y, "y", "bn_add_relu")
     c = y.shape[1]
@@ -522,7 +528,7 @@ def bn_relu_maxpool(y: Tensor, scale: Tensor, shift: Tensor, *, mean: Optional[T
     the vectors.
     """
     op = "bn_relu_maxpool"
-    check_untransformed(op, y, scale, shift, mean)
+    check_untransformed(op, (y, scale, shift, mean))
     (y,) = _autocast(y)
     check_activation(y, "y", op)
     c = y.shape[1]
@@ -533,9 +539,7 @@ def bn_relu_maxpool(y: Tensor, scale: Tensor, shift: Tensor, *, mean: Optional[T
     if scale is None or shift is None:
         raise ValueError(f"{op}: scale and shift are required")
     check_runnable(op, ("y", y))
-    stride = kernel_size if stride is None else stride  # (F.max_pool2d's default)
-    k, s, p = (single(v, name, op) for v, name in ((kernel_size, "kernel_size"), (stride, "stride"),
-                                                   (padding, "padding")))
+    k, s, p = _pool_window(op, kernel_size, stride, padding)
     mean = torch.zeros(c, dtype=torch.float32, device=y.device) if mean is None else mean
     mean, scale, shift = (v.float().contiguous() for v in (mean, scale, shift))  # the kernels read unit strides
     out, _ = torch.ops.aru.bn_relu_maxpool(y, mean, scale, shift, k, s, p)
